@@ -171,6 +171,10 @@ class RolloutBatch:
                 vals = [torch.nn.functional.pad(v, (P - v.shape[1], 0)) for v in vals]
             kw[name] = torch.cat(vals, 0)
         keys = set(batches[0].extras)
+        if any(set(b.extras) != keys for b in batches):
+            raise DataError(
+                f"Cannot concatenate batches with different extras keys: {[sorted(b.extras) for b in batches]}."
+            )
         kw["extras"] = {k: torch.cat([b.extras[k] for b in batches], 0) for k in keys}
         kw["meta"] = [m for b in batches for m in b.meta]
         return RolloutBatch(**kw)

@@ -198,7 +198,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
+def coerce(value: Any, tp: Any, where: str, src: str = "") -> Any:
+    """Check ``value`` against the type hint ``tp`` (converting YAML-ish strings like "1e-6"); error names ``where``."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -211,7 +212,7 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where, src)
+                return coerce(value, a, where, src)
             except ConfigError as exc:
                 errors.append(exc)
         raise ConfigError(f"{where}{src} expects {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__}).")
@@ -223,7 +224,7 @@ def _coerce(value: Any, tp: Any, where: str, src: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}{src} expects a list, got {value!r} ({type(value).__name__}).")
         (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value)]
+        return [coerce(v, inner, f"{where}[{i}]", src) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{src} expects a mapping, got {value!r} ({type(value).__name__}).")
@@ -262,7 +263,7 @@ def _build_dataclass(cls: type, data: dict, where: str, src: str) -> Any:
                 f'Unknown config key "{prefix}{key}"{src}.{did_you_mean(str(key), names)} '
                 f"Valid keys{' under ' + where if where else ''}: {', '.join(names)}."
             )
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key, src)
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}" if where else key, src)
     return cls(**kwargs)
 
 
@@ -352,7 +353,12 @@ def validate(cfg: Config, src: str = "") -> None:
         val = getattr(cfg.model, name)
         need(val in (None, "float32", "bfloat16", "float16") and not (name == "dtype" and val is None),
              f"model.{name} must be float32, bfloat16 or float16, got {val!r}")
-    build_components(cfg)
+    try:
+        build_components(cfg)
+    except ConfigError as exc:
+        if src and src.strip() not in str(exc):
+            raise ConfigError(f"{exc}{src}") from None
+        raise
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

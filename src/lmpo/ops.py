@@ -27,20 +27,32 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp_min(1.0)
 
 
+def _clean(x: Tensor, mask: Tensor) -> Tensor:
+    # Zero masked entries *before* any arithmetic, so a NaN/inf there cannot reach a gradient (0 * NaN = NaN).
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of ``x`` over the whole masked set (Bessel-corrected when ``unbiased``)."""
-    mean = masked_mean(x, mask)
-    n = mask.to(x.dtype).sum()
-    ss = masked_sum((x - mean) ** 2, mask)
-    return ss / (n - 1).clamp_min(1.0) if unbiased else ss / n.clamp_min(1.0)
+    """Variance of ``x`` over the whole masked set (Bessel-corrected when ``unbiased``; 0 for a single entry).
+
+    Computed in float64: identical float32 values then give exactly zero variance (in float32 their mean can be
+    one ulp off, and dividing by a ~1e-8 std would turn that into an O(1) "advantage").
+    """
+    x64 = _clean(x, mask).double()
+    mean = masked_mean(x64, mask)
+    n = mask.double().sum()
+    ss = masked_sum((x64 - mean) ** 2, mask)
+    var = ss / (n - 1).clamp_min(1.0) if unbiased else ss / n.clamp_min(1.0)
+    return var.to(x.dtype)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over masked entries; masked-out entries are returned as 0."""
-    mean = masked_mean(x, mask)
-    std = masked_var(x, mask).sqrt()
-    out = (x - mean) / (std + eps) if shift_mean else x / (std + eps)
-    return torch.where(mask.bool(), out, torch.zeros_like(out))
+    """(x - mean) / (std + eps) over masked entries (float64 statistics); masked-out entries are returned as 0."""
+    x64 = _clean(x, mask).double()
+    mean = masked_mean(x64, mask)
+    std = masked_var(x64, mask).sqrt()
+    out = (x64 - mean) / (std + eps) if shift_mean else x64 / (std + eps)
+    return torch.where(mask.bool(), out, torch.zeros_like(out)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- group statistics
@@ -62,9 +74,18 @@ def group_count(group_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
     return group_sum(torch.ones_like(group_ids, dtype=dtype), group_ids)
 
 
+# Group means and deviations are computed in float64 and cast back: a group of identical float32 rewards (e.g. all
+# 0.9) then has exactly zero deviation and zero std, so GRPO gives it A = 0 and DAPO's filter drops it.
 def group_mean(values: Tensor, group_ids: Tensor) -> Tensor:
     """Per-row mean of ``values`` (B,) over the row's group (B,)."""
-    return group_sum(values, group_ids) / group_count(group_ids, values.dtype)
+    v = values.double()
+    return (group_sum(v, group_ids) / group_count(group_ids, v.dtype)).to(values.dtype)
+
+
+def group_centered(values: Tensor, group_ids: Tensor) -> Tensor:
+    """values - group_mean(values), exact for identical members (float64 inside)."""
+    v = values.double()
+    return (v - group_sum(v, group_ids) / group_count(group_ids, v.dtype)).to(values.dtype)
 
 
 def group_std(values: Tensor, group_ids: Tensor, unbiased: bool = True) -> Tensor:
@@ -72,18 +93,20 @@ def group_std(values: Tensor, group_ids: Tensor, unbiased: bool = True) -> Tenso
 
     ``unbiased=True`` (Bessel's correction) matches ``torch.std`` as used by TRL and verl for GRPO.
     """
-    n = group_count(group_ids, values.dtype)
-    dev = values - group_mean(values, group_ids)
+    v = values.double()
+    n = group_count(group_ids, v.dtype)
+    dev = v - group_sum(v, group_ids) / n
     ss = group_sum(dev * dev, group_ids)
     denom = (n - 1).clamp_min(1.0) if unbiased else n
-    return (ss / denom).sqrt()
+    return (ss / denom).sqrt().to(values.dtype)
 
 
 def group_loo_mean(values: Tensor, group_ids: Tensor) -> Tensor:
     """Leave-one-out mean: mean of the *other* members of each row's group (0 for singleton groups)."""
-    n = group_count(group_ids, values.dtype)
-    others = group_sum(values, group_ids) - values
-    return torch.where(n > 1, others / (n - 1).clamp_min(1.0), torch.zeros_like(values))
+    v = values.double()
+    n = group_count(group_ids, v.dtype)
+    others = group_sum(v, group_ids) - v
+    return torch.where(n > 1, others / (n - 1).clamp_min(1.0), torch.zeros_like(v)).to(values.dtype)
 
 
 # --------------------------------------------------------------------------- ratios and KL

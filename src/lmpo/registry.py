@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -103,6 +104,12 @@ class Registry(Generic[T]):
                     f'Unknown hyper-parameter "{loc}{key}" for {self.kind} "{name}".{did_you_mean(key, valid)} '
                     f"Valid keys: {', '.join(sorted(valid)) or '(none)'}."
                 )
+        if dataclasses.is_dataclass(entry.obj):
+            from lmpo.config import coerce  # lazy: config imports the registries
+
+            hints = typing.get_type_hints(entry.obj)
+            prefix = f"{where}." if where else ""
+            kwargs = {k: coerce(v, hints[k], f"{prefix}{k}") for k, v in kwargs.items()}
         try:
             return entry.obj(**kwargs)
         except (TypeError, ValueError) as exc:

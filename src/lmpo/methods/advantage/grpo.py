@@ -61,8 +61,11 @@ class GRPOAdvantage:
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)
-        adv = r - ops.group_mean(r, batch.group_ids)
+        adv = ops.group_centered(r, batch.group_ids)
         if self.scale_by_std:
-            std = ops.group_std(r, batch.group_ids) if self.std_level == "group" else r.std().expand_as(r)
+            if self.std_level == "group":
+                std = ops.group_std(r, batch.group_ids)
+            else:  # one std over the batch (0, not NaN, for a single row)
+                std = ops.masked_var(r, torch.ones_like(r, dtype=torch.bool)).sqrt().expand_as(r)
             adv = adv / (std + self.eps)
         return broadcast(adv, batch.response_mask)

@@ -32,5 +32,5 @@ class RLOOAdvantage:
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)
         n = ops.group_count(batch.group_ids, r.dtype)
-        adv = torch.where(n > 1, r - ops.group_loo_mean(r, batch.group_ids), torch.zeros_like(r))
+        adv = torch.where(n > 1, (r.double() - ops.group_loo_mean(r.double(), batch.group_ids)).float(), torch.zeros_like(r))
         return broadcast(adv, batch.response_mask)

@@ -39,9 +39,9 @@ class GSPOLoss:
         # s_{i,t} = sg[s_i] * exp(logp_t - sg[logp_t]): value s_i, gradient s_i * d logp_t.
         ratio = (seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()).exp()
         loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, self.epsilon_high, None)
-        seq_clipped = clipped.any(-1) & mask.any(-1)
+        rows = mask.any(-1)  # rows with no trained token are not sequences
         metrics = {
-            "loss/clip_frac": seq_clipped.float().mean().detach(),
-            "loss/ratio_mean": seq_log_ratio.exp().mean().detach(),
+            "loss/clip_frac": ops.masked_mean((clipped & mask).any(-1).float(), rows).detach(),
+            "loss/ratio_mean": ops.masked_mean(seq_log_ratio.exp(), rows).detach(),
         }
         return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)

@@ -1,0 +1,155 @@
+"""The ``lmpo`` command line: train, eval, compare, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmpo.errors import LmpoError
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """First positional that is not ``key=value`` is the config file; the rest are overrides."""
+    config, overrides = None, []
+    for it in items:
+        if "=" in it or config is not None:
+            overrides.append(it)
+        else:
+            config = it
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from lmpo.config import load_config
+    from lmpo.train.loop import train
+
+    config, overrides = _split_args(args.args)
+    if args.resume and args.resume != "__config__":  # resume a run folder: its saved config, plus overrides
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise LmpoError(f"--resume {str(run_dir)!r}: no config.yaml there; pass the run folder (runs/<name>).")
+        config = str(run_dir / "config.yaml")
+        overrides += [f"output.dir={run_dir.parent}", f"output.run_name={run_dir.name}"]
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    b, a = result.eval_before, result.eval_after
+    print(f"\nrun folder: {result.run_dir}")
+    if a:
+        print(f"{'held-out metric':<24}{'before':>10}{'after':>10}")
+        for k in sorted(set(a) | set(b)):
+            if k.startswith("eval/"):
+                bv, av = b.get(k), a.get(k)
+                print(f"{k:<24}{'-' if bv is None else f'{bv:.3f}':>10}{'-' if av is None else f'{av:.3f}':>10}")
+
+
+def cmd_eval(args) -> int:
+    from lmpo.config import load_config
+    from lmpo.train.loop import evaluate_run
+
+    config, overrides = _split_args(args.args)
+    target = Path(config) if config else None
+    if target is not None and target.is_dir():
+        cfg = load_config(str(target / "config.yaml"), overrides)
+        out = evaluate_run(cfg, run_dir=target, checkpoint=args.checkpoint)
+    else:
+        out = evaluate_run(load_config(config, overrides), run_dir=None, checkpoint=args.checkpoint)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    import lmpo.methods  # noqa: F401
+    import lmpo.rewards  # noqa: F401
+    import lmpo.tasks  # noqa: F401
+    from lmpo.methods.presets import PRESETS
+    from lmpo.registry import ALL_REGISTRIES
+
+    for kind, reg in ALL_REGISTRIES.items():
+        if args.kind and kind != args.kind:
+            continue
+        print(f"\n{kind}s:")
+        for e in reg.entries():
+            arxiv = f"arXiv:{e.arxiv}" if e.arxiv else ""
+            fid = "" if e.fidelity == "exact" else f" [fidelity={e.fidelity}]"
+            print(f"  {e.name:<26} {arxiv:<17} {e.paper}{fid}")
+    if not args.kind or args.kind == "preset":
+        print("\npresets (method=...):")
+        for name, p in sorted(PRESETS.items()):
+            parts = [f"{k}={p[k]['name']}" for k in ("advantage", "loss", "aggregator") if k in p]
+            parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers") if k in p]
+            if p.get("kl", {}).get("beta"):
+                parts.append(f"kl={p['kl']['beta']}({p['kl'].get('mode', 'loss')})")
+            print(f"  {name:<14} {' '.join(parts)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from lmpo.compare import run_compare
+
+    config, overrides = _split_args(args.args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LmpoError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
+    out = Path(args.out)
+    run_compare(config, methods, seeds, overrides, out, target=args.target)
+    print((out / "results.md").read_text())
+    print(f"figure: {out / 'reward_curves.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmpo", description="Language-model policy optimization.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a policy: lmpo train [CONFIG.yaml] [key=value ...]")
+    t.add_argument("args", nargs="*", help="optional YAML config, then dotted overrides like train.steps=10")
+    t.add_argument("--resume", nargs="?", const="__config__", default=None,
+                   help="continue from the latest checkpoint (of RUN_DIR if given, else of the configured run)")
+    t.add_argument("--overwrite", action="store_true", help="start over even if the run folder has checkpoints")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run folder (latest checkpoint) or a config's base model")
+    e.add_argument("args", nargs="*")
+    e.add_argument("--checkpoint", default=None, help="a specific checkpoint folder")
+    e.set_defaults(fn=cmd_eval)
+    ls = sub.add_parser("list", help="list registered components with their papers")
+    ls.add_argument("--kind", default=None)
+    ls.set_defaults(fn=cmd_list)
+    c = sub.add_parser("compare", help="run several methods on identical prompts and seeds")
+    c.add_argument("args", nargs="*")
+    c.add_argument("--methods", required=True, help="comma-separated presets, e.g. grpo,dapo,gspo")
+    c.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--target", type=float, default=None, help="training reward whose first crossing is reported")
+    c.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may follow options (`lmpo compare cfg --methods a,b train.steps=5`): collect stray key=value args.
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if "=" not in x or x.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.args = list(getattr(args, "args", []) or []) + extra
+    try:
+        return args.fn(args)
+    except LmpoError as exc:
+        print(f"lmpo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmpo: interrupted. Checkpoints written so far are intact; continue with `lmpo train ... --resume`.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

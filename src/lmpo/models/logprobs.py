@@ -1,0 +1,166 @@
+"""Memory-lean per-token log-probabilities of responses under a causal LM.
+
+The (B, T, vocab) logits tensor is the largest activation in RL post-training (B=64, T=1024 and a 150k vocabulary
+is 40 GB in float32). :func:`response_logprobs` never builds it: it runs the transformer body once to get final
+hidden states, then applies the LM head to at most ``chunk_size`` response tokens at a time, keeping only the
+log-normaliser, the gathered target logit and (optionally) the entropy of each token. Under autograd every chunk
+is checkpointed, so its logits are recomputed in backward instead of stored.
+
+The body/head split and the position-id convention here are shared with :mod:`lmpo.rollout.hf`, so the sampler and
+the trainer see bit-for-bit the same network.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmpo.errors import DataError, ModelError
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that ignore left padding: the first real token of every row is position 0.
+
+    Args:
+        attention_mask: (B, L) bool or 0/1, False/0 on padding.
+
+    Returns:
+        (B, L) long, ``cumsum(mask) - 1`` clamped at 0 (padding before the first real token gets 0).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def split_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return (transformer body, LM head) of a causal LM, looking through a peft wrapper.
+
+    The body maps ids to final (normed) hidden states without computing logits; the head maps hidden states to
+    logits. LoRA layers are injected in place, so the returned modules carry the adapters (and honour
+    ``disable_adapter()``).
+
+    Raises:
+        ModelError: if the model does not expose ``get_decoder()`` and ``get_output_embeddings()``.
+    """
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_decoder = getattr(inner, "get_decoder", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    body = get_decoder() if callable(get_decoder) else None
+    head = get_head() if callable(get_head) else None
+    if body is None or head is None or body is inner:
+        raise ModelError(
+            f"The model {type(inner).__name__} does not expose a separate transformer body and LM head "
+            "(get_decoder() / get_output_embeddings()), which lmpo needs to compute log-probs without "
+            "materialising the full logits. Use a standard Hugging Face *ForCausalLM model."
+        )
+    return body, head
+
+
+def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
+    """Float32 logits of ``hidden`` (..., H) -> (..., V), including the model's final logit soft-capping if any."""
+    logits = head(hidden).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:  # Gemma-style models squash logits in their own forward; mirror it so probabilities match
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_stats(
+    model: nn.Module, head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``targets`` (n,) and entropy (n,) for one chunk of hidden states (n, H)."""
+    logits = head_logits(model, head, hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if with_entropy:
+        # H = logsumexp(z) - sum softmax(z) * z; only an (n, V) chunk ever exists.
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    else:
+        ent = torch.zeros_like(lse)
+    return logp, ent
+
+
+def response_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor | None,
+    response_ids: Tensor,
+    response_attn: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) of the responses given the prompts.
+
+    ``logp[b, t] = log softmax(logits / temperature)[response_ids[b, t]]`` with the logits predicted after
+    ``prompt[b]`` and ``response[b, :t]``. Gradients flow to the model parameters when grad mode is on.
+
+    Args:
+        model: A Hugging Face causal LM, optionally peft-wrapped.
+        prompt_ids: (B, P) long, left-padded prompts (P >= 1).
+        prompt_mask: (B, P) bool, False on left padding; ``None`` means no padding.
+        response_ids: (B, T) long, right-padded responses.
+        response_attn: (B, T) bool, True on real response tokens (including EOS).
+        temperature: Logits are divided by this before the softmax (use the sampling temperature).
+        chunk_size: Maximum number of response tokens whose logits exist at the same time.
+        with_entropy: Also return the entropy of the tempered next-token distribution.
+
+    Returns:
+        ``(logprobs, entropies)``: (B, T) float32 each (``entropies`` is ``None`` unless ``with_entropy``),
+        exactly 0 where ``response_attn`` is False.
+    """
+    if prompt_ids.dim() != 2 or response_ids.dim() != 2 or prompt_ids.shape[0] != response_ids.shape[0]:
+        raise DataError(
+            f"response_logprobs expects prompt_ids (B, P) and response_ids (B, T) with the same B, got "
+            f"{tuple(prompt_ids.shape)} and {tuple(response_ids.shape)}."
+        )
+    if prompt_ids.shape[1] == 0:
+        raise DataError("response_logprobs needs at least one prompt token per row (got P=0).")
+    if response_attn.shape != response_ids.shape:
+        raise DataError(
+            f"response_attn {tuple(response_attn.shape)} must match response_ids {tuple(response_ids.shape)}."
+        )
+    if temperature <= 0:
+        raise DataError(f"temperature must be > 0 to compute log-probs, got {temperature}.")
+    body, head = split_body_and_head(model)
+    device = head.weight.device
+    B, P = prompt_ids.shape
+    T = response_ids.shape[1]
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    response_attn = response_attn.to(device=device, dtype=torch.bool)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
+    attn = torch.cat([prompt_mask.to(device=device, dtype=torch.bool), response_attn], dim=1)
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attn.long(),
+        position_ids=position_ids_from_mask(attn),
+        use_cache=False,
+    )
+    # The hidden state at position P+t-1 predicts response token t.
+    hidden = out.last_hidden_state[:, P - 1 : P + T - 1]  # (B, T, H)
+    flat_hidden = hidden[response_attn]  # (N, H), N = number of real response tokens
+    flat_targets = response_ids.to(device)[response_attn]  # (N,)
+
+    use_ckpt = torch.is_grad_enabled() and flat_hidden.requires_grad
+    logp_parts, ent_parts = [], []
+    for h, y in zip(flat_hidden.split(max(1, chunk_size)), flat_targets.split(max(1, chunk_size))):
+        if use_ckpt:
+            lp, en = checkpoint(_chunk_stats, model, head, h, y, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, en = _chunk_stats(model, head, h, y, temperature, with_entropy)
+        logp_parts.append(lp)
+        ent_parts.append(en)
+
+    def scatter(parts: list[Tensor]) -> Tensor:
+        # masked_scatter keeps autograd through the gathered values and leaves zeros elsewhere.
+        full = torch.zeros(B, T, dtype=torch.float32, device=device)
+        if not parts:
+            return full
+        return full.masked_scatter(response_attn, torch.cat(parts).float())
+
+    logprobs = scatter(logp_parts)
+    entropies = scatter(ent_parts) if with_entropy else None
+    return logprobs, entropies

@@ -1,0 +1,198 @@
+"""In-process generation with a Hugging Face causal LM and a hand-written KV-cached sampling loop.
+
+``model.generate`` does not report the log-probs of the distribution a token was actually drawn from (after
+top-k/top-p), and its position-id convention can differ from the trainer's. This loop uses the same body/head split
+and ``cumsum(mask) - 1`` positions as :func:`lmpo.models.logprobs.response_logprobs`, so with plain temperature
+sampling the sampler and trainer log-probs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from lmpo.errors import DataError, TrainingDiverged
+from lmpo.models.logprobs import head_logits, position_ids_from_mask, split_body_and_head
+from lmpo.rollout.base import GenerationOutput, SamplingParams
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf, in that order.
+
+    Args:
+        logits: (B, V) float32, already divided by the temperature.
+        top_k: Keep the ``top_k`` largest logits (0 = off).
+        top_p: Keep the smallest prefix of tokens, by decreasing probability, whose mass reaches ``top_p``.
+
+    Returns:
+        (B, V) filtered logits; the most likely token is always kept.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # A token is dropped when the mass of the strictly more likely tokens already reaches top_p.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
+    return sorted(ids)
+
+
+class HFGenerator:
+    """Sample completions from an in-process Hugging Face model (optionally peft-wrapped).
+
+    Args:
+        model: The policy, on any device; it is put in eval mode while generating, then restored.
+        tokenizer: Its tokenizer; prompts are encoded without adding special tokens.
+        batch_size: Generate at most this many prompts at once (``None`` = all at once).
+        autocast: ``"bfloat16"`` / ``"float16"`` runs the forward passes under CPU autocast (``None`` = off).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None) -> None:
+        if tokenizer.pad_token_id is None:
+            raise DataError("The tokenizer has no pad token; load models with lmpo.models.load_model, which sets one.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.autocast = autocast
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    def sync_weights(self) -> None:
+        """No-op: the generator samples from the trainer's own module."""
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> GenerationOutput:
+        """Sample one completion per prompt string (already chat-formatted).
+
+        Uses the global torch RNG (of the model's device), so seeded runs are reproducible.
+        """
+        if not prompts:
+            raise DataError("HFGenerator.generate got an empty list of prompts.")
+        step = self.batch_size or len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
+            with torch.no_grad(), amp:
+                parts = [self._generate_batch(prompts[i : i + step], params) for i in range(0, len(prompts), step)]
+        finally:
+            self.model.train(was_training)
+        return parts[0] if len(parts) == 1 else self._concat(parts)
+
+    # ------------------------------------------------------------------ internals
+    def _encode(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        previous_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = previous_side
+        mask = enc["attention_mask"].bool()
+        empty = (~mask.any(-1)).nonzero().flatten().tolist()
+        if mask.shape[1] == 0 or empty:
+            raise DataError(f"Prompt(s) at index {empty or list(range(len(prompts)))} encode to zero tokens.")
+        return enc["input_ids"].to(device), mask.to(device)
+
+    def _generate_batch(self, prompts: list[str], params: SamplingParams) -> GenerationOutput:
+        body, head = split_body_and_head(self.model)
+        device = head.weight.device
+        prompt_ids, prompt_mask = self._encode(prompts, device)
+        n = prompt_ids.shape[0]
+        pad_id = int(self.tokenizer.pad_token_id)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+        # Greedy with temperature 0 reports untempered log-probs (dividing by 0 is meaningless).
+        temperature = params.temperature if params.temperature > 0 else 1.0
+
+        cache = DynamicCache(config=body.config)
+        attn = prompt_mask.long()
+        input_ids = prompt_ids
+        positions = position_ids_from_mask(attn)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens: list[Tensor] = []
+        logps: list[Tensor] = []
+        alive: list[Tensor] = []
+        for _ in range(params.max_new_tokens):
+            out = body(
+                input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            logits = head_logits(self.model, head, out.last_hidden_state[:, -1]).float() / temperature  # (n, V)
+            if not bool(torch.isfinite(logits).all()):
+                raise TrainingDiverged(
+                    "The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights have "
+                    "diverged. Lower train.learning_rate and resume from the last good checkpoint."
+                )
+            if params.is_greedy:
+                token = logits.argmax(-1)
+                logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+            else:
+                logprobs = torch.log_softmax(filter_logits(logits, params.top_k, params.top_p), -1)
+                token = torch.multinomial(logprobs.exp(), 1).squeeze(-1)
+                logp = logprobs.gather(-1, token[:, None]).squeeze(-1)
+            live = ~done
+            token = torch.where(live, token, torch.full_like(token, pad_id))
+            tokens.append(token)
+            logps.append(torch.where(live, logp, torch.zeros_like(logp)))
+            alive.append(live)
+            done = done | (live & torch.isin(token, eos))
+            if bool(done.all()):
+                break
+            # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
+            input_ids = token[:, None]
+            positions = positions[:, -1:] + 1
+            attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
+
+        response_ids = torch.stack(tokens, 1)
+        response_attn = torch.stack(alive, 1)
+        completions = [
+            self.tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
+            for row, keep in zip(response_ids.cpu(), response_attn.cpu())
+        ]
+        return GenerationOutput(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_attn=response_attn,
+            sampler_logprobs=torch.stack(logps, 1).float(),
+            truncated=~done,
+            completions=completions,
+            num_generated_tokens=int(response_attn.sum()),
+        )
+
+    def _concat(self, parts: list[GenerationOutput]) -> GenerationOutput:
+        """Join sub-batches, left-padding prompts and right-padding responses to the widest."""
+        pad_id = int(self.tokenizer.pad_token_id)
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        T = max(p.response_ids.shape[1] for p in parts)
+
+        def left(x: Tensor, value) -> Tensor:
+            return nn.functional.pad(x, (P - x.shape[1], 0), value=value)
+
+        def right(x: Tensor, value) -> Tensor:
+            return nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+        return GenerationOutput(
+            prompt_ids=torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
+            prompt_mask=torch.cat([left(p.prompt_mask, False) for p in parts]),
+            response_ids=torch.cat([right(p.response_ids, pad_id) for p in parts]),
+            response_attn=torch.cat([right(p.response_attn, False) for p in parts]),
+            sampler_logprobs=torch.cat([right(p.sampler_logprobs, 0.0) for p in parts]),
+            truncated=torch.cat([p.truncated for p in parts]),
+            completions=[c for p in parts for c in p.completions],
+            num_generated_tokens=sum(p.num_generated_tokens for p in parts),
+        )

@@ -1,0 +1,83 @@
+"""Rollout collection: prompts -> generation -> rewards -> shapers -> selectors (with refill rounds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmpo.batch import RolloutBatch
+from lmpo.models.load import format_prompt
+from lmpo.rollout.base import Generator, SamplingParams
+from lmpo.tasks.base import columns_of
+
+
+@dataclass
+class RolloutContext:
+    """Everything collection needs besides the prompt stream (built once by the loop)."""
+
+    generator: Generator
+    tokenizer: Any
+    reward_set: Any
+    shapers: list
+    selectors: list
+    params: SamplingParams
+    num_generations: int
+    system_prompt: str | None = None
+
+
+def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params: SamplingParams,
+          group_offset: int = 0) -> RolloutBatch:
+    """Generate ``repeats`` completions per row, score them, and return an (unshaped) batch."""
+    texts = [format_prompt(ctx.tokenizer, r["prompt"], ctx.system_prompt) for r in rows]
+    expanded = [t for t in texts for _ in range(repeats)]
+    out = ctx.generator.generate(expanded, params)
+    columns = {k: [v for v in vals for _ in range(repeats)] for k, vals in columns_of(rows).items()}
+    rewards, components = ctx.reward_set(expanded, out.completions, columns)
+    group_ids = torch.arange(group_offset, group_offset + len(rows)).repeat_interleave(repeats)
+    meta = [{"prompt": p, "completion": c} for p, c in zip(expanded, out.completions)]
+    return RolloutBatch(
+        prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
+        response_attn=out.response_attn, response_mask=out.response_attn.clone(), group_ids=group_ids,
+        rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
+        truncated=out.truncated, meta=meta,
+    )
+
+
+def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: int, step: int,
+            ) -> tuple[RolloutBatch | None, RolloutBatch, dict[str, float]]:
+    """Returns (training batch or None if every group was filtered, the first round's raw batch, stats)."""
+    kept: list[RolloutBatch] = []
+    n_groups = 0
+    first: RolloutBatch | None = None
+    generated = rounds = 0
+    offset = step * 1_000_000  # group ids unique within a step across refill rounds
+    while True:
+        need = prompts_per_step - n_groups
+        raw = score(ctx, stream.take(need), ctx.num_generations, ctx.params, offset)
+        offset += need
+        first = first or raw
+        generated += raw.batch_size
+        batch = raw
+        for shaper in ctx.shapers:
+            batch = shaper(batch)
+        keep = torch.ones(batch.batch_size, dtype=torch.bool)
+        for sel in ctx.selectors:
+            keep &= sel(batch)
+        if keep.any():
+            part = batch.select(keep)
+            kept.append(part)
+            n_groups += int(torch.unique(part.group_ids).numel())
+        if n_groups >= prompts_per_step or rounds >= refill_rounds:
+            break
+        rounds += 1
+    stats = {"rollout/refill_rounds": float(rounds), "rollout/generated": float(generated),
+             "rollout/kept_frac": float(sum(b.batch_size for b in kept)) / max(1, generated)}
+    if not kept:
+        return None, first, stats
+    batch = RolloutBatch.concat(kept)
+    if n_groups > prompts_per_step:  # a refill round can overshoot: keep the first groups
+        uniq = torch.unique_consecutive(batch.group_ids)[:prompts_per_step]
+        batch = batch.select(torch.isin(batch.group_ids, uniq))
+    return batch, first, stats

@@ -1,0 +1,148 @@
+"""The CLI as a user runs it, in a subprocess: train, kill, resume, eval, compare, list, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def lmpo(*args, cwd=None, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "lmpo.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lmpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_train_two_steps_writes_run_folder(tmp_path):
+    proc = lmpo("train", TINY, "train.steps=2", f"output.dir={tmp_path}", "output.run_name=r", "output.plot=true")
+    run = tmp_path / "r"
+    for f in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "checkpoints/latest"):
+        assert (run / f).exists(), f
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == [0, 1, 2]
+    assert "eval/accuracy" in proc.stdout and "before" in proc.stdout
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    common = [TINY, "train.steps=8", "output.checkpoint_every=2", "eval.every=4", "eval.num_prompts=8"]
+    lmpo("train", *common, f"output.dir={tmp_path}", "output.run_name=full")
+    # Start the same run, SIGKILL it as soon as its first checkpoint exists, then resume it.
+    cmd = [sys.executable, "-m", "lmpo.cli", "train", *common, f"output.dir={tmp_path}", "output.run_name=killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed"
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    lmpo("train", "--resume", str(run))
+    full, resumed = metrics(tmp_path / "full"), metrics(run)
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed):
+        for key in a:
+            if key.startswith(("reward/", "loss/", "eval/", "rollout/length")):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+def test_eval_and_list(tmp_path):
+    lmpo("train", TINY, "train.steps=1", f"output.dir={tmp_path}", "output.run_name=r")
+    out = json.loads(lmpo("eval", str(tmp_path / "r"), "eval.num_prompts=4").stdout)
+    assert out["checkpoint"].endswith("step_000001") and 0.0 <= out["eval/accuracy"] <= 1.0
+    listing = lmpo("list").stdout
+    for name in ("grpo", "rloo", "reinforce_pp", "ppo_clip", "gspo", "dynamic_sampling", "token_mean", "arXiv:2402.03300"):
+        assert name in listing
+
+
+def test_compare_writes_table_and_figure(tmp_path):
+    out = tmp_path / "cmp"
+    lmpo("compare", TINY, "--methods", "grpo,rloo", "--seeds", "0,1", "--out", str(out), "--target", "0.5",
+         "train.steps=2", "eval.num_prompts=4")
+    table = (out / "results.md").read_text()
+    assert "| grpo |" in table and "| rloo |" in table and "lmpo compare" in table
+    assert (out / "reward_curves.png").stat().st_size > 1000
+    assert set(json.loads((out / "results.json").read_text())) == {"grpo", "rloo"}
+
+
+# --------------------------------------------------------------------------- bad input
+def bad(tmp_path, *args) -> str:
+    proc = lmpo(*args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "lmpo: error:" in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_unknown_method_names_nearest(tmp_path):
+    assert 'Did you mean "grpo"' in bad(tmp_path, "train", TINY, "method=grop")
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    err = bad(tmp_path, "train", TINY, "train.learnin_rate=0.1")
+    assert "train.learnin_rate" in err and "learning_rate" in err
+
+
+def test_wrong_yaml_type_names_key_and_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: many\n")
+    err = bad(tmp_path, "train", str(cfg))
+    assert "train.steps" in err and str(cfg) in err and "integer" in err
+
+
+def test_missing_model_file(tmp_path):
+    err = bad(tmp_path, "train", TINY, f"model.name={tmp_path}/nope.gguf", f"output.dir={tmp_path}")
+    assert "nope.gguf" in err
+
+
+def test_dataset_without_named_column(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1=", "answer": "1"}\n' * 4)
+    err = bad(tmp_path, "train", TINY, "task.name=local", f"task.params={{path: {data}}}", f"output.dir={tmp_path}")
+    assert "prompt" in err and "question" in err
+
+
+def test_empty_dataset(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    err = bad(tmp_path, "train", TINY, "task.name=local", f"task.params={{path: {data}}}", f"output.dir={tmp_path}")
+    assert "empty" in err.lower() and "empty.jsonl" in err
+
+
+def test_reward_function_raising(tmp_path):
+    err = bad(tmp_path, "train", TINY, "rewards=[{name: 'e2e.bad_rewards:raises'}]", f"output.dir={tmp_path}")
+    assert "e2e.bad_rewards:raises" in err and "sample" in err.lower()
+
+
+def test_reward_function_wrong_length(tmp_path):
+    err = bad(tmp_path, "train", TINY, "rewards=[{name: 'e2e.bad_rewards:wrong_length'}]", f"output.dir={tmp_path}")
+    assert "wrong_length" in err and "1" in err
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    err = bad(tmp_path, "train", TINY, "train.learning_rate=1e30", "train.max_grad_norm=null", "train.steps=6",
+              "output.checkpoint_every=1", f"output.dir={tmp_path}", "output.run_name=nan", "eval.every=0")
+    assert "last good checkpoint" in err.lower()
+    ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("step_*"))
+    assert ckpts, "a checkpoint must survive"
+    assert (ckpts[-1] / "model.pt").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    lmpo("train", TINY, "train.steps=1", f"output.dir={tmp_path}", "output.run_name=r")
+    err = bad(tmp_path, "train", TINY, "train.steps=1", f"output.dir={tmp_path}", "output.run_name=r")
+    assert "--resume" in err

@@ -1,0 +1,56 @@
+"""Learning tests: with each preset a tiny random LM learns the copy task; with shuffled rewards it must not.
+
+The copy task: the prompt is one digit followed by "=", and the reward is 1 when the reply starts with that digit.
+A random 16-token model starts near 1/16. Fixed seeds make the runs deterministic; thresholds were set from
+several seeds' runs with margin on both sides (a preset that stops learning fails, and so does a control that
+suddenly "learns").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmpo.config import load_config
+from lmpo.methods.presets import PRESETS
+from lmpo.train.loop import train
+
+STEPS = 30
+MIN_GAIN = 0.25
+TWEAKS = Path(__file__).parent / "tweaks"
+
+
+def tweak(method: str) -> dict:
+    """Per-preset adjustments (``tweaks/<preset>.yaml``: overrides, steps, min_gain), each with its reason."""
+    path = TWEAKS / f"{method}.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def run(tmp_path, *overrides, steps=STEPS):
+    cfg = load_config("configs/tiny.yaml", [f"output.dir={tmp_path}", f"train.steps={steps}", "eval.every=0",
+                                             "output.checkpoint_every=0", *overrides])
+    return train(cfg)
+
+
+def reward_gain(result) -> tuple[float, float]:
+    rewards = [r["reward/mean"] for r in result.history if "reward/mean" in r]
+    start = sum(rewards[:3]) / 3
+    end = sum(rewards[-5:]) / 5
+    return start, end
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+def test_preset_learns_copy_task(tmp_path, method):
+    t = tweak(method)
+    result = run(tmp_path, f"method={method}", *t.get("overrides", []), steps=t.get("steps", STEPS))
+    start, end = reward_gain(result)
+    assert end >= start + t.get("min_gain", MIN_GAIN), f"{method}: train reward {start:.3f} -> {end:.3f}"
+    assert result.eval_after["eval/accuracy"] > result.eval_before["eval/accuracy"] + 0.2
+
+
+def test_shuffled_reward_control_does_not_learn(tmp_path):
+    result = run(tmp_path, "method=grpo", "rewards=[{name: 'learning.shuffled_reward:shuffled_prefix_match'}]")
+    start, end = reward_gain(result)
+    assert end < start + 0.15, f"shuffled control improved {start:.3f} -> {end:.3f}"

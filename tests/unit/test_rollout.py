@@ -1,0 +1,170 @@
+"""HFGenerator: shapes, EOS/truncation, greedy vs naive decoding, sampler log-probs vs the trainer's, seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmpo.errors import ConfigError
+from lmpo.models import build_tiny_model, build_tiny_tokenizer, position_ids_from_mask, response_logprobs
+from lmpo.rollout import Generator, HFGenerator, SamplingParams, filter_logits
+
+PROMPTS = ["1+1=", "12+34=", "7", "99+1="]
+EOS = 1
+
+
+@pytest.fixture()
+def model():
+    return build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def full_logits(model, out):
+    """Naive, cache-free logits (N, T, V) predicting each response token."""
+    ids = torch.cat([out.prompt_ids, out.response_ids], 1)
+    mask = torch.cat([out.prompt_mask, out.response_attn], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)).logits
+    P = out.prompt_ids.shape[1]
+    return logits[:, P - 1 : -1].float()
+
+
+def force_eos(model, steps: list[int | None]):
+    """Make row i emit EOS with certainty at decoding step steps[i] (None = never) via a hook on the LM head."""
+    calls = {"n": 0}
+
+    def hook(module, args, logits):
+        step, bias = calls["n"], torch.zeros_like(logits)
+        calls["n"] += 1
+        for row, at in enumerate(steps):
+            if at is not None:
+                bias[row, EOS] = 100.0 if step == at else -100.0
+        return logits + bias
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_shapes_and_dtypes(model, tok):
+    out = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=5))
+    N, P = out.prompt_ids.shape
+    assert N == 4 and P == 6
+    assert out.prompt_mask.dtype == torch.bool and out.response_attn.dtype == torch.bool
+    assert out.response_ids.dtype == torch.long and out.sampler_logprobs.dtype == torch.float32
+    assert out.response_ids.shape == out.response_attn.shape == out.sampler_logprobs.shape
+    assert out.response_ids.shape[1] <= 5 and out.truncated.shape == (4,)
+    assert out.prompt_mask.sum(1).tolist() == [4, 6, 1, 5]  # left padding
+    assert not out.prompt_mask[2, :-1].any() and out.prompt_ids[2, -1].item() == tok.convert_tokens_to_ids("7")
+    assert out.num_generated_tokens == int(out.response_attn.sum()) and len(out.completions) == 4
+    assert isinstance(HFGenerator(model, tok), Generator)
+
+
+def test_eos_and_truncation(model, tok):
+    handle = force_eos(model, [1, 3, None, 0])
+    try:
+        out = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=6))
+    finally:
+        handle.remove()
+    assert out.response_ids.shape[1] == 6
+    assert out.response_attn.sum(1).tolist() == [2, 4, 6, 1]  # up to and including EOS
+    assert out.response_ids[0, 1] == EOS and out.response_ids[1, 3] == EOS and out.response_ids[3, 0] == EOS
+    assert (out.response_ids[~out.response_attn] == tok.pad_token_id).all()
+    assert (out.sampler_logprobs[~out.response_attn] == 0).all()
+    assert out.truncated.tolist() == [False, False, True, False]
+    assert EOS not in out.response_ids[2].tolist()
+    assert out.sampler_logprobs[0, 1].item() == pytest.approx(0.0, abs=1e-6)  # EOS was certain
+    decoded = tok.decode(out.response_ids[1, :3].tolist(), skip_special_tokens=True)
+    assert out.completions[1] == decoded and "<eos>" not in out.completions[1]
+
+
+def test_stops_early_when_all_rows_finish(model, tok):
+    handle = force_eos(model, [2, 2, 2, 2])
+    try:
+        out = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=50))
+    finally:
+        handle.remove()
+    assert out.response_ids.shape[1] == 3 and not out.truncated.any()
+
+
+def test_greedy_matches_naive_argmax(model, tok):
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    out = HFGenerator(model, tok).generate(PROMPTS, params)
+    ids, mask = out.prompt_ids, out.prompt_mask
+    for _ in range(8):  # re-run the whole sequence every step, no KV cache
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones(len(PROMPTS), 1, dtype=torch.bool)], 1)
+    naive = ids[:, out.prompt_ids.shape[1] :]
+    attn = out.response_attn
+    assert torch.equal(out.response_ids[attn], naive[:, : attn.shape[1]][attn])
+    assert torch.equal(HFGenerator(model, tok, batch_size=3).generate(PROMPTS, params).response_ids, out.response_ids)
+    # Greedy log-probs are the tempered full-softmax ones.
+    hot = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=8, greedy=True, temperature=0.5))
+    ref = torch.log_softmax(full_logits(model, hot) / 0.5, -1).gather(-1, hot.response_ids[..., None])[..., 0]
+    torch.testing.assert_close(hot.sampler_logprobs, torch.where(hot.response_attn, ref, 0.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_trainer(model, tok, temperature):
+    torch.manual_seed(0)
+    gen = HFGenerator(model, tok, batch_size=3)
+    out = gen.generate(PROMPTS * 2, SamplingParams(max_new_tokens=10, temperature=temperature))
+    with torch.no_grad():
+        lp, _ = response_logprobs(
+            model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_attn, temperature=temperature
+        )
+    torch.testing.assert_close(out.sampler_logprobs, lp, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_logprobs_are_renormalised(model, tok):
+    torch.manual_seed(0)
+    out = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=10, top_k=3))
+    logits = full_logits(model, out)
+    kth = logits.topk(3, -1).values[..., -1:]
+    assert (logits.gather(-1, out.response_ids[..., None])[..., 0] >= kth[..., 0])[out.response_attn].all()
+    restricted = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+    ref = restricted.gather(-1, out.response_ids[..., None])[..., 0]
+    torch.testing.assert_close(out.sampler_logprobs, torch.where(out.response_attn, ref, 0.0), atol=1e-5, rtol=1e-5)
+
+
+def test_filter_logits_top_p_and_top_k():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()  # noqa: E731
+    assert kept(top_p=0.45) == [True, False, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]
+    assert kept(top_p=0.9) == [True, True, True, False]
+    assert kept(top_p=1.0) == [True] * 4
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_k=3, top_p=0.7) == [True, True, False, False]
+
+
+def test_seeded_sampling_is_reproducible(model, tok):
+    gen, params = HFGenerator(model, tok), SamplingParams(max_new_tokens=12, top_p=0.9)
+    torch.manual_seed(123)
+    a = gen.generate(PROMPTS, params)
+    torch.manual_seed(123)
+    b = gen.generate(PROMPTS, params)
+    torch.manual_seed(124)
+    c = gen.generate(PROMPTS, params)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.sampler_logprobs, b.sampler_logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_restores_training_mode(model, tok):
+    model.train()
+    HFGenerator(model, tok).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    assert model.training
+    model.eval()
+    HFGenerator(model, tok).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    assert not model.training
+
+
+def test_sampling_params_validation():
+    for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ConfigError):
+            SamplingParams(**bad)
+    assert SamplingParams(temperature=0.0).is_greedy
