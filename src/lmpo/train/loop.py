@@ -165,7 +165,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         max_grad_norm=t.max_grad_norm, kl_beta=cfg.kl.beta, kl_estimator=cfg.kl.estimator,
         kl_in_loss=cfg.kl.mode == "loss", entropy_coef=t.entropy_coef, horizon=r.max_new_tokens,
     )
-    stateful = {"advantage": advantage_fn, **{f"shaper{i}": s for i, s in enumerate(comps["shapers"])},
+    stateful = {"advantage": advantage_fn, "loss": loss_fn, **{f"shaper{i}": s for i, s in enumerate(comps["shapers"])},
                 **{f"selector{i}": s for i, s in enumerate(comps["selectors"])}}
     stateful = {k: v for k, v in stateful.items() if hasattr(v, "state_dict")}
     needs = set().union(*(getattr(c, "needs", frozenset()) for c in [advantage_fn, loss_fn, *comps["shapers"], *comps["selectors"]]))
