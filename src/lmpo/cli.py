@@ -74,7 +74,7 @@ def cmd_list(args) -> int:
     for kind, reg in ALL_REGISTRIES.items():
         if args.kind and kind != args.kind:
             continue
-        print(f"\n{kind}s:")
+        print(f"\n{'losses' if kind == 'loss' else kind + 's'}:")
         for e in reg.entries():
             arxiv = f"arXiv:{e.arxiv}" if e.arxiv else ""
             fid = "" if e.fidelity == "exact" else f" [fidelity={e.fidelity}]"
