@@ -229,7 +229,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
                 if not off_policy:
                     batch = batch.replace(old_logprobs=None)  # the update uses the detached current log-probs
+                if "entropy" in needs:  # per-token policy entropy for components that score tokens by it (D3S)
+                    with torch.no_grad():
+                        ent = torch.cat([runner.logprobs(p, with_entropy=True)[1] for p in
+                                         (batch.split(-(-batch.batch_size // t.micro_batch_size)) if t.micro_batch_size else [batch])])
+                    batch = batch.replace(extras={**batch.extras, "entropy": ent})
                 batch = batch.replace(advantages=advantage_fn(batch))
+                if hasattr(advantage_fn, "token_mask"):  # post-advantage down-sampling: train on a subset of tokens
+                    keep = advantage_fn.token_mask(batch)
+                    batch = batch.replace(response_mask=batch.response_mask & keep, advantages=batch.advantages * keep)
                 t2 = time.perf_counter()
                 metrics.update(policy_update(runner, optimizer, scheduler, batch, loss_fn, aggregator, settings, step))
                 metrics["perf/logprob_s"] = t2 - t1
