@@ -22,6 +22,7 @@ from lmpo import ops
 from lmpo.config import Config, build_components, save_config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, load_model
+from lmpo.models.token_stats import STAT_NEEDS
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator
@@ -220,6 +221,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 t1 = time.perf_counter()
                 if need_old:
                     batch = batch.replace(old_logprobs=runner.logprobs_nograd(batch, t.micro_batch_size))
+                if off_policy and STAT_NEEDS & needs:  # pi_old's full-distribution statistics (ROVER, OTR, SofT-GRPO)
+                    batch = batch.replace(extras={**batch.extras, **runner.old_stats_nograd(
+                        batch, t.micro_batch_size, STAT_NEEDS & needs)})
                 if ref_run is not None:
                     with ref_ctx() if ref_ctx else contextlib.nullcontext():
                         batch = batch.replace(ref_logprobs=ref_run.logprobs_nograd(batch, t.micro_batch_size))

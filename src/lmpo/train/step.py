@@ -7,7 +7,8 @@ normaliser is computed once on the whole mini-batch, so any micro-batch split gi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import TrainingDiverged
-from lmpo.models.logprobs import response_logprobs
+from lmpo.errors import ModelError, TrainingDiverged
+from lmpo.models.logprobs import LayerNoise, layer_noise, response_logprobs
+from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 
 
 @dataclass
@@ -27,6 +29,11 @@ class PolicyRunner:
     temperature: float = 1.0
     chunk_size: int = 1024
     autocast: str | None = None
+    # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
+    noise: LayerNoise | None = None
+    noise_seeds: Tensor | None = None
+    keep_hidden: bool = False
+    captured: dict[str, Tensor] = field(default_factory=dict)
 
     def autocast_ctx(self):
         if self.autocast is None:
@@ -35,16 +42,55 @@ class PolicyRunner:
 
     def logprobs(self, batch: RolloutBatch, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         attn = batch.response_attn if batch.response_attn is not None else batch.response_mask
-        with self.autocast_ctx():
-            return response_logprobs(
+        if has_soft_inputs(batch.extras):  # soft-thinking rollouts: every pass feeds the same embedding mixtures
+            return self.logprobs_stats(batch, with_entropy)[:2]
+        with self.autocast_ctx(), layer_noise(self.model, self.noise, self.noise_seeds):
+            out = response_logprobs(
                 self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
                 temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy,
+                return_hidden=self.keep_hidden,
             )
+        if self.keep_hidden:
+            self.captured["hidden"] = out[2]
+        return out[0], out[1]
+
+    def for_loss(self, batch: RolloutBatch, needs: frozenset[str], loss_fn) -> "PolicyRunner":
+        """This runner, or a copy with the forward hooks the loss declared in ``needs`` (see ``HOOK_NEEDS``)."""
+        if not HOOK_NEEDS & needs:
+            return self
+        noise = loss_fn.layer_noise() if "layer_noise" in needs else None
+        return dataclasses.replace(self, noise=noise, noise_seeds=batch.extras.get("noise_seed") if noise else None,
+                                   keep_hidden="hidden_states" in needs, captured={})
 
     @torch.no_grad()
     def logprobs_nograd(self, batch: RolloutBatch, micro_batch_size: int | None) -> Tensor:
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
         return torch.cat([self.logprobs(p)[0] for p in parts], 0)
+
+    def logprobs_stats(self, batch: RolloutBatch, with_entropy: bool = False, stats: frozenset[str] = frozenset(),
+                       ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """Log-probs plus opt-in full-distribution statistics (:mod:`lmpo.models.token_stats`), chunked."""
+        attn = batch.response_attn if batch.response_attn is not None else batch.response_mask
+        with self.autocast_ctx():
+            return response_stats(self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
+                                  batch.extras, temperature=self.temperature, chunk_size=self.chunk_size,
+                                  with_entropy=with_entropy, stats=frozenset(stats))
+
+    @torch.no_grad()
+    def old_stats_nograd(self, batch: RolloutBatch, micro_batch_size: int | None, stats: frozenset[str],
+                         ) -> dict[str, Tensor]:
+        """``{"old_<stat>": (B, T[, M])}`` under the current (pre-update) weights."""
+        parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
+        outs = [self.logprobs_stats(p, stats=stats)[2] for p in parts]
+        return {f"old_{k}": torch.cat([o[k] for o in outs], 0) for k in outs[0]}
+
+
+HOOK_NEEDS = frozenset({"hidden_states", "current_entropy", "layer_noise"})
+"""Opt-in ``needs`` of a policy loss served by the training forward pass itself (never a second pass):
+``hidden_states`` -> ``extras["hidden"]`` (B, T, H), the LM-head inputs, with gradient; ``current_entropy`` ->
+``extras["current_entropy"]`` (B, T), the entropy of the policy being optimised, with gradient; ``layer_noise`` ->
+the loss's ``layer_noise()`` (a :class:`LayerNoise`) perturbs the decoder layers' inputs during that pass, seeded
+per row by ``extras["noise_seed"]`` (drawn once per step by ``policy_update`` when absent)."""
 
 
 @dataclass
@@ -63,7 +109,21 @@ class UpdateSettings:
 def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, s: UpdateSettings, normaliser: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, already divided by the mini-batch normaliser (ready for ``backward``)."""
-    lp, ent = runner.logprobs(mb, with_entropy=True)
+    needs = getattr(loss_fn, "needs", frozenset())
+    runner = runner.for_loss(mb, needs, loss_fn)
+    stats = STAT_NEEDS & getattr(loss_fn, "needs", frozenset())
+    if stats:  # opt-in full-distribution statistics; old_<stat> defaults to the detached current one (on-policy)
+        lp, ent, extra = runner.logprobs_stats(mb, True, stats)
+        extra.update({f"old_{k}": v.detach() for k, v in extra.items() if f"old_{k}" not in mb.extras})
+        mb = mb.replace(extras={**mb.extras, **extra})
+    else:
+        lp, ent = runner.logprobs(mb, with_entropy=True)
+    if HOOK_NEEDS & needs:  # the same forward's LM-head inputs / entropy, with gradient
+        got = {"hidden": runner.captured.get("hidden") if "hidden_states" in needs else None,
+               "current_entropy": ent if "current_entropy" in needs else None}
+        if "hidden_states" in needs and got["hidden"] is None:
+            raise ModelError("hidden_states were requested but this forward path (soft inputs) does not return them.")
+        mb = mb.replace(extras={**mb.extras, **{k: v for k, v in got.items() if v is not None}})
     if mb.old_logprobs is None:  # on-policy single update: pi_old = pi, no separate pass needed
         mb = mb.replace(old_logprobs=lp.detach())
     out = loss_fn(lp, mb)
@@ -92,6 +152,8 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
     count = 0
     B = batch.batch_size
     n_mb = min(s.num_minibatches, B)
+    if "layer_noise" in getattr(loss_fn, "needs", frozenset()) and "noise_seed" not in batch.extras:
+        batch = batch.replace(extras={**batch.extras, "noise_seed": torch.randint(0, 2**62, (B,))})  # one per row
     for _ in range(s.ppo_epochs):
         order = torch.randperm(B) if n_mb > 1 else torch.arange(B)
         for mb_idx in order.tensor_split(n_mb):
