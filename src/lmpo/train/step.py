@@ -182,7 +182,19 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
                     f"The gradient norm became {grad_norm.item()} at step {step}; no update was applied. The last "
                     "good checkpoint is kept. Lower train.learning_rate or enable autocast-free float32, then resume."
                 )
+            # Optional loss hooks (stateful losses): ``lr_scale()`` scales this step's learning rate (VCPO's ESS rule);
+            # ``after_optimizer_step()`` runs once per optimizer step (R2VPO's dual ascent), never per micro-batch.
+            lr_scale = loss_fn.lr_scale() if hasattr(loss_fn, "lr_scale") else None
+            base_lrs = [g["lr"] for g in optimizer.param_groups]
+            if lr_scale is not None:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["lr"] * float(lr_scale)
+                sums["loss/lr_scale"] = sums.get("loss/lr_scale", torch.zeros(())) + float(lr_scale)
             optimizer.step()
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr
+            if hasattr(loss_fn, "after_optimizer_step"):
+                loss_fn.after_optimizer_step()
             if not all(torch.isfinite(p).all() for p in params):
                 raise TrainingDiverged(
                     f"The weights became non-finite after the optimizer step of step {step} (learning rate "
