@@ -30,13 +30,18 @@ class RolloutContext:
 def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params: SamplingParams,
           group_offset: int = 0) -> RolloutBatch:
     """Generate ``repeats`` completions per row, score them, and return an (unshaped) batch."""
-    texts = [format_prompt(ctx.tokenizer, r["prompt"], ctx.system_prompt) for r in rows]
+    # a row's ``response_prefix`` (a partial solution, e.g. ReST-RL's prefix prompts) is continued by the policy
+    texts = [format_prompt(ctx.tokenizer, r["prompt"], ctx.system_prompt) + (r.get("response_prefix") or "") for r in rows]
     expanded = [t for t in texts for _ in range(repeats)]
     out = ctx.generator.generate(expanded, params)
     columns = {k: [v for v in vals for _ in range(repeats)] for k, vals in columns_of(rows).items()}
-    rewards, components = ctx.reward_set(expanded, out.completions, columns)
+    prefixes = columns.get("response_prefix")  # rewards score prefix + continuation (the whole solution)
+    scored = [(p or "") + c for p, c in zip(prefixes, out.completions)] if prefixes else out.completions
+    rewards, components = ctx.reward_set(expanded, scored, columns)
     group_ids = torch.arange(group_offset, group_offset + len(rows)).repeat_interleave(repeats)
     meta = [{"prompt": p, "completion": c} for p, c in zip(expanded, out.completions)]
+    for m, g in zip(meta, group_ids.tolist()):  # the source row (components that assemble new prompts read it)
+        m["row"] = rows[g - group_offset]
     return RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, response_mask=out.response_attn.clone(), group_ids=group_ids,
@@ -45,9 +50,31 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params:
     )
 
 
+class InjectingStream:
+    """Serves prompts made by components (their ``inject_prompts(n) -> rows`` hook: curricula, rewrites, prefix
+    prompts) before the data set's; the components keep their queues in their own ``state_dict``."""
+
+    def __init__(self, stream, hooks: list):
+        self.stream, self.hooks = stream, hooks
+
+    @classmethod
+    def wrap(cls, stream, components: list):
+        unique = list({id(c): c for c in components}.values())
+        hooks = [c.inject_prompts for c in unique if callable(getattr(c, "inject_prompts", None))]
+        return cls(stream, hooks) if hooks else stream
+
+    def take(self, n: int, **kw: Any) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for hook in self.hooks:
+            if len(rows) < n:
+                rows += list(hook(n - len(rows)))[: n - len(rows)]
+        return rows + (self.stream.take(n - len(rows), **kw) if n > len(rows) else [])
+
+
 def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: int, step: int,
             ) -> tuple[RolloutBatch | None, RolloutBatch, dict[str, float]]:
     """Returns (training batch or None if every group was filtered, the first round's raw batch, stats)."""
+    stream = InjectingStream.wrap(stream, getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors])
     kept: list[RolloutBatch] = []
     n_groups = 0
     first: RolloutBatch | None = None
