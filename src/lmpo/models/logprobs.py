@@ -12,6 +12,9 @@ the trainer see bit-for-bit the same network.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -91,7 +94,8 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    return_hidden: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Per-token log-probs (and entropies) of the responses given the prompts.
 
     ``logp[b, t] = log softmax(logits / temperature)[response_ids[b, t]]`` with the logits predicted after
@@ -106,10 +110,12 @@ def response_logprobs(
         temperature: Logits are divided by this before the softmax (use the sampling temperature).
         chunk_size: Maximum number of response tokens whose logits exist at the same time.
         with_entropy: Also return the entropy of the tempered next-token distribution.
+        return_hidden: Also return the LM-head inputs (B, T, H): the final hidden state that predicts each response
+            token, from the same forward pass (gradients flow through it; 0 where ``response_attn`` is False).
 
     Returns:
         ``(logprobs, entropies)``: (B, T) float32 each (``entropies`` is ``None`` unless ``with_entropy``),
-        exactly 0 where ``response_attn`` is False.
+        exactly 0 where ``response_attn`` is False; ``(logprobs, entropies, hidden)`` when ``return_hidden``.
     """
     if prompt_ids.dim() != 2 or response_ids.dim() != 2 or prompt_ids.shape[0] != response_ids.shape[0]:
         raise DataError(
@@ -163,4 +169,84 @@ def response_logprobs(
 
     logprobs = scatter(logp_parts)
     entropies = scatter(ent_parts) if with_entropy else None
+    if return_hidden:
+        return logprobs, entropies, hidden * response_attn.unsqueeze(-1).to(hidden.dtype)
     return logprobs, entropies
+
+
+# --------------------------------------------------------------------------- layer-wise noise (opt-in forward hook)
+@dataclass(frozen=True)
+class LayerNoise:
+    """Gaussian noise added to the input hidden state of decoder layers ``first .. last`` (inclusive; ``None`` = last).
+
+    ``std`` is one float for every perturbed layer or a tuple with one entry per perturbed layer.
+    """
+
+    std: float | tuple[float, ...]
+    first: int = 0
+    last: int | None = None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM (``body.layers`` / ``body.h`` / ``body.blocks``)."""
+    body, _ = split_body_and_head(model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ModelError(f"Cannot find the decoder layers of {type(body).__name__} (no .layers / .h / .blocks list).")
+
+
+def _noise_seed(row_seed: int, layer: int) -> int:
+    return (row_seed * 1_000_003 + 7919 * (layer + 1)) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def layer_noise(model: nn.Module, spec: LayerNoise | None, row_seeds: Tensor | None):
+    """Inside the context, decoder layer l's input becomes ``h + std_l * eps`` with eps ~ N(0, I), detached.
+
+    eps of row b at layer l is drawn from a generator seeded by ``(row_seeds[b], l)`` only, so it is identical when
+    the forward is recomputed (gradient checkpointing), independent of how the batch is split into micro-batches, and
+    reproducible across processes; a recomputation that re-enters this context (``torch.utils.checkpoint`` around
+    the whole pass) sees the same noise. ``spec=None`` (the default everywhere) installs nothing. The hooks are removed on
+    exit, so passes outside the context (sampling, old/ref log-probs) are never perturbed.
+    """
+    if spec is None:
+        yield
+        return
+    if row_seeds is None:
+        raise DataError("layer_noise needs one integer seed per row (batch.extras['noise_seed']).")
+    if torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+        raise ModelError(
+            "Layer-wise noise cannot be combined with model.gradient_checkpointing: the layers would be recomputed in "
+            "backward after the noise hooks are removed, silently without noise. Disable one of the two."
+        )
+    layers = decoder_layers(model)
+    last = len(layers) - 1 if spec.last is None else spec.last
+    chosen = list(range(spec.first, last + 1))
+    stds = spec.std if isinstance(spec.std, tuple) else (spec.std,) * len(chosen)
+    if len(stds) != len(chosen) or not chosen or chosen[-1] >= len(layers):
+        raise DataError(f"LayerNoise {spec} does not fit a model with {len(layers)} decoder layers.")
+    seeds = [int(s) for s in row_seeds.tolist()]
+
+    def make_hook(layer: int, std: float):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            rows = []
+            for s in seeds:
+                g = torch.Generator(device=h.device).manual_seed(_noise_seed(s, layer))
+                rows.append(torch.randn(h.shape[1:], generator=g, device=h.device, dtype=torch.float32))
+            h = h + (std * torch.stack(rows)).to(h.dtype)
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(make_hook(i, float(sd)), with_kwargs=True)
+               for i, sd in zip(chosen, stds) if sd != 0.0]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
