@@ -1,0 +1,163 @@
+"""R2VPO (arXiv:2601.03320, reconstructed): l_t = -r_t A_t + nu (r_t - 1)^2, dual ascent on nu once per step.
+
+With r = exp(logp - old):  d l_t / d logp_t = r (-A + 2 nu (r - 1)).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lmpo.errors import ConfigError
+from lmpo.methods.aggregate import TokenMean
+from lmpo.methods.loss.ppo_clip import PPOClipLoss
+from lmpo.methods.loss.r2vpo import R2VPOLoss
+from unit.methods._helpers import make_batch, random_mask
+
+F64 = torch.float64
+
+
+def batch_and_lp(ratios, adv, mask=None):
+    ratios = torch.as_tensor(ratios, dtype=F64)
+    B, T = ratios.shape
+    adv = torch.as_tensor(adv, dtype=F64)
+    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    old = torch.full((B, T), -1.0, dtype=F64)
+    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
+    return b, (old + ratios.log()).requires_grad_(True)
+
+
+def run(loss_fn, ratios, adv, mask=None):
+    b, lp = batch_and_lp(ratios, adv, mask)
+    out = loss_fn(lp, b)
+    out.per_token.sum().backward()
+    return out.per_token.detach(), lp.grad, out.metrics
+
+
+def with_nu(nu, **kw):
+    return R2VPOLoss(nu_init=nu, **kw)
+
+
+def test_hand_case():
+    # Row 0: A = +1, r = [1.5, 1.0]; Row 1: A = -2, r = [0.5, pad]
+    # nu = 0: l = -r A = [-1.5, -1 | 1.0, 0]; grad = -A r = [-1.5, -1 | 1.0, 0]
+    #   (PPO-clip with eps 0.2 would give the r = 1.5, A > 0 token zero gradient; here it keeps -1.5.)
+    # nu = 2: l += 2 (r - 1)^2 = [0.5, 0 | 0.5]   -> [-1.0, -1.0 | 1.5, 0]
+    #         grad = r (-A + 4 (r - 1)) = 1.5 (-1 + 2) = 1.5 | 1 (-1 + 0) = -1 | 0.5 (2 - 2) = 0
+    r, a, m = [[1.5, 1.0], [0.5, 3.0]], [1.0, -2.0], [[1, 1], [1, 0]]
+    loss, grad, met = run(with_nu(0.0), r, a, m)
+    assert_close(loss, torch.tensor([[-1.5, -1.0], [1.0, 0.0]], dtype=F64))
+    assert_close(grad, torch.tensor([[-1.5, -1.0], [1.0, 0.0]], dtype=F64))
+    assert_close(met["loss/ratio_var"], torch.tensor((0.25 + 0 + 0.25) / 3, dtype=F64))
+    _, g_ppo, _ = run(PPOClipLoss(epsilon=0.2), r, a, m)
+    assert g_ppo[0, 0].item() == 0.0 and grad[0, 0].item() == -1.5  # card test (2)
+    loss, grad, _ = run(with_nu(2.0), r, a, m)
+    assert_close(loss, torch.tensor([[-1.0, -1.0], [1.5, 0.0]], dtype=F64))
+    assert_close(grad, torch.tensor([[1.5, -1.0], [0.0, 0.0]], dtype=F64))
+
+
+def test_penalty_vanishes_at_ratio_one():
+    # card test (1): at r = 1 the penalty and its gradient are 0, whatever nu: the unclipped policy gradient -A.
+    loss, grad, _ = run(with_nu(5.0), [[1.0, 1.0, 1.0]], [[0.3, -1.0, 2.0]])
+    assert_close(loss, torch.tensor([[-0.3, 1.0, -2.0]], dtype=F64))
+    assert_close(grad, torch.tensor([[-0.3, 1.0, -2.0]], dtype=F64))
+
+
+def test_dual_ascent():
+    # card test (3). delta 0.01, eta 10, r = [1.2, 0.8, 1.0]:
+    #   mean (r-1)^2 = (0.04 + 0.04 + 0) / 3 = 0.026667 -> nu = max(0, 0 + 10 (0.026667 - 0.01)) = 0.16667
+    loss_fn = R2VPOLoss(delta=0.01, dual_lr=10.0)
+    run(loss_fn, [[1.2, 0.8, 1.0]], [1.0])
+    assert loss_fn.nu == 0.0  # the call itself never changes nu
+    loss_fn.after_optimizer_step()
+    assert loss_fn.nu == pytest.approx(10 * (0.08 / 3 - 0.01))
+    # on-policy step (r = 1): nu decays by eta * delta = 0.1 per step, and is floored at 0
+    run(loss_fn, [[1.0, 1.0]], [1.0])
+    loss_fn.after_optimizer_step()
+    assert loss_fn.nu == pytest.approx(10 * (0.08 / 3 - 0.01) - 0.1)
+    run(loss_fn, [[1.0]], [1.0])
+    loss_fn.after_optimizer_step()
+    assert loss_fn.nu == 0.0
+    loss_fn.after_optimizer_step()  # a step with no calls changes nothing
+    assert loss_fn.nu == 0.0
+
+
+def test_microbatch_invariance_of_loss_and_dual_update():
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    mask = random_mask(g, B, T)
+    ratios = (torch.randn(B, T, generator=g, dtype=F64) * 0.3).exp()
+    adv = torch.randn(B, T, generator=g, dtype=F64)
+    full_fn = with_nu(0.7)
+    full, _, _ = run(full_fn, ratios, adv, mask)
+    full_fn.after_optimizer_step()
+    for n in (2, 3, 6):
+        fn = with_nu(0.7)
+        parts = [run(fn, ratios[i], adv[i], mask[i])[0] for i in torch.arange(B).tensor_split(n)]
+        assert_close(torch.cat(parts), full)  # nu is not touched between micro-batches
+        fn.after_optimizer_step()
+        assert fn.nu == pytest.approx(full_fn.nu, rel=1e-12)
+
+
+def test_state_dict_round_trip():
+    a = R2VPOLoss(delta=0.02, dual_lr=3.0)
+    run(a, [[1.5, 0.6]], [1.0])
+    a.after_optimizer_step()
+    run(a, [[1.3]], [1.0])  # pending sums of an unfinished step travel too
+    buf = io.BytesIO()
+    torch.save({"components": {"loss": a.state_dict()}}, buf)
+    buf.seek(0)
+    b = R2VPOLoss(delta=0.02, dual_lr=3.0)
+    b.load_state_dict(torch.load(buf, weights_only=False)["components"]["loss"])
+    assert b.state_dict() == a.state_dict() and b.nu > 0
+    assert_close(run(a, [[1.4, 0.9]], [-1.0])[0], run(b, [[1.4, 0.9]], [-1.0])[0])
+    a.after_optimizer_step()
+    b.after_optimizer_step()
+    assert a.nu == b.nu
+    assert R2VPOLoss(delta=0.02, dual_lr=3.0).nu == 0.0  # a new instance does not share state
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="loss.delta"):
+        R2VPOLoss(delta=0.0)
+    with pytest.raises(ConfigError, match="loss.dual_lr"):
+        R2VPOLoss(dual_lr=-1.0)
+    with pytest.raises(ConfigError, match="loss.nu_init"):
+        R2VPOLoss(nu_init=-0.1)
+
+
+def loop_r2vpo(logr, adv, mask, nu):
+    B, T = len(logr), len(logr[0])
+    loss = [[0.0] * T for _ in range(B)]
+    grad = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if mask[i][t]:
+                r, a = math.exp(logr[i][t]), adv[i][t]
+                loss[i][t] = -r * a + nu * (r - 1) ** 2
+                grad[i][t] = r * (-a + 2 * nu * (r - 1))
+    return torch.tensor(loss, dtype=F64), torch.tensor(grad, dtype=F64)
+
+
+@pytest.mark.parametrize("nu", [0.0, 0.5, 4.0])
+def test_matches_loop_reference_and_gradcheck(nu):
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        B, T = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        mask = random_mask(g, B, T)
+        logr = torch.randn(B, T, generator=g, dtype=F64) * 0.5
+        adv = torch.randn(B, T, generator=g, dtype=F64)
+        loss, grad, _ = run(with_nu(nu), logr.exp(), adv, mask)
+        ref_loss, ref_grad = loop_r2vpo(logr.tolist(), (adv * mask).tolist(), mask.tolist(), nu)
+        assert_close(loss, ref_loss)
+        assert_close(grad, ref_grad)
+    # no stop-gradient inside the loss: float64 finite differences through the token-mean aggregator
+    b, lp = batch_and_lp(logr.exp(), adv, mask)
+    fn, agg = with_nu(nu), TokenMean()
+    norm = agg.normaliser(mask, 0)
+    assert torch.autograd.gradcheck(lambda x: agg(fn(x, b).per_token, mask, norm), (lp.detach().requires_grad_(True),))
