@@ -59,6 +59,8 @@ class RolloutConfig:
     top_k: int = 0
     batch_size: int | None = None  # generation sub-batch (rows); None = all at once
     refill_rounds: int = 0  # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
+    mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
+    mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
 
 
 @dataclass
@@ -340,6 +342,12 @@ def validate(cfg: Config, src: str = "") -> None:
     need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     need(r.backend == "hf", f'rollout.backend must be "hf" (the in-process HuggingFace sampler), got {r.backend!r}')
+    try:
+        from lmpo.rollout.modes import mode_options
+
+        mode_options(r.mode, r.mode_params)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{src}") from None
     need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(t.ppo_epochs >= 1 and t.num_minibatches >= 1, "train.ppo_epochs and train.num_minibatches must be >= 1")

@@ -26,6 +26,7 @@ from lmpo.models.token_stats import STAT_NEEDS
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator
+from lmpo.rollout.modes import build_train_generator
 from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
@@ -99,6 +100,7 @@ def rollout_context(cfg: Config, model, tokenizer, task, rewards, comps) -> Roll
         tokenizer=tokenizer, reward_set=rewards, shapers=comps["shapers"], selectors=comps["selectors"],
         params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens),
         num_generations=r.num_generations, system_prompt=task.system_prompt,
+        train_generator=build_train_generator(r.mode, r.mode_params, model, tokenizer, r.batch_size, cfg.model.autocast),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from lmpo.batch import RolloutBatch
 from lmpo.models.load import format_prompt
 from lmpo.rollout.base import Generator, SamplingParams
+from lmpo.rollout.modes import bind_rows
 from lmpo.tasks.base import columns_of
 
 
@@ -25,6 +27,7 @@ class RolloutContext:
     params: SamplingParams
     num_generations: int
     system_prompt: str | None = None
+    train_generator: Generator | None = None  # rollout.mode's generator for training rollouts (lmpo.rollout.modes)
 
 
 def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params: SamplingParams,
@@ -33,6 +36,8 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params:
     # a row's ``response_prefix`` (a partial solution, e.g. ReST-RL's prefix prompts) is continued by the policy
     texts = [format_prompt(ctx.tokenizer, r["prompt"], ctx.system_prompt) + (r.get("response_prefix") or "") for r in rows]
     expanded = [t for t in texts for _ in range(repeats)]
+    if getattr(ctx.generator, "wants_rows", False):  # rollout modes that read the task rows (reference answers)
+        ctx = dataclasses.replace(ctx, generator=bind_rows(ctx.generator, [r for r in rows for _ in range(repeats)]))
     out = ctx.generator.generate(expanded, params)
     columns = {k: [v for v in vals for _ in range(repeats)] for k, vals in columns_of(rows).items()}
     prefixes = columns.get("response_prefix")  # rewards score prefix + continuation (the whole solution)
@@ -46,7 +51,7 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int, params:
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, response_mask=out.response_attn.clone(), group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
-        truncated=out.truncated, meta=meta,
+        truncated=out.truncated, extras=dict(getattr(out, "extras", None) or {}), meta=meta,
     )
 
 
@@ -74,6 +79,8 @@ class InjectingStream:
 def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: int, step: int,
             ) -> tuple[RolloutBatch | None, RolloutBatch, dict[str, float]]:
     """Returns (training batch or None if every group was filtered, the first round's raw batch, stats)."""
+    if ctx.train_generator is not None:  # rollout.mode other than "sample" (evaluation keeps the plain sampler)
+        ctx = dataclasses.replace(ctx, generator=ctx.train_generator, train_generator=None)
     stream = InjectingStream.wrap(stream, getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors])
     kept: list[RolloutBatch] = []
     n_groups = 0

@@ -1,0 +1,78 @@
+"""Training-rollout modes, chosen by ``rollout.mode`` (never by method name); options come from ``rollout.mode_params``.
+
+- ``sample`` (default): the plain sampler (:class:`lmpo.rollout.hf.HFGenerator`).
+- ``reference``: the task's reference answers with one-token policy samples per position
+  (:mod:`lmpo.rollout.reference`; OTR).
+- ``soft_thinking``: Gumbel-softmax soft-thinking steps, then discrete answer tokens (:mod:`lmpo.rollout.soft`;
+  SofT-GRPO).
+
+Held-out evaluation always uses the plain sampler. A mode's generator may return extra per-row tensors (``extras``)
+that the rollout stage copies into ``batch.extras``, and may ask for the task rows (``wants_rows``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmpo.errors import ConfigError, did_you_mean
+
+
+def _mode_classes(mode: str) -> tuple[type, type] | None:
+    if mode == "reference":
+        from lmpo.rollout.reference import ReferenceGenerator, ReferenceOptions
+
+        return ReferenceGenerator, ReferenceOptions
+    if mode == "soft_thinking":
+        from lmpo.rollout.soft import SoftThinkingGenerator, SoftThinkingOptions
+
+        return SoftThinkingGenerator, SoftThinkingOptions
+    return None
+
+
+ROLLOUT_MODES = ("sample", "reference", "soft_thinking")
+
+
+def mode_options(mode: str, params: dict[str, Any]):
+    """Validated options of ``mode`` (``None`` for ``sample``); errors name ``rollout.mode`` / the bad key."""
+    if mode not in ROLLOUT_MODES:
+        raise ConfigError(f"rollout.mode must be one of {', '.join(ROLLOUT_MODES)}, got {mode!r}."
+                          f"{did_you_mean(str(mode), ROLLOUT_MODES)}")
+    classes = _mode_classes(mode)
+    if classes is None:
+        if params:
+            raise ConfigError(f"rollout.mode_params must be empty for rollout.mode=sample, got {sorted(params)}.")
+        return None
+    opts_cls = classes[1]
+    names = [f.name for f in dataclasses.fields(opts_cls)]
+    for k in params:
+        if k not in names:
+            raise ConfigError(f'Unknown key "rollout.mode_params.{k}" for rollout.mode={mode}.'
+                              f"{did_you_mean(str(k), names)} Valid keys: {', '.join(names)}.")
+    return opts_cls(**params)
+
+
+def build_train_generator(mode: str, params: dict[str, Any], model, tokenizer, batch_size=None, autocast=None):
+    """The training generator of ``mode``, or ``None`` when the plain sampler is used."""
+    options = mode_options(mode, params)
+    if options is None:
+        return None
+    return _mode_classes(mode)[0](model, tokenizer, options, batch_size=batch_size, autocast=autocast)
+
+
+class _RowsBound:
+    """A generator whose ``generate`` also receives the task rows of its prompts (``wants_rows`` modes)."""
+
+    def __init__(self, generator, rows: list[dict]) -> None:
+        self.generator, self.rows = generator, rows
+
+    def generate(self, prompts, params, **kw):
+        return self.generator.generate(prompts, params, rows=self.rows, **kw)
+
+    def sync_weights(self) -> None:
+        self.generator.sync_weights()
+
+
+def bind_rows(generator, rows: list[dict]):
+    """``generator`` with ``rows`` (one per prompt) bound to every ``generate`` call."""
+    return _RowsBound(generator, rows)
