@@ -42,3 +42,26 @@ def test_reference_generator_teacher_forces_answers_and_samples_candidates():
     assert_close(out.sampler_logprobs, ref, atol=1e-5, rtol=1e-5)
     freq = (cand == out.response_ids[..., None]).float().mean(-1)
     assert_close(freq[out.response_attn], ref.exp()[out.response_attn], atol=0.03, rtol=0)
+
+
+def test_soft_thinking_rollout_is_reproduced_by_the_trainer_pass():
+    # The trainer's pass with the recorded soft inputs must recompute the sampler's Gumbel log-likelihood of the
+    # stored z at soft steps and the sampled tokens' log-probs elsewhere.
+    from lmpo.methods.loss.soft_grpo import soft_step_loglik
+    from lmpo.models.token_stats import response_stats
+
+    model, tok = build_tiny_model(seed=0, init_std=0.1), build_tiny_tokenizer()
+    gen = build_train_generator("soft_thinking", {"think_end": None, "think_tokens": 2, "top_k": 4}, model, tok)
+    torch.manual_seed(1)
+    out = gen.generate(["12=", "3=", "45="], SamplingParams(max_new_tokens=5))
+    ex = out.extras
+    soft = ex["soft_mask"]
+    assert soft[:, :2].all() and not soft[:, 2:].any()
+    assert_close(ex["soft_weights"][soft].sum(-1), torch.ones(int(soft.sum())))
+    lp, _, st = response_stats(model, out.prompt_ids, out.prompt_mask, out.response_ids, out.response_attn, ex,
+                               stats=frozenset({"candidate_logprobs"}))
+    ell = soft_step_loglik(st["candidate_logprobs"], ex["soft_logits"], ex["soft_valid"], -1.5, 3.0)
+    want = torch.where(soft, ell, lp) * out.response_attn
+    assert_close(out.sampler_logprobs, want, atol=1e-4, rtol=1e-4)
+    # completions hold only the discrete (answer) tokens
+    assert all(len(c) <= 3 for c in out.completions)
