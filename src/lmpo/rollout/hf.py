@@ -75,20 +75,29 @@ class HFGenerator:
     def sync_weights(self) -> None:
         """No-op: the generator samples from the trainer's own module."""
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> GenerationOutput:
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 max_new_tokens: list[int] | None = None) -> GenerationOutput:
         """Sample one completion per prompt string (already chat-formatted).
 
+        ``max_new_tokens`` optionally gives each row its own length limit (e.g. budget sub-groups); a row that reaches
+        its limit without EOS stops and is marked truncated. ``None`` uses ``params.max_new_tokens`` for every row.
         Uses the global torch RNG (of the model's device), so seeded runs are reproducible.
         """
         if not prompts:
             raise DataError("HFGenerator.generate got an empty list of prompts.")
+        if max_new_tokens is None:
+            max_new_tokens = [params.max_new_tokens] * len(prompts)
+        if len(max_new_tokens) != len(prompts) or min(max_new_tokens) < 1:
+            raise DataError(f"HFGenerator.generate: max_new_tokens needs one limit >= 1 per prompt ({len(prompts)}), "
+                            f"got {list(max_new_tokens)[:8]}.")
         step = self.batch_size or len(prompts)
         was_training = self.model.training
         self.model.eval()
         try:
             amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
             with torch.no_grad(), amp:
-                parts = [self._generate_batch(prompts[i : i + step], params) for i in range(0, len(prompts), step)]
+                parts = [self._generate_batch(prompts[i : i + step], params, max_new_tokens[i : i + step])
+                         for i in range(0, len(prompts), step)]
         finally:
             self.model.train(was_training)
         return parts[0] if len(parts) == 1 else self._concat(parts)
@@ -108,7 +117,7 @@ class HFGenerator:
             raise DataError(f"Prompt(s) at index {empty or list(range(len(prompts)))} encode to zero tokens.")
         return enc["input_ids"].to(device), mask.to(device)
 
-    def _generate_batch(self, prompts: list[str], params: SamplingParams) -> GenerationOutput:
+    def _generate_batch(self, prompts: list[str], params: SamplingParams, limits: list[int]) -> GenerationOutput:
         body, head = split_body_and_head(self.model)
         device = head.weight.device
         prompt_ids, prompt_mask = self._encode(prompts, device)
@@ -122,11 +131,13 @@ class HFGenerator:
         attn = prompt_mask.long()
         input_ids = prompt_ids
         positions = position_ids_from_mask(attn)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
+        limit = torch.tensor(limits, dtype=torch.long, device=device)
+        ended = torch.zeros(n, dtype=torch.bool, device=device)  # produced EOS
+        done = torch.zeros(n, dtype=torch.bool, device=device)  # EOS or own length limit reached
         tokens: list[Tensor] = []
         logps: list[Tensor] = []
         alive: list[Tensor] = []
-        for _ in range(params.max_new_tokens):
+        for i in range(max(limits)):
             out = body(
                 input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
             )
@@ -149,7 +160,8 @@ class HFGenerator:
             tokens.append(token)
             logps.append(torch.where(live, logp, torch.zeros_like(logp)))
             alive.append(live)
-            done = done | (live & torch.isin(token, eos))
+            ended = ended | (live & torch.isin(token, eos))
+            done = ended | (limit <= i + 1)
             if bool(done.all()):
                 break
             # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
@@ -169,7 +181,7 @@ class HFGenerator:
             response_ids=response_ids,
             response_attn=response_attn,
             sampler_logprobs=torch.stack(logps, 1).float(),
-            truncated=~done,
+            truncated=~ended,
             completions=completions,
             num_generated_tokens=int(response_attn.sum()),
         )

@@ -101,6 +101,7 @@ def rollout_context(cfg: Config, model, tokenizer, task, rewards, comps) -> Roll
         params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens),
         num_generations=r.num_generations, system_prompt=task.system_prompt,
         train_generator=build_train_generator(r.mode, r.mode_params, model, tokenizer, r.batch_size, cfg.model.autocast),
+        planners=[comps["advantage"], comps["loss"], *comps["shapers"], *comps["selectors"]],  # rollout hooks
     )
 
 
@@ -246,6 +247,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     batch = batch.replace(response_mask=batch.response_mask & keep, advantages=batch.advantages * keep)
                 t2 = time.perf_counter()
                 metrics.update(policy_update(runner, optimizer, scheduler, batch, loss_fn, aggregator, settings, step))
+                for comp in ctx.planners:  # stateful components learn from the step (per-prompt trackers)
+                    if callable(getattr(comp, "observe", None)):
+                        comp.observe(batch, lambda b: runner.logprobs_nograd(b, t.micro_batch_size))
                 metrics["perf/logprob_s"] = t2 - t1
                 metrics["perf/update_s"] = time.perf_counter() - t2
             ctx.generator.sync_weights()
