@@ -216,7 +216,9 @@ def layer_noise(model: nn.Module, spec: LayerNoise | None, row_seeds: Tensor | N
         return
     if row_seeds is None:
         raise DataError("layer_noise needs one integer seed per row (batch.extras['noise_seed']).")
-    if torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+    ckpt = getattr(model, "is_activation_checkpointing", None)
+    ckpt = getattr(model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
+    if torch.is_grad_enabled() and ckpt:
         raise ModelError(
             "Layer-wise noise cannot be combined with model.gradient_checkpointing: the layers would be recomputed in "
             "backward after the noise hooks are removed, silently without noise. Disable one of the two."
