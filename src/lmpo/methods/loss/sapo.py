@@ -1,11 +1,12 @@
 """SAPO: Soft Adaptive Policy Optimization (a smooth sigmoid gate instead of the hard clip).
 
 Paper: Gao et al. (Qwen team) 2025, "Soft Adaptive Policy Optimization", arXiv:2511.20347.
-With r_t = pi(o_t)/pi_old(o_t) and tau_t = tau_pos if A_t > 0 else tau_neg, the surrogate (paper Sec. 3; the equation numbers
-were not recoverable from the text we could read) is
+With r_t = pi(o_t)/pi_old(o_t) and tau_t = tau_pos if A_t > 0 else tau_neg, the surrogate (paper Sec. 3; the
+equation numbers were not recoverable from the text we could read) is
     J = E[(1/G) sum_i (1/|o_i|) sum_t f(r_t; tau_t) A_t],   f(r; tau) = (4 / tau) * sigmoid(tau (r - 1)),
 so the per-token loss is l_t = -f(r_t; tau_t) A_t. Its gradient is
-    d l_t / d log pi(o_t) = -A_t * w_t * r_t,   w_t = 4 s (1 - s) = sech^2(tau (r_t - 1) / 2),  s = sigmoid(tau (r_t - 1)),
+    d l_t / d log pi(o_t) = -A_t * w_t * r_t,   w_t = 4 s (1 - s) = sech^2(tau (r_t - 1) / 2),
+    s = sigmoid(tau (r_t - 1)),
 a bell-shaped weight on the usual importance-sampled policy gradient that equals 1 on-policy (r = 1).
 Differs from GRPO: no hard clip and no zeroed gradients; far-off-policy tokens are attenuated smoothly and one at a
 time, and negative-advantage tokens use a larger temperature (their weight decays faster). tau -> 0 recovers the
