@@ -1,0 +1,126 @@
+"""DisCO: Discriminative Constrained Optimization for large reasoning models.
+
+Paper: Li, Lin, Galanti, Tu, Yang 2025 (NeurIPS 2025), "DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained
+Optimization", arXiv:2505.12366 (values as in the authors' released code, Optimization-AI/DisCO).
+
+Score of response o (the paper's non-clipping scoring functions):
+    logL:    s(o) = (1/|o|) sum_t log pi(o_t)                 L-ratio: s(o) = (1/|o|) sum_t pi(o_t) / pi_old(o_t)
+Per question q with positives O+ and negatives O- (questions with no positive or no negative are dropped):
+    DisCO   J_q = mean_{O+} s - tau log sum_{O-} exp(s / tau)     (distributionally-robust log-sum-exp)
+    DisCO-b J_q = mean_{O+} s - mean_{O-} s                        (balanced)
+Trust region KL(pi_old || pi) <= delta via a squared-hinge penalty (the paper's constrained form):
+    loss = -(1/N_q) sum_q J_q + beta sg(max(0, K - delta)) K,   K = mean of k_t = r_t - 1 - log r_t, r = pi/pi_old,
+whose gradient is that of (beta/2) max(0, K - delta)^2.
+
+Differs from GRPO: no advantage, no clip, no difficulty (p(1-p)) weighting of questions; the score gap between correct
+and incorrect answers of a question is maximised directly, and stability comes from the KL hinge, not from a clip.
+
+Per-token form: every trained token of row i carries -J_{q(i)} (a differentiable function of all scores of i's group)
+plus beta h k_it (h the detached hinge). With ``seq_mean_token_mean`` this is exactly the loss above for equal group
+sizes (the paper divides by the number of distinct questions), K being the mean over rows of their token-mean k.
+Gaps filled: labels are ``reward > threshold``; K is measured on the rows of the call, as the released code measures it
+per micro-batch, and a question couples its rows -- keep each group within one micro-batch (see REAL). The code's
+log-sum-exp term has value S/sg(S) (gradient only); we use the true value, which has the same gradient. The paper's
+equation numbers could not be checked against a primary copy here; the forms follow the method card and released code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.errors import ConfigError
+from lmpo.methods.base import LossOut
+from lmpo.methods.loss.real import group_logsumexp
+from lmpo.registry import LOSSES
+
+SCORES = ("logl", "lratio")
+VARIANTS = ("disco", "balanced")
+
+
+def group_member_mean(v: Tensor, group_ids: Tensor, member: Tensor) -> Tensor:
+    """Per-row mean of ``v`` over the members of the row's group (B,); 0 where the group has no member."""
+    zero = torch.zeros((), dtype=v.dtype)
+    total = ops.group_sum(torch.where(member, v, zero), group_ids)
+    return total / ops.group_sum(member.to(v.dtype), group_ids).clamp_min(1.0)
+
+
+@LOSSES.register("disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
+                 arxiv="2505.12366")
+@dataclass(frozen=True)
+class DisCOLoss:
+    """-J_q (score gap of positives over negatives) + squared-hinge KL(pi_old||pi) penalty; arXiv:2505.12366.
+
+    Args:
+        score: "logl" (token-mean log-likelihood) or "lratio" (token-mean likelihood ratio to pi_old).
+        variant: "disco" (log-sum-exp over negatives) or "balanced" (DisCO-b, mean over negatives).
+        tau: log-sum-exp temperature (code: 10 for logL, 1 for L-ratio).
+        delta / beta: KL budget and hinge penalty weight (code: 1e-4, 1e3).
+        threshold: a response is positive when its reward > threshold.
+    """
+
+    score: str = "logl"
+    variant: str = "disco"
+    tau: float = 10.0
+    delta: float = 1e-4
+    beta: float = 1e3
+    threshold: float = 0.5
+    needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ConfigError(f"loss.score must be one of {SCORES}, got {self.score!r}.")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"loss.variant must be one of {VARIANTS}, got {self.variant!r}.")
+        if self.tau <= 0:
+            raise ConfigError(f"loss.tau must be > 0, got {self.tau}.")
+        if self.delta < 0 or self.beta < 0:
+            raise ConfigError("loss.delta and loss.beta must be >= 0.")
+
+    def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
+        mask = batch.response_mask
+        zero = torch.zeros((), dtype=logprobs.dtype)
+        log_r = ops.log_ratio(logprobs, batch.old_logprobs)
+        if self.score == "logl":
+            s = ops.masked_mean(torch.where(mask, logprobs, zero), mask, dim=-1)
+        else:
+            s = ops.masked_mean(torch.where(mask, log_r.exp(), zero), mask, dim=-1)
+        member = mask.any(-1)
+        pos = member & (batch.rewards > self.threshold)
+        neg = member & ~(batch.rewards > self.threshold)
+        pos_mean = group_member_mean(s, batch.group_ids, pos)
+        if self.variant == "disco":
+            lse, has_neg = group_logsumexp(s / self.tau, batch.group_ids, neg)
+            neg_term = self.tau * lse
+        else:
+            neg_term = group_member_mean(s, batch.group_ids, neg)
+            has_neg = ops.group_sum(neg.to(s.dtype), batch.group_ids) > 0
+        has_pos = ops.group_sum(pos.to(s.dtype), batch.group_ids) > 0
+        valid = member & has_pos & has_neg
+        row = torch.where(valid, neg_term - pos_mean, zero)  # -J_q on every row of a valid group
+        # KL(pi_old || pi) estimate per token, r - 1 - log r >= 0; K = mean over rows of the token mean
+        k = torch.where(mask, torch.expm1(log_r) - log_r, zero)
+        K = ops.masked_mean(ops.masked_mean(k, mask, dim=-1), member).detach()
+        hinge = self.beta * (K - self.delta).clamp_min(0.0)
+        per_token = torch.where(mask, row[:, None] + hinge * k, zero)
+        metrics = {
+            "loss/kl_old": K,
+            "loss/kl_hinge": hinge,
+            "loss/valid_frac": ops.masked_mean(valid.float(), member).detach(),
+        }
+        return LossOut(per_token, metrics)
+
+
+_BASE = {"advantage": {"name": "grpo"}, "aggregator": {"name": "seq_mean_token_mean"}, "kl": {"beta": 0.0}}
+PRESETS = {
+    # DisCO (arXiv:2505.12366, released scripts): logL score, tau 10, delta 1e-4, beta 1e3, no reference KL.
+    # The advantage stage is unused by this loss (rewards are labels).
+    "disco": {**_BASE, "loss": {"name": "disco", "score": "logl", "variant": "disco", "tau": 10.0}},
+    # DisCO-b: balanced score gap (mean over negatives).
+    "disco_b": {**_BASE, "loss": {"name": "disco", "score": "logl", "variant": "balanced"}},
+}
