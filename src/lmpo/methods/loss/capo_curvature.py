@@ -1,0 +1,86 @@
+"""CAPO (curvature): mask tokens whose last-layer curvature model predicts an unstable update.
+
+Paper: Melo, Abate, Gal 2025, "Stabilizing Policy Gradients for Sample-Efficient Reinforcement Learning in LLM
+Reasoning", arXiv:2510.00819 (Curvature-Aware Policy Optimization; no official code found).
+
+Last-layer model (LM head W, input h_t, softmax p_t, sampled y_t): d log pi(y_t) / dW = (e_{y_t} - p_t) h_t^T. A
+token's own gradient step dW_t = -eta c_t (e_y - p) h^T, c_t = d l_t / d log pi(y_t) of the clipped surrogate,
+changes its logits by dz_t = -eta c_t ||h_t||^2 (e_y - p_t), so the predicted KL (softmax Fisher F = diag p - p p^T)
+  KL_t ~= 1/2 dz^T F dz = 1/2 eta^2 c_t^2 ||h_t||^4 (e_y - p)^T F (e_y - p) <= 1/2 eta^2 (|c_t| ||h_t||^2 (1 - p_y))^2
+using (e - p)^T F (e - p) <= sum_v p_v (e - p)_v^2 <= (1 - p_y)^2. CAPO keeps a token iff its curvature score
+  s_t = |c_t| * ||h_t||^2 * (1 - pi(y_t))     (sqrt(2 KL_t)/eta, an upper bound)
+is at most ``threshold`` times the mean score of the micro-batch's trained tokens; masked tokens get zero loss in an
+otherwise standard GRPO/PPO clipped surrogate (arXiv:1707.06347 Eq. 7).
+
+Differs from GRPO: a data-selection trust region from last-layer curvature instead of (only) ratio clipping; with
+``threshold = inf`` it is exactly GRPO's loss.
+
+Gaps filled (fidelity "reconstructed": the paper's exact selection criterion and thresholds were not retrievable,
+only its abstract): the per-token self-curvature score above (cross-token terms of the step are ignored), the upper
+bound (1 - p_y)^2 on the Fisher quadratic form (the full softmax is not kept by the chunked log-prob pass), and a
+scale-free relative threshold (so the unknown learning rate eta drops out). The mean is over the micro-batch, so the
+mask can change slightly with the micro-batch size. The LM-head inputs h_t come from the training forward pass itself
+(``needs`` lists "hidden_states" -> ``extras["hidden"]``); without them (outside the trainer) nothing is masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.errors import ConfigError
+from lmpo.methods.base import LossOut
+from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.registry import LOSSES
+
+
+def curvature_score(logprobs: Tensor, coef: Tensor, hidden: Tensor) -> Tensor:
+    """s_t = |c_t| ||h_t||^2 (1 - pi(y_t)), detached, (B, T)."""
+    p = logprobs.detach().clamp(max=0.0).exp()
+    return coef.detach().abs() * hidden.detach().float().pow(2).sum(-1).to(p.dtype) * (1.0 - p)
+
+
+@LOSSES.register("capo_curvature", paper="Stabilizing Policy Gradients for Sample-Efficient Reinforcement Learning in "
+                 "LLM Reasoning", arxiv="2510.00819", fidelity="reconstructed")
+@dataclass(frozen=True)
+class CAPOCurvatureLoss:
+    """Clipped surrogate on the tokens whose last-layer curvature score is <= threshold x the micro-batch mean."""
+
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    threshold: float = 4.0
+    needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "hidden_states"})
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError("loss.epsilon and loss.epsilon_high must be >= 0.")
+        if not self.threshold > 0:
+            raise ConfigError(f"loss.threshold must be > 0, got {self.threshold}.")
+
+    def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        mask = batch.response_mask
+        ratio = ops.token_ratio(logprobs, batch.old_logprobs)
+        loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, eps_high, None)
+        keep = mask
+        hidden = batch.extras.get("hidden")
+        if hidden is not None and math.isfinite(self.threshold):
+            coef = torch.where(clipped, torch.zeros_like(ratio), -batch.advantages * ratio)  # d l_t / d log pi_t
+            score = curvature_score(logprobs, coef, hidden)
+            mean = ops.masked_mean(score, mask)
+            keep = mask & (score <= self.threshold * mean)
+        metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
+                   "loss/capo_rejected": ops.masked_mean((mask & ~keep).float(), mask).detach()}
+        return LossOut(torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+
+
+# No preset yet: with threshold 4 (3-10% of tokens rejected, cf. the paper's < 8%) the copy-task learning test rises
+# only 0.07 -> 0.18 (30 steps) / 0.24 (60) and falls back to 0.10 at 90 steps; the criterion needs the paper's exact
+# rule before it is offered as a method preset. Use it explicitly: loss.name=capo_curvature.
+PRESETS: dict = {}
