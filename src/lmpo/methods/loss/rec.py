@@ -1,6 +1,6 @@
 """REC / REP / RED: group-relative REINFORCE as an off-policy algorithm, one configurable loss.
 
-Paper: Yao, Chen, Ren, Pan, Li, Ding, Zhou, Li 2025 (Trinity-RFT team), "Group-Relative REINFORCE Is Secretly an
+Paper: Yao, Chen, Sun, Chen, Zhang, Pan, Li, Ding 2025 (ICLR 2026), "Group-Relative REINFORCE Is Secretly an
 Off-Policy Algorithm: Demystifying Some Myths About GRPO and Its Friends", arXiv:2509.24203.
 
 With the group-mean advantage A_i = r_i - mean_j r_j (Sec. 3; no std division), rho_t = sg(pi(y_t)/pi_old(y_t)):
