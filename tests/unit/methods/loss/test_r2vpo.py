@@ -161,3 +161,68 @@ def test_matches_loop_reference_and_gradcheck(nu):
     fn, agg = with_nu(nu), TokenMean()
     norm = agg.normaliser(mask, 0)
     assert torch.autograd.gradcheck(lambda x: agg(fn(x, b).per_token, mask, norm), (lp.detach().requires_grad_(True),))
+
+
+# --------------------------------------------------------------------------- trainer integration (lmpo.train.step)
+class _FakeRunner:
+    """A one-parameter 'policy': logp = sampler_logprobs + theta * response_ids / 10 (enough to drive policy_update)."""
+
+    def __init__(self):
+        self.model = torch.nn.Module()
+        self.model.theta = torch.nn.Parameter(torch.zeros(()))
+
+    def for_loss(self, batch, needs, loss_fn):
+        return self
+
+    def logprobs(self, batch, with_entropy=False):
+        lp = batch.sampler_logprobs + self.model.theta * batch.response_ids.float() / 10
+        return lp, torch.zeros_like(lp)
+
+
+def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
+    from lmpo.methods.aggregate import TokenMean as Agg
+    from lmpo.train.step import UpdateSettings, policy_update
+    g = torch.Generator().manual_seed(0)
+    B, T = 8, 3
+    b = make_batch(torch.rand(B, generator=g), torch.arange(B) // 4, torch.ones(B, T, dtype=torch.bool),
+                   advantages=torch.randn(B, T, generator=g))
+    b = b.replace(response_ids=torch.randint(1, 9, (B, T), generator=g), sampler_logprobs=-torch.rand(B, T, generator=g))
+    b = b.replace(old_logprobs=b.sampler_logprobs.clone())
+    runner = _FakeRunner()
+    opt = opt_cls(runner.model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics = policy_update(runner, opt, sched, b, loss_fn, Agg(), UpdateSettings(max_grad_norm=None, **settings), 1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # a scaled step never leaks into later steps
+    return runner.model.theta.detach().item(), metrics
+
+
+def test_trainer_calls_dual_update_once_per_optimizer_step():
+    class Counting(R2VPOLoss):
+        def after_optimizer_step(self):
+            self._state["calls"] = self._state.get("calls", 0) + 1
+            super().after_optimizer_step()
+
+    fn = Counting(delta=0.01, dual_lr=10.0)
+    # 2 epochs x 2 mini-batches = 4 optimizer steps, each split into 4 micro-batches of 1 row: 16 loss calls
+    _update(fn, ppo_epochs=2, num_minibatches=2, micro_batch_size=1)
+    assert fn._state["calls"] == 4 and fn._state["pending_n"] == 0.0
+
+
+def test_trainer_applies_lr_scale_to_one_step():
+    # the hook VCPO uses: a loss with lr_scale() = 0.5 moves theta half as far as plain REINFORCE under SGD
+    class Scaled:
+        needs = frozenset()
+
+        def __call__(self, logprobs, batch):
+            return LossOutType(-batch.advantages * logprobs, {})
+
+        def lr_scale(self):
+            return 0.5
+
+    from lmpo.methods.base import LossOut as LossOutType
+    from lmpo.methods.loss.reinforce import ReinforceLoss
+    theta_scaled, m = _update(Scaled())
+    theta_plain, _ = _update(ReinforceLoss())
+    assert theta_plain != 0.0
+    assert theta_scaled == pytest.approx(0.5 * theta_plain, rel=1e-6)  # SGD: half the learning rate, half the step
+    assert m["loss/lr_scale"].item() == pytest.approx(0.5)
