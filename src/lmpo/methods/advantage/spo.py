@@ -109,7 +109,7 @@ class SPOAdvantage:
         stored = [k for k in rows if len(self.tracker.get(k, ())) > 2]
         rho = {k: self.rho_max for k in rows}
         if self.adaptive and stored and logprobs_fn is not None:
-            old, cur, mask = self._replay(stored, logprobs_fn)
+            old, cur, mask = self._replay(stored, logprobs_fn, batch.response_ids.device)
             d = ops.masked_mean((old - cur).abs(), mask, dim=-1)
             rho.update(zip(stored, forgetting(d, self.d_half, self.rho_min, self.rho_max).tolist()))
         r = outcome_returns(batch).double().clamp(0.0, 1.0)
@@ -122,7 +122,7 @@ class SPOAdvantage:
             self.tracker[k] = [rho[k] * a + s, rho[k] * b + (len(idx) - s), batch.prompt_ids[last][pmask[last]].tolist(),
                                batch.response_ids[last][attn[last]].tolist(), batch.sampler_logprobs[last][attn[last]].tolist()]
 
-    def _replay(self, keys: list[str], logprobs_fn: Callable) -> tuple[Tensor, Tensor, Tensor]:
+    def _replay(self, keys: list[str], logprobs_fn: Callable, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Current-policy log-probs of the stored responses: (stored old log-probs, current, mask), each (K, T)."""
         prompts, resps, lps = zip(*(self.tracker[k][2:] for k in keys))
         P, T = max(map(len, prompts)), max(1, max(map(len, resps)))
@@ -133,6 +133,7 @@ class SPOAdvantage:
         old = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in lps])
         replay = RolloutBatch(prompt_ids=pid, prompt_mask=pm, response_ids=rid, response_mask=rm, response_attn=rm,
                               group_ids=torch.arange(len(keys)), rewards=torch.zeros(len(keys)), sampler_logprobs=old)
+        replay = replay.to(device)  # the policy's device
         return old, logprobs_fn(replay).float().cpu(), rm
 
     def state_dict(self) -> dict[str, Any]:
