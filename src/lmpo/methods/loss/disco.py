@@ -1,7 +1,8 @@
 """DisCO: Discriminative Constrained Optimization for large reasoning models.
 
-Paper: Li, Lin, Galanti, Tu, Yang 2025 (NeurIPS 2025), "DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained
-Optimization", arXiv:2505.12366 (values as in the authors' released code, Optimization-AI/DisCO).
+Paper: Li, Lin, Galanti, Tu, Yang 2025 (NeurIPS 2025), "DisCO: Reinforcing Large Reasoning Models with
+Discriminative Constrained Optimization", arXiv:2505.12366 (values as in the authors' released code,
+Optimization-AI/DisCO).
 
 Score of response o (the paper's non-clipping scoring functions):
     logL:    s(o) = (1/|o|) sum_t log pi(o_t)                 L-ratio: s(o) = (1/|o|) sum_t pi(o_t) / pi_old(o_t)
@@ -50,8 +51,8 @@ def group_member_mean(v: Tensor, group_ids: Tensor, member: Tensor) -> Tensor:
     return total / ops.group_sum(member.to(v.dtype), group_ids).clamp_min(1.0)
 
 
-@LOSSES.register("disco", paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
-                 arxiv="2505.12366")
+@LOSSES.register("disco", arxiv="2505.12366",
+                 paper="DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization")
 @dataclass(frozen=True)
 class DisCOLoss:
     """-J_q (score gap of positives over negatives) + squared-hinge KL(pi_old||pi) penalty; arXiv:2505.12366.

@@ -28,7 +28,8 @@ def agg_loss(loss_fn, lp, b):
 
 
 def test_hand_card_case():
-    # One group, one token per response, logL score = log-prob. s+ = -0.5, negatives (-1, -2), tau = 1, old = lp (K = 0).
+    # One group, one token per response, logL score = log-prob. s+ = -0.5, negatives (-1, -2), tau = 1,
+    # old = lp (K = 0).
     #   J = -0.5 - log(e^-1 + e^-2) = -0.5 - (-1 + log(1 + e^-1)) = 0.5 - 0.31326 = 0.18674 -> every token carries -J.
     #   seq_mean_token_mean over 3 rows: loss = -J; dJ/ds+ = 1, dJ/ds- = -softmax(-1, -2) = (-0.73106, -0.26894).
     # A second, all-correct group contributes nothing (then the loss is -J * 3/5 and the gradient scales by 3/5).

@@ -186,7 +186,8 @@ def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
     B, T = 8, 3
     b = make_batch(torch.rand(B, generator=g), torch.arange(B) // 4, torch.ones(B, T, dtype=torch.bool),
                    advantages=torch.randn(B, T, generator=g))
-    b = b.replace(response_ids=torch.randint(1, 9, (B, T), generator=g), sampler_logprobs=-torch.rand(B, T, generator=g))
+    b = b.replace(response_ids=torch.randint(1, 9, (B, T), generator=g),
+                  sampler_logprobs=-torch.rand(B, T, generator=g))
     b = b.replace(old_logprobs=b.sampler_logprobs.clone())
     runner = _FakeRunner()
     opt = opt_cls(runner.model.parameters(), lr=0.1)

@@ -87,7 +87,8 @@ def loop_real(b, lp, tau, variant):
         if not pos or not neg:
             continue
         if variant == "anchor":
-            L = math.log(1 + sum(math.exp(-s[j] / tau) for j in pos)) + math.log(1 + sum(math.exp(s[j] / tau) for j in neg))
+            L = (math.log(1 + sum(math.exp(-s[j] / tau) for j in pos))
+                 + math.log(1 + sum(math.exp(s[j] / tau) for j in neg)))
         else:
             L = math.log(1 + math.exp(-s[i] / tau if r[i] > 0.5 else s[i] / tau))
         for t in range(T):

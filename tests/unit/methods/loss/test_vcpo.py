@@ -125,7 +125,8 @@ def loop_vcpo(lp, mu, mask, r, groups, c, proxy, norm_by_std, eps):
     return torch.tensor(grad, dtype=F64)
 
 
-@pytest.mark.parametrize("proxy, norm_by_std, c", [("tokens", True, 8.0), ("equal", False, 1.5), ("tokens", False, 8.0)])
+@pytest.mark.parametrize("proxy, norm_by_std, c",
+                         [("tokens", True, 8.0), ("equal", False, 1.5), ("tokens", False, 8.0)])
 def test_matches_loop_reference(proxy, norm_by_std, c):
     for seed in range(8):
         g = torch.Generator().manual_seed(seed)
@@ -139,7 +140,8 @@ def test_matches_loop_reference(proxy, norm_by_std, c):
         b = batch(r, groups, mask, mu)
         fn = VCPOLoss(grad_norm=proxy, norm_by_std=norm_by_std, is_threshold=c)
         loss, grad, _ = run(fn, lp, b)
-        ref = loop_vcpo(lp.tolist(), mu.tolist(), mask.tolist(), r.tolist(), groups.tolist(), c, proxy, norm_by_std, 1e-6)
+        ref = loop_vcpo(lp.tolist(), mu.tolist(), mask.tolist(), r.tolist(), groups.tolist(), c, proxy,
+                        norm_by_std, 1e-6)
         assert_close(grad, ref)
         assert_close(loss, torch.where(mask, ref * lp, torch.zeros((), dtype=F64)))  # l = (-w A) * logp
         # through the aggregator: d/dlogp = -w' A / (|y_i| N_rows), the paper's (1/B) sum_i w'_i A_i grad of the
