@@ -1,4 +1,4 @@
-"""The ``lmpo`` command line: train, eval, compare, list."""
+"""The ``lmpo`` command line: train, eval, compare, list, bench."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def cmd_list(args) -> int:
             continue
         print(f"\n{'losses' if kind == 'loss' else kind + 's'}:")
         for e in reg.entries():
-            arxiv = f"arXiv:{e.arxiv}" if e.arxiv else ""
+            arxiv = f"arXiv:{e.arxiv}" if e.arxiv and e.arxiv != "none" else ""
             fid = "" if e.fidelity == "exact" else f" [fidelity={e.fidelity}]"
             print(f"  {e.name:<26} {arxiv:<17} {e.paper}{fid}")
     if not args.kind or args.kind == "preset":
@@ -106,6 +106,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """Run benchmarks/bench.py (lmpo vs TRL when TRL is installed, else lmpo alone) from a source checkout."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not script.is_file():
+        print(f"lmpo: error: lmpo bench needs the source checkout's benchmarks/ folder ({script} not found).",
+              file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmpo", description="Language-model policy optimization.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,10 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.add_argument("--target", type=float, default=None, help="training reward whose first crossing is reported")
     c.set_defaults(fn=cmd_compare)
+    # `lmpo bench ...` is handed to benchmarks/bench.py whole (see main); listed here for `lmpo --help`.
+    sub.add_parser("bench", help="benchmark lmpo against TRL's GRPOTrainer: lmpo bench [--quick] (--help for more)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = build_parser()
     # Overrides may follow options (`lmpo compare cfg --methods a,b train.steps=5`): collect stray key=value args.
     args, extra = parser.parse_known_args(argv)

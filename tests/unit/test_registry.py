@@ -135,4 +135,6 @@ def test_real_entries_params():
     assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "reward", "task"}
     for reg in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS):
         for e in reg.entries():
+            # A method without an arXiv preprint says so (arxiv="none") and gives another source in `paper`.
             assert e.paper and e.arxiv and e.fidelity in ("exact", "reconstructed"), e.name
+            assert e.arxiv != "none" or "http" in e.paper, e.name

@@ -33,8 +33,8 @@ from lmpo.methods.loss.ppo_clip import clipped_surrogate
 from lmpo.registry import LOSSES
 
 
-@LOSSES.register("ppo_clip_is", paper="Your Efficient RL Framework Secretly Brings You Off-Policy RL Training (TIS)",
-                 arxiv="")
+@LOSSES.register("ppo_clip_is", paper="On the Rollout-Training Mismatch in Modern RL Systems (TIS; Yao et al. 2025, "
+                 "NeurIPS ER workshop, https://openreview.net/forum?id=8MHqvb4lK9)", arxiv="none")
 @dataclass(frozen=True)
 class PPOClipISLoss:
     """PPO clip loss times a detached truncated (TIS) or masked (MIS) trainer/sampler importance weight.
