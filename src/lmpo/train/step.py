@@ -143,6 +143,23 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
     return loss, metrics
 
 
+def minibatch_indices(group_ids: Tensor, n_mb: int) -> list[Tensor]:
+    """Row indices of ``n_mb`` shuffled mini-batches that never split a prompt group.
+
+    Group-relative losses (REAL, DisCO, VCPO, ...) compare the responses of one prompt, so a group must sit in one
+    mini-batch. Whole groups are shuffled and dealt out; with fewer groups than mini-batches (or one mini-batch),
+    rows are split as they are.
+    """
+    B = group_ids.numel()
+    if n_mb <= 1:
+        return [torch.arange(B)]
+    groups = torch.unique(group_ids)
+    if groups.numel() < n_mb:
+        return list(torch.randperm(B).tensor_split(n_mb))
+    order = groups[torch.randperm(groups.numel())]
+    return [torch.cat([torch.nonzero(group_ids == g).flatten() for g in chunk]) for chunk in order.tensor_split(n_mb)]
+
+
 def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatch, loss_fn, aggregator,
                   s: UpdateSettings, step: int) -> dict[str, Tensor]:
     """PPO-style epochs x mini-batches x micro-batches over ``batch``; returns averaged detached metrics."""
@@ -155,8 +172,7 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
     if "layer_noise" in getattr(loss_fn, "needs", frozenset()) and "noise_seed" not in batch.extras:
         batch = batch.replace(extras={**batch.extras, "noise_seed": torch.randint(0, 2**62, (B,))})  # one per row
     for _ in range(s.ppo_epochs):
-        order = torch.randperm(B) if n_mb > 1 else torch.arange(B)
-        for mb_idx in order.tensor_split(n_mb):
+        for mb_idx in minibatch_indices(batch.group_ids, n_mb):
             mb = batch.select(mb_idx)
             normaliser = aggregator.normaliser(mb.response_mask, s.horizon)
             n_micro = max(1, -(-mb.batch_size // s.micro_batch_size)) if s.micro_batch_size else 1
