@@ -84,13 +84,15 @@ class ADORAAdvantage:
 
     def __post_init__(self) -> None:
         if self.attenuation < 0 or self.tas_weight < 0:
-            raise ConfigError(f"advantage.attenuation and advantage.tas_weight must be >= 0, got {self.attenuation}, {self.tas_weight}.")
+            raise ConfigError("advantage.attenuation and advantage.tas_weight must be >= 0, "
+                              f"got {self.attenuation}, {self.tas_weight}.")
         if self.length_beta < 0:
             raise ConfigError(f"advantage.length_beta must be >= 0, got {self.length_beta}.")
         if not 0 <= self.difficulty_p <= 0.5:
             raise ConfigError(f"advantage.difficulty_p must be in [0, 0.5], got {self.difficulty_p}.")
         if self.start_step < 0 or (self.end_step is not None and self.end_step < self.start_step):
-            raise ConfigError(f"advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, got {self.start_step}, {self.end_step}.")
+            raise ConfigError("advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, "
+                              f"got {self.start_step}, {self.end_step}.")
 
     def state_dict(self) -> dict:
         return {"step": int(self._state["step"])}
@@ -106,7 +108,8 @@ class ADORAAdvantage:
             wrong = wrong & ~truncated
         max_pos = group_extreme(lengths, correct, group_ids, "amax")
         n_wrong = ops.group_sum(wrong.to(lengths.dtype), group_ids)
-        mean_neg = ops.group_sum(torch.where(wrong, lengths, torch.zeros_like(lengths)), group_ids) / n_wrong.clamp_min(1)
+        sum_neg = ops.group_sum(torch.where(wrong, lengths, torch.zeros_like(lengths)), group_ids)
+        mean_neg = sum_neg / n_wrong.clamp_min(1)
         no_pos = ops.group_sum(correct.to(lengths.dtype), group_ids) == 0
         return no_pos | (n_wrong == 0) | (max_pos > mean_neg)
 
@@ -116,9 +119,11 @@ class ADORAAdvantage:
         lo = group_extreme(lengths, correct, group_ids, "amin")
         hi = group_extreme(lengths, correct, group_ids, "amax")
         span = hi - lo
-        ell = torch.where(correct & (span > 0), (lengths - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.5)
+        safe = torch.where(span > 0, span, torch.ones_like(span))
+        ell = torch.where(correct & (span > 0), (lengths - lo) / safe, 0.5)
         n_pos, G = ops.group_sum(correct.to(r.dtype), group_ids), ops.group_count(group_ids, r.dtype)
-        sign = torch.where(n_pos < self.difficulty_p * G, 1.0, torch.where(n_pos >= (1 - self.difficulty_p) * G, -1.0, 0.0))
+        easy = torch.where(n_pos >= (1 - self.difficulty_p) * G, -1.0, 0.0)
+        sign = torch.where(n_pos < self.difficulty_p * G, 1.0, easy)
         bonus = self.length_beta * sign.to(r.dtype) * (2 * ell - 1)
         return torch.where(correct & tas, r + bonus.to(r.dtype), r)
 

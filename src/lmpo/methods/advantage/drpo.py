@@ -50,12 +50,14 @@ def group_softmax(logits: Tensor, keep: Tensor, group_ids: Tensor) -> Tensor:
     x = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
     mx = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(0, inv, x, reduce="amax")
     shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))[inv]
-    e = torch.where(keep, torch.exp(torch.where(keep, logits - shift, torch.zeros_like(logits))), torch.zeros_like(logits))
+    zero = torch.zeros_like(logits)
+    e = torch.where(keep, torch.exp(torch.where(keep, logits - shift, zero)), zero)
     z = torch.zeros(n, dtype=e.dtype, device=e.device).index_add(0, inv, e)[inv]
     return e / torch.where(z > 0, z, torch.ones_like(z))
 
 
-@ADVANTAGES.register("drpo", paper="DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", arxiv="2510.04474")
+@ADVANTAGES.register("drpo", paper="DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization",
+                     arxiv="2510.04474")
 @dataclass(frozen=True)
 class DRPOAdvantage:
     """Per-sequence gradient coefficients of DRPO's decoupled objective J_q (arXiv:2510.04474).

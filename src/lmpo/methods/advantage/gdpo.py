@@ -67,7 +67,8 @@ class GDPOAdvantage:
     def __post_init__(self) -> None:
         if self.eps < 0:
             raise ConfigError(f"advantage.eps must be >= 0, got {self.eps}.")
-        if self.weights is not None and (len(self.weights) == 0 or not all(isinstance(w, (int, float)) for w in self.weights)):
+        w = self.weights
+        if w is not None and (len(w) == 0 or not all(isinstance(x, (int, float)) for x in w)):
             raise ConfigError(f"advantage.weights must be a non-empty list of numbers or null, got {self.weights!r}.")
 
     def __call__(self, batch: RolloutBatch) -> Tensor:

@@ -24,7 +24,8 @@ Gaps filled (ours):
   responses by a fixed hash of their tokens, a pseudo-random pairing that does not depend on row order. A question
   with fewer responses than others simply does not contribute to the papers beyond its size.
 - The tracked quantiles are initialised from the first batch's estimate; each bundle is one SGD step on them
-  (bundles in group-id order), taken before they are used for that bundle. ``quantile_mode`` defaults to "tracked" (the released estimator's name).
+  (bundles in group-id order), taken before they are used for that bundle. ``quantile_mode`` defaults to
+  "tracked" (the released estimator's name).
 - std's are Bessel-corrected (the card's worked example divides by the sample std 1.5811 of (0, 1, 2, 3, 4)).
 """
 
@@ -89,13 +90,15 @@ class RiskPOAdvantage:
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < self.beta <= 1:
-            raise ConfigError(f"advantage.alpha and advantage.beta must satisfy 0 < alpha < beta <= 1, got {self.alpha}, {self.beta}.")
+            raise ConfigError("advantage.alpha and advantage.beta must satisfy 0 < alpha < beta <= 1, "
+                              f"got {self.alpha}, {self.beta}.")
         if self.bundle_size < 1:
             raise ConfigError(f"advantage.bundle_size must be >= 1, got {self.bundle_size}.")
         if self.mix_weight < 0:
             raise ConfigError(f"advantage.mix_weight must be >= 0, got {self.mix_weight}.")
         if self.quantile_mode not in ("batch", "tracked", "average"):
-            raise ConfigError(f'advantage.quantile_mode must be "batch", "tracked" or "average", got {self.quantile_mode!r}.')
+            raise ConfigError('advantage.quantile_mode must be "batch", "tracked" or "average", '
+                              f"got {self.quantile_mode!r}.")
         if not self.quantile_lr > 0:
             raise ConfigError(f"advantage.quantile_lr must be > 0, got {self.quantile_lr}.")
         if self.credit not in ("std", "uniform"):
@@ -116,7 +119,7 @@ class RiskPOAdvantage:
         for key, level in (("qa", self.alpha), ("qb", self.beta)):
             q = self._tracked[key]
             self._tracked[key] = q + self.quantile_lr * (level - float((s <= q).double().mean()))
-        return (torch.tensor(self._tracked["qa"], dtype=scores.dtype), torch.tensor(self._tracked["qb"], dtype=scores.dtype))
+        return tuple(torch.tensor(self._tracked[k], dtype=scores.dtype) for k in ("qa", "qb"))
 
     # ------------------------------------------------------------------ maths
     def paper_advantage(self, S: Tensor, qa: Tensor, qb: Tensor) -> Tensor:

@@ -88,7 +88,8 @@ class GroupContrastiveShaper:
         if self.eps < 0:
             raise ConfigError(f"shapers[].eps must be >= 0, got {self.eps}.")
         if self.length_weight < 0 or self.aux_weight < 0:
-            raise ConfigError(f"shapers[].length_weight and aux_weight must be >= 0, got {self.length_weight}, {self.aux_weight}.")
+            raise ConfigError("shapers[].length_weight and aux_weight must be >= 0, "
+                              f"got {self.length_weight}, {self.aux_weight}.")
         try:
             re.compile(self.aux_pattern)
         except re.error as exc:
@@ -101,7 +102,8 @@ class GroupContrastiveShaper:
         if self.accuracy_index is None or c is None:
             return batch.rewards
         if not -c.shape[1] <= self.accuracy_index < c.shape[1]:
-            raise ConfigError(f"shapers[].accuracy_index={self.accuracy_index} but the batch has {c.shape[1]} reward components.")
+            raise ConfigError(f"shapers[].accuracy_index={self.accuracy_index} but the batch has "
+                              f"{c.shape[1]} reward components.")
         return c[:, self.accuracy_index].to(batch.rewards.dtype)
 
     def __call__(self, batch: RolloutBatch) -> RolloutBatch:
@@ -111,7 +113,8 @@ class GroupContrastiveShaper:
         r = batch.rewards + self.aux_weight * m * aux
         if self.length_weight > 0:
             if self.horizon is None:
-                raise ConfigError("shaper gcpo needs horizon (L) for its length reward; the trainer fills it from rollout.max_new_tokens.")
+                raise ConfigError("shaper gcpo needs horizon (L) for its length reward; the trainer fills it "
+                                  "from rollout.max_new_tokens.")
             frac = (ops.response_lengths(batch.response_mask).to(r.dtype) / float(self.horizon)).clamp(max=1.0)
             r = r + torch.where(acc > self.correct_threshold, self.length_weight * frac, torch.zeros_like(frac))
         return batch.replace(rewards=r)

@@ -106,7 +106,8 @@ def loop_adora(R, groups, mask, lam=0.1, tau=0.0, eps=1e-6):
 def test_matches_loop_reference(seed):
     b = random_batch(seed, T=6)
     got = ADORAAdvantage(reward_threshold=0.0)(b)
-    assert_close(got, loop_adora(b.rewards.tolist(), b.group_ids.tolist(), b.response_mask.tolist()), atol=1e-5, rtol=1e-5)
+    exp = loop_adora(b.rewards.tolist(), b.group_ids.tolist(), b.response_mask.tolist())
+    assert_close(got, exp, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- gradient

@@ -15,7 +15,8 @@ from unit.methods._helpers import make_batch, random_batch
 
 
 def beta_pdf(p, a, b):
-    return math.exp((a - 1) * math.log(p) + (b - 1) * math.log(1 - p) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
+    log_b = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    return math.exp((a - 1) * math.log(p) + (b - 1) * math.log(1 - p) - log_b)
 
 
 # Hand case (card test c): groups [1,0,0,0,0] (p = 0.2) and [1,1,1,1,0] (p = 0.8); rewards already span [0, 1].

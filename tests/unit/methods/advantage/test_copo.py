@@ -129,7 +129,8 @@ def test_jacobian_analytic():
 
     def zjac(x):
         n, s, d = x.numel(), x.std(), x - x.mean()
-        return (torch.eye(n, dtype=x.dtype) - 1.0 / n) / (s + eps) - d[:, None] * d[None, :] / ((n - 1) * s * (s + eps) ** 2)
+        eye = torch.eye(n, dtype=x.dtype)
+        return (eye - 1.0 / n) / (s + eps) - d[:, None] * d[None, :] / ((n - 1) * s * (s + eps) ** 2)
 
     J = torch.autograd.functional.jacobian(
         lambda r: COPOAdvantage(eps=eps)(make_batch(r, groups, mask, dtype=torch.float64))[:, 0], R)

@@ -35,7 +35,8 @@ def test_property_signs_sums_and_uniform_groups():
     # all-correct and all-wrong groups get 0; mixed groups: correct >= 0, wrong <= 0, each side sums to 1 in |.|
     for seed in range(6):
         b = random_batch(seed, discrete_rewards=True, T=6)
-        b = b.replace(sampler_logprobs=-torch.rand(b.response_mask.shape, generator=torch.Generator().manual_seed(seed)))
+        gen = torch.Generator().manual_seed(seed)
+        b = b.replace(sampler_logprobs=-torch.rand(b.response_mask.shape, generator=gen))
         adv = DRPOAdvantage(horizon=6)(b)[:, 0]
         for gid in b.group_ids.unique():
             rows = b.group_ids == gid

@@ -69,7 +69,8 @@ def test_property_nonpositive_and_best_gets_zero():
 def test_pairing_rank_properties():
     for seed in range(5):
         b = random_batch(seed)
-        b = b.replace(response_ids=torch.randint(0, 50, b.response_ids.shape, generator=torch.Generator().manual_seed(seed)))
+        gen = torch.Generator().manual_seed(seed)
+        b = b.replace(response_ids=torch.randint(0, 50, b.response_ids.shape, generator=gen))
         rank = pairing_rank(b)
         for gid in b.group_ids.unique():
             rows = b.group_ids == gid

@@ -37,7 +37,8 @@ def test_hand_groups_and_singletons():
 
 def test_hand_r_squared():
     # exact affine relation s = 2 r + 1 -> R^2 = 1; s = (1, 0, 1, 0) vs r = (0, 1, 2, 3): slope -0.2 on centred
-    # r = (-1.5, -0.5, 0.5, 1.5), s - 0.5 = (0.5, -0.5, 0.5, -0.5): SS_tot = 1, fitted -0.2 r_c = (0.3, 0.1, -0.1, -0.3),
+    # r = (-1.5, -0.5, 0.5, 1.5), s - 0.5 = (0.5, -0.5, 0.5, -0.5): SS_tot = 1,
+    # fitted -0.2 r_c = (0.3, 0.1, -0.1, -0.3),
     # residuals (0.2, -0.6, 0.6, -0.2): SS_res = 0.8 -> R^2 = 0.2
     r = torch.tensor([0.0, 1, 2, 3])
     assert r_squared(r, 2 * r + 1).item() == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""GCPO / GeometryZero (arXiv:2506.07160, reconstructed): group-contrastive masked construction reward + length reward."""
+"""GCPO / GeometryZero (arXiv:2506.07160, reconstructed): group-contrastive masked construction and length rewards."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def test_bad_config():
     with pytest.raises(ConfigError, match="horizon"):
         GroupContrastiveShaper()(batch([1.0], [0]))
     with pytest.raises(ConfigError, match="accuracy_index"):
-        GroupContrastiveShaper(accuracy_index=3, **NO_LEN)(batch([1.0], [0]).replace(reward_components=torch.ones(1, 2)))
+        b = batch([1.0], [0]).replace(reward_components=torch.ones(1, 2))
+        GroupContrastiveShaper(accuracy_index=3, **NO_LEN)(b)
 
 
 # --------------------------------------------------------------------------- loop reference
