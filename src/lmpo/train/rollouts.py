@@ -13,6 +13,11 @@ provide each hook). They are looked up on ``RolloutContext.planners`` (every con
 - ``prefix_budgets() -> [b_1, ..., b_S]``: also score every reply truncated to its first ``b_s`` tokens;
   ``batch.extras["prefix_rewards"]`` is then (B, S) (a reply shorter than ``b_s`` is scored whole).
 Per-prompt identity rides in ``meta[i]["prompt_key"]``.
+
+One hook may be provided by any number of components (each is called): ``after_collect(ctx, batch)`` runs once per
+scoring round of a step, after collection ends, with the round's raw batch (before shapers and selectors) and a
+context whose ``generator`` is the plain sampler, so a component can query the policy itself (e.g. CLPO rewrites
+prompts and queues the results through ``inject_prompts``).
 """
 
 from __future__ import annotations
@@ -150,6 +155,7 @@ class InjectingStream:
 def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: int, step: int,
             ) -> tuple[RolloutBatch | None, RolloutBatch, dict[str, float]]:
     """Returns (training batch or None if every group was filtered, the first round's raw batch, stats)."""
+    plain_ctx = ctx  # the ``after_collect`` hooks query the policy through the plain sampler
     if ctx.train_generator is not None:  # rollout.mode other than "sample" (evaluation keeps the plain sampler)
         ctx = dataclasses.replace(ctx, generator=ctx.train_generator, train_generator=None)
     stream = InjectingStream.wrap(stream, getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors])
@@ -159,6 +165,7 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
     prefix = rollout_hook(ctx.planners, "prefix_budgets")
     budgets = list(prefix()) if prefix is not None else None
     kept: list[RolloutBatch] = []
+    raws: list[RolloutBatch] = []
     n_groups = 0
     first: RolloutBatch | None = None
     generated = rounds = 0
@@ -170,6 +177,7 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         raw = score(ctx, rows, counts, ctx.params, offset, plan_group, budgets)
         offset += need
         first = first or raw
+        raws.append(raw)
         generated += raw.batch_size
         batch = raw
         for shaper in ctx.shapers:
@@ -184,6 +192,11 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         if n_groups >= prompts_per_step or rounds >= refill_rounds:
             break
         rounds += 1
+    after = {id(c): c.after_collect for c in getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors]
+             if callable(getattr(c, "after_collect", None))}
+    for hook in after.values():
+        for raw in raws:
+            hook(plain_ctx, raw)
     stats = {"rollout/refill_rounds": float(rounds), "rollout/generated": float(generated),
              "rollout/kept_frac": float(sum(b.batch_size for b in kept)) / max(1, generated)}
     if allocate is not None:
