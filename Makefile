@@ -27,6 +27,13 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+## lmpo vs TRL GRPOTrainer on the same workload (installs the optional `bench` extra, i.e. TRL, into .venv).
+## Full run: about an hour on 2 cores; `make bench BENCH_ARGS=--quick` takes a few minutes. Results: runs/bench/.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 

@@ -1,0 +1,139 @@
+"""Micro-measurements of single levers on the default model, one subprocess per variant (clean peak RSS).
+
+    python benchmarks/levers.py [--threads 1] [--only NAME ...]
+
+Levers: ``linear`` (fp32 vs bf16-autocast linear at the update's shapes), ``adamw`` (foreach vs fused AdamW step:
+CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole step vs LM head vs body),
+``entropy`` (the update's log-prob pass with and without the entropy term). Times are process CPU seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def cpu_best(fn, reps=3):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        c0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - c0)
+    return best
+
+
+def lever_linear(_):
+    import torch
+
+    x, w = torch.randn(832, 576), torch.randn(1536, 576)
+    out = {}
+    for ac in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+            t = cpu_best(lambda: torch.nn.functional.linear(x, w))
+        out["bf16_autocast" if ac else "fp32"] = {"cpu_s": t, "gflops_per_cpu_s": 2 * 832 * 576 * 1536 / t / 1e9}
+    return out
+
+
+def lever_adamw(variant):
+    import torch
+
+    from lmpo.models.load import load_model
+
+    model, _ = load_model("default")
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = {"fused": True} if variant == "fused" else {"foreach": variant == "foreach"}
+    opt = torch.optim.AdamW(params, lr=1e-6, **kw)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t = cpu_best(opt.step)
+    return {"variant": variant, "step_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_before_step_gb": base}
+
+
+def lever_decode(_):
+    import torch
+    from transformers import DynamicCache
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import split_body_and_head
+
+    model, _ = load_model("default")
+    body, head = split_body_and_head(model)
+    ids = torch.randint(100, 1000, (8, 40))
+    with torch.no_grad():
+        cache = DynamicCache(config=body.config)
+        out = body(input_ids=ids, past_key_values=cache, use_cache=True)
+        h = out.last_hidden_state[:, -1]
+        tok = torch.randint(100, 1000, (8, 1))
+
+        def step():
+            c = DynamicCache(config=body.config)
+            body(input_ids=ids, past_key_values=c, use_cache=True)
+
+        prefill = cpu_best(step, reps=2)
+
+        def one_decode():
+            body(input_ids=tok, past_key_values=cache, use_cache=True)
+            for layer in cache.layers:  # undo the appended position so every repeat decodes at the same length
+                layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+
+        dec = cpu_best(one_decode, reps=5)
+        hd = cpu_best(lambda: torch.log_softmax(head(h).float(), -1), reps=5)
+    return {"prefill_8x40_cpu_s": prefill, "decode_body_cpu_s": dec, "decode_head_softmax_cpu_s": hd,
+            "weights_gb": sum(p.numel() for p in model.parameters()) * 4 / 2**30}
+
+
+def lever_entropy(_):
+    import torch
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import response_logprobs
+
+    model, _ = load_model("default")
+    g = torch.Generator().manual_seed(0)
+    prompt, resp = torch.randint(100, 1000, (8, 40), generator=g), torch.randint(100, 1000, (8, 64), generator=g)
+    attn = torch.ones(8, 64, dtype=torch.bool)
+    out = {}
+    for ent in (True, False):
+        def fwd_bwd():
+            lp, en = response_logprobs(model, prompt, None, resp, attn, with_entropy=ent)
+            lp.sum().backward()
+            model.zero_grad(set_to_none=True)
+        out["with_entropy" if ent else "without_entropy"] = cpu_best(fwd_bwd, reps=2)
+    return out
+
+
+LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=list(LEVERS))
+    p.add_argument("--worker", default=None)
+    a = p.parse_args()
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        name, variant = json.loads(a.worker)
+        print("LEVER " + json.dumps({"lever": name, "variant": variant, **globals()["lever_" + name](variant)}))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    for name in a.only:
+        for variant in LEVERS[name]:
+            proc = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--worker",
+                                   json.dumps([name, variant])], capture_output=True, text=True, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LEVER ")]
+            print(lines[-1][6:] if lines else f"{name}/{variant} failed: {proc.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
