@@ -36,7 +36,7 @@ class ModelConfig:
     name: str = "default"  # "default" (shipped SmolLM2-135M-Instruct), "tiny", a local folder, a .gguf file
     gguf_file: str | None = None
     dtype: str = "float32"  # parameter dtype
-    autocast: str | None = None  # "bfloat16" runs matmuls in bf16 on CPU (params and optimizer stay fp32)
+    autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
     chunk_size: int = 1024  # tokens per LM-head chunk in log-prob computation
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -357,10 +357,10 @@ def validate(cfg: Config, src: str = "") -> None:
     need(cfg.kl.estimator in KL_ESTIMATORS, f"kl.estimator must be one of {KL_ESTIMATORS}, got {cfg.kl.estimator!r}")
     need(cfg.kl.mode in ("loss", "reward"), f'kl.mode must be "loss" or "reward", got {cfg.kl.mode!r}')
     need(cfg.kl.beta >= 0, f"kl.beta must be >= 0, got {cfg.kl.beta}")
-    for name in ("dtype", "autocast"):
-        val = getattr(cfg.model, name)
-        need(val in (None, "float32", "bfloat16", "float16") and not (name == "dtype" and val is None),
-             f"model.{name} must be float32, bfloat16 or float16, got {val!r}")
+    need(cfg.model.dtype in ("float32", "bfloat16", "float16"),
+         f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
+         f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:
         build_components(cfg)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lmpo import ops
+from lmpo.perf import resolve_autocast
 from lmpo.config import Config, build_components, save_config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, load_model
@@ -107,6 +108,7 @@ def rollout_context(cfg: Config, model, tokenizer, task, rewards, comps) -> Roll
 
 def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | None = None) -> dict[str, float]:
     """Held-out metrics of a run's latest (or given) checkpoint, or of the configured base model."""
+    cfg.model.autocast = resolve_autocast(cfg.model.autocast)
     comps = build_components(cfg)
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)
@@ -145,6 +147,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed)
+    cfg.model.autocast = resolve_autocast(cfg.model.autocast)
 
     # ---------------------------------------------------------------- components, task, model
     comps = build_components(cfg)
