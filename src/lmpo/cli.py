@@ -64,7 +64,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def preset_rows() -> list[dict[str, str]]:
+    """One row per preset: its components, and the papers / fidelity of every component it uses."""
+    import lmpo.methods  # noqa: F401
+    from lmpo.methods.presets import PRESETS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
+
+    rows = []
+    for name, p in sorted(PRESETS.items()):
+        comps = [(ADVANTAGES, p.get("advantage", {"name": "grpo"})["name"]),
+                 (LOSSES, p.get("loss", {"name": "ppo_clip"})["name"]),
+                 (AGGREGATORS, p.get("aggregator", {"name": "seq_mean_token_mean"})["name"])]
+        comps += [(SELECTORS, x["name"]) for x in p.get("selectors", [])]
+        comps += [(SHAPERS, x["name"]) for x in p.get("shapers", [])]
+        entries = [reg.entry(n) for reg, n in comps]
+        papers = list(dict.fromkeys(f"arXiv:{e.arxiv}" if e.arxiv not in ("", "none") else e.paper for e in entries))
+        rows.append({"preset": name, "components": " + ".join(e.name for e in entries),
+                     "papers": ", ".join(papers),
+                     "fidelity": "reconstructed" if any(e.fidelity != "exact" for e in entries) else "exact"})
+    return rows
+
+
 def cmd_list(args) -> int:
+    if args.markdown:
+        print("| preset | components (advantage + loss + aggregator [+ selectors/shapers]) | papers | fidelity |")
+        print("|---|---|---|---|")
+        for r in preset_rows():
+            print(f"| `{r['preset']}` | {r['components']} | {r['papers']} | {r['fidelity']} |")
+        return 0
     import lmpo.methods  # noqa: F401
     import lmpo.rewards  # noqa: F401
     import lmpo.tasks  # noqa: F401
@@ -133,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
     ls = sub.add_parser("list", help="list registered components with their papers")
     ls.add_argument("--kind", default=None)
+    ls.add_argument("--markdown", action="store_true", help="print the presets as a markdown table (docs/methods.md)")
     ls.set_defaults(fn=cmd_list)
     c = sub.add_parser("compare", help="run several methods on identical prompts and seeds")
     c.add_argument("args", nargs="*")
