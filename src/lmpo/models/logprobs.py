@@ -84,6 +84,17 @@ def _chunk_stats(
     return logp, ent
 
 
+def joined_inputs(prompt_ids: Tensor, prompt_mask: Tensor | None, response_ids: Tensor, response_attn: Tensor,
+                  device) -> tuple[Tensor, Tensor, Tensor]:
+    """Prompt and response joined on ``device``: (input_ids, attention mask (bool), response mask (bool))."""
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    response_attn = response_attn.to(device=device, dtype=torch.bool)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
+    attn = torch.cat([prompt_mask.to(device=device, dtype=torch.bool), response_attn], dim=1)
+    return input_ids, attn, response_attn
+
+
 def response_logprobs(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -134,11 +145,7 @@ def response_logprobs(
     device = head.weight.device
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    response_attn = response_attn.to(device=device, dtype=torch.bool)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
-    attn = torch.cat([prompt_mask.to(device=device, dtype=torch.bool), response_attn], dim=1)
+    input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     out = body(
         input_ids=input_ids,
         attention_mask=attn.long(),

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmpo.errors import DataError
-from lmpo.models.logprobs import head_logits, position_ids_from_mask, split_body_and_head
+from lmpo.models.logprobs import head_logits, joined_inputs, position_ids_from_mask, split_body_and_head
 
 STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs"})
 """``needs`` keys a component may declare to get these statistics in ``batch.extras`` (and ``old_<key>``)."""
@@ -77,11 +77,7 @@ def response_stats(
     device = head.weight.device
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    attn_r = response_attn.to(device=device, dtype=torch.bool)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
-    attn = torch.cat([prompt_mask.to(device=device, dtype=torch.bool), attn_r], dim=1)
+    input_ids, attn, attn_r = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     kw = {"inputs_embeds": input_embeddings(model, input_ids, P, extras)} if has_soft_inputs(extras) else {
         "input_ids": input_ids}
     out = body(attention_mask=attn.long(), position_ids=position_ids_from_mask(attn), use_cache=False, **kw)
