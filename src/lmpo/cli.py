@@ -127,7 +127,7 @@ def cmd_compare(args) -> int:
     except ValueError:
         raise LmpoError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
     out = Path(args.out)
-    run_compare(config, methods, seeds, overrides, out, target=args.target)
+    run_compare(config, methods, seeds, overrides, out, target=args.target, reuse=args.reuse)
     print((out / "results.md").read_text())
     print(f"figure: {out / 'reward_curves.png'}")
     return 0
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", required=True, help="comma-separated presets, e.g. grpo,dapo,gspo")
     c.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     c.add_argument("--out", default="runs/compare")
+    c.add_argument("--reuse", action="store_true", help="read back runs this command already finished in --out")
     c.add_argument("--target", type=float, default=None, help="training reward whose first crossing is reported")
     c.set_defaults(fn=cmd_compare)
     # `lmpo bench ...` is handed to benchmarks/bench.py whole (see main); listed here for `lmpo --help`.

@@ -35,31 +35,47 @@ def steps_to_target(rows: list[dict], key: str, target: float | None) -> int | N
 
 
 def run_compare(config: str | None, methods: list[str], seeds: list[int], overrides: list[str], out: Path,
-                target: float | None = None, quiet: bool = False) -> dict[str, Any]:
+                target: float | None = None, quiet: bool = False, reuse: bool = False) -> dict[str, Any]:
+    """Train every (method, seed); a run that fails is reported in the table and the others go on.
+
+    With ``reuse``, a run whose folder already holds a finished result of the same command (``compare.json``) is
+    read back instead of trained again, so an interrupted comparison resumes where it stopped.
+    """
     for m in methods:  # fail fast, before any run starts, on a misspelt method or a bad override
         load_config(config, [*overrides, f"method={m}"])
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
     for m in methods:
         for s in seeds:
             name = f"{m}-seed{s}"
+            run_dir = out / "runs" / name
             cmd = [sys.executable, "-m", "lmpo.cli", "train", *([config] if config else []), *overrides,
                    f"method={m}", f"train.seed={s}", f"output.dir={out / 'runs'}", f"output.run_name={name}",
                    "output.progress=false", "--overwrite"]
-            if not quiet:
-                print(f"[compare] {name}", flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise LmpoError(f"compare: run {name} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-            run_dir = out / "runs" / name
+            done = run_dir / "compare.json"
+            if reuse and done.exists() and json.loads(done.read_text()).get("cmd") == cmd[1:]:
+                wall = json.loads(done.read_text())["wall_s"]
+            else:
+                if not quiet:
+                    print(f"[compare] {name}", flush=True)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                wall = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+                    failures[m] = (lines[-1] if lines else f"exit {proc.returncode}")[:300]
+                    print(f"[compare] {name} FAILED (exit {proc.returncode}): {failures[m]}", file=sys.stderr, flush=True)
+                    continue
+                done.write_text(json.dumps({"cmd": cmd[1:], "wall_s": wall}))
             summary = json.loads((run_dir / "summary.json").read_text())
             results.setdefault(m, []).append({"seed": s, "wall_s": wall, "rows": read_metrics(run_dir / "metrics.jsonl"),
                                               **summary})
+    if not results:
+        raise LmpoError("compare: every run failed:\n" + "\n".join(f"  {m}: {e}" for m, e in failures.items()))
     table = summarise(results, target)
-    (out / "results.json").write_text(json.dumps(table, indent=2))
-    (out / "results.md").write_text(markdown_table(table, config, methods, seeds, overrides, target))
+    (out / "results.json").write_text(json.dumps({**table, **({"failed": failures} if failures else {})}, indent=2))
+    (out / "results.md").write_text(markdown_table(table, config, methods, seeds, overrides, target, failures))
     plot_compare(results, out / "reward_curves.png")
     return table
 
@@ -81,7 +97,7 @@ def summarise(results: dict[str, list[dict]], target: float | None) -> dict[str,
     return table
 
 
-def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, target) -> str:
+def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, target, failures=None) -> str:
     cmd = " ".join(["lmpo compare", *([config] if config else []), f"--methods {','.join(methods)}",
                     f"--seeds {','.join(map(str, seeds))}", *([f"--target {target}"] if target is not None else []),
                     *overrides])
@@ -93,6 +109,8 @@ def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, tar
             f"| {m} | {r['heldout_reward'][0]:.3f} ± {r['heldout_reward'][1]:.3f} | "
             f"{r['heldout_accuracy_start'][0]:.3f} -> {r['heldout_accuracy'][0]:.3f} ± {r['heldout_accuracy'][1]:.3f} | "
             f"{hits} | {r['wall_s'][0]:.0f} | {r['peak_rss_gb']:.2f} |")
+    for m, err in (failures or {}).items():
+        lines.append(f"| {m} | failed: {err.replace('|', '/')} | | | | |")
     return "\n".join(lines) + "\n"
 
 

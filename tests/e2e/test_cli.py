@@ -79,6 +79,18 @@ def test_compare_writes_table_and_figure(tmp_path):
     assert set(json.loads((out / "results.json").read_text())) == {"grpo", "rloo"}
 
 
+def test_compare_reports_a_failed_run_and_reuses_finished_ones(tmp_path):
+    out = tmp_path / "cmp"
+    # soft_grpo's preset ends thinking at "</think>", which the tiny character tokenizer cannot encode: that run fails
+    args = ["compare", TINY, "--methods", "grpo,soft_grpo", "--out", str(out), "train.steps=2", "eval.num_prompts=4"]
+    first = lmpo(*args)
+    table = (out / "results.md").read_text()
+    assert "| grpo |" in table and "| soft_grpo | failed:" in table and "think_end" in table
+    again = lmpo(*args, "--reuse")
+    assert "[compare] grpo-seed0" in first.stdout and "[compare] grpo-seed0" not in again.stdout
+    assert "| grpo |" in (out / "results.md").read_text()
+
+
 # --------------------------------------------------------------------------- bad input
 def bad(tmp_path, *args) -> str:
     proc = lmpo(*args, check=False)
