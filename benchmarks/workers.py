@@ -73,7 +73,8 @@ class Clock:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # The kernel's high-water mark (ru_maxrss) is synced lazily and can trail the current RSS by a few pages.
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, rss_gb())
 
 
 def rss_gb() -> float:
