@@ -102,7 +102,7 @@ def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, tar
                     f"--seeds {','.join(map(str, seeds))}", *([f"--target {target}"] if target is not None else []),
                     *overrides])
     lines = [f"Command: `{cmd}`", "", "| method | held-out reward | held-out accuracy (start -> end) | "
-             f"steps to train reward >= {target} | wall time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+             (f"steps to train reward >= {target}" if target is not None else "steps to target (no --target)") + " | wall time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|"]
     for m, r in table.items():
         hits = ", ".join("-" if h is None else str(h) for h in r["steps_to_target"])
         lines.append(
