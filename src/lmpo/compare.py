@@ -101,8 +101,10 @@ def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, tar
     cmd = " ".join(["lmpo compare", *([config] if config else []), f"--methods {','.join(methods)}",
                     f"--seeds {','.join(map(str, seeds))}", *([f"--target {target}"] if target is not None else []),
                     *overrides])
-    lines = [f"Command: `{cmd}`", "", "| method | held-out reward | held-out accuracy (start -> end) | "
-             (f"steps to train reward >= {target}" if target is not None else "steps to target (no --target)") + " | wall time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|"]
+    hit = f"steps to train reward >= {target}" if target is not None else "steps to target (no --target)"
+    lines = [f"Command: `{cmd}`", "",
+             f"| method | held-out reward | held-out accuracy (start -> end) | {hit} | wall time (s) | peak RSS (GB) |",
+             "|---|---|---|---|---|---|"]
     for m, r in table.items():
         hits = ", ".join("-" if h is None else str(h) for h in r["steps_to_target"])
         lines.append(
