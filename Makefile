@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 ## The main job: GRPO on the shipped SmolLM2-135M-Instruct (see README for what it shows).
+## A second `make run` continues or refuses to clobber runs/default: `make run RUN_ARGS=--overwrite` starts over.
+RUN_ARGS ?=
 run: setup
-	$(BIN)/lmpo train configs/default.yaml
+	$(BIN)/lmpo train configs/default.yaml $(RUN_ARGS)
 
 ## The test suite (unit, contract, learning and CLI tests; slow tests excluded).
 test: setup
