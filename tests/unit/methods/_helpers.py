@@ -77,3 +77,20 @@ def random_batch(seed: int, *, T: int | None = None, token_rewards: bool = False
     mask = random_mask(g, B, T, holes)
     tr = torch.randn(B, T, generator=g, dtype=dtype) if token_rewards else None
     return make_batch(rewards, group_ids, mask, token_rewards=tr, dtype=dtype)
+
+
+def run_token_loss(loss_fn, logr, adv, mask=None):
+    """Call a PolicyLoss in float64 with log-ratios ``logr`` (B, T) against old log-probs of -1 and advantages
+    ``adv`` ((B,) broadcast over tokens, or (B, T)); returns (per-token loss, d sum / d logprobs, metrics)."""
+    F64 = torch.float64
+    logr = torch.as_tensor(logr, dtype=F64)
+    B, T = logr.shape
+    adv = torch.as_tensor(adv, dtype=F64)
+    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    old = torch.full((B, T), -1.0, dtype=F64)
+    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
+    lp = (old + logr).requires_grad_(True)
+    out = loss_fn(lp, b)
+    out.per_token.sum().backward()
+    return out.per_token.detach(), lp.grad, out.metrics

@@ -15,23 +15,12 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.sapo import SAPOLoss
-from unit.methods._helpers import make_batch
+from unit.methods._helpers import make_batch, run_token_loss
 
 F64 = torch.float64
 
 
-def run(loss_fn, logr, adv, mask=None):
-    logr = torch.as_tensor(logr, dtype=F64)
-    B, T = logr.shape
-    adv = torch.as_tensor(adv, dtype=F64)
-    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    old = torch.full((B, T), -1.0, dtype=F64)
-    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
-    lp = (old + logr).requires_grad_(True)
-    out = loss_fn(lp, b)
-    out.per_token.sum().backward()
-    return out.per_token.detach(), lp.grad, out.metrics
+run = run_token_loss
 
 
 def sech2(x):
