@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -17,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 import report  # noqa: E402
 
 from lmpo.models import build_tiny_model, response_logprobs  # noqa: E402
+from unit._memory import LargestTensor  # noqa: E402
 
 
 def step(gen, score, lp, upd, total, tokens=64.0):
@@ -87,19 +87,6 @@ def test_markdown_table_shape():
     assert md == ["| a | b |", "|---|---|", "| 1 | 2 |"]
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def largest_tensor_of_update(rows: int, T: int, vocab: int, chunk: int = 16, P: int = 4) -> tuple[int, int]:
@@ -107,7 +94,7 @@ def largest_tensor_of_update(rows: int, T: int, vocab: int, chunk: int = 16, P: 
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, vocab, (rows, P), generator=g)
     response_ids = torch.randint(3, vocab, (rows, T), generator=g)
-    mode = _LargestTensor()
+    mode = LargestTensor()
     with mode:
         lp, ent = response_logprobs(m, prompt_ids, None, response_ids, torch.ones(rows, T, dtype=torch.bool),
                                     chunk_size=chunk, with_entropy=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmpo.errors import DataError
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
+from unit._memory import LargestTensor
 
 
 def make_batch(B=3, P=5, T=7, vocab=16, seed=0):
@@ -102,19 +102,6 @@ def test_autocast_bf16_returns_float32(model):
     assert (lp - ref).abs().max() < 1.0  # bf16 rounding only, not a different computation
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor produced by any op (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_never_materialises_full_logits():
@@ -125,7 +112,7 @@ def test_never_materialises_full_logits():
     batch = (prompt_ids, prompt_mask, response_ids, torch.ones(B, T, dtype=torch.bool))
     full = B * T * vocab
     saved = []
-    mode = _LargestTensor()
+    mode = LargestTensor()
     with mode, torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.numel()), t)[1], lambda t: t):
         lp, ent = response_logprobs(m, *batch, chunk_size=chunk, with_entropy=True)
         (lp.sum() + ent.sum()).backward()
