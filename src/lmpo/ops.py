@@ -154,3 +154,24 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
 def response_lengths(mask: Tensor) -> Tensor:
     """Number of trained tokens per row (B,) as float."""
     return mask.to(torch.float32).sum(-1)
+
+
+def token_hash(response_ids: Tensor, mask: Tensor, seed: int) -> Tensor:
+    """A fixed pseudo-random integer (B,) per row from its trained tokens: equal rows hash equal, and the value does
+    not depend on the row's position in the batch (for permutation-equivariant tie-breaking and pairing)."""
+    ids = torch.where(mask, response_ids + 1, torch.zeros_like(response_ids)).long()
+    coef = torch.randint(1, 2**20, (ids.shape[1],), generator=torch.Generator().manual_seed(seed)).to(ids.device)
+    return (ids * coef).sum(-1) % (2**31 - 1)
+
+
+def rank_in_group(key: Tensor, tie: Tensor, group_ids: Tensor) -> Tensor:
+    """0-based rank (B,) of each row inside its group, ordered by ascending ``key`` then ``tie``."""
+    order = torch.sort(tie, stable=True).indices
+    order = order[torch.sort(key[order], stable=True).indices]
+    order = order[torch.sort(group_ids[order], stable=True).indices]
+    inv, _ = group_index(group_ids)
+    sorted_inv = inv[order]
+    start = torch.searchsorted(sorted_inv, sorted_inv)  # first sorted position of each row's group
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - start
+    return rank

@@ -378,3 +378,21 @@ def test_response_lengths():
     out = ops.response_lengths(m)
     assert out.dtype == torch.float32
     assert out.tolist() == [2.0, 0.0, 2.0]
+
+
+def test_token_hash_is_row_order_independent_and_ignores_masked_tokens():
+    ids = torch.tensor([[3, 4, 9], [3, 4, 0], [5, 1, 2]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    h = ops.token_hash(ids, mask, seed=0)
+    assert h[0] == h[1] and h[0] != h[2]  # the masked token 9 vs 0 does not count
+    perm = torch.tensor([2, 0, 1])
+    assert torch.equal(ops.token_hash(ids[perm], mask[perm], seed=0), h[perm])
+
+
+def test_rank_in_group_by_key_then_tie():
+    # group 7: keys [2, 1, 2] ties [0, 0, -1] -> order rows 1 (key 1), 2 (key 2, tie -1), 0 -> ranks [2, 0, 1]
+    # group 3: keys [5, 4] -> ranks [1, 0]
+    key = torch.tensor([2.0, 5.0, 1.0, 4.0, 2.0])
+    tie = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0])
+    gid = torch.tensor([7, 3, 7, 3, 7])
+    assert ops.rank_in_group(key, tie, gid).tolist() == [2, 1, 0, 0, 1]

@@ -42,23 +42,12 @@ from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
 from lmpo.registry import ADVANTAGES
 
-_HASH_MOD = 2**31 - 1
-
 
 def pairing_rank(batch: RolloutBatch) -> Tensor:
-    """Rank (B,) of each row inside its question, ordered by a hash of its trained tokens (row-order independent)."""
-    ids = torch.where(batch.response_mask, batch.response_ids + 1, torch.zeros_like(batch.response_ids)).long()
-    coef = torch.randint(1, 2**20, (ids.shape[1],), generator=torch.Generator().manual_seed(1234)).to(ids.device)
-    h = (ids * coef).sum(-1) % _HASH_MOD
-    order = torch.sort(batch.rewards, stable=True).indices  # ties in the hash: identical tokens, then by reward
-    order = order[torch.sort(h[order], stable=True).indices]
-    order = order[torch.sort(batch.group_ids[order], stable=True).indices]  # by group, then by hash
-    inv, _ = ops.group_index(batch.group_ids)
-    sorted_inv = inv[order]
-    start = torch.searchsorted(sorted_inv, sorted_inv)  # first sorted position of each row's group
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - start
-    return rank
+    """Rank (B,) of each row inside its question, ordered by a hash of its trained tokens (row-order independent);
+    ties in the hash (identical tokens) are broken by reward."""
+    h = ops.token_hash(batch.response_ids, batch.response_mask, 1234)
+    return ops.rank_in_group(h, batch.rewards, batch.group_ids)
 
 
 @ADVANTAGES.register("riskpo", paper="RiskPO: Risk-based Policy Optimization via Verifiable Reward", arxiv="2510.00911",

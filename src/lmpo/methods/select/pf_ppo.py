@@ -41,26 +41,6 @@ from lmpo.registry import SELECTORS
 STRATEGIES = ("best_worst", "best_random", "best_of_n")
 
 
-def token_hash(batch: RolloutBatch, seed: int) -> Tensor:
-    """A fixed pseudo-random integer per row (B,) from its trained tokens (row-order independent)."""
-    ids = torch.where(batch.response_mask, batch.response_ids + 1, torch.zeros_like(batch.response_ids)).long()
-    coef = torch.randint(1, 2**20, (ids.shape[1],), generator=torch.Generator().manual_seed(seed)).to(ids.device)
-    return (ids * coef).sum(-1) % (2**31 - 1)
-
-
-def rank_in_group(key: Tensor, tie: Tensor, group_ids: Tensor) -> Tensor:
-    """0-based rank (B,) of each row inside its group by ascending (key, tie)."""
-    order = torch.sort(tie, stable=True).indices
-    order = order[torch.sort(key[order], stable=True).indices]
-    order = order[torch.sort(group_ids[order], stable=True).indices]
-    inv, _ = ops.group_index(group_ids)
-    sorted_inv = inv[order]
-    start = torch.searchsorted(sorted_inv, sorted_inv)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - start
-    return rank
-
-
 def r_squared(rewards: Tensor, scores: Tensor) -> Tensor:
     """R^2 of the least-squares line s ~ a r + b on (r_k, s_k) pairs (PF-PPO Eq. 5); 1 for an exact affine fit."""
     r, s = rewards.double(), scores.double()
@@ -90,16 +70,16 @@ class PolicyFiltration:
     def __call__(self, batch: RolloutBatch) -> Tensor:
         gid = batch.group_ids
         n = ops.group_count(gid, torch.float64).long()
-        rank = rank_in_group(batch.rewards, token_hash(batch, 0), gid)
+        rank = ops.rank_in_group(batch.rewards, ops.token_hash(batch.response_ids, batch.response_mask, 0), gid)
         best = rank == n - 1
         if self.strategy == "best_of_n":
             return best
         if self.strategy == "best_worst":
             return best | (rank == 0)
         # best-random: among the non-best rows, the one with the smallest second hash
-        h2 = token_hash(batch, 1)
+        h2 = ops.token_hash(batch.response_ids, batch.response_mask, 1)
         h2 = torch.where(best, torch.full_like(h2, 2**62), h2)
-        pick = rank_in_group(h2, rank, gid) == 0
+        pick = ops.rank_in_group(h2, rank, gid) == 0
         return best | (pick & ~best)
 
 
