@@ -228,8 +228,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                 metrics[f"reward/{name}"] = raw.reward_components[:, k].mean()
             if batch is not None:
                 t1 = time.perf_counter()
-                if need_old:
-                    batch = batch.replace(old_logprobs=runner.logprobs_nograd(batch, t.micro_batch_size))
+                need_entropy = "entropy" in needs  # per-token entropy for components that score tokens by it (D3S)
+                if need_old or need_entropy:  # one no-grad pass under the pre-update weights serves both
+                    lp_old, ent = runner.logprobs_entropy_nograd(batch, t.micro_batch_size, with_entropy=need_entropy)
+                    if need_old:
+                        batch = batch.replace(old_logprobs=lp_old)
+                    if need_entropy:
+                        batch = batch.replace(extras={**batch.extras, "entropy": ent})
                 if off_policy and STAT_NEEDS & needs:  # pi_old's full-distribution statistics (ROVER, OTR, SofT-GRPO)
                     batch = batch.replace(extras={**batch.extras, **runner.old_stats_nograd(
                         batch, t.micro_batch_size, STAT_NEEDS & needs)})
@@ -242,11 +247,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
                 if not off_policy:
                     batch = batch.replace(old_logprobs=None)  # the update uses the detached current log-probs
-                if "entropy" in needs:  # per-token policy entropy for components that score tokens by it (D3S)
-                    with torch.no_grad():
-                        ent = torch.cat([runner.logprobs(p, with_entropy=True)[1] for p in
-                                         (batch.split(-(-batch.batch_size // t.micro_batch_size)) if t.micro_batch_size else [batch])])
-                    batch = batch.replace(extras={**batch.extras, "entropy": ent})
                 batch = batch.replace(advantages=advantage_fn(batch))
                 if hasattr(advantage_fn, "token_mask"):  # post-advantage down-sampling: train on a subset of tokens
                     keep = advantage_fn.token_mask(batch)

@@ -64,8 +64,15 @@ class PolicyRunner:
 
     @torch.no_grad()
     def logprobs_nograd(self, batch: RolloutBatch, micro_batch_size: int | None) -> Tensor:
+        return self.logprobs_entropy_nograd(batch, micro_batch_size)[0]
+
+    @torch.no_grad()
+    def logprobs_entropy_nograd(self, batch: RolloutBatch, micro_batch_size: int | None, with_entropy: bool = False,
+                                ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (and entropies) of the whole batch in one no-grad pass, ``micro_batch_size`` rows at a time."""
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
-        return torch.cat([self.logprobs(p)[0] for p in parts], 0)
+        outs = [self.logprobs(p, with_entropy=with_entropy) for p in parts]
+        return torch.cat([o[0] for o in outs], 0), torch.cat([o[1] for o in outs], 0) if with_entropy else None
 
     def logprobs_stats(self, batch: RolloutBatch, with_entropy: bool = False, stats: frozenset[str] = frozenset(),
                        ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
