@@ -20,7 +20,7 @@ Differs from GRPO: no std normalisation, and the ratio is *not* in the surrogate
 is that clipping acts as a regulariser, not as importance correction (REC-OneSide-NoIS matches GRPO).
 
 Gaps filled: the loss value uses log pi (as the released code does); its gradient is what matters. RED-Drop (balancing
-positive/negative samples by dropping) is a data-selection rule, not part of this loss, and is not implemented here.
+positive/negative samples by dropping) shapes the advantages, not the loss: ``methods/advantage/red_drop.py``.
 """
 
 from __future__ import annotations
