@@ -59,19 +59,24 @@ def step_phases(steps: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def update_flops(*, body_params: int, head_params: int, layers: int, hidden: int, rows: int, seq_len: int,
-                 response_tokens: int) -> float:
+def update_flops(*, body_params: int, head_params: int, layers: int, hidden: int, rows: int, prompt_len: int,
+                 response_len: int, response_tokens: int, prompts: int | None = None) -> float:
     """Model FLOPs of one forward+backward over the batch (the usual ``6 N D`` count, plus attention).
 
-    ``body_params`` are the transformer's matmul weights (embeddings and norms excluded), applied to every one of
-    ``rows * seq_len`` positions; the LM head (``head_params = hidden * vocab``) only to ``response_tokens``
-    positions (that is all a policy-gradient loss needs); causal attention costs ``2 * S^2 * hidden`` FLOPs per
-    layer and sequence forward (QK^T and AV over the lower triangle). Backward is counted as twice the forward.
-    Padding and recomputation are not counted: this is the useful work, so a faster method cannot score higher
-    by doing redundant work.
+    ``body_params`` are the transformer's matmul weights (embeddings and norms excluded); the LM head
+    (``head_params = hidden * vocab``) is applied only to ``response_tokens`` positions (all a policy-gradient loss
+    needs). The ``rows`` sequences are ``prompts`` distinct prompts of ``prompt_len`` tokens (a GRPO group repeats one
+    prompt; ``None`` = every row its own) followed by ``response_len`` tokens each. A repeated prompt's activations are
+    the same in every row of its group, so the useful work runs the body over ``prompts * P + rows * T`` positions.
+    Causal attention costs 2 * H FLOPs per (query, key) pair and layer forward for QK^T and AV: ``P^2 / 2`` pairs per
+    prompt, ``T * P + T^2 / 2`` per response. Backward is counted as twice the forward. Padding and recomputation
+    are not counted: this is the useful work, so a method cannot score higher by doing redundant work.
     """
-    positions = rows * seq_len
-    forward = 2 * body_params * positions + 2 * head_params * response_tokens + 2 * layers * rows * seq_len**2 * hidden
+    prompts = rows if prompts is None else prompts
+    P, T = prompt_len, response_len
+    positions = prompts * P + rows * T
+    pairs = prompts * P * P / 2 + rows * (T * P + T * T / 2)
+    forward = 2 * body_params * positions + 2 * head_params * response_tokens + 4 * layers * hidden * pairs
     return 3.0 * forward
 
 

@@ -94,9 +94,12 @@ def model_shape(model) -> dict[str, int]:
             "hidden": cfg.hidden_size, "vocab": head.weight.shape[0]}
 
 
-def flops_of(shape: dict[str, int], rows: int, seq_len: int, response_tokens: int) -> float:
+def flops_of(shape: dict[str, int], prompt_ids, prompt_len: int, response_len: int, response_tokens: int) -> float:
+    """Useful update FLOPs (``report.update_flops``) of a batch whose prompts are the rows of ``prompt_ids``."""
+    prompts = len({tuple(map(int, p)) for p in prompt_ids})
     return update_flops(body_params=shape["body_params"], head_params=shape["head_params"], layers=shape["layers"],
-                        hidden=shape["hidden"], rows=rows, seq_len=seq_len, response_tokens=response_tokens)
+                        hidden=shape["hidden"], rows=len(prompt_ids), prompt_len=prompt_len, response_len=response_len,
+                        response_tokens=response_tokens, prompts=prompts)
 
 
 def prompt_rows(seed: int, n: int) -> tuple[list[dict[str, Any]], Any]:
@@ -142,11 +145,10 @@ def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
 
     def generate(self, prompts, params):
         out = timed_gen(self, prompts, params)
-        n, p = out.prompt_ids.shape
-        t = out.response_ids.shape[1]
+        p, t = out.prompt_ids.shape[1], out.response_ids.shape[1]
         tokens = int(out.response_attn.sum())
         clock.cur["tokens"] += tokens
-        rec["flops"] = flops_of(rec["shape"], n, p + t, tokens)
+        rec["flops"] = flops_of(rec["shape"], out.prompt_ids.tolist(), p, t, tokens)
         return out
 
     def collect(*a, **kw):  # the first thing of every training step
@@ -241,10 +243,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     def generate(prompts):
         out = timed_gen(prompts)
         prompt_ids, completion_ids = out[0], out[1]
-        n, p, t = len(prompt_ids), max(map(len, prompt_ids)), max(map(len, completion_ids))
+        p, t = max(map(len, prompt_ids)), max(map(len, completion_ids))
         tokens = sum(map(len, completion_ids))
         clock.cur["tokens"] += tokens
-        rec["flops"] = flops_of(shape, n, p + t, tokens)
+        rec["flops"] = flops_of(shape, prompt_ids, p, t, tokens)
         return out
 
     trainer._generate = generate

@@ -75,7 +75,7 @@ def run_compare(config: str | None, methods: list[str], seeds: list[int], overri
         raise LmpoError("compare: every run failed:\n" + "\n".join(f"  {m}: {e}" for m, e in failures.items()))
     table = summarise(results, target)
     (out / "results.json").write_text(json.dumps({**table, **({"failed": failures} if failures else {})}, indent=2))
-    (out / "results.md").write_text(markdown_table(table, config, methods, seeds, overrides, target, failures))
+    (out / "results.md").write_text(markdown_table(table, config, methods, seeds, overrides, target, failures, out))
     plot_compare(results, out / "reward_curves.png")
     return table
 
@@ -97,10 +97,10 @@ def summarise(results: dict[str, list[dict]], target: float | None) -> dict[str,
     return table
 
 
-def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, target, failures=None) -> str:
+def markdown_table(table: dict[str, Any], config, methods, seeds, overrides, target, failures=None, out=None) -> str:
     cmd = " ".join(["lmpo compare", *([config] if config else []), f"--methods {','.join(methods)}",
                     f"--seeds {','.join(map(str, seeds))}", *([f"--target {target}"] if target is not None else []),
-                    *overrides])
+                    *([f"--out {out}"] if out is not None else []), *overrides])
     hit = f"steps to train reward >= {target}" if target is not None else "steps to target (no --target)"
     lines = [f"Command: `{cmd}`", "",
              f"| method | held-out reward | held-out accuracy (start -> end) | {hit} | wall time (s) | peak RSS (GB) |",

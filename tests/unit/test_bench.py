@@ -75,11 +75,17 @@ def test_matmul_peak_is_best_per_dtype():
 
 
 def test_update_flops_hand_count():
-    # body: 2*N per position fwd; head: 2*H*V per response token; attention: 2*S^2*H per layer and row.
-    # N=10, head=6, L=2, H=3, rows=2, S=4, response=5:
-    # fwd = 2*10*8 + 2*6*5 + 2*2*2*16*3 = 160 + 60 + 384 = 604; fwd+bwd = 3 * 604 = 1812.
-    got = report.update_flops(body_params=10, head_params=6, layers=2, hidden=3, rows=2, seq_len=4, response_tokens=5)
-    assert got == 1812.0
+    # body: 2*N per position fwd; head: 2*H*V per response token; attention: 4*H per (query, key) pair and layer.
+    # N=10, head=6, L=2, H=3, rows=2 distinct prompts, P=1, T=3 (S=4), response=5:
+    #   positions 2*1 + 2*3 = 8; pairs per row 1/2 + 3*1 + 9/2 = 8 (= S^2/2) -> 16
+    #   fwd = 2*10*8 + 2*6*5 + 4*2*3*16 = 160 + 60 + 384 = 604; fwd+bwd = 3 * 604 = 1812.
+    kw = dict(body_params=10, head_params=6, layers=2, hidden=3, rows=2, prompt_len=1, response_len=3,
+              response_tokens=5)
+    assert report.update_flops(**kw) == 1812.0
+    # the two rows share one prompt of P=2 (T=2): positions 1*2 + 2*2 = 6; pairs 2 + 2*(4 + 2) = 14
+    #   fwd = 2*10*6 + 60 + 24*14 = 120 + 60 + 336 = 516 -> 1548
+    kw.update(prompt_len=2, response_len=2, prompts=1)
+    assert report.update_flops(**kw) == 1548.0
 
 
 def test_markdown_table_shape():

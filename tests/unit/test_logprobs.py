@@ -130,3 +130,62 @@ def test_bad_inputs(model):
         response_logprobs(model, p, pm, r, ra[:, :3])
     with pytest.raises(DataError, match="temperature"):
         response_logprobs(model, p, pm, r, ra, temperature=0.0)
+def grouped_batch(seed=0, vocab=16):
+    """Three distinct left-padded prompts, each repeated for a group of 2-3 rows (rows interleaved), ragged replies."""
+    base = make_batch(B=3, P=5, T=7, vocab=vocab, seed=seed)
+    rows = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
+    g = torch.Generator().manual_seed(seed + 10)
+    response_ids = torch.randint(0, vocab, (8, 7), generator=g)
+    response_attn = torch.arange(7)[None, :] < torch.tensor([7, 5, 6, 7, 1, 3, 7, 4])[:, None]
+    return base[0][rows], base[1][rows], torch.where(response_attn, response_ids, 0), response_attn
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prompt_pass_matches_full_pass(model, seed):
+    from lmpo.models.logprobs import shared_prompt_rows
+    batch = grouped_batch(seed)
+    first, inverse = shared_prompt_rows(batch[0], batch[1])
+    assert sorted(first.tolist()) == [0, 1, 3]  # the first row of each distinct prompt
+    assert (batch[0][first][inverse] == batch[0]).all()
+    with torch.no_grad():
+        ref = response_logprobs(model, *batch, with_entropy=True, return_hidden=True, share_prompt=False)
+        out = response_logprobs(model, *batch, with_entropy=True, return_hidden=True, share_prompt=True)
+        naive_lp, _ = naive(model, *batch)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], naive_lp)
+
+
+def test_shared_prompt_gradients_match_full_pass():
+    batch = grouped_batch(2)
+    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for share in (False, True):
+        m = build_tiny_model(seed=0)
+        lp, ent = response_logprobs(m, *batch, with_entropy=True, share_prompt=share)
+        ((lp * weights).sum() + (ent * weights).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_shared_prompt_rows_none_when_all_distinct(model):
+    from lmpo.models.logprobs import shared_prompt_rows
+    p_ids, p_mask, _, _ = make_batch()
+    assert shared_prompt_rows(p_ids, p_mask) is None
+    # same ids but different padding are different prompts
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6]])
+    assert shared_prompt_rows(ids, torch.tensor([[False, True, True], [True, True, True]])) is None
+
+
+def test_shared_prompt_off_under_layer_noise_and_checkpointing():
+    from lmpo.models.logprobs import LayerNoise, can_share_prompt, layer_noise
+    m = build_tiny_model(seed=0)
+    assert can_share_prompt(m)
+    with layer_noise(m, LayerNoise(std=0.1), torch.arange(2)):
+        assert not can_share_prompt(m)
+    assert can_share_prompt(m)
+    m.gradient_checkpointing_enable()
+    assert not can_share_prompt(m)
+    with torch.no_grad():
+        assert can_share_prompt(m)  # no backward: the cache is fine

@@ -168,3 +168,19 @@ def test_sampling_params_validation():
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
     assert SamplingParams(temperature=0.0).is_greedy
+
+
+def test_shared_prompt_prefill_samples_the_same(model, tok):
+    # groups of repeated prompts (interleaved, ragged lengths): prefilling each distinct prompt once draws the same
+    # tokens with the same log-probs as prefilling every row, and both agree with the cache-free logits
+    prompts = ["12+34=", "7", "12+34=", "99+1=", "7", "12+34="]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    outs = []
+    for share in (False, True):
+        torch.manual_seed(5)
+        outs.append(HFGenerator(model, tok, share_prompt=share).generate(prompts, params))
+    a, b = outs
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_attn, b.response_attn)
+    torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, rtol=1e-5, atol=1e-5)
+    ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(b.sampler_logprobs, torch.where(b.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)

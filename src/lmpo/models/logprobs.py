@@ -13,6 +13,7 @@ the trainer see bit-for-bit the same network.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ def response_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     return_hidden: bool = False,
+    share_prompt: bool = True,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Per-token log-probs (and entropies) of the responses given the prompts.
 
@@ -123,6 +125,9 @@ def response_logprobs(
         with_entropy: Also return the entropy of the tempered next-token distribution.
         return_hidden: Also return the LM-head inputs (B, T, H): the final hidden state that predicts each response
             token, from the same forward pass (gradients flow through it; 0 where ``response_attn`` is False).
+        share_prompt: When rows repeat a prompt (a GRPO group), run each distinct prompt through the body once and
+            let its rows attend to that one key/value cache (:func:`shared_prompt_rows`); the same numbers up to
+            float rounding, with the prompt's share of the compute and activations divided by the group size.
 
     Returns:
         ``(logprobs, entropies)``: (B, T) float32 each (``entropies`` is ``None`` unless ``with_entropy``),
@@ -146,14 +151,18 @@ def response_logprobs(
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
     input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
-    out = body(
-        input_ids=input_ids,
-        attention_mask=attn.long(),
-        position_ids=position_ids_from_mask(attn),
-        use_cache=False,
-    )
-    # The hidden state at position P+t-1 predicts response token t.
-    hidden = out.last_hidden_state[:, P - 1 : P + T - 1]  # (B, T, H)
+    groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt and can_share_prompt(model) else None
+    if groups is not None:
+        hidden = _shared_prompt_hidden(body, input_ids, attn, P, *groups)
+    else:
+        out = body(
+            input_ids=input_ids,
+            attention_mask=attn.long(),
+            position_ids=position_ids_from_mask(attn),
+            use_cache=False,
+        )
+        # The hidden state at position P+t-1 predicts response token t.
+        hidden = out.last_hidden_state[:, P - 1 : P + T - 1]  # (B, T, H)
     flat_hidden = hidden[response_attn]  # (N, H), N = number of real response tokens
     flat_targets = response_ids.to(device)[response_attn]  # (N,)
 
@@ -179,6 +188,56 @@ def response_logprobs(
     if return_hidden:
         return logprobs, entropies, hidden * response_attn.unsqueeze(-1).to(hidden.dtype)
     return logprobs, entropies
+
+
+# --------------------------------------------------------------------------- one prompt pass per group
+def shared_prompt_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, inverse)`` when some rows share a prompt, else ``None``.
+
+    ``first`` (U,) indexes one row per distinct prompt (ids and padding both equal), ``inverse`` (B,) maps every row to
+    its prompt's position in ``first``.
+    """
+    key = torch.where(prompt_mask.bool(), prompt_ids, torch.full_like(prompt_ids, -1))
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if uniq.shape[0] == key.shape[0]:
+        return None
+    first = torch.full((uniq.shape[0],), key.shape[0], dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(key.shape[0], device=key.device), reduce="amin")
+    return first, inverse
+
+
+def can_share_prompt(model: nn.Module) -> bool:
+    """Whether the prompt-once path applies: not under activation checkpointing (Hugging Face turns the key/value cache
+    off there) and not inside :func:`layer_noise` (its noise is drawn per whole sequence)."""
+    if getattr(model, "_lmpo_layer_noise", False):
+        return False
+    ckpt = getattr(model, "is_activation_checkpointing", None)
+    ckpt = getattr(model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
+    return not (ckpt and torch.is_grad_enabled())
+
+
+def _shared_prompt_hidden(body: nn.Module, input_ids: Tensor, attn: Tensor, P: int, first: Tensor, inverse: Tensor,
+                          ) -> Tensor:
+    """Final hidden states (B, T, H) predicting each response token, with each distinct prompt run once.
+
+    The U distinct prompts go through the body as one batch that returns their key/value cache; the cache is indexed
+    to the B rows (autograd sums every row's gradient back into its prompt's single pass) and the responses run on
+    top of it with the positions and padding mask of the joined sequence.
+    """
+    pos = position_ids_from_mask(attn)
+    pre = body(input_ids=input_ids[first, :P], attention_mask=attn[first, :P].long(), position_ids=pos[first, :P],
+               use_cache=True)
+    # transformers >= 5.20 calls the key/value cache ``cache``; earlier versions ``past_key_values``
+    cache = pre.get("cache", None)
+    cache = pre.get("past_key_values", None) if cache is None else cache
+    if cache is None or not callable(getattr(cache, "batch_select_indices", None)):
+        raise ModelError(f"{type(body).__name__} returned no indexable key/value cache; pass share_prompt=False.")
+    cache.batch_select_indices(inverse)
+    name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    out = body(input_ids=input_ids[:, P:], attention_mask=attn.long(), position_ids=pos[:, P:], use_cache=True,
+               **{name: cache})
+    last_prompt = pre.last_hidden_state[:, P - 1][inverse].unsqueeze(1)  # predicts response token 0
+    return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1)
 
 
 # --------------------------------------------------------------------------- layer-wise noise (opt-in forward hook)
@@ -254,8 +313,10 @@ def layer_noise(model: nn.Module, spec: LayerNoise | None, row_seeds: Tensor | N
 
     handles = [layers[i].register_forward_pre_hook(make_hook(i, float(sd)), with_kwargs=True)
                for i, sd in zip(chosen, stds) if sd != 0.0]
+    model._lmpo_layer_noise = True  # noise is drawn per whole sequence: see can_share_prompt
     try:
         yield
     finally:
+        model._lmpo_layer_noise = False
         for h in handles:
             h.remove()

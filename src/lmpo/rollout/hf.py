@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lmpo.errors import DataError, TrainingDiverged
-from lmpo.models.logprobs import head_logits, position_ids_from_mask, split_body_and_head
+from lmpo.models.logprobs import head_logits, position_ids_from_mask, shared_prompt_rows, split_body_and_head
 from lmpo.rollout.base import GenerationOutput, SamplingParams
 
 
@@ -61,15 +61,19 @@ class HFGenerator:
         tokenizer: Its tokenizer; prompts are encoded without adding special tokens.
         batch_size: Generate at most this many prompts at once (``None`` = all at once).
         autocast: ``"bfloat16"`` / ``"float16"`` runs the forward passes under CPU autocast (``None`` = off).
+        share_prompt: prefill each distinct prompt once and index its key/value cache to the rows that repeat it
+            (a group's samples); the same distribution up to float rounding, the prefill cost divided by the group size.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None,
+                 share_prompt: bool = True) -> None:
         if tokenizer.pad_token_id is None:
             raise DataError("The tokenizer has no pad token; load models with lmpo.models.load_model, which sets one.")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.autocast = autocast
+        self.share_prompt = share_prompt
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def sync_weights(self) -> None:
@@ -137,12 +141,20 @@ class HFGenerator:
         tokens: list[Tensor] = []
         logps: list[Tensor] = []
         alive: list[Tensor] = []
+        # a group's rows share one prompt: prefill it once
+        shared = shared_prompt_rows(prompt_ids, prompt_mask) if self.share_prompt else None
         for i in range(max(limits)):
-            out = body(
-                input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            logits = head_logits(self.model, head, out.last_hidden_state[:, -1]).float() / temperature  # (n, V)
+            if i == 0 and shared is not None:
+                first, inverse = shared
+                out = body(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
+                           past_key_values=cache, use_cache=True)
+                cache.batch_select_indices(inverse)
+                last = out.last_hidden_state[:, -1][inverse]
+            else:
+                out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                           use_cache=True)
+                last = out.last_hidden_state[:, -1]
+            logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
             if not bool(torch.isfinite(logits).all()):
                 raise TrainingDiverged(
                     "The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights have "
