@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from report import (BenchError, markdown_table, matmul_peak, parse_worker_output,  # noqa: E402
-                    ratio_rows, summarize)
+                    ratio_rows, stream_peak, summarize)
 
 
 def run_worker(spec: dict, timeout: float, log) -> dict:
@@ -66,7 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra lmpo config override for the lmpo side (levers), repeatable")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="measure nothing: rewrite the tables of an earlier run's results.json (give the same options)")
     a = p.parse_args(argv)
+    if a.render:
+        raw = json.loads(Path(a.render).read_text())
+        precisions = [x for x in a.precisions.split(",") if x in raw]
+        sides = sorted({s for prec in precisions for s in raw[prec]}, key=["lmpo", "trl"].index)
+        md = render(raw, precisions, sides, a)
+        Path(a.render).with_name("results.md").write_text(md)
+        print(md)
+        return 0
 
     rounds = a.rounds or (2 if a.quick else 3)
     steps = a.steps or (3 if a.quick else 5)
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "overrides": a.lmpo_override}
     raw: dict[str, list] = {"matmul": [], "sweep": []}
     log(f"threads={a.threads} rounds={rounds} steps={steps} (warm-up {a.warmup}) sides={sides} G={a.group} T={a.length}")
-    raw["matmul"].append(run_worker({"side": "matmul", "threads": a.threads}, a.timeout, log))
+    raw["matmul"].append(run_worker({"side": "matmul", "threads": a.threads, "rows": a.group}, a.timeout, log))
     precisions = [x for x in a.precisions.split(",") if x]
     for prec in precisions:
         raw[prec] = {s: [] for s in sides}
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             order = sides if r % 2 == 0 else sides[::-1]  # alternate who goes first
             for side in order:
                 raw[prec][side].append(run_worker({**base, "side": side, "precision": prec}, a.timeout, log))
-    raw["matmul"].append(run_worker({"side": "matmul", "threads": a.threads}, a.timeout, log))
+    raw["matmul"].append(run_worker({"side": "matmul", "threads": a.threads, "rows": a.group}, a.timeout, log))
 
     if sweep != "none" and "lmpo" in sides:
         lengths = (64, 256, 1024) if sweep == "full" else (64, 256)
@@ -118,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(raw: dict, precisions: list[str], sides: list[str], a) -> str:
     peak, peak_cpu = matmul_peak(raw["matmul"]), matmul_peak(raw["matmul"], "peak_flops_cpu")
+    stream_cpu = stream_peak(raw["matmul"], "stream_bytes_per_cpu_s")
     parts = [f"Machine: {os.cpu_count()} CPUs, torch threads {a.threads}. Matmul peak (best square matmul): "
              + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
-             + "; per CPU-second: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak_cpu.items())]
+             + "; per CPU-second: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak_cpu.items())
+             + (f". Weight streaming (fp32, {a.group} rows): {stream_cpu / 1e9:.2f} GB per CPU-second"
+                if stream_cpu else "")]
     for prec in precisions:
         lm = summarize(raw[prec]["lmpo"]) if "lmpo" in sides else None
         tr = summarize(raw[prec]["trl"]) if "trl" in sides else None
-        rows = ratio_rows(lm or {}, tr, peak.get(prec), peak_cpu.get(prec))
+        rows = ratio_rows(lm or {}, tr, peak.get(prec), peak_cpu.get(prec), stream_cpu)
         n = (lm or tr)["runs"]
         parts.append(f"\n### {prec}: G={a.group}, T={a.length}, medians over {n} runs per side\n")
         parts.append(markdown_table(("metric", "lmpo", "TRL", "lmpo/TRL"), rows))

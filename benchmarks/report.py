@@ -89,6 +89,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
         ph["update_flops_per_s"] = flops / ph["update_s"] if flops and ph["update_s"] > 0 else float("nan")
         if "update_cpu" in ph:  # per CPU-second of one thread: robust to other jobs sharing the machine
             ph["update_flops_per_cpu_s"] = flops / ph["update_cpu"] if flops and ph["update_cpu"] > 0 else float("nan")
+        shape, spec = r.get("shape"), r.get("spec", {})
+        if shape and "length" in spec:  # every sampled token reads every matmul weight once (fp32 in memory)
+            ph["gen_weight_bytes"] = spec["length"] * (shape["body_params"] + shape["head_params"]) * 4.0
         ph["peak_rss_gb"] = r["peak_rss_gb"]
         ph["base_rss_gb"] = r.get("base_rss_gb", float("nan"))
         per_run.append(ph)
@@ -96,6 +99,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     out = {k: median(p[k] for p in per_run) for k in keys}
     out["runs"] = len(per_run)
     return out
+
+
+def stream_peak(results: list[dict[str, Any]], key: str = "stream_bytes_per_s") -> float | None:
+    """Best measured weight-streaming rate (bytes/s; ``key="stream_bytes_per_cpu_s"``: per CPU-second) of the run."""
+    vals = [float(r[key]) for r in results if r.get(key)]
+    return max(vals) if vals else None
 
 
 def matmul_peak(results: list[dict[str, Any]], key: str = "peak_flops") -> dict[str, float]:
@@ -128,14 +137,17 @@ ROWS = [  # (label, key, format, lower is better)
     ("update model GFLOP/s", "update_gflops", "{:.1f}", False),
     ("update / matmul peak (wall)", "update_mfu", "{:.1%}", False),
     ("update / matmul peak (CPU time)", "update_mfu_cpu", "{:.1%}", False),
+    ("generation / weight-streaming bound (CPU time)", "gen_roof_cpu", "{:.1%}", False),
 ]
 
 
 def ratio_rows(lmpo: dict[str, float], trl: dict[str, float] | None, peak: float | None,
-               peak_cpu: float | None = None) -> list[tuple[str, ...]]:
+               peak_cpu: float | None = None, stream_cpu: float | None = None) -> list[tuple[str, ...]]:
     """Table rows (label, lmpo, TRL, lmpo/TRL) with the update's fraction of the matmul peak filled in: ``peak``
-    in FLOP per wall second, ``peak_cpu`` per CPU second (the same number on an idle machine). Rows whose metric
-    neither side recorded are left out."""
+    in FLOP per wall second, ``peak_cpu`` per CPU second (the same number on an idle machine). ``stream_cpu``
+    (weight bytes per CPU second, :func:`workers.weight_stream`) gives generation's fraction of its memory bound:
+    the time to read every weight once per sampled token over the time generation took. Rows whose metric neither
+    side recorded are left out."""
     def fill(s: dict[str, float] | None) -> dict[str, float] | None:
         if s is None:
             return None
@@ -143,6 +155,8 @@ def ratio_rows(lmpo: dict[str, float], trl: dict[str, float] | None, peak: float
         s["update_gflops"] = s.get("update_flops_per_s", float("nan")) / 1e9
         s["update_mfu"] = s.get("update_flops_per_s", float("nan")) / peak if peak else float("nan")
         s["update_mfu_cpu"] = s.get("update_flops_per_cpu_s", float("nan")) / peak_cpu if peak_cpu else float("nan")
+        if stream_cpu and s.get("gen_weight_bytes") and s.get("generate_cpu"):
+            s["gen_roof_cpu"] = s["gen_weight_bytes"] / stream_cpu / s["generate_cpu"]
         return s
 
     a, b = fill(lmpo), fill(trl)

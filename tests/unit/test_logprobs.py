@@ -189,3 +189,20 @@ def test_shared_prompt_off_under_layer_noise_and_checkpointing():
     assert not can_share_prompt(m)
     with torch.no_grad():
         assert can_share_prompt(m)  # no backward: the cache is fine
+
+
+def test_report_only_entropy_same_values_and_logprob_gradients():
+    batch = make_batch()
+    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for entropy_grad in (True, False):
+        m = build_tiny_model(seed=0)
+        lp, ent = response_logprobs(m, *batch, chunk_size=4, with_entropy=True, entropy_grad=entropy_grad)
+        (lp * weights).sum().backward()
+        outs.append((lp.detach(), ent, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = outs
+    assert ent_a.requires_grad and not ent_b.requires_grad  # reported only: no graph kept for it
+    torch.testing.assert_close(lp_b, lp_a)
+    torch.testing.assert_close(ent_b, ent_a.detach())
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], msg=name)

@@ -22,3 +22,13 @@ def test_single_minibatch_is_identity_and_few_groups_fall_back_to_rows():
     assert minibatch_indices(gids, 1)[0].tolist() == [0, 1, 2, 3]
     parts = minibatch_indices(torch.zeros(4, dtype=torch.long), 2)
     assert sorted(torch.cat(parts).tolist()) == [0, 1, 2, 3] and len(parts) == 2
+
+
+def test_weights_finite_catches_nan_and_inf():
+    from lmpo.train.step import weights_finite
+    ok = [torch.randn(3, 4), torch.randn(5)]
+    assert weights_finite(ok) and weights_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = [t.clone() for t in ok]
+        w[1][2] = bad
+        assert not weights_finite(w)

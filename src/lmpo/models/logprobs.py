@@ -69,9 +69,15 @@ def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
 
 
 def _chunk_stats(
-    model: nn.Module, head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+    model: nn.Module, head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+    side: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``targets`` (n,) and entropy (n,) for one chunk of hidden states (n, H)."""
+    """Log-prob of ``targets`` (n,) and entropy (n,) for one chunk of hidden states (n, H).
+
+    With ``side`` (an empty list) the entropy is computed without gradient and appended to it, on the first call
+    only: when a checkpoint recomputes this chunk in backward, the entropy (needed for metrics, not for the
+    gradient) is not computed again.
+    """
     logits = head_logits(model, head, hidden)
     if temperature != 1.0:
         logits = logits / temperature
@@ -82,6 +88,9 @@ def _chunk_stats(
         ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     else:
         ent = torch.zeros_like(lse)
+    if side is not None and not side:
+        with torch.no_grad():
+            side.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
     return logp, ent
 
 
@@ -108,6 +117,7 @@ def response_logprobs(
     with_entropy: bool = False,
     return_hidden: bool = False,
     share_prompt: bool = True,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Per-token log-probs (and entropies) of the responses given the prompts.
 
@@ -125,6 +135,8 @@ def response_logprobs(
         with_entropy: Also return the entropy of the tempered next-token distribution.
         return_hidden: Also return the LM-head inputs (B, T, H): the final hidden state that predicts each response
             token, from the same forward pass (gradients flow through it; 0 where ``response_attn`` is False).
+        entropy_grad: ``False`` when the entropies are only reported, never differentiated: they are then computed
+            once without gradient instead of again when backward recomputes each LM-head chunk (same values).
         share_prompt: When rows repeat a prompt (a GRPO group), run each distinct prompt through the body once and
             let its rows attend to that one key/value cache (:func:`shared_prompt_rows`); the same numbers up to
             float rounding, with the prompt's share of the compute and activations divided by the group size.
@@ -169,7 +181,11 @@ def response_logprobs(
     use_ckpt = torch.is_grad_enabled() and flat_hidden.requires_grad
     logp_parts, ent_parts = [], []
     for h, y in zip(flat_hidden.split(max(1, chunk_size)), flat_targets.split(max(1, chunk_size))):
-        if use_ckpt:
+        if use_ckpt and with_entropy and not entropy_grad:
+            side: list[Tensor] = []
+            lp, _ = checkpoint(_chunk_stats, model, head, h, y, temperature, False, side, use_reentrant=False)
+            en = side[0]
+        elif use_ckpt:
             lp, en = checkpoint(_chunk_stats, model, head, h, y, temperature, with_entropy, use_reentrant=False)
         else:
             lp, en = _chunk_stats(model, head, h, y, temperature, with_entropy)

@@ -174,7 +174,7 @@ class _FakeRunner:
     def for_loss(self, batch, needs, loss_fn):
         return self
 
-    def logprobs(self, batch, with_entropy=False):
+    def logprobs(self, batch, with_entropy=False, entropy_grad=True):
         lp = batch.sampler_logprobs + self.model.theta * batch.response_ids.float() / 10
         return lp, torch.zeros_like(lp)
 

@@ -159,7 +159,7 @@ class _Runner:
     def for_loss(self, mb, needs, loss_fn):
         return self
 
-    def logprobs(self, mb, with_entropy=False):
+    def logprobs(self, mb, with_entropy=False, entropy_grad=True):
         return self.lp, torch.zeros_like(self.lp)
 
 
