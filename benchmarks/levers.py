@@ -4,7 +4,9 @@
 
 Levers: ``linear`` (fp32 vs bf16-autocast linear at the update's shapes), ``adamw`` (foreach vs fused AdamW step:
 CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole step vs LM head vs body),
-``entropy`` (the update's log-prob pass with and without the entropy term). Times are process CPU seconds.
+``entropy`` (the update's log-prob pass with the entropy differentiable, reported only, or absent),
+``shared_prompt`` (that pass with the group's prompt run once or once per row), ``chunk`` (that pass with LM-head
+chunks of 1024/256/128 tokens at reply lengths 64 and 256). Times are process CPU seconds.
 """
 
 from __future__ import annotations
@@ -101,16 +103,65 @@ def lever_entropy(_):
     prompt, resp = torch.randint(100, 1000, (8, 40), generator=g), torch.randint(100, 1000, (8, 64), generator=g)
     attn = torch.ones(8, 64, dtype=torch.bool)
     out = {}
-    for ent in (True, False):
+    for name, ent, ent_grad in (("entropy_with_grad", True, True), ("entropy_reported_only", True, False),
+                                ("no_entropy", False, False)):
         def fwd_bwd():
-            lp, en = response_logprobs(model, prompt, None, resp, attn, with_entropy=ent)
+            lp, en = response_logprobs(model, prompt, None, resp, attn, with_entropy=ent, entropy_grad=ent_grad)
             lp.sum().backward()
             model.zero_grad(set_to_none=True)
-        out["with_entropy" if ent else "without_entropy"] = cpu_best(fwd_bwd, reps=2)
+        out[name] = cpu_best(fwd_bwd, reps=2)
     return out
 
 
-LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None]}
+def lever_shared_prompt(variant):
+    """The update's log-prob forward+backward for one group (8 rows, 40-token prompt, 64-token replies), with the
+    prompt run once per group (``on``) or once per row (``off``); its own process, so peak RSS is this variant's."""
+    import torch
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import response_logprobs
+
+    model, _ = load_model("default")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 1000, (1, 40), generator=g).repeat(8, 1)
+    resp = torch.randint(100, 1000, (8, 64), generator=g)
+    attn = torch.ones(8, 64, dtype=torch.bool)
+
+    def fwd_bwd():
+        lp, _ = response_logprobs(model, prompt, None, resp, attn, share_prompt=variant == "on")
+        lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    t = cpu_best(fwd_bwd, reps=2)
+    return {"fwd_bwd_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def lever_chunk(variant):
+    """The same pass with ``variant`` = "<LM-head chunk tokens>x<reply length>": peak RSS and CPU time."""
+    import torch
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import response_logprobs
+
+    chunk, T = (int(x) for x in variant.split("x"))
+    model, _ = load_model("default")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 1000, (1, 40), generator=g).repeat(8, 1)
+    resp = torch.randint(100, 1000, (8, T), generator=g)
+    attn = torch.ones(8, T, dtype=torch.bool)
+
+    def fwd_bwd():
+        lp, _ = response_logprobs(model, prompt, None, resp, attn, chunk_size=chunk, with_entropy=True,
+                                  entropy_grad=False)
+        lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    t = cpu_best(fwd_bwd, reps=1)
+    return {"fwd_bwd_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],
+          "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"]}
 
 
 def main():

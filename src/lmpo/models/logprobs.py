@@ -113,7 +113,7 @@ def response_logprobs(
     response_attn: Tensor,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     with_entropy: bool = False,
     return_hidden: bool = False,
     share_prompt: bool = True,

@@ -58,7 +58,7 @@ def input_embeddings(model: nn.Module, input_ids: Tensor, P: int, extras: dict[s
 
 def response_stats(
     model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor | None, response_ids: Tensor, response_attn: Tensor,
-    extras: dict[str, Tensor] | None = None, *, temperature: float = 1.0, chunk_size: int = 1024,
+    extras: dict[str, Tensor] | None = None, *, temperature: float = 1.0, chunk_size: int = 256,
     with_entropy: bool = False, stats: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """Like :func:`~lmpo.models.logprobs.response_logprobs`, plus the requested ``stats`` and soft inputs.

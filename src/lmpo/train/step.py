@@ -27,7 +27,7 @@ class PolicyRunner:
 
     model: torch.nn.Module
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int = 256
     autocast: str | None = None
     # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
     noise: LayerNoise | None = None
