@@ -206,3 +206,13 @@ def test_report_only_entropy_same_values_and_logprob_gradients():
     torch.testing.assert_close(ent_b, ent_a.detach())
     for name in g_a:
         torch.testing.assert_close(g_b[name], g_a[name], msg=name)
+
+
+def test_shared_prompt_falls_back_when_the_cache_cannot_be_indexed(model, monkeypatch):
+    from transformers import DynamicCache
+    batch = grouped_batch(0)
+    with torch.no_grad():
+        ref, _ = response_logprobs(model, *batch, share_prompt=False)
+        monkeypatch.setattr(DynamicCache, "batch_select_indices", None)
+        lp, _ = response_logprobs(model, *batch, share_prompt=True)
+    torch.testing.assert_close(lp, ref)

@@ -83,11 +83,8 @@ def _chunk_stats(
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if with_entropy:
-        # H = logsumexp(z) - sum softmax(z) * z; only an (n, V) chunk ever exists.
-        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    else:
-        ent = torch.zeros_like(lse)
+    # H = logsumexp(z) - sum softmax(z) * z; only an (n, V) chunk ever exists.
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1) if with_entropy else torch.zeros_like(lse)
     if side is not None and not side:
         with torch.no_grad():
             side.append(lse - (torch.softmax(logits, dim=-1) * logits).sum(-1))
@@ -164,9 +161,8 @@ def response_logprobs(
     T = response_ids.shape[1]
     input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt and can_share_prompt(model) else None
-    if groups is not None:
-        hidden = _shared_prompt_hidden(body, input_ids, attn, P, *groups)
-    else:
+    hidden = _shared_prompt_hidden(body, input_ids, attn, P, *groups) if groups is not None else None
+    if hidden is None:
         out = body(
             input_ids=input_ids,
             attention_mask=attn.long(),
@@ -222,23 +218,27 @@ def shared_prompt_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor,
     return first, inverse
 
 
+def _recomputes_in_backward(model: nn.Module) -> bool:
+    """Whether a forward under grad will be recomputed in backward (Hugging Face activation checkpointing is on)."""
+    ckpt = getattr(model, "is_activation_checkpointing", None)
+    ckpt = getattr(model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
+    return bool(ckpt) and torch.is_grad_enabled()
+
+
 def can_share_prompt(model: nn.Module) -> bool:
     """Whether the prompt-once path applies: not under activation checkpointing (Hugging Face turns the key/value cache
     off there) and not inside :func:`layer_noise` (its noise is drawn per whole sequence)."""
-    if getattr(model, "_lmpo_layer_noise", False):
-        return False
-    ckpt = getattr(model, "is_activation_checkpointing", None)
-    ckpt = getattr(model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
-    return not (ckpt and torch.is_grad_enabled())
+    return not getattr(model, "_lmpo_layer_noise", False) and not _recomputes_in_backward(model)
 
 
 def _shared_prompt_hidden(body: nn.Module, input_ids: Tensor, attn: Tensor, P: int, first: Tensor, inverse: Tensor,
-                          ) -> Tensor:
+                          ) -> Tensor | None:
     """Final hidden states (B, T, H) predicting each response token, with each distinct prompt run once.
 
     The U distinct prompts go through the body as one batch that returns their key/value cache; the cache is indexed
     to the B rows (autograd sums every row's gradient back into its prompt's single pass) and the responses run on
-    top of it with the positions and padding mask of the joined sequence.
+    top of it with the positions and padding mask of the joined sequence. ``None`` for a model whose cache cannot be
+    indexed by row (the caller then runs the full sequences).
     """
     pos = position_ids_from_mask(attn)
     pre = body(input_ids=input_ids[first, :P], attention_mask=attn[first, :P].long(), position_ids=pos[first, :P],
@@ -247,7 +247,7 @@ def _shared_prompt_hidden(body: nn.Module, input_ids: Tensor, attn: Tensor, P: i
     cache = pre.get("cache", None)
     cache = pre.get("past_key_values", None) if cache is None else cache
     if cache is None or not callable(getattr(cache, "batch_select_indices", None)):
-        raise ModelError(f"{type(body).__name__} returned no indexable key/value cache; pass share_prompt=False.")
+        return None
     cache.batch_select_indices(inverse)
     name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     out = body(input_ids=input_ids[:, P:], attention_mask=attn.long(), position_ids=pos[:, P:], use_cache=True,
@@ -298,9 +298,7 @@ def layer_noise(model: nn.Module, spec: LayerNoise | None, row_seeds: Tensor | N
         return
     if row_seeds is None:
         raise DataError("layer_noise needs one integer seed per row (batch.extras['noise_seed']).")
-    ckpt = getattr(model, "is_activation_checkpointing", None)
-    ckpt = getattr(model, "is_gradient_checkpointing", False) if ckpt is None else ckpt
-    if torch.is_grad_enabled() and ckpt:
+    if _recomputes_in_backward(model):
         raise ModelError(
             "Layer-wise noise cannot be combined with model.gradient_checkpointing: the layers would be recomputed in "
             "backward after the noise hooks are removed, silently without noise. Disable one of the two."
