@@ -59,19 +59,27 @@ def test_matches_naive(model, chunk_size, temperature):
     assert (lp[~batch[3]] == 0).all() and (ent[~batch[3]] == 0).all()
 
 
+def weighted_grads(fn, batch, seed, with_entropy=True):
+    """Parameter gradients of a fresh tiny model (seed 0) of sum(w * logp) [+ sum(w * entropy)] with random w."""
+    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(seed))
+    m = build_tiny_model(seed=0)
+    lp, ent = fn(m, *batch)
+    ((lp * weights).sum() + ((ent * weights).sum() if with_entropy else 0)).backward()
+    return lp, ent, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def assert_grads_close(got, ref):
+    for name in ref:
+        # Gradients reach ~30 in magnitude and are summed in a different order; 1e-4 is float32 rounding.
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("chunk_size", [3, 1024])
 def test_gradients_match_naive(chunk_size):
     batch = make_batch()
-    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(1))
-    grads = []
-    for fn in (naive, lambda m, *b: response_logprobs(m, *b, chunk_size=chunk_size, with_entropy=True)):
-        m = build_tiny_model(seed=0)
-        lp, ent = fn(m, *batch)
-        ((lp * weights).sum() + (ent * weights).sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
-    for name in grads[0]:
-        # Gradients reach ~30 in magnitude and are summed in a different order; 1e-4 is float32 rounding.
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-4, msg=name)
+    ref = weighted_grads(naive, batch, 1)[2]
+    got = weighted_grads(lambda m, *b: response_logprobs(m, *b, chunk_size=chunk_size, with_entropy=True), batch, 1)[2]
+    assert_grads_close(got, ref)
 
 
 def test_left_padding_invariance(model):
@@ -158,15 +166,9 @@ def test_shared_prompt_pass_matches_full_pass(model, seed):
 
 def test_shared_prompt_gradients_match_full_pass():
     batch = grouped_batch(2)
-    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(3))
-    grads = []
-    for share in (False, True):
-        m = build_tiny_model(seed=0)
-        lp, ent = response_logprobs(m, *batch, with_entropy=True, share_prompt=share)
-        ((lp * weights).sum() + (ent * weights).sum()).backward()
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-4, msg=name)
+    full, shared = (weighted_grads(lambda m, *b: response_logprobs(m, *b, with_entropy=True, share_prompt=share),
+                                   batch, 3)[2] for share in (False, True))
+    assert_grads_close(shared, full)
 
 
 def test_shared_prompt_rows_none_when_all_distinct(model):
@@ -193,19 +195,13 @@ def test_shared_prompt_off_under_layer_noise_and_checkpointing():
 
 def test_report_only_entropy_same_values_and_logprob_gradients():
     batch = make_batch()
-    weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(4))
-    outs = []
-    for entropy_grad in (True, False):
-        m = build_tiny_model(seed=0)
-        lp, ent = response_logprobs(m, *batch, chunk_size=4, with_entropy=True, entropy_grad=entropy_grad)
-        (lp * weights).sum().backward()
-        outs.append((lp.detach(), ent, {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = outs
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = (
+        weighted_grads(lambda m, *b: response_logprobs(m, *b, chunk_size=4, with_entropy=True, entropy_grad=eg),
+                       batch, 4, with_entropy=False) for eg in (True, False))
     assert ent_a.requires_grad and not ent_b.requires_grad  # reported only: no graph kept for it
-    torch.testing.assert_close(lp_b, lp_a)
+    torch.testing.assert_close(lp_b.detach(), lp_a.detach())
     torch.testing.assert_close(ent_b, ent_a.detach())
-    for name in g_a:
-        torch.testing.assert_close(g_b[name], g_a[name], msg=name)
+    assert_grads_close(g_b, g_a)
 
 
 def test_shared_prompt_falls_back_when_the_cache_cannot_be_indexed(model, monkeypatch):
