@@ -79,18 +79,25 @@ def random_batch(seed: int, *, T: int | None = None, token_rewards: bool = False
     return make_batch(rewards, group_ids, mask, token_rewards=tr, dtype=dtype)
 
 
-def run_token_loss(loss_fn, logr, adv, mask=None):
-    """Call a PolicyLoss in float64 with log-ratios ``logr`` (B, T) against old log-probs of -1 and advantages
-    ``adv`` ((B,) broadcast over tokens, or (B, T)); returns (per-token loss, d sum / d logprobs, metrics)."""
+def token_loss_inputs(logr, adv, mask=None, *, old: float = -1.0, extras=None) -> tuple[RolloutBatch, Tensor]:
+    """A float64 batch and leaf log-probs for a PolicyLoss: log-ratios ``logr`` (B, T) against old log-probs ``old``,
+    advantages ``adv`` ((B,) broadcast over tokens, or (B, T)), optional ``extras``."""
     F64 = torch.float64
     logr = torch.as_tensor(logr, dtype=F64)
     B, T = logr.shape
     adv = torch.as_tensor(adv, dtype=F64)
     adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
     mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    old = torch.full((B, T), -1.0, dtype=F64)
-    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
-    lp = (old + logr).requires_grad_(True)
+    old_lp = torch.full((B, T), old, dtype=F64)
+    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old_lp, dtype=F64)
+    if extras:
+        b = b.replace(extras=extras)
+    return b, (old_lp + logr).requires_grad_(True)
+
+
+def run_token_loss(loss_fn, logr, adv, mask=None, **kw):
+    """Call a PolicyLoss on :func:`token_loss_inputs`; returns (per-token loss, d sum / d logprobs, metrics)."""
+    b, lp = token_loss_inputs(logr, adv, mask, **kw)
     out = loss_fn(lp, b)
     out.per_token.sum().backward()
     return out.per_token.detach(), lp.grad, out.metrics

@@ -17,23 +17,13 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.bapo import BAPOLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from unit.methods._helpers import make_batch, run_token_loss
 
 F64 = torch.float64
 
 
 def run(loss_fn, ratios, adv, mask=None):
-    ratios = torch.as_tensor(ratios, dtype=F64)
-    B, T = ratios.shape
-    adv = torch.as_tensor(adv, dtype=F64)
-    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    old = torch.full((B, T), -1.0, dtype=F64)
-    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
-    lp = (old + ratios.log()).requires_grad_(True)
-    out = loss_fn(lp, b)
-    out.per_token.sum().backward()
-    return out.per_token.detach(), lp.grad, out.metrics
+    return run_token_loss(loss_fn, torch.as_tensor(ratios, dtype=F64).log(), adv, mask)
 
 
 def test_card_worked_example_gradient_bearing_share():

@@ -20,25 +20,14 @@ from lmpo.errors import ConfigError, DataError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.dhpo import DHPOLoss
 from lmpo.registry import LOSSES
-from unit.methods._helpers import make_batch
+from unit.methods._helpers import make_batch, run_token_loss
 
 F64 = torch.float64
 
 
 def run(loss_fn, logr, adv, mask=None, entropy=None):
-    logr = torch.as_tensor(logr, dtype=F64)
-    B, T = logr.shape
-    adv = torch.as_tensor(adv, dtype=F64)
-    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    old = torch.full((B, T), -1.5, dtype=F64)
-    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
-    if entropy is not None:
-        b = b.replace(extras={"current_entropy": torch.as_tensor(entropy, dtype=F64)})
-    lp = (old + logr).requires_grad_(True)
-    out = loss_fn(lp, b)
-    out.per_token.sum().backward()
-    return out.per_token.detach(), lp.grad, out.metrics
+    extras = None if entropy is None else {"current_entropy": torch.as_tensor(entropy, dtype=F64)}
+    return run_token_loss(loss_fn, logr, adv, mask, old=-1.5, extras=extras)
 
 
 def test_hand_average_geometric_and_arithmetic():

@@ -16,20 +16,13 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.r2vpo import R2VPOLoss
-from unit.methods._helpers import make_batch, random_mask
+from unit.methods._helpers import make_batch, random_mask, token_loss_inputs
 
 F64 = torch.float64
 
 
 def batch_and_lp(ratios, adv, mask=None):
-    ratios = torch.as_tensor(ratios, dtype=F64)
-    B, T = ratios.shape
-    adv = torch.as_tensor(adv, dtype=F64)
-    adv = adv[:, None].expand(B, T).clone() if adv.dim() == 1 else adv
-    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    old = torch.full((B, T), -1.0, dtype=F64)
-    b = make_batch([0.0] * B, None, mask, advantages=adv * mask, old_logprobs=old, dtype=F64)
-    return b, (old + ratios.log()).requires_grad_(True)
+    return token_loss_inputs(torch.as_tensor(ratios, dtype=F64).log(), adv, mask)
 
 
 def run(loss_fn, ratios, adv, mask=None):
