@@ -231,6 +231,12 @@ def can_share_prompt(model: nn.Module) -> bool:
     return not getattr(model, "_lmpo_layer_noise", False) and not _recomputes_in_backward(model)
 
 
+def cache_kwarg(body: nn.Module) -> str:
+    """Name of the key/value-cache argument of ``body.forward``: ``cache`` from transformers 5.20 on (the old name
+    ``past_key_values`` still works there but warns), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
 def _shared_prompt_hidden(body: nn.Module, input_ids: Tensor, attn: Tensor, P: int, first: Tensor, inverse: Tensor,
                           ) -> Tensor | None:
     """Final hidden states (B, T, H) predicting each response token, with each distinct prompt run once.
@@ -249,9 +255,8 @@ def _shared_prompt_hidden(body: nn.Module, input_ids: Tensor, attn: Tensor, P: i
     if cache is None or not callable(getattr(cache, "batch_select_indices", None)):
         return None
     cache.batch_select_indices(inverse)
-    name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     out = body(input_ids=input_ids[:, P:], attention_mask=attn.long(), position_ids=pos[:, P:], use_cache=True,
-               **{name: cache})
+               **{cache_kwarg(body): cache})
     last_prompt = pre.last_hidden_state[:, P - 1][inverse].unsqueeze(1)  # predicts response token 0
     return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1)
 

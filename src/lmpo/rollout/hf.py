@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lmpo.errors import DataError, TrainingDiverged
-from lmpo.models.logprobs import head_logits, position_ids_from_mask, shared_prompt_rows, split_body_and_head
+from lmpo.models.logprobs import (cache_kwarg, head_logits, position_ids_from_mask, shared_prompt_rows,
+                                  split_body_and_head)
 from lmpo.rollout.base import GenerationOutput, SamplingParams
 
 
@@ -143,16 +144,16 @@ class HFGenerator:
         alive: list[Tensor] = []
         # a group's rows share one prompt: prefill it once
         shared = shared_prompt_rows(prompt_ids, prompt_mask) if self.share_prompt else None
+        kv = {cache_kwarg(body): cache}
         for i in range(max(limits)):
             if i == 0 and shared is not None:
                 first, inverse = shared
                 out = body(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
-                           past_key_values=cache, use_cache=True)
+                           use_cache=True, **kv)
                 cache.batch_select_indices(inverse)
                 last = out.last_hidden_state[:, -1][inverse]
             else:
-                out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                           use_cache=True)
+                out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True, **kv)
                 last = out.last_hidden_state[:, -1]
             logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
             if not bool(torch.isfinite(logits).all()):

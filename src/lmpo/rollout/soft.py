@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from lmpo.errors import ConfigError
-from lmpo.models.logprobs import head_logits, position_ids_from_mask, split_body_and_head
+from lmpo.models.logprobs import cache_kwarg, head_logits, position_ids_from_mask, split_body_and_head
 from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator, filter_logits
 from lmpo.rollout.reference import ModeOutput
@@ -101,9 +101,8 @@ class SoftThinkingGenerator(HFGenerator):
         steps = torch.zeros(n, dtype=torch.long, device=device)
         rec: dict[str, list[Tensor]] = {k: [] for k in ("tok", "lp", "alive", "soft", "ids", "w", "valid", "z")}
         for _ in range(params.max_new_tokens):
-            out = body(inputs_embeds=x, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                       use_cache=True)
-            cache = out.past_key_values
+            out = body(inputs_embeds=x, attention_mask=attn, position_ids=positions, use_cache=True,
+                       **{cache_kwarg(body): cache})
             logits = head_logits(self.model, head, out.last_hidden_state[:, -1]).float() / temperature
             # soft candidates: top-k of the top-k/top-p-filtered, renormalised distribution
             lp_s = torch.log_softmax(filter_logits(logits, o.top_k, o.top_p), -1)
