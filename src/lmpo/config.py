@@ -37,7 +37,7 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"  # parameter dtype
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
-    chunk_size: int = 256  # tokens per LM-head chunk in log-prob computation (benchmarks/levers.py: chunk)
+    chunk_size: int = 256  # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 

@@ -212,3 +212,9 @@ def test_shared_prompt_falls_back_when_the_cache_cannot_be_indexed(model, monkey
         monkeypatch.setattr(DynamicCache, "batch_select_indices", None)
         lp, _ = response_logprobs(model, *batch, share_prompt=True)
     torch.testing.assert_close(lp, ref)
+
+
+def test_config_chunk_default_is_the_library_default():
+    from lmpo.config import ModelConfig
+    from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE
+    assert ModelConfig().chunk_size == DEFAULT_CHUNK_SIZE

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmpo.errors import DataError
-from lmpo.models.logprobs import head_logits, joined_inputs, position_ids_from_mask, split_body_and_head
+from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, head_logits, joined_inputs, position_ids_from_mask,
+                                  split_body_and_head)
 
 STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs"})
 """``needs`` keys a component may declare to get these statistics in ``batch.extras`` (and ``old_<key>``)."""
@@ -58,7 +59,7 @@ def input_embeddings(model: nn.Module, input_ids: Tensor, P: int, extras: dict[s
 
 def response_stats(
     model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor | None, response_ids: Tensor, response_attn: Tensor,
-    extras: dict[str, Tensor] | None = None, *, temperature: float = 1.0, chunk_size: int = 256,
+    extras: dict[str, Tensor] | None = None, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False, stats: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """Like :func:`~lmpo.models.logprobs.response_logprobs`, plus the requested ``stats`` and soft inputs.

@@ -17,7 +17,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ModelError, TrainingDiverged
-from lmpo.models.logprobs import LayerNoise, layer_noise, response_logprobs
+from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 
 
@@ -27,7 +27,7 @@ class PolicyRunner:
 
     model: torch.nn.Module
     temperature: float = 1.0
-    chunk_size: int = 256
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     autocast: str | None = None
     # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
     noise: LayerNoise | None = None
