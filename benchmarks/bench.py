@@ -129,15 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 def render(raw: dict, precisions: list[str], sides: list[str], a) -> str:
     peak, peak_cpu = matmul_peak(raw["matmul"]), matmul_peak(raw["matmul"], "peak_flops_cpu")
     stream_cpu = stream_peak(raw["matmul"], "stream_bytes_per_cpu_s")
+    read_cpu = stream_peak(raw["matmul"], "read_bytes_per_cpu_s")
     parts = [f"Machine: {os.cpu_count()} CPUs, torch threads {a.threads}. Matmul peak (best square matmul): "
              + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
              + "; per CPU-second: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak_cpu.items())
-             + (f". Weight streaming (fp32, {a.group} rows): {stream_cpu / 1e9:.2f} GB per CPU-second"
-                if stream_cpu else "")]
+             + (f". Decode-shaped matmul (fp32, {a.group} rows): {stream_cpu / 1e9:.2f} weight GB per CPU-second"
+                if stream_cpu else "")
+             + (f"; plain read of the same weights: {read_cpu / 1e9:.2f} GB per CPU-second" if read_cpu else "")]
     for prec in precisions:
         lm = summarize(raw[prec]["lmpo"]) if "lmpo" in sides else None
         tr = summarize(raw[prec]["trl"]) if "trl" in sides else None
-        rows = ratio_rows(lm or {}, tr, peak.get(prec), peak_cpu.get(prec), stream_cpu)
+        rows = ratio_rows(lm or {}, tr, peak.get(prec), peak_cpu.get(prec), stream_cpu, read_cpu)
         n = (lm or tr)["runs"]
         parts.append(f"\n### {prec}: G={a.group}, T={a.length}, medians over {n} runs per side\n")
         parts.append(markdown_table(("metric", "lmpo", "TRL", "lmpo/TRL"), rows))

@@ -6,7 +6,8 @@ Levers: ``linear`` (fp32 vs bf16-autocast linear at the update's shapes), ``adam
 CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole step vs LM head vs body),
 ``entropy`` (the update's log-prob pass with the entropy differentiable, reported only, or absent),
 ``shared_prompt`` (that pass with the group's prompt run once or once per row), ``chunk`` (that pass with LM-head
-chunks of 1024/256/128 tokens at reply lengths 64 and 256). Times are process CPU seconds.
+chunks of 1024/256/128 tokens at reply lengths 64 and 256), ``head`` (the LM-head part fused or checkpointed per
+chunk, and the logits layout). Times are process CPU seconds.
 """
 
 from __future__ import annotations
@@ -160,8 +161,41 @@ def lever_chunk(variant):
     return {"fwd_bwd_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def lever_head(variant):
+    """The update's LM-head part alone on the default model's head (512 response tokens, 256-token chunks, entropy
+    reported): ``fused`` (one autograd node, ``_HeadStats``) or ``checkpointed`` (one checkpoint per chunk); and,
+    for ``layout``, the four products of a chunk with token-major (h @ W^T) and vocabulary-major (W @ h^T) logits."""
+    import torch
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import head_stats, split_body_and_head
+
+    model, _ = load_model("default")
+    _, head = split_body_and_head(model)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, head.weight.shape[1], generator=g)
+    targets = torch.randint(0, head.weight.shape[0], (512,), generator=g)
+    if variant == "layout":
+        W, h = head.weight.detach(), hidden[:256]
+        zr, zc = h @ W.t(), W @ h.t()
+        pairs = {"logits": (lambda: h @ W.t(), lambda: W @ h.t()), "grad_hidden": (lambda: zr @ W, lambda: zc.t() @ W),
+                 "grad_weight": (lambda: zr.t() @ h, lambda: zc @ h)}
+        return {name: {"token_major_cpu_s": cpu_best(a), "vocab_major_cpu_s": cpu_best(b)}
+                for name, (a, b) in pairs.items()}
+
+    def fwd_bwd():
+        h = hidden.clone().requires_grad_()
+        lp, _ = head_stats(model, head, h, targets, with_entropy=True, entropy_grad=False, fused=variant == "fused")
+        lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    t = cpu_best(fwd_bwd, reps=2)
+    return {"fwd_bwd_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],
-          "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"]}
+          "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"],
+          "head": ["checkpointed", "fused", "layout"]}
 
 
 def main():

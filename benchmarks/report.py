@@ -137,17 +137,20 @@ ROWS = [  # (label, key, format, lower is better)
     ("update model GFLOP/s", "update_gflops", "{:.1f}", False),
     ("update / matmul peak (wall)", "update_mfu", "{:.1%}", False),
     ("update / matmul peak (CPU time)", "update_mfu_cpu", "{:.1%}", False),
-    ("generation / weight-streaming bound (CPU time)", "gen_roof_cpu", "{:.1%}", False),
+    ("generation / decode-matmul rate (CPU time)", "gen_roof_cpu", "{:.1%}", False),
+    ("generation / memory-read bound (CPU time)", "gen_read_cpu", "{:.1%}", False),
 ]
 
 
 def ratio_rows(lmpo: dict[str, float], trl: dict[str, float] | None, peak: float | None,
-               peak_cpu: float | None = None, stream_cpu: float | None = None) -> list[tuple[str, ...]]:
+               peak_cpu: float | None = None, stream_cpu: float | None = None, read_cpu: float | None = None,
+               ) -> list[tuple[str, ...]]:
     """Table rows (label, lmpo, TRL, lmpo/TRL) with the update's fraction of the matmul peak filled in: ``peak``
     in FLOP per wall second, ``peak_cpu`` per CPU second (the same number on an idle machine). ``stream_cpu``
-    (weight bytes per CPU second, :func:`workers.weight_stream`) gives generation's fraction of its memory bound:
-    the time to read every weight once per sampled token over the time generation took. Rows whose metric neither
-    side recorded are left out."""
+    (weight bytes per CPU second of the decode-shaped matmul, :func:`workers.weight_stream`) and ``read_cpu`` (of a
+    plain read of the same weights) give generation's fraction of each: the time to pass every weight once per
+    sampled token at that rate over the time generation took. Rows whose metric neither side recorded are left
+    out."""
     def fill(s: dict[str, float] | None) -> dict[str, float] | None:
         if s is None:
             return None
@@ -155,8 +158,9 @@ def ratio_rows(lmpo: dict[str, float], trl: dict[str, float] | None, peak: float
         s["update_gflops"] = s.get("update_flops_per_s", float("nan")) / 1e9
         s["update_mfu"] = s.get("update_flops_per_s", float("nan")) / peak if peak else float("nan")
         s["update_mfu_cpu"] = s.get("update_flops_per_cpu_s", float("nan")) / peak_cpu if peak_cpu else float("nan")
-        if stream_cpu and s.get("gen_weight_bytes") and s.get("generate_cpu"):
-            s["gen_roof_cpu"] = s["gen_weight_bytes"] / stream_cpu / s["generate_cpu"]
+        for key, rate in (("gen_roof_cpu", stream_cpu), ("gen_read_cpu", read_cpu)):
+            if rate and s.get("gen_weight_bytes") and s.get("generate_cpu"):
+                s[key] = s["gen_weight_bytes"] / rate / s["generate_cpu"]
         return s
 
     a, b = fill(lmpo), fill(trl)

@@ -295,27 +295,33 @@ def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
             detail.append({"dtype": name, "n": n, "flops_per_s": f, "flops_per_cpu_s": f_cpu})
             peak[name] = max(peak.get(name, 0.0), f)
             peak_cpu[name] = max(peak_cpu.get(name, 0.0), f_cpu)
-    stream, stream_cpu = weight_stream(torch, spec.get("rows", 8), spec.get("stream_mb", 256))
+    stream, stream_cpu, read, read_cpu = weight_stream(torch, spec.get("rows", 8), spec.get("stream_mb", 256))
     return {"side": "matmul", "spec": spec, "peak_flops": peak, "peak_flops_cpu": peak_cpu, "detail": detail,
-            "stream_bytes_per_s": stream, "stream_bytes_per_cpu_s": stream_cpu, "threads": torch.get_num_threads()}
+            "stream_bytes_per_s": stream, "stream_bytes_per_cpu_s": stream_cpu, "read_bytes_per_s": read,
+            "read_bytes_per_cpu_s": read_cpu, "threads": torch.get_num_threads()}
 
 
-def weight_stream(torch, rows: int, total_mb: int) -> tuple[float, float]:
-    """Best fp32 weight bytes per second (wall, CPU) of a decode-shaped pass: ``rows`` activations times a stack of
-    576x1536 linear layers totalling ``total_mb`` MB, far beyond the caches, as one sampling step reads a model.
+def weight_stream(torch, rows: int, total_mb: int) -> tuple[float, float, float, float]:
+    """Weight bytes per second (wall, CPU) of a decode-shaped pass, then of a plain read of the same weights.
 
-    Decoding a few rows is bound by how fast the weights come from memory, not by FLOPs; this is that bound."""
+    The pass: ``rows`` activations times a stack of 576x1536 fp32 linear layers totalling ``total_mb`` MB, far beyond
+    the caches, as one sampling step reads a model (the rate the matmul library reaches at this shape). The read:
+    ``sum()`` over the same tensors, the memory bandwidth one thread gets; a decode step cannot beat it.
+    """
     n = max(2, int(total_mb * 2**20 // (576 * 1536 * 4)))
     weights = [torch.randn(1536, 576) for _ in range(n)]
     x = torch.randn(rows, 576)
     nbytes = sum(w.numel() * 4 for w in weights)
-    best = best_cpu = float("inf")
-    for _ in range(4):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for w in weights:
-            torch.nn.functional.linear(x, w)
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-    return nbytes / best, nbytes / max(best_cpu, 1e-9)
+    rates = []
+    for fn in (lambda w: torch.nn.functional.linear(x, w), lambda w: w.sum()):
+        best = best_cpu = float("inf")
+        for _ in range(4):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for w in weights:
+                fn(w)
+            best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+        rates += [nbytes / best, nbytes / max(best_cpu, 1e-9)]
+    return tuple(rates)
 
 
 def run(spec: dict[str, Any]) -> None:

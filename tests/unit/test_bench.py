@@ -69,7 +69,7 @@ def test_cpu_time_rows_and_peak():
     assert rows["update / matmul peak (wall)"][1] == "25.0%"
 
 
-def test_generation_fraction_of_weight_streaming_bound():
+def test_generation_fraction_of_decode_matmul_rate_and_memory_read_bound():
     # T=4 tokens, 10 + 6 matmul weights of 4 bytes: 4 * 16 * 4 = 256 bytes read; at 128 bytes per CPU-s that takes
     # 2 CPU-s; generation took 8 CPU-s -> 25% of the bound.
     st = dict(step(2.0, 0.0, 0.0, 4.0, 8.0), generate_cpu=8.0, score_cpu=0.0, logprob_cpu=0.0, update_cpu=1.0,
@@ -81,8 +81,9 @@ def test_generation_fraction_of_weight_streaming_bound():
     stream = report.stream_peak([{"stream_bytes_per_cpu_s": 100.0}, {"stream_bytes_per_cpu_s": 128.0}, {}],
                                 "stream_bytes_per_cpu_s")
     assert stream == 128.0 and report.stream_peak([{}]) is None
-    rows = {r[0]: r for r in report.ratio_rows(s, None, peak=None, stream_cpu=stream)}
-    assert rows["generation / weight-streaming bound (CPU time)"][1] == "25.0%"
+    rows = {r[0]: r for r in report.ratio_rows(s, None, peak=None, stream_cpu=stream, read_cpu=4 * stream)}
+    assert rows["generation / decode-matmul rate (CPU time)"][1] == "25.0%"
+    assert rows["generation / memory-read bound (CPU time)"][1] == "6.2%"  # reading 4x faster: 0.5 of 8 CPU-s
 
 
 def test_matmul_peak_is_best_per_dtype():

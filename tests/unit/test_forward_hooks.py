@@ -19,6 +19,7 @@ from lmpo.errors import DataError, ModelError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.base import LossOut
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
+from lmpo.models.load import enable_activation_checkpointing
 from lmpo.models.logprobs import LayerNoise, _noise_seed, layer_noise
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss, policy_update
 
@@ -202,7 +203,7 @@ def test_layer_noise_same_gradient_under_recomputation():
 
 def test_layer_noise_refuses_hf_gradient_checkpointing():
     model = build_tiny_model(seed=0).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     with pytest.raises(ModelError, match="gradient_checkpointing"):
         with layer_noise(model, LayerNoise(0.1), torch.tensor([1])):
             pass

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmpo.errors import DataError
+from lmpo.models.load import enable_activation_checkpointing
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
 from unit._memory import LargestTensor
 
@@ -59,10 +60,10 @@ def test_matches_naive(model, chunk_size, temperature):
     assert (lp[~batch[3]] == 0).all() and (ent[~batch[3]] == 0).all()
 
 
-def weighted_grads(fn, batch, seed, with_entropy=True):
+def weighted_grads(fn, batch, seed, with_entropy=True, tied=False):
     """Parameter gradients of a fresh tiny model (seed 0) of sum(w * logp) [+ sum(w * entropy)] with random w."""
     weights = torch.randn(batch[2].shape, generator=torch.Generator().manual_seed(seed))
-    m = build_tiny_model(seed=0)
+    m = build_tiny_model(seed=0, tie_embeddings=tied)
     lp, ent = fn(m, *batch)
     ((lp * weights).sum() + ((ent * weights).sum() if with_entropy else 0)).backward()
     return lp, ent, {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -121,11 +122,14 @@ def test_never_materialises_full_logits():
     full = B * T * vocab
     saved = []
     mode = LargestTensor()
-    with mode, torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.numel()), t)[1], lambda t: t):
+    params = {id(p) for p in m.parameters()}
+    keep = lambda t: (saved.append(t.numel()) if id(t) not in params else None, t)[1]  # noqa: E731
+    with mode, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         lp, ent = response_logprobs(m, *batch, chunk_size=chunk, with_entropy=True)
         (lp.sum() + ent.sum()).backward()
     assert mode.largest < full, f"an op produced {mode.largest} elements >= B*T*V = {full}"
-    # Checkpointing keeps chunk logits out of the autograd graph: nothing of one chunk's logits size is saved.
+    # Chunk logits stay out of the autograd graph (recomputed in backward): nothing of one chunk's logits size is
+    # saved apart from the weights themselves.
     assert max(saved) < chunk * vocab
     assert m.lm_head.weight.grad is not None and torch.isfinite(m.lm_head.weight.grad).all()
 
@@ -187,7 +191,7 @@ def test_shared_prompt_off_under_layer_noise_and_checkpointing():
     with layer_noise(m, LayerNoise(std=0.1), torch.arange(2)):
         assert not can_share_prompt(m)
     assert can_share_prompt(m)
-    m.gradient_checkpointing_enable()
+    enable_activation_checkpointing(m)
     assert not can_share_prompt(m)
     with torch.no_grad():
         assert can_share_prompt(m)  # no backward: the cache is fine
@@ -218,3 +222,118 @@ def test_config_chunk_default_is_the_library_default():
     from lmpo.config import ModelConfig
     from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE
     assert ModelConfig().chunk_size == DEFAULT_CHUNK_SIZE
+
+
+# --------------------------------------------------------------------------- the fused LM head (head_stats)
+def head_case(bias: bool, seed: int = 0, V: int = 37, H: int = 6, n: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(H, V, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g))
+    hidden = torch.randn(n, H, generator=g)
+    targets = torch.randint(0, V, (n,), generator=g)
+    return head, hidden, targets, torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+
+def head_reference(head, hidden, targets, temperature):
+    """Float64 full log-softmax over the vocabulary: log-probs and entropies."""
+    z = torch.nn.functional.linear(hidden.double(), head.weight.double(),
+                                   None if head.bias is None else head.bias.double()) / temperature
+    logp = torch.log_softmax(z, -1)
+    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def head_run(fn, case, uses):
+    """Values and gradients (hidden, weight, bias) of sum(w_lp * logp) and/or sum(w_ent * entropy)."""
+    import copy
+    head, hidden, targets, w_lp, w_ent = case
+    head, hidden = copy.deepcopy(head), hidden.clone().requires_grad_()
+    lp, ent = fn(head, hidden, targets)
+    loss = 0.0
+    if "lp" in uses:
+        loss = loss + (lp * w_lp.to(lp.dtype)).sum()
+    if "ent" in uses:
+        loss = loss + (ent * w_ent.to(ent.dtype)).sum()
+    loss.backward()
+    grads = [hidden.grad] + [None if p is None or p.grad is None else p.grad for p in (head.weight, head.bias)]
+    return [lp.detach().float(), ent.detach().float()], [None if x is None else x.float() for x in grads]
+
+
+@pytest.mark.parametrize("uses", [("lp",), ("ent",), ("lp", "ent")])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_fused_head_matches_float64_reference_and_checkpointed_chunks(uses, temperature, bias, chunk):
+    from lmpo.models.logprobs import head_stats
+    case = head_case(bias, seed=chunk)
+    ref = head_run(lambda hd, h, y: head_reference(hd, h.double(), y, temperature), case, uses)
+    runs = [head_run(lambda hd, h, y: head_stats(torch.nn.Module(), hd, h, y, temperature=temperature,
+                                                 chunk_size=chunk, with_entropy=True, fused=fused), case, uses)
+            for fused in (True, False)]
+    for values, grads in runs:
+        for got, want in zip(values, ref[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, ref[1]):  # float32 sums of up to 11 terms of size ~10: rounding ~1e-5
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_head_frozen_weight_and_report_only_entropy():
+    from lmpo.models.logprobs import head_stats
+    head, hidden, targets, w_lp, _ = head_case(bias=False)
+    head.weight.requires_grad_(False)
+    h = hidden.clone().requires_grad_()
+    lp, ent = head_stats(torch.nn.Module(), head, h, targets, chunk_size=4, with_entropy=True, entropy_grad=False)
+    assert not ent.requires_grad
+    (lp * w_lp).sum().backward()
+    assert head.weight.grad is None
+    ref_h = hidden.double().requires_grad_()
+    ref_lp, ref_ent = head_reference(head, ref_h, targets, 1.0)
+    (ref_lp * w_lp.double()).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_under_bf16_autocast_matches_the_checkpointed_path():
+    from lmpo.models.logprobs import head_stats
+    case = head_case(bias=False, V=64, H=16, n=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (v_f, g_f), (v_c, g_c) = (head_run(lambda hd, h, y: head_stats(torch.nn.Module(), hd, h, y, chunk_size=4,
+                                                                      with_entropy=True, fused=fused),
+                                           case, ("lp", "ent")) for fused in (True, False))
+    ref_v, _ = head_run(lambda hd, h, y: head_reference(hd, h.double(), y, 1.0), case, ("lp",))
+    for got, want in zip(v_f + g_f[:2], v_c + g_c[:2]):
+        # Both multiply in bfloat16 (8 mantissa bits); the float64 values differ from either by that rounding.
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.05)
+    assert (v_f[0] - ref_v[0]).abs().max() < 0.1 and (v_f[0] - ref_v[0]).abs().max() > 0  # bf16 products
+    assert all(g.dtype == torch.float32 for g in g_f[:2])
+
+
+def test_fused_head_is_used_for_plain_linear_heads_only():
+    from types import SimpleNamespace
+
+    from lmpo.models.logprobs import fused_head
+    m = build_tiny_model(seed=0)
+    assert fused_head(m, m.lm_head)
+    assert not fused_head(m, torch.nn.Sequential(m.lm_head))  # a wrapped (e.g. peft) head
+    capped = torch.nn.Module()
+    capped.config = SimpleNamespace(final_logit_softcapping=30.0)
+    assert not fused_head(capped, m.lm_head)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_tied_embedding_gradient_dense_and_equal_to_naive(share):
+    batch = grouped_batch(1)
+    ref = weighted_grads(naive, batch, 5, tied=True)[2]
+    got = weighted_grads(lambda m, *b: response_logprobs(m, *b, with_entropy=True, share_prompt=share), batch, 5,
+                         tied=True)[2]
+    assert "lm_head.weight" not in got  # tied: one parameter
+    assert got["model.embed_tokens.weight"].layout == torch.strided  # the sparse lookup's rows were added into it
+    for name in ref:
+        # The tied matrix sums the head's and the embedding's gradients (up to ~130 here): float32 rounding of such
+        # sums is ~1e-5 of the largest entry (the naive float32 pass itself is 1.6e-3 from float64 here).
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5 * float(ref[name].abs().max()),
+                                   msg=name)

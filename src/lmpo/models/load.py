@@ -109,6 +109,16 @@ def apply_lora(
         ) from err
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), through ``activation_checkpointing_enable`` from
+    transformers 5.x on (``gradient_checkpointing_enable`` is its deprecated alias there) or the old name before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def format_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:
     """Render a prompt as the text the model should continue.
 

@@ -52,7 +52,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(
-    seed: int = 0, vocab_size: int = 16, hidden_size: int = 32, num_layers: int = 2, init_std: float = _TINY_INIT_STD
+    seed: int = 0, vocab_size: int = 16, hidden_size: int = 32, num_layers: int = 2, init_std: float = _TINY_INIT_STD,
+    tie_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """Build a tiny randomly initialised Llama causal LM, deterministic in ``seed``.
 
@@ -65,9 +66,10 @@ def build_tiny_model(
         hidden_size: Model width; must be divisible by 4 (4 query heads, 2 key/value heads).
         num_layers: Number of decoder layers.
         init_std: Std of the weight initialisation (0.5: peaked predictions for numerical tests).
+        tie_embeddings: Share the input embedding with the LM head (as SmolLM2 does).
 
     Returns:
-        A float32 ``LlamaForCausalLM`` in eval mode with untied embeddings and pad=0, eos=1.
+        A float32 ``LlamaForCausalLM`` in eval mode with pad=0, eos=1 (untied embeddings unless ``tie_embeddings``).
     """
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -78,7 +80,7 @@ def build_tiny_model(
         num_key_value_heads=2,  # grouped-query attention, like the real SmolLM2, so that code path is exercised
         max_position_embeddings=4096,
         initializer_range=init_std,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
         pad_token_id=TINY_VOCAB.index(PAD),
         eos_token_id=TINY_VOCAB.index(EOS),
         bos_token_id=None,

@@ -22,7 +22,7 @@ from lmpo import ops
 from lmpo.perf import resolve_autocast
 from lmpo.config import Config, build_components, save_config
 from lmpo.errors import LmpoError, TrainingDiverged
-from lmpo.models.load import apply_lora, load_model
+from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
 from lmpo.models.token_stats import STAT_NEEDS
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
@@ -90,7 +90,7 @@ def setup_model(cfg: Config):
     elif cfg.kl.beta > 0:  # full fine-tuning keeps a frozen copy as the KL reference
         ref = copy.deepcopy(model).eval().requires_grad_(False)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model, tokenizer, ref
 
 
