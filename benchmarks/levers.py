@@ -7,7 +7,8 @@ CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole s
 ``entropy`` (the update's log-prob pass with the entropy differentiable, reported only, or absent),
 ``shared_prompt`` (that pass with the group's prompt run once or once per row), ``chunk`` (that pass with LM-head
 chunks of 1024/256/128 tokens at reply lengths 64 and 256), ``head`` (the LM-head part fused or checkpointed per
-chunk, and the logits layout). Times are process CPU seconds.
+chunk, and the logits layout), ``decode_matmul`` (weight GB per CPU second of the decode-shaped product through MKL,
+MKL with pre-packed weights, oneDNN and OpenBLAS, against a plain read). Times are process CPU seconds.
 """
 
 from __future__ import annotations
@@ -193,9 +194,34 @@ def lever_head(variant):
     return {"fwd_bwd_cpu_s": t, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def lever_decode_matmul(_):
+    """Weight GB per CPU second of a decode-shaped product (8 rows times 256 MB of 576x1536 fp32 weights) through each
+    kernel at hand, and of a plain read (``sum()``) of the same weights: the memory bound."""
+    import numpy as np
+    import torch
+
+    n = 256 * 2**20 // (576 * 1536 * 4)
+    weights = [torch.randn(1536, 576) for _ in range(n)]
+    x = torch.randn(8, 576)
+    gb = n * 1536 * 576 * 4 / 1e9
+    packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, 8) for w in weights]
+    x_dnn, w_dnn = x.to_mkldnn(), [w.to_mkldnn() for w in weights]
+    x_np, w_np = x.numpy(), [w.numpy() for w in weights]
+    kernels = {
+        "mkl_linear": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+        "mkl_prepacked": lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, 8) for p, w in zip(packed, weights)],
+        "onednn": lambda: [torch._C._nn.mkldnn_linear(x_dnn, w, None) for w in w_dnn],
+        "openblas_numpy": lambda: [x_np @ w.T for w in w_np],
+        "mkl_gemv_one_row": lambda: [torch.mv(w, x[0]) for w in weights],
+        "plain_read": lambda: [w.sum() for w in weights],
+    }
+    np.dot(x_np, w_np[0].T)
+    return {name: round(gb / cpu_best(fn), 2) for name, fn in kernels.items()}
+
+
 LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],
           "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"],
-          "head": ["checkpointed", "fused", "layout"]}
+          "head": ["checkpointed", "fused", "layout"], "decode_matmul": [None]}
 
 
 def main():
