@@ -8,7 +8,9 @@ CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole s
 ``shared_prompt`` (that pass with the group's prompt run once or once per row), ``chunk`` (that pass with LM-head
 chunks of 1024/256/128 tokens at reply lengths 64 and 256), ``head`` (the LM-head part fused or checkpointed per
 chunk, and the logits layout), ``decode_matmul`` (weight GB per CPU second of the decode-shaped product through MKL,
-MKL with pre-packed weights, oneDNN and OpenBLAS, against a plain read). Times are process CPU seconds.
+MKL with pre-packed weights, oneDNN and OpenBLAS, against a plain read), ``decode_prepacked`` (one decode step of
+the default model with its linear layers through MKL or through oneDNN with pre-packed weights). Times are process
+CPU seconds.
 """
 
 from __future__ import annotations
@@ -219,9 +221,56 @@ def lever_decode_matmul(_):
     return {name: round(gb / cpu_best(fn), 2) for name, fn in kernels.items()}
 
 
+def lever_decode_prepacked(_):
+    """One KV-cached decode step of 8 rows (body and LM head) on the default model with every linear layer through
+    MKL (as now) and through oneDNN with weights pre-packed for 8 rows (``torch.ops.mkldnn``, the path Inductor uses
+    for frozen CPU models): CPU ms per step, the cost of packing all weights once, and the largest logit difference."""
+    import torch
+    from transformers import DynamicCache
+
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import cache_kwarg, split_body_and_head
+
+    model, _ = load_model("default")
+    body, head = split_body_and_head(model)
+    g = torch.Generator().manual_seed(0)
+    ids, tok = torch.randint(100, 1000, (8, 40), generator=g), torch.randint(100, 1000, (8, 1), generator=g)
+    kw = cache_kwarg(body)
+
+    def step_ms():
+        with torch.no_grad():
+            cache = DynamicCache(config=body.config)
+            body(input_ids=ids, use_cache=True, **{kw: cache})
+            logits = []
+
+            def one():
+                out = body(input_ids=tok, use_cache=True, **{kw: cache})
+                logits.append(head(out.last_hidden_state[:, -1]))
+                for layer in cache.layers:  # undo the appended position: every repeat decodes at the same length
+                    layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
+
+            return cpu_best(one, reps=5) * 1e3, logits[-1]
+
+    mkl_ms, mkl_logits = step_ms()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    c0 = time.process_time()
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 8)
+
+        def forward(x, m=m, packed=packed):
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, m.bias, "none", [], "")
+            return y.reshape(*x.shape[:-1], -1)
+
+        m.forward = forward
+    pack_s = time.process_time() - c0
+    dnn_ms, dnn_logits = step_ms()
+    return {"mkl_step_ms": mkl_ms, "onednn_prepacked_step_ms": dnn_ms, "pack_all_weights_cpu_s": pack_s,
+            "max_logit_diff": float((mkl_logits - dnn_logits).abs().max())}
+
+
 LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],
           "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"],
-          "head": ["checkpointed", "fused", "layout"], "decode_matmul": [None]}
+          "head": ["checkpointed", "fused", "layout"], "decode_matmul": [None], "decode_prepacked": [None]}
 
 
 def main():

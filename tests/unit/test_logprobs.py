@@ -337,3 +337,17 @@ def test_tied_embedding_gradient_dense_and_equal_to_naive(share):
         # sums is ~1e-5 of the largest entry (the naive float32 pass itself is 1.6e-3 from float64 here).
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5 * float(ref[name].abs().max()),
                                    msg=name)
+
+
+def test_tied_embedding_gradient_stays_dense_without_head_gradient():
+    batch = grouped_batch(1)
+    m = build_tiny_model(seed=0, tie_embeddings=True)
+    _, _, hidden = response_logprobs(m, *batch, return_hidden=True)
+    hidden.sum().backward()  # a loss on hidden states only never reaches the head
+    assert m.model.embed_tokens.weight.grad.layout == torch.strided
+    m.zero_grad(set_to_none=True)
+    no_tokens = torch.zeros_like(batch[3])
+    lp, _ = response_logprobs(m, batch[0], batch[1], batch[2], no_tokens)
+    lp.sum().backward()  # no response tokens: the head still hands back a dense (zero) gradient
+    grad = m.model.embed_tokens.weight.grad
+    assert grad.layout == torch.strided and (grad == 0).all()

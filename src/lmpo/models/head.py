@@ -139,6 +139,8 @@ class _HeadStats(torch.autograd.Function):
                 gw += (dz_mm @ h_mm).to(gw.dtype)
             if need_b:
                 gb += dz.sum(1).to(gb.dtype)
+        if need_w and gw is None:  # no tokens: a dense zero, never None beside a sparse embedding gradient
+            gw = torch.zeros_like(weight)
         return gh, gw, gb, None, None, None, None, None
 
 

@@ -131,10 +131,11 @@ def response_logprobs(
     T = response_ids.shape[1]
     input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt and can_share_prompt(model) else None
-    hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups) if groups is not None else None
+    sparse = not return_hidden  # see _token_inputs
+    hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups, sparse) if groups is not None else None
     if hidden is None:
         out = body(
-            **_token_inputs(body, head, input_ids)[0],
+            **_token_inputs(body, head, input_ids, sparse=sparse)[0],
             attention_mask=attn.long(),
             position_ids=position_ids_from_mask(attn),
             use_cache=False,
@@ -193,18 +194,19 @@ def cache_kwarg(body: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
-def _token_inputs(body: nn.Module, head: nn.Module, *ids: Tensor) -> list[dict[str, Tensor]]:
+def _token_inputs(body: nn.Module, head: nn.Module, *ids: Tensor, sparse: bool = True) -> list[dict[str, Tensor]]:
     """Keyword inputs of ``body`` for each id tensor: ``{"input_ids": ...}``, or, when the input embedding is tied to
     the LM head and trains, ``{"inputs_embeds": ...}`` from one lookup of all of them with a sparse gradient.
 
     The dense gradient of an embedding is a zero-filled (vocab, H) tensor added in full into the tied head's gradient,
     per call (0.3 CPU-s per update on the default model); one sparse lookup touches only the rows of the tokens
-    present and is added into the head's dense gradient, which every pass through :func:`head_stats` produces, so the
-    parameter's ``.grad`` stays dense.
+    present and is added into the head's dense gradient, which every backward through :func:`head_stats` produces,
+    so the parameter's ``.grad`` stays dense. ``sparse=False`` when the caller also returns hidden states: a loss on
+    those alone would never reach the head and would leave a sparse ``.grad``.
     """
     emb = body.get_input_embeddings() if callable(getattr(body, "get_input_embeddings", None)) else None
-    if (type(emb) is not nn.Embedding or emb.weight is not getattr(head, "weight", None) or emb.max_norm is not None
-            or not emb.weight.requires_grad or not torch.is_grad_enabled()):
+    if (not sparse or type(emb) is not nn.Embedding or emb.weight is not getattr(head, "weight", None)
+            or emb.max_norm is not None or not emb.weight.requires_grad or not torch.is_grad_enabled()):
         return [{"input_ids": x} for x in ids]
     flat = F.embedding(torch.cat([x.reshape(-1) for x in ids]), emb.weight, emb.padding_idx,
                        scale_grad_by_freq=emb.scale_grad_by_freq, sparse=True)
@@ -213,7 +215,7 @@ def _token_inputs(body: nn.Module, head: nn.Module, *ids: Tensor) -> list[dict[s
 
 
 def _shared_prompt_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, attn: Tensor, P: int, first: Tensor,
-                          inverse: Tensor) -> Tensor | None:
+                          inverse: Tensor, sparse: bool = True) -> Tensor | None:
     """Final hidden states (B, T, H) predicting each response token, with each distinct prompt run once.
 
     The U distinct prompts go through the body as one batch that returns their key/value cache; the cache is indexed
@@ -222,7 +224,7 @@ def _shared_prompt_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, a
     indexed by row (the caller then runs the full sequences).
     """
     pos = position_ids_from_mask(attn)
-    prompt_in, response_in = _token_inputs(body, head, input_ids[first, :P], input_ids[:, P:])
+    prompt_in, response_in = _token_inputs(body, head, input_ids[first, :P], input_ids[:, P:], sparse=sparse)
     pre = body(**prompt_in, attention_mask=attn[first, :P].long(), position_ids=pos[first, :P],
                use_cache=True)
     # transformers >= 5.20 calls the key/value cache ``cache``; earlier versions ``past_key_values``
