@@ -61,6 +61,7 @@ class RolloutConfig:
     refill_rounds: int = 0  # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
+    prepack: str | bool = "auto"  # decode via oneDNN with pre-packed weights: auto (fp32 CPU, 10M+ params), true, false
 
 
 @dataclass
@@ -359,6 +360,8 @@ def validate(cfg: Config, src: str = "") -> None:
     need(cfg.kl.beta >= 0, f"kl.beta must be >= 0, got {cfg.kl.beta}")
     need(cfg.model.dtype in ("float32", "bfloat16", "float16"),
          f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    need(cfg.rollout.prepack in ("auto", True, False),
+         f"rollout.prepack must be auto, true or false, got {cfg.rollout.prepack!r}")
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:

@@ -184,3 +184,55 @@ def test_shared_prompt_prefill_samples_the_same(model, tok):
     torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, rtol=1e-5, atol=1e-5)
     ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(b.sampler_logprobs, torch.where(b.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
+
+
+needs_onednn = pytest.mark.skipif(not __import__("lmpo.rollout.prepack", fromlist=["x"]).prepack_available(),
+                                  reason="this torch build has no oneDNN packed-linear operators")
+
+
+@needs_onednn
+def test_prepacked_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    packs = []
+    monkeypatch.setattr(hf, "prepacked_linears", lambda m, rows, real=hf.prepacked_linears: (packs.append(rows),
+                                                                                            real(m, rows))[1])
+    prompts = ["12+34=", "7", "12+34=", "99+1="]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8)
+    outs = []
+    for prepack in (False, True):
+        torch.manual_seed(3)
+        outs.append(HFGenerator(model, tok, prepack=prepack).generate(prompts, params))
+    a, b = outs
+    assert packs == [4]  # packed once, for the 4 rows, by the prepack=True generator only
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_attn, b.response_attn)
+    torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, rtol=1e-5, atol=1e-5)
+    # and against the cache-free, unpacked logits of the same tokens
+    ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(b.sampler_logprobs, torch.where(b.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # every module restored
+
+
+@needs_onednn
+def test_prepacked_linears_compute_the_linear_and_restore_on_error(model):
+    from lmpo.rollout.prepack import prepacked_linears
+    lin = model.lm_head
+    x = torch.randn(3, 1, lin.in_features)
+    ref = lin(x)
+    with pytest.raises(RuntimeError, match="inside"):
+        with prepacked_linears(model, 3):
+            assert "forward" in lin.__dict__
+            torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+            raise RuntimeError("inside")
+    assert "forward" not in lin.__dict__ and torch.equal(lin(x), ref)
+
+
+def test_prepack_auto_only_for_large_float32_cpu_models(model, monkeypatch):
+    from lmpo.rollout import prepack
+    monkeypatch.setattr(prepack, "prepack_available", lambda: True)
+    assert not prepack.should_prepack(model, "auto", None)  # a tiny model: nothing to stream
+    assert prepack.should_prepack(model, True, None)
+    assert not prepack.should_prepack(model, False, None)
+    assert not prepack.should_prepack(model, True, "bfloat16")  # autocast products are not float32
+    monkeypatch.setattr(prepack, "MIN_PARAMS", 1)
+    assert prepack.should_prepack(model, "auto", None)
+    assert not prepack.should_prepack(model.to(torch.float64), "auto", None)

@@ -18,6 +18,7 @@ from lmpo.errors import DataError, TrainingDiverged
 from lmpo.models.logprobs import (cache_kwarg, head_logits, position_ids_from_mask, shared_prompt_rows,
                                   split_body_and_head)
 from lmpo.rollout.base import GenerationOutput, SamplingParams
+from lmpo.rollout.prepack import prepacked_linears, should_prepack
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -64,10 +65,13 @@ class HFGenerator:
         autocast: ``"bfloat16"`` / ``"float16"`` runs the forward passes under CPU autocast (``None`` = off).
         share_prompt: prefill each distinct prompt once and index its key/value cache to the rows that repeat it
             (a group's samples); the same distribution up to float rounding, the prefill cost divided by the group size.
+        prepack: decode steps through oneDNN with weights packed once per batch (:mod:`lmpo.rollout.prepack`):
+            ``"auto"`` (float32 CPU models of 10M+ parameters), ``True`` or ``False``; the same distribution up to
+            float rounding.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None,
-                 share_prompt: bool = True) -> None:
+                 share_prompt: bool = True, prepack: str | bool = "auto") -> None:
         if tokenizer.pad_token_id is None:
             raise DataError("The tokenizer has no pad token; load models with lmpo.models.load_model, which sets one.")
         self.model = model
@@ -75,6 +79,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.autocast = autocast
         self.share_prompt = share_prompt
+        self.prepack = prepack
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def sync_weights(self) -> None:
@@ -145,42 +150,46 @@ class HFGenerator:
         # a group's rows share one prompt: prefill it once
         shared = shared_prompt_rows(prompt_ids, prompt_mask) if self.share_prompt else None
         kv = {cache_kwarg(body): cache}
-        for i in range(max(limits)):
-            if i == 0 and shared is not None:
-                first, inverse = shared
-                out = body(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
-                           use_cache=True, **kv)
-                cache.batch_select_indices(inverse)
-                last = out.last_hidden_state[:, -1][inverse]
-            else:
-                out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True, **kv)
-                last = out.last_hidden_state[:, -1]
-            logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
-            if not bool(torch.isfinite(logits).all()):
-                raise TrainingDiverged(
-                    "The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights have "
-                    "diverged. Lower train.learning_rate and resume from the last good checkpoint."
-                )
-            if params.is_greedy:
-                token = logits.argmax(-1)
-                logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-            else:
-                logprobs = torch.log_softmax(filter_logits(logits, params.top_k, params.top_p), -1)
-                token = torch.multinomial(logprobs.exp(), 1).squeeze(-1)
-                logp = logprobs.gather(-1, token[:, None]).squeeze(-1)
-            live = ~done
-            token = torch.where(live, token, torch.full_like(token, pad_id))
-            tokens.append(token)
-            logps.append(torch.where(live, logp, torch.zeros_like(logp)))
-            alive.append(live)
-            ended = ended | (live & torch.isin(token, eos))
-            done = ended | (limit <= i + 1)
-            if bool(done.all()):
-                break
-            # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
-            input_ids = token[:, None]
-            positions = positions[:, -1:] + 1
-            attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
+        pack = should_prepack(self.model, self.prepack, self.autocast) and max(limits) > 1
+        with contextlib.ExitStack() as decode_kernels:
+            for i in range(max(limits)):
+                if i == 0 and shared is not None:
+                    first, inverse = shared
+                    out = body(input_ids=input_ids[first], attention_mask=attn[first], position_ids=positions[first],
+                               use_cache=True, **kv)
+                    cache.batch_select_indices(inverse)
+                    last = out.last_hidden_state[:, -1][inverse]
+                else:
+                    out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True, **kv)
+                    last = out.last_hidden_state[:, -1]
+                logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
+                if not bool(torch.isfinite(logits).all()):
+                    raise TrainingDiverged(
+                        "The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights "
+                        "have diverged. Lower train.learning_rate and resume from the last good checkpoint."
+                    )
+                if params.is_greedy:
+                    token = logits.argmax(-1)
+                    logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+                else:
+                    logprobs = torch.log_softmax(filter_logits(logits, params.top_k, params.top_p), -1)
+                    token = torch.multinomial(logprobs.exp(), 1).squeeze(-1)
+                    logp = logprobs.gather(-1, token[:, None]).squeeze(-1)
+                live = ~done
+                token = torch.where(live, token, torch.full_like(token, pad_id))
+                tokens.append(token)
+                logps.append(torch.where(live, logp, torch.zeros_like(logp)))
+                alive.append(live)
+                ended = ended | (live & torch.isin(token, eos))
+                done = ended | (limit <= i + 1)
+                if bool(done.all()):
+                    break
+                if i == 0 and pack:  # decode steps (one token per row) through pre-packed weights
+                    decode_kernels.enter_context(prepacked_linears(self.model, n))
+                # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
+                input_ids = token[:, None]
+                positions = positions[:, -1:] + 1
+                attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], dim=1)
 
         response_ids = torch.stack(tokens, 1)
         response_attn = torch.stack(alive, 1)

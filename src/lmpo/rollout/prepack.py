@@ -1,0 +1,59 @@
+"""Decode-time linear layers through oneDNN with weights pre-packed for the batch (CPU, float32).
+
+A KV-cached decode step multiplies a few rows by every weight of the model; MKL's general matrix multiply re-packs
+each weight for every such call and passes the weights at about a third of the memory-read bandwidth on the CPUs we
+measured (`benchmarks/levers.py decode_matmul`). oneDNN with the weights packed once per generation for the batch's
+row count (the layout PyTorch's Inductor uses for frozen CPU models) makes a decode step of the default model 23%
+cheaper (`benchmarks/levers.py decode_prepacked`: 224 -> 172 CPU-ms for 8 rows), for 0.8 CPU-s of packing after each
+weight update and one packed copy of the weights while generating. The products round differently from MKL's (logits
+differ by ~1e-4), so sampled streams are not bit-identical to the unpacked path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+MIN_PARAMS = 10_000_000
+"""``prepack="auto"`` packs only models at least this large: below the caches' size there is nothing to stream."""
+
+
+def prepack_available() -> bool:
+    """Whether this torch build has the oneDNN packed-linear operators."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def should_prepack(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
+    """``mode``: ``"auto"`` (float32 CPU models of at least :data:`MIN_PARAMS` parameters, no autocast), ``True``
+    (wherever the operators exist and the weights are float32 on the CPU) or ``False``."""
+    if mode is False or autocast or not prepack_available():
+        return False
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+    if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+        return False
+    return mode is True or sum(p.numel() for p in model.parameters()) >= MIN_PARAMS
+
+
+@contextlib.contextmanager
+def prepacked_linears(model: nn.Module, rows: int) -> Iterator[None]:
+    """Inside, every ``nn.Linear`` of ``model`` (including peft's base layers) computes through oneDNN with its
+    current weight packed for ``rows`` input rows; on exit the modules are as before. No-grad use only."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+
+            def forward(x, m=m, packed=packed):
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, m.bias, "none", [], "")
+                return y.reshape(*x.shape[:-1], y.shape[-1])
+
+            m.forward = forward
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
