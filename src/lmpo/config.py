@@ -61,7 +61,7 @@ class RolloutConfig:
     refill_rounds: int = 0  # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
-    prepack: str | bool = "auto"  # decode via oneDNN with pre-packed weights: auto (fp32 CPU, 10M+ params), true, false
+    prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
 
 
 @dataclass

@@ -66,12 +66,12 @@ class HFGenerator:
         share_prompt: prefill each distinct prompt once and index its key/value cache to the rows that repeat it
             (a group's samples); the same distribution up to float rounding, the prefill cost divided by the group size.
         prepack: decode steps through oneDNN with weights packed once per batch (:mod:`lmpo.rollout.prepack`):
-            ``"auto"`` (float32 CPU models of 10M+ parameters), ``True`` or ``False``; the same distribution up to
-            float rounding.
+            ``False`` (default: no gain measured at 64-token replies), ``True``, or ``"auto"`` (float32 CPU models
+            of 10M+ parameters); the same distribution up to float rounding.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None,
-                 share_prompt: bool = True, prepack: str | bool = "auto") -> None:
+                 share_prompt: bool = True, prepack: str | bool = False) -> None:
         if tokenizer.pad_token_id is None:
             raise DataError("The tokenizer has no pad token; load models with lmpo.models.load_model, which sets one.")
         self.model = model

@@ -1,12 +1,14 @@
-"""Decode-time linear layers through oneDNN with weights pre-packed for the batch (CPU, float32).
+"""Decode-time linear layers through oneDNN with weights pre-packed for the batch (CPU, float32; opt-in).
 
-A KV-cached decode step multiplies a few rows by every weight of the model; MKL's general matrix multiply re-packs
-each weight for every such call and passes the weights at about a third of the memory-read bandwidth on the CPUs we
-measured (`benchmarks/levers.py decode_matmul`). oneDNN with the weights packed once per generation for the batch's
-row count (the layout PyTorch's Inductor uses for frozen CPU models) makes a decode step of the default model 23%
-cheaper (`benchmarks/levers.py decode_prepacked`: 224 -> 172 CPU-ms for 8 rows), for 0.8 CPU-s of packing after each
-weight update and one packed copy of the weights while generating. The products round differently from MKL's (logits
-differ by ~1e-4), so sampled streams are not bit-identical to the unpacked path.
+A KV-cached decode step multiplies a few rows by every weight of the model; MKL's general matrix multiply passes the
+weights at about a third of the memory-read bandwidth on the CPU we measured (`benchmarks/levers.py decode_matmul`).
+oneDNN with the weights packed once per generation for the batch's row count (the layout PyTorch's Inductor uses for
+frozen CPU models) makes one decode step of the default model 8-23% cheaper (`benchmarks/levers.py decode_prepacked`,
+two measurements: 170 -> 157 and 224 -> 172 CPU-ms for 8 rows), but packing all weights costs 0.7-0.8 CPU-s after
+every weight update, and in the training loop at 64-token replies generation was not faster (A/B in
+docs/results/performance.md). Hence off by default (``rollout.prepack: true`` or ``auto`` to use it; it can pay for
+long replies, not measured). The products round differently from MKL's (logits differ by ~1e-4), so sampled streams
+are not bit-identical to the unpacked path.
 """
 
 from __future__ import annotations
