@@ -72,9 +72,11 @@ class Clock:
         return timed
 
 
-def peak_rss_gb() -> float:
-    # The kernel's high-water mark (ru_maxrss) is synced lazily and can trail the current RSS by a few pages.
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, rss_gb())
+def peak_rss_gb(*seen: float | None) -> float:
+    """Peak RSS in GB: the kernel's high-water mark (ru_maxrss), the current RSS and any RSS read earlier (``seen``).
+
+    The high-water mark is synced lazily and can trail an RSS that was read before memory was given back."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, rss_gb(), *(x for x in seen if x))
 
 
 def rss_gb() -> float:
@@ -187,8 +189,9 @@ def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
             setattr(obj, name, fn)
         shutil.rmtree(out_dir, ignore_errors=True)
     steps = [{k: v for k, v in st.items() if not k.startswith("prep")} for st in clock.steps[spec["warmup"]:]]
-    return {"side": "lmpo", "spec": spec, "steps": steps, "peak_rss_gb": peak_rss_gb(), "base_rss_gb": rec["base_rss"],
-            "update_flops": rec["flops"], "shape": rec["shape"], "threads": torch.get_num_threads()}
+    return {"side": "lmpo", "spec": spec, "steps": steps, "peak_rss_gb": peak_rss_gb(rec["base_rss"]),
+            "base_rss_gb": rec["base_rss"], "update_flops": rec["flops"], "shape": rec["shape"],
+            "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------------------------------------- TRL
@@ -262,7 +265,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     for st in clock.steps[spec["warmup"]:]:  # update = the step minus input preparation (generation and scoring)
         st = dict(st, update_s=st["step_s"] - st["prep_s"], update_cpu=st["step_cpu"] - st["prep_cpu"])
         steps.append({k: v for k, v in st.items() if not k.startswith("prep")})
-    return {"side": "trl", "spec": spec, "steps": steps, "peak_rss_gb": peak_rss_gb(), "base_rss_gb": base_rss,
+    return {"side": "trl", "spec": spec, "steps": steps, "peak_rss_gb": peak_rss_gb(base_rss), "base_rss_gb": base_rss,
             "update_flops": rec["flops"], "shape": shape, "threads": torch.get_num_threads()}
 
 

@@ -170,20 +170,26 @@ def test_sampling_params_validation():
     assert SamplingParams(temperature=0.0).is_greedy
 
 
-def test_shared_prompt_prefill_samples_the_same(model, tok):
-    # groups of repeated prompts (interleaved, ragged lengths): prefilling each distinct prompt once draws the same
-    # tokens with the same log-probs as prefilling every row, and both agree with the cache-free logits
-    prompts = ["12+34=", "7", "12+34=", "99+1=", "7", "12+34="]
+def assert_same_samples_as_plain_path(model, tok, prompts, seed, **option):
+    """Generate with ``option`` off then on from the same seed: the same tokens, log-probs equal up to rounding, and
+    both equal to the cache-free logits of those tokens (temperature 0.8)."""
     params = SamplingParams(max_new_tokens=10, temperature=0.8)
-    outs = []
-    for share in (False, True):
-        torch.manual_seed(5)
-        outs.append(HFGenerator(model, tok, share_prompt=share).generate(prompts, params))
+    (name, value), outs = next(iter(option.items())), []
+    for v in (not value, value):
+        torch.manual_seed(seed)
+        outs.append(HFGenerator(model, tok, **{name: v}).generate(prompts, params))
     a, b = outs
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_attn, b.response_attn)
     torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, rtol=1e-5, atol=1e-5)
     ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(b.sampler_logprobs, torch.where(b.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_prefill_samples_the_same(model, tok):
+    # groups of repeated prompts (interleaved, ragged lengths): prefilling each distinct prompt once draws the same
+    # tokens with the same log-probs as prefilling every row
+    assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1=", "7", "12+34="], 5,
+                                      share_prompt=True)
 
 
 needs_onednn = pytest.mark.skipif(not __import__("lmpo.rollout.prepack", fromlist=["x"]).prepack_available(),
@@ -196,19 +202,8 @@ def test_prepacked_decode_samples_the_same_up_to_rounding(model, tok, monkeypatc
     packs = []
     monkeypatch.setattr(hf, "prepacked_linears", lambda m, rows, real=hf.prepacked_linears: (packs.append(rows),
                                                                                             real(m, rows))[1])
-    prompts = ["12+34=", "7", "12+34=", "99+1="]
-    params = SamplingParams(max_new_tokens=10, temperature=0.8)
-    outs = []
-    for prepack in (False, True):
-        torch.manual_seed(3)
-        outs.append(HFGenerator(model, tok, prepack=prepack).generate(prompts, params))
-    a, b = outs
+    assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1="], 3, prepack=True)
     assert packs == [4]  # packed once, for the 4 rows, by the prepack=True generator only
-    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_attn, b.response_attn)
-    torch.testing.assert_close(b.sampler_logprobs, a.sampler_logprobs, rtol=1e-5, atol=1e-5)
-    # and against the cache-free, unpacked logits of the same tokens
-    ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(b.sampler_logprobs, torch.where(b.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())  # every module restored
 
 
