@@ -171,7 +171,8 @@ def lever_head(variant):
     import torch
 
     from lmpo.models.load import load_model
-    from lmpo.models.logprobs import head_stats, split_body_and_head
+    from lmpo.models.head import head_stats
+    from lmpo.models.logprobs import split_body_and_head
 
     model, _ = load_model("default")
     _, head = split_body_and_head(model)

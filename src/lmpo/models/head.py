@@ -81,9 +81,10 @@ class _HeadStats(torch.autograd.Function):
         logp = torch.empty_like(lse)
         ent = torch.empty_like(lse) if with_entropy else None
         logits, expd = _chunk_buffers(weight.shape[0], min(chunk, n), 2, hidden.device)
+        w_mm = weight.to(mm_dtype)  # cast once per pass (a no-op without autocast)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = _head_logits_t(hidden[s:e], weight, bias, temperature, mm_dtype, logits(e - s))  # (V, e - s)
+            z = _head_logits_t(hidden[s:e].to(mm_dtype), w_mm, bias, temperature, logits(e - s))  # (V, e - s)
             target = z.gather(0, targets[None, s:e])[0]
             top = z.amax(0)
             z.sub_(top)  # z - max: every exponent <= 0
@@ -114,7 +115,8 @@ class _HeadStats(torch.autograd.Function):
         logits, *probs = _chunk_buffers(weight.shape[0], min(chunk, n), 1 + (g_ent is not None), hidden.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = _head_logits_t(hidden[s:e], weight, bias, temperature, mm_dtype, logits(e - s))  # tempered
+            h_mm = hidden[s:e].to(mm_dtype)
+            z = _head_logits_t(h_mm, w_mm, bias, temperature, logits(e - s))  # tempered
             a = lse[s:e]
             glp = g_lp[s:e] / temperature if g_lp is not None else None
             if g_ent is not None:  # dH/dz = p (lse - H - z)
@@ -126,7 +128,6 @@ class _HeadStats(torch.autograd.Function):
             if glp is not None:
                 dz.index_put_((targets[s:e], torch.arange(e - s, device=dz.device)), glp, accumulate=True)
             dz_mm = dz.to(mm_dtype)
-            h_mm = hidden[s:e].to(mm_dtype)
             if need_h and gh.dtype == mm_dtype:
                 torch.mm(dz_mm.t(), w_mm, out=gh[s:e])
             elif need_h:
@@ -154,13 +155,13 @@ def _chunk_buffers(vocab: int, width: int, count: int, device):
     return [lambda k, f=f: f[: vocab * k].view(vocab, k) for f in flats]
 
 
-def _head_logits_t(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, mm_dtype, out: Tensor,
-                   ) -> Tensor:
-    """Tempered float32 logits of the rows of ``h`` (n, H), vocabulary-major, written into ``out`` (V, n)."""
-    if mm_dtype == torch.float32 and weight.dtype == h.dtype == torch.float32:
+def _head_logits_t(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, out: Tensor) -> Tensor:
+    """Tempered float32 logits of the rows of ``h`` (n, H), vocabulary-major, written into ``out`` (V, n); ``h`` and
+    ``weight`` already in the product's dtype."""
+    if weight.dtype == h.dtype == out.dtype:
         torch.mm(weight, h.t(), out=out)
     else:
-        out.copy_(weight.to(mm_dtype) @ h.to(mm_dtype).t())
+        out.copy_(weight @ h.t())
     if bias is not None:
         out += bias.float()[:, None]
     if temperature != 1.0:

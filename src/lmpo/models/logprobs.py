@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lmpo.errors import DataError, ModelError
-from lmpo.models.head import DEFAULT_CHUNK_SIZE, fused_head, head_logits, head_stats  # noqa: F401 (re-exported)
+from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_stats
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmpo.errors import DataError
-from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, head_logits, joined_inputs, position_ids_from_mask,
-                                  split_body_and_head)
+from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_logits
+from lmpo.models.logprobs import joined_inputs, position_ids_from_mask, split_body_and_head
 
 STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs"})
 """``needs`` keys a component may declare to get these statistics in ``batch.extras`` (and ``old_<key>``)."""

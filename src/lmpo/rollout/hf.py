@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from lmpo.errors import DataError, TrainingDiverged
-from lmpo.models.logprobs import (cache_kwarg, head_logits, position_ids_from_mask, shared_prompt_rows,
-                                  split_body_and_head)
+from lmpo.models.head import head_logits
+from lmpo.models.logprobs import cache_kwarg, position_ids_from_mask, shared_prompt_rows, split_body_and_head
 from lmpo.rollout.base import GenerationOutput, SamplingParams
 from lmpo.rollout.prepack import prepacked_linears, should_prepack
 
