@@ -8,8 +8,9 @@ CPU time and peak RSS), ``decode`` (one KV-cached decode step of 8 rows: whole s
 ``shared_prompt`` (that pass with the group's prompt run once or once per row), ``chunk`` (that pass with LM-head
 chunks of 1024/256/128 tokens at reply lengths 64 and 256), ``head`` (the LM-head part fused or checkpointed per
 chunk, and the logits layout), ``decode_matmul`` (weight GB per CPU second of the decode-shaped product through MKL,
-MKL with pre-packed weights, oneDNN and OpenBLAS, against a plain read), ``decode_prepacked`` (one decode step of
-the default model with its linear layers through MKL or through oneDNN with pre-packed weights). Times are process
+MKL with pre-packed weights, oneDNN, OpenBLAS and lmpo's few-row kernel, against a plain read), ``decode_prepacked``
+(one decode step of the default model with its linear layers through MKL, through oneDNN with pre-packed weights, or
+through lmpo's few-row kernel). Times are process
 CPU seconds.
 """
 
@@ -199,9 +200,12 @@ def lever_head(variant):
 
 def lever_decode_matmul(_):
     """Weight GB per CPU second of a decode-shaped product (8 rows times 256 MB of 576x1536 fp32 weights) through each
-    kernel at hand, and of a plain read (``sum()``) of the same weights: the memory bound."""
+    kernel at hand (lmpo's own few-row kernel included), and of a plain read (``sum()``) of the same weights: the
+    memory bound."""
     import numpy as np
     import torch
+
+    from lmpo.kernels import rowdot
 
     n = 256 * 2**20 // (576 * 1536 * 4)
     weights = [torch.randn(1536, 576) for _ in range(n)]
@@ -216,6 +220,7 @@ def lever_decode_matmul(_):
         "onednn": lambda: [torch._C._nn.mkldnn_linear(x_dnn, w, None) for w in w_dnn],
         "openblas_numpy": lambda: [x_np @ w.T for w in w_np],
         "mkl_gemv_one_row": lambda: [torch.mv(w, x[0]) for w in weights],
+        **({"lmpo_rowdot": lambda: [rowdot.rowdot(x, w) for w in weights]} if rowdot.available() else {}),
         "plain_read": lambda: [w.sum() for w in weights],
     }
     np.dot(x_np, w_np[0].T)
@@ -225,9 +230,12 @@ def lever_decode_matmul(_):
 def lever_decode_prepacked(_):
     """One KV-cached decode step of 8 rows (body and LM head) on the default model with every linear layer through
     MKL (as now) and through oneDNN with weights pre-packed for 8 rows (``torch.ops.mkldnn``, the path Inductor uses
-    for frozen CPU models): CPU ms per step, the cost of packing all weights once, and the largest logit difference."""
+    for frozen CPU models) and through lmpo's few-row kernel (``lmpo.kernels.rowdot``, nothing to pack): CPU ms per
+    step, the cost of packing all weights once, and the largest logit differences from MKL's."""
     import torch
     from transformers import DynamicCache
+
+    from lmpo.kernels import rowdot
 
     from lmpo.models.load import load_model
     from lmpo.models.logprobs import cache_kwarg, split_body_and_head
@@ -253,6 +261,11 @@ def lever_decode_prepacked(_):
             return cpu_best(one, reps=5) * 1e3, logits[-1]
 
     mkl_ms, mkl_logits = step_ms()
+    extra = {}
+    if rowdot.available():
+        with rowdot.rowdot_linears(model):
+            row_ms, row_logits = step_ms()
+        extra = {"rowdot_step_ms": row_ms, "rowdot_max_logit_diff": float((mkl_logits - row_logits).abs().max())}
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     c0 = time.process_time()
     for m in linears:
@@ -266,7 +279,7 @@ def lever_decode_prepacked(_):
     pack_s = time.process_time() - c0
     dnn_ms, dnn_logits = step_ms()
     return {"mkl_step_ms": mkl_ms, "onednn_prepacked_step_ms": dnn_ms, "pack_all_weights_cpu_s": pack_s,
-            "max_logit_diff": float((mkl_logits - dnn_logits).abs().max())}
+            "max_logit_diff": float((mkl_logits - dnn_logits).abs().max()), **extra}
 
 
 LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],

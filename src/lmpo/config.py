@@ -62,6 +62,7 @@ class RolloutConfig:
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
+    decode_kernel: str | bool = "auto"  # decode via lmpo's few-row kernel (lmpo.kernels.rowdot): auto | true | false
 
 
 @dataclass
@@ -362,6 +363,8 @@ def validate(cfg: Config, src: str = "") -> None:
          f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     need(cfg.rollout.prepack in ("auto", True, False),
          f"rollout.prepack must be auto, true or false, got {cfg.rollout.prepack!r}")
+    need(cfg.rollout.decode_kernel in ("auto", True, False),
+         f"rollout.decode_kernel must be auto, true or false, got {cfg.rollout.decode_kernel!r}")
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:

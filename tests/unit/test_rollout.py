@@ -63,6 +63,7 @@ def test_shapes_and_dtypes(model, tok):
 
 
 def test_eos_and_truncation(model, tok):
+    torch.manual_seed(0)  # row 2 samples freely: unseeded, it drew EOS by chance now and then
     handle = force_eos(model, [1, 3, None, 0])
     try:
         out = HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=6))
@@ -231,3 +232,24 @@ def test_prepack_auto_only_for_large_float32_cpu_models(model, monkeypatch):
     monkeypatch.setattr(prepack, "MIN_PARAMS", 1)
     assert prepack.should_prepack(model, "auto", None)
     assert not prepack.should_prepack(model.to(torch.float64), "auto", None)
+
+
+needs_rowdot = pytest.mark.skipif(not __import__("lmpo.kernels.rowdot", fromlist=["x"]).available(),
+                                  reason="lmpo's rowdot kernel cannot be built here")
+
+
+@needs_rowdot
+def test_rowdot_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    entered = []
+    real = hf.rowdot.rowdot_linears
+    monkeypatch.setattr(hf.rowdot, "rowdot_linears", lambda m, real=real: (entered.append(m), real(m))[1])
+    assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1="], 3, decode_kernel=True)
+    assert entered == [model]  # decode steps of the decode_kernel=True generator only
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_decode_kernel_auto_is_off_for_tiny_models(model, tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    monkeypatch.setattr(hf.rowdot, "rowdot_linears", lambda m: pytest.fail("tiny models keep the BLAS"))
+    HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))

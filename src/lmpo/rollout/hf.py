@@ -18,6 +18,7 @@ from lmpo.errors import DataError, TrainingDiverged
 from lmpo.models.head import head_logits
 from lmpo.models.logprobs import cache_kwarg, position_ids_from_mask, shared_prompt_rows, split_body_and_head
 from lmpo.rollout.base import GenerationOutput, SamplingParams
+from lmpo.kernels import rowdot
 from lmpo.rollout.prepack import prepacked_linears, should_prepack
 
 
@@ -68,10 +69,14 @@ class HFGenerator:
         prepack: decode steps through oneDNN with weights packed once per batch (:mod:`lmpo.rollout.prepack`):
             ``False`` (default: no gain measured at 64-token replies), ``True``, or ``"auto"`` (float32 CPU models
             of 10M+ parameters); the same distribution up to float rounding.
+        decode_kernel: decode steps' linear layers through lmpo's few-row kernel (:mod:`lmpo.kernels.rowdot`):
+            ``"auto"`` (default: float32 CPU models of 10M+ parameters where the kernel builds), ``True`` (raise if
+            it cannot) or ``False``; the same distribution up to float rounding. ``prepack`` wins where both apply.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int | None = None, autocast: str | None = None,
-                 share_prompt: bool = True, prepack: str | bool = False) -> None:
+                 share_prompt: bool = True, prepack: str | bool = False,
+                 decode_kernel: str | bool = "auto") -> None:
         if tokenizer.pad_token_id is None:
             raise DataError("The tokenizer has no pad token; load models with lmpo.models.load_model, which sets one.")
         self.model = model
@@ -80,6 +85,7 @@ class HFGenerator:
         self.autocast = autocast
         self.share_prompt = share_prompt
         self.prepack = prepack
+        self.decode_kernel = decode_kernel
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def sync_weights(self) -> None:
@@ -151,6 +157,7 @@ class HFGenerator:
         shared = shared_prompt_rows(prompt_ids, prompt_mask) if self.share_prompt else None
         kv = {cache_kwarg(body): cache}
         pack = should_prepack(self.model, self.prepack, self.autocast) and max(limits) > 1
+        few_rows = not pack and max(limits) > 1 and rowdot.should_use(self.model, self.decode_kernel, self.autocast)
         with contextlib.ExitStack() as decode_kernels:
             for i in range(max(limits)):
                 if i == 0 and shared is not None:
@@ -186,6 +193,8 @@ class HFGenerator:
                     break
                 if i == 0 and pack:  # decode steps (one token per row) through pre-packed weights
                     decode_kernels.enter_context(prepacked_linears(self.model, n))
+                if i == 0 and few_rows:  # decode steps: a few rows by every weight
+                    decode_kernels.enter_context(rowdot.rowdot_linears(self.model))
                 # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
                 input_ids = token[:, None]
                 positions = positions[:, -1:] + 1

@@ -1,0 +1,155 @@
+"""lmpo.kernels.rowdot: the few-row linear kernel against a float64 reference, its routing, and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmpo.kernels import rowdot
+
+needs_kernel = pytest.mark.skipif(not rowdot.available(), reason=f"kernel unavailable: {rowdot.unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("k", [8, 64, 77])  # K multiple of the vector width and with a scalar tail
+def test_rowdot_equals_float64_linear(rows, k):
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(13, k, generator=g), torch.randn(13, generator=g)
+    ref = x.double() @ w.double().T
+    torch.testing.assert_close(rowdot.rowdot(x, w).double(), ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(rowdot.rowdot(x, w, b).double(), ref + b.double(), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernel
+def test_rowdot_keeps_leading_dims_and_takes_noncontiguous_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 24, generator=g)
+    w = torch.randn(24, 10, generator=g).T  # (10, 24), not contiguous
+    y = rowdot.rowdot(x, w)
+    assert y.shape == (3, 1, 10)
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
+    xt = torch.randn(24, 4, generator=g).T  # (4, 24) transposed view
+    torch.testing.assert_close(rowdot.rowdot(xt, w), xt @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rowdot_threads_give_the_same_numbers():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 96, generator=g), torch.randn(301, 96, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rowdot.rowdot(x, w)
+        torch.set_num_threads(2)
+        two = rowdot.rowdot(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # threads split output rows, each dot product is summed the same way
+
+
+@needs_kernel
+def test_rowdot_rejects_bad_inputs_clearly():
+    with pytest.raises(ValueError, match=r"weight must be \(N, 8\)"):
+        rowdot.rowdot(torch.randn(2, 8), torch.randn(3, 7))
+    with pytest.raises(ValueError, match="bias"):
+        rowdot.rowdot(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
+    with pytest.raises(ValueError, match="float32 CPU tensor, got torch.float64"):
+        rowdot.rowdot(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8))
+
+
+@needs_kernel
+def test_rowdot_linears_route_few_rows_without_grad_and_restore(monkeypatch):
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5, bias=False))
+    calls = []
+    real = rowdot.rowdot
+    monkeypatch.setattr(rowdot, "rowdot", lambda x, w, b=None: (calls.append(x.shape), real(x, w, b))[1])
+    few, many = torch.randn(4, 1, 16), torch.randn(3, 7, 16)
+    with torch.no_grad():
+        ref_few, ref_many = net(few), net(many)
+    with pytest.raises(RuntimeError, match="inside"):
+        with rowdot.rowdot_linears(net, max_rows=4):
+            with torch.no_grad():
+                torch.testing.assert_close(net(few), ref_few, rtol=1e-5, atol=1e-6)
+                assert len(calls) == 2  # both layers, 4 rows each
+                torch.testing.assert_close(net(many), ref_many, rtol=1e-5, atol=1e-6)
+                assert len(calls) == 2  # 21 rows: the BLAS
+            out = net(few)  # grad enabled and trainable weights: autograd's path, gradients flow
+            assert len(calls) == 2 and out.requires_grad
+            out.sum().backward()
+            assert net[0].weight.grad is not None
+            raise RuntimeError("inside")
+    assert not any("forward" in m.__dict__ for m in net.modules())
+
+
+@needs_kernel
+def test_rowdot_linears_keep_gradients_of_inputs_through_frozen_weights():
+    lin = nn.Linear(8, 3).requires_grad_(False)  # a frozen base layer (LoRA): the input still needs its gradient
+    x = torch.randn(2, 8, requires_grad=True)
+    with rowdot.rowdot_linears(lin):
+        lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(2, 8))
+
+
+def test_should_use_auto_only_for_large_float32_models(monkeypatch):
+    monkeypatch.setattr(rowdot, "_load", lambda: (object(), ""))
+    small = nn.Linear(4, 4)
+    assert not rowdot.should_use(small, "auto", None)  # tiny: nothing to stream
+    assert rowdot.should_use(small, True, None)
+    assert not rowdot.should_use(small, False, None)
+    assert not rowdot.should_use(small, True, "bfloat16")  # autocast products are not float32
+    monkeypatch.setattr(rowdot, "MIN_PARAMS", 1)
+    assert rowdot.should_use(small, "auto", None)
+    assert not rowdot.should_use(small.to(torch.float64), "auto", None)
+
+
+def test_unavailable_kernel_falls_back_or_says_why(monkeypatch):
+    monkeypatch.setattr(rowdot, "_load", lambda: (None, "needs a C compiler (set $CC or install cc/gcc)"))
+    monkeypatch.setattr(rowdot, "MIN_PARAMS", 1)
+    lin = nn.Linear(4, 4)
+    assert not rowdot.should_use(lin, "auto", None)  # auto quietly keeps the BLAS
+    with pytest.raises(RuntimeError, match="decode_kernel is true .* C compiler .* auto or false"):
+        rowdot.should_use(lin, True, None)
+    with pytest.raises(RuntimeError, match="unavailable: needs a C compiler"):
+        rowdot.rowdot(torch.randn(1, 4), lin.weight)
+
+
+def test_failed_build_is_reported_not_raised(monkeypatch, tmp_path):
+    if rowdot.platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() not in (
+            "AVX2", "AVX512"):
+        pytest.skip("the build is only attempted on AVX2 x86-64")
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("LMPO_KERNEL_DIR", str(tmp_path / "k"))
+    rowdot._load.cache_clear()
+    try:
+        assert not rowdot.available()
+        assert "false failed to build rowdot.c" in rowdot.unavailable_reason()
+        assert list((tmp_path / "k").iterdir()) == []  # no half-written library left behind
+    finally:
+        rowdot._load.cache_clear()
+
+
+@needs_kernel
+def test_build_goes_to_the_kernel_dir_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMPO_KERNEL_DIR", str(tmp_path))
+    rowdot._load.cache_clear()
+    try:
+        assert rowdot.available()
+        built = list(tmp_path.glob("rowdot-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        rowdot._load.cache_clear()
+        assert rowdot.available() and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        rowdot._load.cache_clear()
+
+
+def test_linear_layers_are_unchanged_outside(monkeypatch):
+    lin = nn.Linear(4, 2)
+    x = torch.randn(1, 4)
+    with rowdot.rowdot_linears(lin) if rowdot.available() else torch.no_grad():
+        pass
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert "forward" not in lin.__dict__
