@@ -63,6 +63,8 @@ class RolloutConfig:
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
     decode_kernel: str | bool = "auto"  # decode via lmpo's few-row kernel (lmpo.kernels.rowdot): auto | true | false
+    sampler: str = "auto"  # token draw: auto (inverse_cdf for vocabularies of 4096+) | multinomial | inverse_cdf
+    lean_decode: str | bool = "auto"  # decode steps via lmpo.rollout.lean (Llama family, 10M+ params): auto|true|false
 
 
 @dataclass
@@ -365,6 +367,11 @@ def validate(cfg: Config, src: str = "") -> None:
          f"rollout.prepack must be auto, true or false, got {cfg.rollout.prepack!r}")
     need(cfg.rollout.decode_kernel in ("auto", True, False),
          f"rollout.decode_kernel must be auto, true or false, got {cfg.rollout.decode_kernel!r}")
+    need(cfg.rollout.sampler in ("auto", "multinomial", "inverse_cdf"),
+         f"rollout.sampler must be auto, multinomial or inverse_cdf, got {cfg.rollout.sampler!r}"
+         f"{did_you_mean(str(cfg.rollout.sampler), ['auto', 'multinomial', 'inverse_cdf'])}")
+    need(cfg.rollout.lean_decode in ("auto", True, False),
+         f"rollout.lean_decode must be auto, true or false, got {cfg.rollout.lean_decode!r}")
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:

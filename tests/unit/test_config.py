@@ -173,7 +173,8 @@ def test_unknown_component_name_or_key_names_nearest():
     ("kl.estimator=k4", "kl.estimator"), ("kl.mode=both", "kl.mode"), ("rollout.temperature=0", "temperature"),
     ("train.lr_scheduler=cosin", 'Did you mean "cosine"'), ("rollout.top_p=1.5", "top_p"),
     ("advantage.std_level=prompt", "std_level"), ("rollout.decode_kernel=fast", "rollout.decode_kernel must be auto"),
-    ("rollout.prepack=fast", "rollout.prepack must be auto"),
+    ("rollout.prepack=fast", "rollout.prepack must be auto"), ("rollout.sampler=multinomal", "Did you mean \"multinomial\""),
+    ("rollout.lean_decode=fast", "rollout.lean_decode must be auto"),
 ])
 def test_value_checks(override, words):
     with pytest.raises(ConfigError, match=words):

@@ -60,12 +60,22 @@ def test_rowdot_rejects_bad_inputs_clearly():
         rowdot.rowdot(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8))
 
 
+class _SpyLib:
+    """Stands in for the loaded library and records the row count of every kernel product."""
+
+    def __init__(self, lib):
+        self.lib, self.rows = lib, []
+
+    def lmpo_rowdot(self, x, w, b, y, m, k, n, threads):
+        self.rows.append(m)
+        self.lib.lmpo_rowdot(x, w, b, y, m, k, n, threads)
+
+
 @needs_kernel
 def test_rowdot_linears_route_few_rows_without_grad_and_restore(monkeypatch):
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5, bias=False))
-    calls = []
-    real = rowdot.rowdot
-    monkeypatch.setattr(rowdot, "rowdot", lambda x, w, b=None: (calls.append(x.shape), real(x, w, b))[1])
+    spy = _SpyLib(rowdot._load()[0])
+    monkeypatch.setattr(rowdot, "_load", lambda: (spy, ""))
     few, many = torch.randn(4, 1, 16), torch.randn(3, 7, 16)
     with torch.no_grad():
         ref_few, ref_many = net(few), net(many)
@@ -73,15 +83,30 @@ def test_rowdot_linears_route_few_rows_without_grad_and_restore(monkeypatch):
         with rowdot.rowdot_linears(net, max_rows=4):
             with torch.no_grad():
                 torch.testing.assert_close(net(few), ref_few, rtol=1e-5, atol=1e-6)
-                assert len(calls) == 2  # both layers, 4 rows each
+                assert spy.rows == [4, 4]  # both layers, 4 rows each
                 torch.testing.assert_close(net(many), ref_many, rtol=1e-5, atol=1e-6)
-                assert len(calls) == 2  # 21 rows: the BLAS
+                assert spy.rows == [4, 4]  # 21 rows: the BLAS
+                torch.testing.assert_close(net(few.transpose(0, 2).contiguous().transpose(0, 2)), ref_few,
+                                           rtol=1e-5, atol=1e-6)
+                assert spy.rows == [4, 4, 4]  # a non-contiguous input takes the BLAS; the next layer's is contiguous
             out = net(few)  # grad enabled and trainable weights: autograd's path, gradients flow
-            assert len(calls) == 2 and out.requires_grad
+            assert spy.rows == [4, 4, 4] and out.requires_grad
             out.sum().backward()
             assert net[0].weight.grad is not None
             raise RuntimeError("inside")
     assert not any("forward" in m.__dict__ for m in net.modules())
+
+
+@needs_kernel
+def test_rowdot_linears_fall_back_when_a_weight_is_replaced_inside(monkeypatch):
+    lin = nn.Linear(8, 3)
+    spy = _SpyLib(rowdot._load()[0])
+    monkeypatch.setattr(rowdot, "_load", lambda: (spy, ""))
+    x = torch.randn(2, 8)
+    with torch.no_grad(), rowdot.rowdot_linears(lin):
+        lin.weight = nn.Parameter(torch.randn(3, 8))  # new storage: the pointer read on entry is stale
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert spy.rows == []
 
 
 @needs_kernel

@@ -253,3 +253,108 @@ def test_decode_kernel_auto_is_off_for_tiny_models(model, tok, monkeypatch):
     import lmpo.rollout.hf as hf
     monkeypatch.setattr(hf.rowdot, "rowdot_linears", lambda m: pytest.fail("tiny models keep the BLAS"))
     HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["attention-kernel", "torch-attention"])
+def test_lean_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch, native):
+    # ragged left-padded prompts, a group that shares its prompt prefill, GQA (4 query / 2 key-value heads)
+    import lmpo.rollout.lean as lean
+    if native and not lean.rowdot.available():
+        pytest.skip("the attention kernel cannot be built here")
+    monkeypatch.setattr(lean.rowdot, "available", lambda: native)
+    steps = []
+    real = lean.LeanDecoder.step
+    monkeypatch.setattr(lean.LeanDecoder, "step", lambda self, *a: (steps.append(1), real(self, *a))[1])
+    assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1=", "7"], 11, lean=True)
+    assert len(steps) == 9  # every decode step after the prefill went through the lean path
+    for share in (True, False):  # and row-by-row prefill
+        torch.manual_seed(2)
+        a = HFGenerator(model, tok, share_prompt=share, lean=False).generate(PROMPTS, SamplingParams(max_new_tokens=7))
+        torch.manual_seed(2)
+        b = HFGenerator(model, tok, share_prompt=share, lean=True).generate(PROMPTS, SamplingParams(max_new_tokens=7))
+        assert torch.equal(a.response_ids, b.response_ids)
+        torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_decode_with_eos_and_per_row_limits(model, tok):
+    outs = []
+    for lean in (False, True):
+        torch.manual_seed(4)
+        handle = force_eos(model, [1, None, 3, None])
+        try:
+            outs.append(HFGenerator(model, tok, lean=lean).generate(PROMPTS, SamplingParams(max_new_tokens=6),
+                                                                     max_new_tokens=[6, 2, 6, 5]))
+        finally:
+            handle.remove()
+    a, b = outs
+    assert b.response_attn.sum(1).tolist() == [2, 2, 4, 5]
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.truncated, b.truncated)
+    torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_decode_refuses_what_it_does_not_cover(model, tok):
+    from lmpo.rollout.lean import lean_unsupported
+    body = model.model
+    assert lean_unsupported(body, 100) == ""
+    model.config.model_type = "gpt_neox"
+    try:
+        assert "architecture 'gpt_neox'" in lean_unsupported(body, 100)
+        with pytest.raises(ConfigError, match="lean_decode is true .* architecture 'gpt_neox' .* auto or false"):
+            HFGenerator(model, tok, lean=True).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+        out = HFGenerator(model, tok, lean="auto").generate(PROMPTS, SamplingParams(max_new_tokens=3))
+        assert out.response_ids.shape[0] == 4  # auto keeps the Hugging Face step
+    finally:
+        model.config.model_type = "llama"
+    model.config.sliding_window = 8
+    try:
+        assert "sliding window of 8" in lean_unsupported(body, 9) and lean_unsupported(body, 8) == ""
+    finally:
+        model.config.sliding_window = None
+
+
+def test_lean_decode_auto_is_off_for_tiny_models(model, tok, monkeypatch):
+    import lmpo.rollout.lean as lean
+    monkeypatch.setattr(lean.LeanDecoder, "__init__", lambda *a: pytest.fail("tiny models keep the HF step"))
+    HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+
+
+def test_inverse_cdf_draws_by_hand(monkeypatch):
+    from lmpo.rollout.hf import sample_inverse_cdf
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.2, 0.2, 0.2, 0.4], [0.0, 0.0, 0.0, 2.0]])
+    # cdf rows: [0, .5, .5, 1], [.2, .4, .6, 1], [0, 0, 0, 2]; the draw is the first index with cdf > u * total
+    for u, expect in (([0.0, 0.0, 0.0], [1, 0, 3]), ([0.5, 0.39, 0.5], [3, 1, 3]), ([0.9999, 0.6, 0.9999], [3, 3, 3]),
+                      ([0.25, 0.59, 0.1], [1, 2, 3])):
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.tensor(u)[:, None])
+        assert sample_inverse_cdf(probs).tolist() == expect  # zero-probability entries (flat stretches) never drawn
+
+
+def test_inverse_cdf_frequencies_match_the_distribution():
+    from lmpo.rollout.hf import sample_inverse_cdf
+    torch.manual_seed(0)
+    p = torch.tensor([0.05, 0.0, 0.15, 0.3, 0.5])
+    n = 40_000
+    draws = sample_inverse_cdf(p.expand(n, 5).contiguous())
+    freq = torch.bincount(draws, minlength=5).double() / n
+    assert freq[1] == 0
+    assert ((freq - p.double()).abs() <= 4 * (p.double() * (1 - p.double()) / n).sqrt() + 1e-12).all()
+
+
+def test_sampler_choice_and_logprobs(tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    big = build_tiny_model(seed=0, vocab_size=hf.INVERSE_CDF_MIN_VOCAB)
+    used = []
+    real = hf.sample_inverse_cdf
+    monkeypatch.setattr(hf, "sample_inverse_cdf", lambda p: (used.append(p.shape), real(p))[1])
+    small = build_tiny_model(seed=0)
+    HFGenerator(small, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    assert used == []  # auto: a 16-entry vocabulary keeps torch.multinomial
+    torch.manual_seed(3)
+    out = HFGenerator(big, tok).generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=0.8))
+    assert used and all(s == (4, hf.INVERSE_CDF_MIN_VOCAB) for s in used)
+    ref = torch.log_softmax(full_logits(big, out) / 0.8, -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.sampler_logprobs, torch.where(out.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
+    used.clear()
+    HFGenerator(small, tok, sampler="inverse_cdf").generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    assert len(used) == 2
+    with pytest.raises(ConfigError, match="rollout.sampler must be one of auto, multinomial, inverse_cdf"):
+        HFGenerator(small, tok, sampler="gumbel")

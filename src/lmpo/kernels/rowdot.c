@@ -10,6 +10,8 @@
  * with a BLAS to float rounding, not bit for bit. Built and loaded by lmpo.kernels.rowdot (cc -O3 -mavx2 -mfma).
  */
 #include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
 
 #define PREFETCH_FLOATS 1024
 
@@ -60,5 +62,52 @@ void lmpo_rowdot(const float *x, const float *W, const float *b, float *y, long 
             default: BLOCK(1); break;
             }
         }
+    }
+}
+
+/* One decode step of attention for every row and query head, over the filled part of preallocated key/value buffers.
+ *
+ * q: (B, H, D) the step's queries; K, V: (B, KV, Lmax, D) buffers of which the first L positions are filled;
+ * bias: (B, Lmax) additive mask (0 or -inf; -inf on padding); out: (B, H, D). Query head h reads key/value head
+ * h / (H / KV) (grouped-query attention). out = softmax(q K^T * scale + bias) V, in float32 with the maximum
+ * subtracted before exponentiation. One small loop nest replaces the batched matrix products, softmax and reshapes
+ * that a framework dispatches one by one for this (B x H) x 1 x L shape.
+ */
+void lmpo_decode_attention(const float *q, const float *K, const float *V, const float *bias, float *out, long B,
+                           long H, long KV, long D, long L, long Lmax, float scale, int threads) {
+    const long group = H / KV;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (long bh = 0; bh < B * H; bh++) {
+        const long b = bh / H, h = bh % H, kv = h / group;
+        const float *qv = q + bh * D;
+        const float *Kb = K + (b * KV + kv) * Lmax * D, *Vb = V + (b * KV + kv) * Lmax * D;
+        const float *bb = bias + b * Lmax;
+        float stack[1024];
+        float *s = L <= 1024 ? stack : (float *)malloc(sizeof(float) * L);
+        float m = -INFINITY;
+        for (long j = 0; j < L; j++) {
+            const float *kj = Kb + j * D;
+            __m256 a = _mm256_setzero_ps();
+            long d = 0;
+            for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kj + d), a);
+            float dot = hsum(a);
+            for (; d < D; d++) dot += qv[d] * kj[d];
+            s[j] = dot * scale + bb[j];
+            if (s[j] > m) m = s[j];
+        }
+        float total = 0.0f;
+        for (long j = 0; j < L; j++) { s[j] = expf(s[j] - m); total += s[j]; }
+        float *o = out + bh * D;
+        for (long d = 0; d < D; d++) o[d] = 0.0f;
+        for (long j = 0; j < L; j++) {
+            const float p = s[j] / total;
+            const float *vj = Vb + j * D;
+            const __m256 pv = _mm256_set1_ps(p);
+            long d = 0;
+            for (; d + 8 <= D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+            for (; d < D; d++) o[d] += p * vj[d];
+        }
+        if (s != stack) free(s);
     }
 }

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 SOURCE = Path(__file__).with_name("rowdot.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 MAX_ROWS = 16
 """Products with more rows than this go to the BLAS (measured crossover: 16-24 rows of the default model)."""
 MIN_PARAMS = 10_000_000
@@ -62,14 +63,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if cc is None:
         return None, "needs a C compiler (set $CC or install cc/gcc)"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, *LIBS)).encode()).hexdigest()[:16]
     target = _kernel_dir() / f"rowdot-{digest}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
-            run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
             if run.returncode != 0:
                 os.unlink(tmp)
                 return None, f"{cc} failed to build {SOURCE.name}: {run.stderr.strip()[-500:]}"
@@ -82,6 +83,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"cannot load {target} ({e})"
     lib.lmpo_rowdot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.lmpo_rowdot.restype = None
+    lib.lmpo_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.lmpo_decode_attention.restype = None
     why = _self_test(lib)
     return (lib, "") if not why else (None, why)
 
@@ -95,7 +98,26 @@ def _self_test(lib: ctypes.CDLL) -> str:
         ref = x.double() @ w.double().T + b.double()
         if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4):
             return f"the built kernel gives wrong products (max error {(y.double() - ref).abs().max():.3g})"
+    B, H, KV, D, L, Lmax = 2, 6, 2, 12, 5, 7
+    q, K, V = (torch.randn(*s, generator=g) for s in ((B, H, 1, D), (B, KV, Lmax, D), (B, KV, Lmax, D)))
+    bias = torch.zeros(B, Lmax)
+    bias[0, 0] = float("-inf")
+    out = torch.empty(B, H, D)
+    lib.lmpo_decode_attention(q.data_ptr(), K.data_ptr(), V.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, KV, D,
+                              L, Lmax, 0.3, 1)
+    ref = attention_reference(q, K[:, :, :L], V[:, :, :L], bias[:, :L], 0.3)
+    if not torch.allclose(out, ref.squeeze(2), rtol=1e-4, atol=1e-5):
+        return f"the built attention kernel is wrong (max error {(out - ref.squeeze(2)).abs().max():.3g})"
     return ""
+
+
+def attention_reference(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(q K^T * scale + bias) V with torch ops: q (B, H, 1, D); K, V (B, KV, L, D); bias (B, L) additive."""
+    B, H, _, D = q.shape
+    KV = K.shape[1]
+    qg = q.reshape(B, KV, H // KV, D)  # query heads grouped by their key/value head
+    scores = torch.matmul(qg, K.transpose(-1, -2)) * scale + bias[:, None, None, :]
+    return torch.matmul(torch.softmax(scores, dim=-1), V).reshape(B, H, 1, D)
 
 
 def available() -> bool:
@@ -130,6 +152,27 @@ def rowdot(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def decode_attention(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, length: int, scale: float) -> Tensor:
+    """One decode step's attention through the kernel: ``q`` (B, H, 1, D) queries; ``K``, ``V`` (B, KV, Lmax, D)
+    contiguous float32 buffers of which the first ``length`` positions are used; ``bias`` (B, Lmax) additive mask.
+    Returns (B, H, 1, D), equal to :func:`attention_reference` up to rounding."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    B, H, _, D = q.shape
+    KV, Lmax = K.shape[1], K.shape[2]
+    if not (K.is_contiguous() and V.is_contiguous() and bias.is_contiguous() and K.shape == V.shape
+            and K.shape[0] == B and K.shape[3] == D and bias.shape == (B, Lmax) and H % KV == 0
+            and 0 < length <= Lmax):
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}, bias "
+                         f"{tuple(bias.shape)}, length {length} do not fit (contiguous buffers expected)")
+    qc = q.contiguous()
+    out = torch.empty(B, H, 1, D, dtype=torch.float32)
+    lib.lmpo_decode_attention(qc.data_ptr(), K.data_ptr(), V.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, KV,
+                              D, length, Lmax, scale, torch.get_num_threads())
+    return out
+
+
 def should_use(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
     """``mode``: ``"auto"`` (float32 CPU models of at least :data:`MIN_PARAMS` parameters, no autocast, kernel
     available), ``True`` (float32 CPU weights; raises if the kernel cannot be built) or ``False``."""
@@ -148,21 +191,35 @@ def should_use(model: nn.Module, mode: str | bool, autocast: str | None) -> bool
 
 @contextlib.contextmanager
 def rowdot_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> Iterator[None]:
-    """Inside, every ``nn.Linear`` of ``model`` (peft's base layers included) computes products of at most
-    ``max_rows`` float32 rows without autograd through :func:`rowdot`, anything else through ``F.linear``; on exit
-    the modules are as before."""
+    """Inside, every ``nn.Linear`` of ``model`` (peft's base layers included) with contiguous float32 CPU weights
+    computes products of at most ``max_rows`` contiguous float32 rows that need no gradient through the kernel, and
+    anything else through ``F.linear``; on exit the modules are as before. Each module's weight pointer is read on
+    entry (a decode step calls the kernel hundreds of times, so the per-call work is kept to a few checks); a module
+    whose weight is replaced inside the context falls back to ``F.linear``."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    kernel, threads = lib.lmpo_rowdot, torch.get_num_threads()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     try:
         for m in linears:
+            w, b = m.weight, m.bias
+            if not all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                       for t in (w, b)):
+                continue
+            N, K = w.shape
+            limit, w_ptr, b_ptr = max_rows * K, w.data_ptr(), None if b is None else b.data_ptr()
+            trainable = w.requires_grad or (b is not None and b.requires_grad)
 
-            def forward(x: Tensor, m: nn.Linear = m) -> Tensor:
-                w, b = m.weight, m.bias
-                needs_grad = torch.is_grad_enabled() and (
-                    x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-                if (not needs_grad and x.numel() <= max_rows * x.shape[-1] and x.dtype == torch.float32
-                        and w.dtype == torch.float32 and x.device.type == "cpu"):
-                    return rowdot(x, w, b)
-                return F.linear(x, w, b)
+            def forward(x: Tensor, m: nn.Linear = m, N=N, K=K, limit=limit, w_ptr=w_ptr, b_ptr=b_ptr,
+                        trainable=trainable) -> Tensor:
+                if (x.dtype == torch.float32 and x.numel() <= limit and x.is_cpu and x.is_contiguous()
+                        and m.weight.data_ptr() == w_ptr
+                        and not (torch.is_grad_enabled() and (trainable or x.requires_grad))):
+                    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+                    kernel(x.data_ptr(), w_ptr, b_ptr, y.data_ptr(), x.numel() // K, K, N, threads)
+                    return y
+                return F.linear(x, m.weight, m.bias)
 
             m.forward = forward
         yield

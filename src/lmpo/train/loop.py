@@ -98,7 +98,8 @@ def rollout_context(cfg: Config, model, tokenizer, task, rewards, comps) -> Roll
     r = cfg.rollout
     return RolloutContext(
         generator=HFGenerator(model, tokenizer, batch_size=r.batch_size, autocast=cfg.model.autocast,
-                              prepack=r.prepack, decode_kernel=r.decode_kernel),
+                              prepack=r.prepack, decode_kernel=r.decode_kernel,
+                              lean=r.lean_decode, sampler=r.sampler),
         tokenizer=tokenizer, reward_set=rewards, shapers=comps["shapers"], selectors=comps["selectors"],
         params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens),
         num_generations=r.num_generations, system_prompt=task.system_prompt,

@@ -1,0 +1,117 @@
+"""A lean KV-cached decode step for Llama-family decoders (Llama, Qwen2, Mistral): one token per row.
+
+A Hugging Face decode step spends as much CPU time around the matrix products as in them when the batch is a few
+rows: every step rebuilds the attention mask, grows the key/value cache by concatenation (copying it), and runs each
+layer through generic hooks and dispatch. :class:`LeanDecoder` takes the cache the Hugging Face prefill produced,
+copies it once into preallocated buffers long enough for the whole reply, and then runs each decode step as the
+plain sequence of the model's own submodules (norms, projections, MLP, rotary embedding) with attention computed
+directly over the filled part of the buffers. The projections stay the model's modules, so LoRA adapters and the
+few-row kernel (:mod:`lmpo.kernels.rowdot`) apply unchanged; the result equals the Hugging Face step up to float
+rounding (tests compare sampled tokens and log-probs with the plain path).
+
+:func:`lean_unsupported` names what rules a model out (another architecture, a sliding window shorter than the
+sequence, a non-default attention implementation); callers then keep the Hugging Face step.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmpo.kernels import rowdot
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+def lean_unsupported(body: nn.Module, total_length: int) -> str:
+    """Why the lean step cannot run ``body`` (the decoder without LM head) for sequences of ``total_length``
+    positions; "" when it can."""
+    cfg = getattr(body, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"architecture {kind!r} (lean decoding covers {', '.join(ARCHITECTURES)})"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {cfg._attn_implementation!r}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and total_length > window:
+        return f"a sliding window of {window} positions is shorter than the sequence ({total_length})"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            return f"the decoder has no {name!r}"
+    return ""
+
+
+class LeanDecoder:
+    """Decode steps over preallocated key/value buffers, started from a Hugging Face prefill cache.
+
+    Args:
+        body: The decoder (``model.model``), already prefilled into ``cache``.
+        cache: The ``DynamicCache`` after the prefill (rows already expanded to the batch).
+        prompt_mask: (B, P) bool, True on real prompt tokens (prompts are left-padded).
+        max_new: Decode steps that may follow (the buffers hold P + max_new positions).
+    """
+
+    def __init__(self, body: nn.Module, cache, prompt_mask: Tensor, max_new: int) -> None:
+        self.body = body
+        cfg = body.config
+        layer0 = body.layers[0].self_attn
+        self.head_dim = layer0.head_dim
+        self.scaling = layer0.scaling
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.rope = importlib.import_module(type(layer0).__module__).apply_rotary_pos_emb
+        B, P = prompt_mask.shape
+        self.length = P  # positions filled so far
+        device, dtype = prompt_mask.device, cache.layers[0].keys.dtype
+        size = (B, self.kv_heads, P + max_new, self.head_dim)
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            k, v = torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device)
+            k[:, :, :P].copy_(layer.keys)
+            v[:, :, :P].copy_(layer.values)
+            self.keys.append(k)
+            self.values.append(v)
+        # additive mask over all positions: -inf on left padding, 0 elsewhere (decoded positions are always attended)
+        self.bias = torch.zeros(B, P + max_new, dtype=dtype, device=device)
+        self.bias[:, :P].masked_fill_(~prompt_mask, float("-inf"))
+        self.native = dtype == torch.float32 and device.type == "cpu" and rowdot.available()
+
+    def _attention(self, q: Tensor, K: Tensor, V: Tensor, length: int) -> Tensor:
+        if self.native:
+            return rowdot.decode_attention(q, K, V, self.bias, length, self.scaling)
+        return rowdot.attention_reference(q, K[:, :, :length], V[:, :, :length], self.bias[:, :length], self.scaling)
+
+    @staticmethod
+    def _norm(module: nn.Module, x: Tensor) -> Tensor:
+        """The model's RMSNorm, fused into one op where it is the plain ``weight * x / rms(x)`` form."""
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None or type(module).__name__ not in _PLAIN_RMS_NORMS:
+            return module(x)
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+
+    def step(self, token: Tensor, positions: Tensor) -> Tensor:
+        """One decode step: ``token`` (B, 1) ids at ``positions`` (B, 1). Returns the final hidden state (B, H)."""
+        body = self.body
+        B = token.shape[0]
+        L = self.length
+        x = body.embed_tokens(token)  # (B, 1, H)
+        cos, sin = body.rotary_emb(x, positions)
+        for i, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            h = self._norm(layer.input_layernorm, x)
+            q = attn.q_proj(h).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            K, V = self.keys[i], self.values[i]
+            K[:, :, L : L + 1] = k
+            V[:, :, L : L + 1] = v
+            out = self._attention(q, K, V, L + 1)  # (B, heads, 1, d)
+            x = x + attn.o_proj(out.reshape(B, 1, self.heads * self.head_dim))
+            x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
+        self.length = L + 1
+        return self._norm(body.norm, x)[:, -1]
