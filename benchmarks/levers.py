@@ -10,7 +10,8 @@ chunks of 1024/256/128 tokens at reply lengths 64 and 256), ``head`` (the LM-hea
 chunk, and the logits layout), ``decode_matmul`` (weight GB per CPU second of the decode-shaped product through MKL,
 MKL with pre-packed weights, oneDNN, OpenBLAS and lmpo's few-row kernel, against a plain read), ``decode_prepacked``
 (one decode step of the default model with its linear layers through MKL, through oneDNN with pre-packed weights, or
-through lmpo's few-row kernel). Times are process
+through lmpo's few-row kernel), ``decode_step`` (a whole decode step: Hugging Face vs lean, MKL vs the few-row kernel,
+and the token draw). Times are process
 CPU seconds.
 """
 
@@ -282,9 +283,77 @@ def lever_decode_prepacked(_):
             "max_logit_diff": float((mkl_logits - dnn_logits).abs().max()), **extra}
 
 
+def lever_decode_step(_):
+    """One KV-cached decode step of 8 rows on the default model at 40 + 24 positions, CPU ms (best of 5 x 8 steps):
+    the Hugging Face forward with MKL linears, the same with lmpo's few-row kernel, the lean step
+    (``lmpo.rollout.lean``) with the kernel and the native attention/RMSNorm, and the lean step with torch attention;
+    plus drawing one token per row from 49,152 entries with ``torch.multinomial`` and by inverse CDF."""
+    import torch
+    from transformers import DynamicCache
+
+    from lmpo.kernels import rowdot
+    from lmpo.models.load import load_model
+    from lmpo.models.logprobs import cache_kwarg, split_body_and_head
+    from lmpo.rollout.hf import sample_inverse_cdf
+    from lmpo.rollout.lean import LeanDecoder
+
+    model, _ = load_model("default")
+    body, head = split_body_and_head(model)
+    g = torch.Generator().manual_seed(0)
+    ids, tok = torch.randint(100, 1000, (8, 40), generator=g), torch.randint(100, 1000, (8, 1), generator=g)
+    mask = torch.ones(8, 40, dtype=torch.bool)
+    positions = torch.full((8, 1), 40)
+    kw = cache_kwarg(body)
+    res, hidden = {}, {}
+
+    def prefill():
+        cache = DynamicCache(config=body.config)
+        body(input_ids=ids, use_cache=True, **{kw: cache})
+        return cache
+
+    def hf_steps():
+        cache, attn = prefill(), torch.ones(8, 40, dtype=torch.long)
+        for i in range(8):
+            attn = torch.cat([attn, torch.ones(8, 1, dtype=torch.long)], 1)
+            out = body(input_ids=tok, attention_mask=attn, position_ids=positions + i, use_cache=True, **{kw: cache})
+            head(out.last_hidden_state[:, -1])
+        return out.last_hidden_state[:, -1]
+
+    def lean_steps():
+        lean = LeanDecoder(body, prefill(), mask, 8)
+        for i in range(8):
+            last = lean.step(tok, positions + i)
+            head(last)
+        return last
+
+    def per_step(fn, name):
+        prefill_s = cpu_best(prefill, reps=3)
+        hidden[name] = fn()
+        res[name + "_ms"] = round((cpu_best(fn, reps=5) - prefill_s) / 8 * 1e3, 1)
+
+    with torch.no_grad():
+        per_step(hf_steps, "hf_mkl")
+        if rowdot.available():
+            with rowdot.rowdot_linears(model):
+                per_step(hf_steps, "hf_rowdot")
+                per_step(lean_steps, "lean_rowdot_native")
+                available = rowdot.available
+                rowdot.available = lambda: False  # the lean step's torch attention and RMSNorm
+                try:
+                    per_step(lean_steps, "lean_rowdot_torch_attention")
+                finally:
+                    rowdot.available = available
+        probs = torch.softmax(torch.randn(8, 49152, generator=g), -1)
+        res["multinomial_ms"] = round(cpu_best(lambda: [torch.multinomial(probs, 1) for _ in range(20)]) / 20 * 1e3, 2)
+        res["inverse_cdf_ms"] = round(cpu_best(lambda: [sample_inverse_cdf(probs) for _ in range(20)]) / 20 * 1e3, 2)
+    res["max_hidden_diff_vs_hf_mkl"] = max(float((h - hidden["hf_mkl"]).abs().max()) for h in hidden.values())
+    return res
+
+
 LEVERS = {"linear": [None], "adamw": ["foreach", "for-loop", "fused"], "decode": [None], "entropy": [None],
           "shared_prompt": ["off", "on"], "chunk": ["1024x64", "256x64", "1024x256", "256x256", "128x256"],
-          "head": ["checkpointed", "fused", "layout"], "decode_matmul": [None], "decode_prepacked": [None]}
+          "head": ["checkpointed", "fused", "layout"], "decode_matmul": [None], "decode_prepacked": [None],
+          "decode_step": [None]}
 
 
 def main():

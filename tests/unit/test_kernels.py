@@ -178,3 +178,72 @@ def test_linear_layers_are_unchanged_outside(monkeypatch):
         pass
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
     assert "forward" not in lin.__dict__
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, H, KV, D, L", [(2, 4, 2, 8, 1), (3, 9, 3, 64, 41), (1, 2, 1, 10, 17), (2, 2, 2, 4, 2100)])
+def test_decode_attention_equals_torch_reference(B, H, KV, D, L):
+    # rotary embedding of q and k, the cache write at position L-1, masked softmax attention with grouped heads;
+    # L = 2100 exceeds the kernel's stack buffer for the scores
+    g = torch.Generator().manual_seed(L)
+    Lmax = L + 3
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, H, D), (B, KV, D), (B, KV, D)))
+    K, V = torch.randn(B, KV, Lmax, D, generator=g), torch.randn(B, KV, Lmax, D, generator=g)
+    angle = torch.rand(B, D // 2, generator=g).repeat(1, 2) * 6
+    cos, sin = angle.cos(), angle.sin()
+    bias = torch.zeros(B, Lmax)
+    if L > 1:
+        bias[0, : L // 2] = float("-inf")  # left padding of row 0
+    # independent reference: rotate, write, attend, all with torch ops in float64
+    half = D // 2
+    rot = lambda x: x * cos[:, None].double() + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None].double()  # noqa: E731
+    qr, kr = rot(q.double()), rot(k.double())
+    Kr, Vr = K.double().clone(), V.double().clone()
+    Kr[:, :, L - 1], Vr[:, :, L - 1] = kr, v.double()
+    out_ref = torch.empty(B, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // KV)
+            w = torch.softmax(Kr[b, kv, :L] @ qr[b, h] * 0.125 + bias[b, :L].double(), -1)
+            out_ref[b, h] = w @ Vr[b, kv, :L]
+    out = rowdot.decode_attention(q, K, V, bias, L, 0.125, k, v, cos, sin)
+    torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.double(), qr, rtol=1e-5, atol=1e-5)  # rotated in place
+    torch.testing.assert_close(K.double(), Kr, rtol=1e-5, atol=1e-5)  # the new key went to position L-1
+    assert torch.equal(V[:, :, L - 1], v)
+    if L > 1:
+        assert not torch.isnan(out).any()
+
+
+@needs_kernel
+def test_decode_attention_without_rope_or_write_and_masked_keys_get_zero_weight():
+    g = torch.Generator().manual_seed(0)
+    q, K = torch.randn(1, 2, 8, generator=g), torch.randn(1, 1, 12, 8, generator=g)
+    V = torch.zeros(1, 1, 12, 8)
+    V[0, 0, 3] = 1e30  # a masked position with a huge value: any non-zero weight would show
+    bias = torch.zeros(1, 12)
+    bias[0, 3] = float("-inf")
+    before = q.clone()
+    out = rowdot.decode_attention(q, K, V, bias, 12, 0.5)
+    assert torch.equal(q, before) and torch.equal(out, torch.zeros(1, 2, 8))
+    ref = rowdot.attention_reference(q[:, :, None], K, torch.randn(1, 1, 12, 8, generator=g), bias, 0.5)
+    assert ref.shape == (1, 2, 1, 8)
+
+
+@needs_kernel
+def test_decode_attention_and_rms_norm_reject_bad_inputs():
+    q, K, bias = torch.randn(1, 2, 8), torch.randn(1, 1, 4, 8), torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="bad: \\['K', 'V', 'bias'\\]"):
+        rowdot.decode_attention(q, K.transpose(2, 3).contiguous(), K, bias, 2, 1.0)
+    with pytest.raises(ValueError, match="length 5"):
+        rowdot.decode_attention(q, K, K, bias, 5, 1.0)
+    with pytest.raises(ValueError, match="weight \\(7,\\)"):
+        rowdot.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+
+
+@needs_kernel
+def test_rms_norm_equals_llama_formula():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 1, 37, generator=g), torch.randn(37, generator=g)
+    ref = w.double() * (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(rowdot.rms_norm(x, w, 1e-5).double(), ref, rtol=1e-5, atol=1e-6)

@@ -65,25 +65,70 @@ void lmpo_rowdot(const float *x, const float *W, const float *b, float *y, long 
     }
 }
 
-/* One decode step of attention for every row and query head, over the filled part of preallocated key/value buffers.
+/* exp(x) for 8 lanes (Cephes' single-precision polynomial, ~1 ulp); exactly 0 below -87.3 (masked scores). */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(dead, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* Rotary embedding in place on n vectors of D floats: x[i] = x[i] c[i] - x[i+D/2] s[i] and
+ * x[i+D/2] = x[i+D/2] c[i+D/2] + x[i] s[i+D/2] (Llama's q cos + rotate_half(q) sin), c and s: one D-vector each. */
+static inline void rope(float *x, const float *c, const float *s, long D) {
+    const long half = D / 2;
+    for (long i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i + half] + a * s[i + half];
+    }
+}
+
+/* One decode step of attention for every row and query head over preallocated key/value buffers.
  *
- * q: (B, H, D) the step's queries; K, V: (B, KV, Lmax, D) buffers of which the first L positions are filled;
- * bias: (B, Lmax) additive mask (0 or -inf; -inf on padding); out: (B, H, D). Query head h reads key/value head
- * h / (H / KV) (grouped-query attention). out = softmax(q K^T * scale + bias) V, in float32 with the maximum
- * subtracted before exponentiation. One small loop nest replaces the batched matrix products, softmax and reshapes
- * that a framework dispatches one by one for this (B x H) x 1 x L shape.
+ * q: (B, H, D) the step's queries, rotated in place when cos/sin are given; k, v: (B, KV, D) the step's keys and
+ * values (k rotated likewise), written to position L-1 of the buffers when not NULL; cos, sin: (B, D) or NULL;
+ * K, V: (B, KV, Lmax, D) buffers of which the first L positions are attended; bias: (B, Lmax) additive mask (0 or
+ * -inf on padding); out: (B, H, D). Query head h reads key/value head h / (H / KV) (grouped-query attention).
+ * out = softmax(q K^T * scale + bias) V in float32, the maximum subtracted before exponentiation. One call replaces
+ * the rotary embedding, the cache write, the batched products, softmax and reshapes a framework dispatches one by
+ * one for this (B x H) x 1 x L shape.
  */
-void lmpo_decode_attention(const float *q, const float *K, const float *V, const float *bias, float *out, long B,
-                           long H, long KV, long D, long L, long Lmax, float scale, int threads) {
+void lmpo_decode_attention(float *q, float *k, const float *v, const float *cos, const float *sin, float *K, float *V,
+                           const float *bias, float *out, long B, long H, long KV, long D, long L, long Lmax,
+                           float scale, int threads) {
     const long group = H / KV;
+    if (cos) {
+        for (long bh = 0; bh < B * H; bh++) rope(q + bh * D, cos + (bh / H) * D, sin + (bh / H) * D, D);
+        if (k)
+            for (long bk = 0; bk < B * KV; bk++) rope(k + bk * D, cos + (bk / KV) * D, sin + (bk / KV) * D, D);
+    }
+    if (k)
+        for (long bk = 0; bk < B * KV; bk++)
+            for (long d = 0; d < D; d++) {
+                K[(bk * Lmax + L - 1) * D + d] = k[bk * D + d];
+                V[(bk * Lmax + L - 1) * D + d] = v[bk * D + d];
+            }
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (long bh = 0; bh < B * H; bh++) {
         const long b = bh / H, h = bh % H, kv = h / group;
         const float *qv = q + bh * D;
         const float *Kb = K + (b * KV + kv) * Lmax * D, *Vb = V + (b * KV + kv) * Lmax * D;
         const float *bb = bias + b * Lmax;
-        float stack[1024];
-        float *s = L <= 1024 ? stack : (float *)malloc(sizeof(float) * L);
+        float stack[2048];
+        float *s = L <= 2048 ? stack : (float *)malloc(sizeof(float) * L);
         float m = -INFINITY;
         for (long j = 0; j < L; j++) {
             const float *kj = Kb + j * D;
@@ -95,12 +140,21 @@ void lmpo_decode_attention(const float *q, const float *K, const float *V, const
             s[j] = dot * scale + bb[j];
             if (s[j] > m) m = s[j];
         }
-        float total = 0.0f;
-        for (long j = 0; j < L; j++) { s[j] = expf(s[j] - m); total += s[j]; }
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 tv = _mm256_setzero_ps();
+        long j = 0;
+        for (; j + 8 <= L; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+            _mm256_storeu_ps(s + j, e);
+            tv = _mm256_add_ps(tv, e);
+        }
+        float total = hsum(tv);
+        for (; j < L; j++) { s[j] = expf(s[j] - m); total += s[j]; }
+        const float inv = 1.0f / total;
         float *o = out + bh * D;
         for (long d = 0; d < D; d++) o[d] = 0.0f;
-        for (long j = 0; j < L; j++) {
-            const float p = s[j] / total;
+        for (j = 0; j < L; j++) {
+            const float p = s[j] * inv;
             const float *vj = Vb + j * D;
             const __m256 pv = _mm256_set1_ps(p);
             long d = 0;
@@ -109,5 +163,20 @@ void lmpo_decode_attention(const float *q, const float *K, const float *V, const
             for (; d < D; d++) o[d] += p * vj[d];
         }
         if (s != stack) free(s);
+    }
+}
+
+/* RMSNorm of `rows` vectors of H floats: y = w * (x / sqrt(mean(x^2) + eps)) (Llama's, in float32). */
+void lmpo_rms_norm(const float *x, const float *w, float *y, long rows, long H, float eps) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * H;
+        float *yr = y + r * H;
+        __m256 a = _mm256_setzero_ps();
+        long i = 0;
+        for (; i + 8 <= H; i += 8) { const __m256 t = _mm256_loadu_ps(xr + i); a = _mm256_fmadd_ps(t, t, a); }
+        float ss = hsum(a);
+        for (; i < H; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (i = 0; i < H; i++) yr[i] = w[i] * (xr[i] * inv);
     }
 }

@@ -83,8 +83,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"cannot load {target} ({e})"
     lib.lmpo_rowdot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.lmpo_rowdot.restype = None
-    lib.lmpo_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.lmpo_decode_attention.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.lmpo_decode_attention.restype = None
+    lib.lmpo_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+    lib.lmpo_rms_norm.restype = None
     why = _self_test(lib)
     return (lib, "") if not why else (None, why)
 
@@ -98,17 +100,35 @@ def _self_test(lib: ctypes.CDLL) -> str:
         ref = x.double() @ w.double().T + b.double()
         if not torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4):
             return f"the built kernel gives wrong products (max error {(y.double() - ref).abs().max():.3g})"
-    B, H, KV, D, L, Lmax = 2, 6, 2, 12, 5, 7
-    q, K, V = (torch.randn(*s, generator=g) for s in ((B, H, 1, D), (B, KV, Lmax, D), (B, KV, Lmax, D)))
+    B, H, KV, D, L, Lmax = 2, 6, 2, 12, 13, 15  # 13 positions: one 8-wide exp block and a scalar tail
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, H, D), (B, KV, D), (B, KV, D)))
+    K, V = torch.randn(B, KV, Lmax, D, generator=g), torch.randn(B, KV, Lmax, D, generator=g)
+    cos, sin = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
     bias = torch.zeros(B, Lmax)
-    bias[0, 0] = float("-inf")
+    bias[0, :2] = float("-inf")
+    qr, kr = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    Kr, Vr = K.clone(), V.clone()
+    Kr[:, :, L - 1], Vr[:, :, L - 1] = kr, v
+    ref = attention_reference(qr[:, :, None], Kr[:, :, :L], Vr[:, :, :L], bias[:, :L], 0.3).squeeze(2)
     out = torch.empty(B, H, D)
-    lib.lmpo_decode_attention(q.data_ptr(), K.data_ptr(), V.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, KV, D,
-                              L, Lmax, 0.3, 1)
-    ref = attention_reference(q, K[:, :, :L], V[:, :, :L], bias[:, :L], 0.3)
-    if not torch.allclose(out, ref.squeeze(2), rtol=1e-4, atol=1e-5):
-        return f"the built attention kernel is wrong (max error {(out - ref.squeeze(2)).abs().max():.3g})"
+    lib.lmpo_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), K.data_ptr(),
+                              V.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, KV, D, L, Lmax, 0.3, 1)
+    if not (torch.allclose(out, ref, rtol=1e-4, atol=1e-5) and torch.allclose(q, qr, rtol=1e-5, atol=1e-6)
+            and torch.allclose(K, Kr, rtol=1e-5, atol=1e-6) and torch.equal(V, Vr)):
+        return f"the built attention kernel is wrong (max error {(out - ref).abs().max():.3g})"
+    x, w = torch.randn(3, 20, generator=g), torch.randn(20, generator=g)
+    y = torch.empty(3, 20)
+    lib.lmpo_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), 3, 20, 1e-6)
+    if not torch.allclose(y, w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)), rtol=1e-5, atol=1e-6):
+        return "the built RMSNorm kernel is wrong"
     return ""
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Llama's rotary embedding ``x cos + rotate_half(x) sin`` for x (B, n, D) and cos, sin (B, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def attention_reference(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -152,25 +172,50 @@ def rowdot(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def decode_attention(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, length: int, scale: float) -> Tensor:
-    """One decode step's attention through the kernel: ``q`` (B, H, 1, D) queries; ``K``, ``V`` (B, KV, Lmax, D)
-    contiguous float32 buffers of which the first ``length`` positions are used; ``bias`` (B, Lmax) additive mask.
-    Returns (B, H, 1, D), equal to :func:`attention_reference` up to rounding."""
+def decode_attention(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, length: int, scale: float,
+                     k: Tensor | None = None, v: Tensor | None = None, cos: Tensor | None = None,
+                     sin: Tensor | None = None) -> Tensor:
+    """One decode step's attention through the kernel; everything float32, contiguous, on the CPU.
+
+    ``q`` (B, H, D) queries; ``K``, ``V`` (B, KV, Lmax, D) buffers of which the first ``length`` positions are
+    attended; ``bias`` (B, Lmax) additive mask. With ``cos``, ``sin`` (B, D), ``q`` (and ``k``) are first rotated
+    **in place** (:func:`rope_reference`); with ``k``, ``v`` (B, KV, D), they are first written to position
+    ``length - 1`` of the buffers. Returns (B, H, D), equal to :func:`attention_reference` up to rounding."""
     lib = _load()[0]
     if lib is None:
         raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
-    B, H, _, D = q.shape
+    B, H, D = q.shape
     KV, Lmax = K.shape[1], K.shape[2]
-    if not (K.is_contiguous() and V.is_contiguous() and bias.is_contiguous() and K.shape == V.shape
-            and K.shape[0] == B and K.shape[3] == D and bias.shape == (B, Lmax) and H % KV == 0
-            and 0 < length <= Lmax):
-        raise ValueError(f"decode_attention: q {tuple(q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}, bias "
-                         f"{tuple(bias.shape)}, length {length} do not fit (contiguous buffers expected)")
-    qc = q.contiguous()
-    out = torch.empty(B, H, 1, D, dtype=torch.float32)
-    lib.lmpo_decode_attention(qc.data_ptr(), K.data_ptr(), V.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, KV,
-                              D, length, Lmax, scale, torch.get_num_threads())
+    parts = {"q": q, "K": K, "V": V, "bias": bias, "k": k, "v": v, "cos": cos, "sin": sin}
+    shapes = {"K": (B, KV, Lmax, D), "V": (B, KV, Lmax, D), "bias": (B, Lmax), "k": (B, KV, D), "v": (B, KV, D),
+              "cos": (B, D), "sin": (B, D)}
+    bad = [n for n, t in parts.items() if t is not None and (
+        t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+        or (n in shapes and tuple(t.shape) != shapes[n]))]
+    if bad or H % KV or not 0 < length <= Lmax or (k is None) != (v is None) or (cos is None) != (sin is None):
+        raise ValueError(f"decode_attention: {', '.join(f'{n} {tuple(t.shape)}' for n, t in parts.items() if t is not None)}"
+                         f", length {length} do not fit (contiguous float32 CPU tensors expected; bad: {bad})")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    out = torch.empty(B, H, D, dtype=torch.float32)
+    lib.lmpo_decode_attention(q.data_ptr(), ptr(k), ptr(v), ptr(cos), ptr(sin), K.data_ptr(), V.data_ptr(),
+                              bias.data_ptr(), out.data_ptr(), B, H, KV, D, length, Lmax, scale,
+                              torch.get_num_threads())
     return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm ``weight * (x / sqrt(mean(x^2) + eps))`` over the last dimension through the kernel."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    H = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (H,):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
+                         f"do not fit (float32, weight ({H},))")
+    xc, w = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(xc)
+    lib.lmpo_rms_norm(xc.data_ptr(), w.data_ptr(), y.data_ptr(), xc.numel() // H, H, eps)
+    return y
 
 
 def should_use(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:

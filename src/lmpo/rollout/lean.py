@@ -80,17 +80,31 @@ class LeanDecoder:
         self.bias[:, :P].masked_fill_(~prompt_mask, float("-inf"))
         self.native = dtype == torch.float32 and device.type == "cpu" and rowdot.available()
 
-    def _attention(self, q: Tensor, K: Tensor, V: Tensor, length: int) -> Tensor:
-        if self.native:
-            return rowdot.decode_attention(q, K, V, self.bias, length, self.scaling)
-        return rowdot.attention_reference(q, K[:, :, :length], V[:, :, :length], self.bias[:, :length], self.scaling)
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, i: int) -> Tensor:
+        """Rotate ``q`` (B, 1, heads*d) and ``k``, store ``k``/``v`` (B, 1, kv*d) at the current position of layer
+        ``i``'s buffers, attend over the filled positions; returns (B, 1, heads*d)."""
+        B, L, d = q.shape[0], self.length, self.head_dim
+        K, V = self.keys[i], self.values[i]
+        if self.native:  # one kernel call: rotary embedding, cache write and attention
+            out = rowdot.decode_attention(q.reshape(B, self.heads, d).contiguous(), K, V, self.bias, L + 1,
+                                          self.scaling, k.reshape(B, self.kv_heads, d).contiguous(),
+                                          v.reshape(B, self.kv_heads, d).contiguous(), cos, sin)
+            return out.view(B, 1, self.heads * d)
+        q = q.view(B, 1, self.heads, d).transpose(1, 2)
+        k = k.view(B, 1, self.kv_heads, d).transpose(1, 2)
+        q, k = self.rope(q, k, cos[:, None], sin[:, None])
+        K[:, :, L : L + 1] = k
+        V[:, :, L : L + 1] = v.view(B, 1, self.kv_heads, d).transpose(1, 2)
+        out = rowdot.attention_reference(q, K[:, :, : L + 1], V[:, :, : L + 1], self.bias[:, : L + 1], self.scaling)
+        return out.reshape(B, 1, self.heads * d)
 
-    @staticmethod
-    def _norm(module: nn.Module, x: Tensor) -> Tensor:
+    def _norm(self, module: nn.Module, x: Tensor) -> Tensor:
         """The model's RMSNorm, fused into one op where it is the plain ``weight * x / rms(x)`` form."""
         eps = getattr(module, "variance_epsilon", None)
         if eps is None or type(module).__name__ not in _PLAIN_RMS_NORMS:
             return module(x)
+        if self.native:
+            return rowdot.rms_norm(x, module.weight, eps)
         return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
 
     def step(self, token: Tensor, positions: Tensor) -> Tensor:
@@ -100,18 +114,11 @@ class LeanDecoder:
         L = self.length
         x = body.embed_tokens(token)  # (B, 1, H)
         cos, sin = body.rotary_emb(x, positions)
+        cos, sin = (t.reshape(B, self.head_dim).contiguous() for t in (cos, sin))  # (B, 1, d) -> (B, d)
         for i, layer in enumerate(body.layers):
             attn = layer.self_attn
             h = self._norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            K, V = self.keys[i], self.values[i]
-            K[:, :, L : L + 1] = k
-            V[:, :, L : L + 1] = v
-            out = self._attention(q, K, V, L + 1)  # (B, heads, 1, d)
-            x = x + attn.o_proj(out.reshape(B, 1, self.heads * self.head_dim))
+            x = x + attn.o_proj(self._attention(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin, i))
             x = x + layer.mlp(self._norm(layer.post_attention_layernorm, x))
         self.length = L + 1
         return self._norm(body.norm, x)[:, -1]
