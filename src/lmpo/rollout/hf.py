@@ -237,7 +237,7 @@ class HFGenerator:
                     decode_kernels.enter_context(rowdot.rowdot_linears(self.model))
                 if i == 0 and use_lean:  # the prefill's cache moves into buffers for the whole reply
                     lean = LeanDecoder(body, cache, prompt_mask, max(limits) - 1)
-                    del cache, kv
+                    del cache, kv, out  # the prefill output refers to the (now emptied) cache
                 # Finished rows keep feeding (ignored) pad tokens so the batch stays rectangular.
                 input_ids = token[:, None]
                 positions = positions[:, -1:] + 1

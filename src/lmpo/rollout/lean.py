@@ -50,7 +50,8 @@ class LeanDecoder:
 
     Args:
         body: The decoder (``model.model``), already prefilled into ``cache``.
-        cache: The ``DynamicCache`` after the prefill (rows already expanded to the batch).
+        cache: The ``DynamicCache`` after the prefill (rows already expanded to the batch); it is consumed (each
+            layer's tensors are released once copied), so that a large batch never holds two copies of its cache.
         prompt_mask: (B, P) bool, True on real prompt tokens (prompts are left-padded).
         max_new: Decode steps that may follow (the buffers hold P + max_new positions).
     """
@@ -67,14 +68,15 @@ class LeanDecoder:
         B, P = prompt_mask.shape
         self.length = P  # positions filled so far
         device, dtype = prompt_mask.device, cache.layers[0].keys.dtype
-        size = (B, self.kv_heads, P + max_new, self.head_dim)
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            k, v = torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device)
+        # one allocation for every layer's keys and values: a single large block goes back to the OS when freed,
+        # where 2 x layers blocks of a few MB would stay in (and fragment) the allocator's heap
+        store = torch.empty(len(cache.layers), 2, B, self.kv_heads, P + max_new, self.head_dim, dtype=dtype,
+                            device=device)
+        self.keys, self.values = list(store[:, 0].unbind(0)), list(store[:, 1].unbind(0))
+        for layer, k, v in zip(cache.layers, self.keys, self.values):
             k[:, :, :P].copy_(layer.keys)
             v[:, :, :P].copy_(layer.values)
-            self.keys.append(k)
-            self.values.append(v)
+            layer.keys = layer.values = None  # consumed: never two full copies of the cache at once
         # additive mask over all positions: -inf on left padding, 0 elsewhere (decoded positions are always attended)
         self.bias = torch.zeros(B, P + max_new, dtype=dtype, device=device)
         self.bias[:, :P].masked_fill_(~prompt_mask, float("-inf"))
