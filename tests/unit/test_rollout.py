@@ -223,13 +223,14 @@ def test_prepacked_linears_compute_the_linear_and_restore_on_error(model):
 
 
 def test_prepack_auto_only_for_large_float32_cpu_models(model, monkeypatch):
+    from lmpo.kernels import rowdot as prepack_threshold
     from lmpo.rollout import prepack
     monkeypatch.setattr(prepack, "prepack_available", lambda: True)
     assert not prepack.should_prepack(model, "auto", None)  # a tiny model: nothing to stream
     assert prepack.should_prepack(model, True, None)
     assert not prepack.should_prepack(model, False, None)
     assert not prepack.should_prepack(model, True, "bfloat16")  # autocast products are not float32
-    monkeypatch.setattr(prepack, "MIN_PARAMS", 1)
+    monkeypatch.setattr(prepack_threshold, "MIN_PARAMS", 1)
     assert prepack.should_prepack(model, "auto", None)
     assert not prepack.should_prepack(model.to(torch.float64), "auto", None)
 
@@ -358,3 +359,25 @@ def test_sampler_choice_and_logprobs(tok, monkeypatch):
     assert len(used) == 2
     with pytest.raises(ConfigError, match="rollout.sampler must be one of auto, multinomial, inverse_cdf"):
         HFGenerator(small, tok, sampler="gumbel")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_lean_decode_other_llama_family_architectures(tok, arch):
+    # Qwen2 adds biases to the q/k/v projections; Mistral's sliding window is longer than these sequences
+    import transformers
+    cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
+    config = getattr(transformers, cls[0])(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=EOS,
+        bos_token_id=EOS, initializer_range=0.5, **({"sliding_window": 64} if arch == "mistral" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls[1])(config).eval()
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():  # non-zero biases, so that they matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_()
+    from lmpo.rollout.lean import lean_unsupported
+    assert lean_unsupported(model.model, 20) == ""
+    assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "99+1="], 1, lean=True)

@@ -5,7 +5,10 @@ read the weights from memory. On the 2-core AVX2 machine we measured, MKL's matr
 weight GB per CPU second against 9-12 GB/s for a plain read (it packs the weights into a blocked copy on each call);
 ``rowdot.c`` streams each weight row once for all rows with a software prefetch and reaches 6.4-8.1 GB/s at 8 rows
 (`benchmarks/levers.py decode_matmul`). Beyond ~16 rows the BLAS is faster again, so :func:`rowdot_linears` routes
-only products of at most :data:`MAX_ROWS` rows through the kernel.
+only products of at most :data:`MAX_ROWS` rows through the kernel. The same library holds the two other pieces of a
+decode step that a framework dispatches as many small operations: :func:`decode_attention` (rotary embedding, cache
+write and masked softmax attention of one new position, for every row and head) and Llama's :func:`rms_norm`; the
+lean decode step (:mod:`lmpo.rollout.lean`) uses them.
 
 The library is compiled once per source version with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$LMPO_KERNEL_DIR`` (default ``~/.cache/lmpo/kernels``), written atomically, and checked against a float64 product
@@ -218,20 +221,28 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y
 
 
+def float32_cpu_linears(model: nn.Module) -> bool:
+    """Whether ``model`` has ``nn.Linear`` layers and all of them hold float32 weights on the CPU."""
+    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
+    return bool(weights) and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+
+
+def large_model(model: nn.Module) -> bool:
+    """Whether ``model`` has at least :data:`MIN_PARAMS` parameters (the decode fast paths' ``auto`` threshold)."""
+    return sum(p.numel() for p in model.parameters()) >= MIN_PARAMS
+
+
 def should_use(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
     """``mode``: ``"auto"`` (float32 CPU models of at least :data:`MIN_PARAMS` parameters, no autocast, kernel
     available), ``True`` (float32 CPU weights; raises if the kernel cannot be built) or ``False``."""
-    if mode is False or autocast:
-        return False
-    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
-    if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+    if mode is False or autocast or not float32_cpu_linears(model):
         return False
     if mode is True:
         if not available():
             raise RuntimeError(f"rollout.decode_kernel is true but the kernel is unavailable: "
                                f"{unavailable_reason()}. Set rollout.decode_kernel to auto or false.")
         return True
-    return sum(p.numel() for p in model.parameters()) >= MIN_PARAMS and available()
+    return large_model(model) and available()
 
 
 @contextlib.contextmanager

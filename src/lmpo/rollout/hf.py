@@ -270,7 +270,7 @@ class HFGenerator:
                 raise ConfigError(f"rollout.lean_decode is true but this model cannot use it: {why}. "
                                   "Set rollout.lean_decode to auto or false.")
             return True
-        return not why and sum(p.numel() for p in self.model.parameters()) >= rowdot.MIN_PARAMS
+        return not why and rowdot.large_model(self.model)
 
     def _concat(self, parts: list[GenerationOutput]) -> GenerationOutput:
         """Join sub-batches, left-padding prompts and right-padding responses to the widest."""

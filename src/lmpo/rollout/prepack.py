@@ -19,9 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-MIN_PARAMS = 10_000_000
-"""``prepack="auto"`` packs only models at least this large: below the caches' size there is nothing to stream."""
-
+from lmpo.kernels.rowdot import float32_cpu_linears, large_model
 
 def prepack_available() -> bool:
     """Whether this torch build has the oneDNN packed-linear operators."""
@@ -31,14 +29,11 @@ def prepack_available() -> bool:
 
 
 def should_prepack(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
-    """``mode``: ``"auto"`` (float32 CPU models of at least :data:`MIN_PARAMS` parameters, no autocast), ``True``
-    (wherever the operators exist and the weights are float32 on the CPU) or ``False``."""
-    if mode is False or autocast or not prepack_available():
+    """``mode``: ``"auto"`` (float32 CPU models of 10M+ parameters, :func:`lmpo.kernels.rowdot.large_model`, no
+    autocast), ``True`` (wherever the operators exist and the weights are float32 on the CPU) or ``False``."""
+    if mode is False or autocast or not prepack_available() or not float32_cpu_linears(model):
         return False
-    weights = [m.weight for m in model.modules() if type(m) is nn.Linear]
-    if not weights or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
-        return False
-    return mode is True or sum(p.numel() for p in model.parameters()) >= MIN_PARAMS
+    return mode is True or large_model(model)
 
 
 @contextlib.contextmanager
