@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmpo.errors import ConfigError
 from lmpo.kernels import rowdot
 
 needs_kernel = pytest.mark.skipif(not rowdot.available(), reason=f"kernel unavailable: {rowdot.unavailable_reason()}")
@@ -135,7 +136,7 @@ def test_unavailable_kernel_falls_back_or_says_why(monkeypatch):
     monkeypatch.setattr(rowdot, "MIN_PARAMS", 1)
     lin = nn.Linear(4, 4)
     assert not rowdot.should_use(lin, "auto", None)  # auto quietly keeps the BLAS
-    with pytest.raises(RuntimeError, match="decode_kernel is true .* C compiler .* auto or false"):
+    with pytest.raises(ConfigError, match="decode_kernel is true .* C compiler .* auto or false"):
         rowdot.should_use(lin, True, None)
     with pytest.raises(RuntimeError, match="unavailable: needs a C compiler"):
         rowdot.rowdot(torch.randn(1, 4), lin.weight)

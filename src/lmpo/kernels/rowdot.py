@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmpo.errors import ConfigError
+
 SOURCE = Path(__file__).with_name("rowdot.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
@@ -76,7 +78,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
             if run.returncode != 0:
                 os.unlink(tmp)
-                return None, f"{cc} failed to build {SOURCE.name}: {run.stderr.strip()[-500:]}"
+                why = run.stderr.strip()[-500:] or f"exit status {run.returncode}, no message"
+                return None, f"{cc} failed to build {SOURCE.name}: {why}"
             os.replace(tmp, target)  # atomic: concurrent builders each install a complete file
         except OSError as e:
             return None, f"cannot build into {target.parent} ({e}); set $LMPO_KERNEL_DIR to a writable folder"
@@ -239,7 +242,7 @@ def should_use(model: nn.Module, mode: str | bool, autocast: str | None) -> bool
         return False
     if mode is True:
         if not available():
-            raise RuntimeError(f"rollout.decode_kernel is true but the kernel is unavailable: "
+            raise ConfigError(f"rollout.decode_kernel is true but the kernel is unavailable: "
                                f"{unavailable_reason()}. Set rollout.decode_kernel to auto or false.")
         return True
     return large_model(model) and available()
