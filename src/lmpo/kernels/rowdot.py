@@ -151,6 +151,14 @@ def available() -> bool:
     return _load()[0] is not None
 
 
+def _library() -> ctypes.CDLL:
+    """The loaded library, or a RuntimeError saying why there is none."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"The rowdot kernel is unavailable: {why}")
+    return lib
+
+
 def unavailable_reason() -> str:
     """Why :func:`available` is False ("" when it is True)."""
     return _load()[1]
@@ -159,9 +167,7 @@ def unavailable_reason() -> str:
 def rowdot(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for float32 CPU tensors through the kernel (any number of rows, but it pays
     only for a few). ``x``: (..., K); ``weight``: (N, K); ``bias``: (N,) or None. No autograd."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    lib = _library()
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError(f"rowdot: x (..., {K}), weight {tuple(weight.shape)} and bias "
@@ -187,9 +193,7 @@ def decode_attention(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, length: int,
     attended; ``bias`` (B, Lmax) additive mask. With ``cos``, ``sin`` (B, D), ``q`` (and ``k``) are first rotated
     **in place** (:func:`rope_reference`); with ``k``, ``v`` (B, KV, D), they are first written to position
     ``length - 1`` of the buffers. Returns (B, H, D), equal to :func:`attention_reference` up to rounding."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    lib = _library()
     B, H, D = q.shape
     KV, Lmax = K.shape[1], K.shape[2]
     parts = {"q": q, "K": K, "V": V, "bias": bias, "k": k, "v": v, "cos": cos, "sin": sin}
@@ -211,9 +215,7 @@ def decode_attention(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, length: int,
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Llama's RMSNorm ``weight * (x / sqrt(mean(x^2) + eps))`` over the last dimension through the kernel."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    lib = _library()
     H = x.shape[-1]
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (H,):
         raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
@@ -255,9 +257,7 @@ def rowdot_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> Iterator[None]
     anything else through ``F.linear``; on exit the modules are as before. Each module's weight pointer is read on
     entry (a decode step calls the kernel hundreds of times, so the per-call work is kept to a few checks); a module
     whose weight is replaced inside the context falls back to ``F.linear``."""
-    lib = _load()[0]
-    if lib is None:
-        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    lib = _library()
     kernel, threads = lib.lmpo_rowdot, torch.get_num_threads()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     try:
