@@ -90,6 +90,11 @@ class TrainConfig:
     entropy_coef: float = 0.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch default
+    # AdamW folded into backward, no gradient buffers (lmpo.train.inbackward): auto = 10M+ trainable params
+    optimizer_in_backward: str | bool = "auto"
+    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.perf.set_mmap_threshold):
+    # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
+    mmap_threshold_kb: int | None = None
 
 
 @dataclass
@@ -356,6 +361,15 @@ def validate(cfg: Config, src: str = "") -> None:
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(t.ppo_epochs >= 1 and t.num_minibatches >= 1, "train.ppo_epochs and train.num_minibatches must be >= 1")
     need(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
+    need(t.mmap_threshold_kb is None or 0 < t.mmap_threshold_kb <= 32768,
+         f"train.mmap_threshold_kb must be in 1..32768 (KiB) or null, got {t.mmap_threshold_kb}")
+    need(t.optimizer_in_backward in ("auto", True, False),
+         f"train.optimizer_in_backward must be auto, true or false, got {t.optimizer_in_backward!r}")
+    rows = -(-r.prompts_per_step * r.num_generations // t.num_minibatches)
+    need(t.optimizer_in_backward is not True or t.micro_batch_size is None or t.micro_batch_size >= rows,
+         f"train.optimizer_in_backward=true needs each optimizer step's rows ({rows}) in one backward, but "
+         f"train.micro_batch_size={t.micro_batch_size} splits them; unset train.micro_batch_size or set "
+         "train.optimizer_in_backward=false")
     need(t.lr_scheduler in ("constant", "linear", "cosine"),
          f'train.lr_scheduler must be constant, linear or cosine, got {t.lr_scheduler!r}{did_you_mean(t.lr_scheduler, ["constant", "linear", "cosine"])}')
     need(cfg.kl.estimator in KL_ESTIMATORS, f"kl.estimator must be one of {KL_ESTIMATORS}, got {cfg.kl.estimator!r}")

@@ -351,3 +351,28 @@ def test_tied_embedding_gradient_stays_dense_without_head_gradient():
     lp.sum().backward()  # no response tokens: the head still hands back a dense (zero) gradient
     grad = m.model.embed_tokens.weight.grad
     assert grad.layout == torch.strided and (grad == 0).all()
+
+
+def test_activation_checkpointing_recomputes_in_eval_mode_with_equal_gradients():
+    """lmpo keeps models in eval mode; Hugging Face checkpoints a layer only in training mode. response_logprobs
+    switches the checkpointing layers alone to training for its forward: fewer saved tensors, same gradients, and
+    every module is back in eval mode (attention dropout never turns on)."""
+    batch = make_batch()
+
+    def run(ckpt):
+        m = build_tiny_model(seed=0)
+        if ckpt:
+            enable_activation_checkpointing(m)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            lp, _ = response_logprobs(m, *batch)
+        lp.sum().backward()
+        assert not any(mod.training for mod in m.modules())
+        return lp.detach(), {n: p.grad for n, p in m.named_parameters()}, sum(saved)
+
+    lp_a, g_a, saved_a = run(False)
+    lp_b, g_b, saved_b = run(True)
+    torch.testing.assert_close(lp_b, lp_a)
+    for n in g_a:
+        torch.testing.assert_close(g_b[n], g_a[n], msg=n)
+    assert saved_b < 0.5 * saved_a, (saved_b, saved_a)  # only the layer inputs are kept

@@ -169,3 +169,25 @@ def test_default_model_loads_and_caches():
     torch.testing.assert_close(logits(cached, text, tok2), logits(model, text, tok), rtol=0, atol=0)
     out = HFGenerator(cached, tok2).generate([text], SamplingParams(max_new_tokens=8, greedy=True))
     assert out.num_generated_tokens > 0 and out.completions[0].strip()
+
+
+def test_checkpoint_weights_are_saved_without_a_copy():
+    from lmpo.train.checkpoint import trainable_state
+    m = build_tiny_model(seed=0)
+    state = trainable_state(m)
+    assert state and all(state[n].data_ptr() == p.data_ptr() and not state[n].requires_grad
+                         for n, p in m.named_parameters())
+
+
+def test_mmap_threshold_setting():
+    from lmpo.config import load_config
+    from lmpo.errors import ConfigError
+    from lmpo.perf import set_mmap_threshold
+    assert set_mmap_threshold(None) is False
+    import platform
+    if platform.libc_ver()[0] == "glibc":
+        assert set_mmap_threshold(128) is True
+    assert load_config(overrides=[]).train.mmap_threshold_kb is None
+    assert load_config(overrides=["train.mmap_threshold_kb=128"]).train.mmap_threshold_kb == 128
+    with pytest.raises(ConfigError, match="mmap_threshold_kb must be in 1..32768"):
+        load_config(overrides=["train.mmap_threshold_kb=0"])

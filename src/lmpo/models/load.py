@@ -9,6 +9,7 @@ seconds, so the converted model is cached as safetensors under ``$LMPO_CACHE/mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -110,6 +111,34 @@ def apply_lora(
             f"Could not add LoRA adapters to {type(model).__name__} with target_modules={target_modules!r}: {err} "
             'Use "all-linear" or names of linear layers in the model (e.g. ["q_proj", "v_proj"]).'
         ) from err
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Make Hugging Face's activation checkpointing act inside this block.
+
+    Transformers checkpoints a decoder layer only while that layer is in training mode, and lmpo keeps its models in
+    eval mode (no dropout anywhere). Here the checkpointing layers alone (not their attention or MLP submodules, which
+    own the dropout switches) are put in training mode for the forward, so backward recomputes them and dropout stays
+    off. Nothing happens without ``enable_activation_checkpointing``.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True and not m.training
+              and _is_checkpointing_layer(m)]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+
+
+def _is_checkpointing_layer(module: nn.Module) -> bool:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the module holding the flag checks self.training itself
+        return True
+    return isinstance(module, GradientCheckpointingLayer)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

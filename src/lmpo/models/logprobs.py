@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from lmpo.errors import DataError, ModelError
 from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_stats
+from lmpo.models.load import checkpointed_layers
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -134,12 +135,13 @@ def response_logprobs(
     sparse = not return_hidden  # see _token_inputs
     hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups, sparse) if groups is not None else None
     if hidden is None:
-        out = body(
-            **_token_inputs(body, head, input_ids, sparse=sparse)[0],
-            attention_mask=attn.long(),
-            position_ids=position_ids_from_mask(attn),
-            use_cache=False,
-        )
+        with checkpointed_layers(model):
+            out = body(
+                **_token_inputs(body, head, input_ids, sparse=sparse)[0],
+                attention_mask=attn.long(),
+                position_ids=position_ids_from_mask(attn),
+                use_cache=False,
+            )
         # The hidden state at position P+t-1 predicts response token t.
         hidden = out.last_hidden_state[:, P - 1 : P + T - 1]  # (B, T, H)
     flat_hidden = hidden[response_attn]  # (N, H), N = number of real response tokens

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmpo.errors import DataError
 from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_logits
+from lmpo.models.load import checkpointed_layers
 from lmpo.models.logprobs import joined_inputs, position_ids_from_mask, split_body_and_head
 
 STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs"})
@@ -81,7 +82,8 @@ def response_stats(
     input_ids, attn, attn_r = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     kw = {"inputs_embeds": input_embeddings(model, input_ids, P, extras)} if has_soft_inputs(extras) else {
         "input_ids": input_ids}
-    out = body(attention_mask=attn.long(), position_ids=position_ids_from_mask(attn), use_cache=False, **kw)
+    with checkpointed_layers(model):
+        out = body(attention_mask=attn.long(), position_ids=position_ids_from_mask(attn), use_cache=False, **kw)
     hidden = out.last_hidden_state[:, P - 1 : P + T - 1][attn_r]  # (N, H): position t predicts response token t
     targets = response_ids.to(device)[attn_r]
     cand = extras["candidate_ids"].to(device)[attn_r] if "candidate_logprobs" in stats else None

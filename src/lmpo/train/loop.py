@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmpo import ops
-from lmpo.perf import resolve_autocast
+from lmpo.perf import resolve_autocast, set_mmap_threshold
 from lmpo.config import Config, build_components, save_config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
@@ -31,7 +31,9 @@ from lmpo.rollout.modes import build_train_generator
 from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
+from lmpo.train import inbackward
 from lmpo.train.evaluate import evaluate
+from lmpo.train.inbackward import BackwardAdamW
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.train.rollouts import RolloutContext, collect
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
@@ -149,6 +151,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed)
+    set_mmap_threshold(cfg.train.mmap_threshold_kb)
     cfg.model.autocast = resolve_autocast(cfg.model.autocast)
 
     # ---------------------------------------------------------------- components, task, model
@@ -171,6 +174,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                   fused=all(p.device.type in ("cpu", "cuda") for p in params))
     t = cfg.train
+    inb = BackwardAdamW(optimizer) if inbackward.wanted(t.optimizer_in_backward, params, cfg.model) else None
     scheduler = make_scheduler(optimizer, cfg, t.steps * t.ppo_epochs * t.num_minibatches)
     settings = UpdateSettings(
         ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches, micro_batch_size=t.micro_batch_size,
@@ -254,7 +258,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     keep = advantage_fn.token_mask(batch)
                     batch = batch.replace(response_mask=batch.response_mask & keep, advantages=batch.advantages * keep)
                 t2 = time.perf_counter()
-                metrics.update(policy_update(runner, optimizer, scheduler, batch, loss_fn, aggregator, settings, step))
+                metrics.update(policy_update(runner, optimizer, scheduler, batch, loss_fn, aggregator, settings, step,
+                                             inb))
                 for comp in ctx.planners:  # stateful components learn from the step (per-prompt trackers)
                     if callable(getattr(comp, "observe", None)):
                         comp.observe(batch, lambda b: runner.logprobs_nograd(b, t.micro_batch_size))

@@ -19,6 +19,7 @@ from lmpo.batch import RolloutBatch
 from lmpo.errors import ModelError, TrainingDiverged
 from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
+from lmpo.train.inbackward import BackwardAdamW
 
 
 @dataclass
@@ -178,14 +179,18 @@ def minibatch_indices(group_ids: Tensor, n_mb: int) -> list[Tensor]:
 
 
 def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatch, loss_fn, aggregator,
-                  s: UpdateSettings, step: int) -> dict[str, Tensor]:
-    """PPO-style epochs x mini-batches x micro-batches over ``batch``; returns averaged detached metrics."""
+                  s: UpdateSettings, step: int, inb: BackwardAdamW | None = None) -> dict[str, Tensor]:
+    """PPO-style epochs x mini-batches x micro-batches over ``batch``; returns averaged detached metrics.
+
+    ``inb`` (a :class:`BackwardAdamW` over ``optimizer``, kept across steps): mini-batches that fit one micro-batch
+    fold the optimizer into their backward instead of holding every gradient (``train.optimizer_in_backward``)."""
     model = runner.model
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, Tensor] = {}
     count = 0
     B = batch.batch_size
     n_mb = min(s.num_minibatches, B)
+    replays = inb.replays if inb is not None else 0
     if "layer_noise" in getattr(loss_fn, "needs", frozenset()) and "noise_seed" not in batch.extras:
         batch = batch.replace(extras={**batch.extras, "noise_seed": torch.randint(0, 2**62, (B,))})  # one per row
     for _ in range(s.ppo_epochs):
@@ -195,6 +200,7 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
             n_micro = max(1, -(-mb.batch_size // s.micro_batch_size)) if s.micro_batch_size else 1
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros(())
+            in_backward = inb is not None and n_micro == 1  # the whole gradient comes from one backward
             for micro in mb.split(n_micro):
                 loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser)
                 if not torch.isfinite(loss):
@@ -203,12 +209,17 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
                         "checkpoint is kept. Lower train.learning_rate, set train.max_grad_norm, or check the "
                         "reward functions for extreme values, then resume with --resume."
                     )
-                loss.backward()
+                if in_backward:
+                    grad_norm = inb.backward(loss, s.max_grad_norm)
+                else:
+                    loss.backward()
                 total = total + loss.detach()
+                del loss  # frees the graph (kept for a possible second pass in backward mode)
                 w = micro.batch_size / mb.batch_size
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, torch.zeros(())) + w * v.float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm else float("inf"))
+            if not in_backward:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm else float("inf"))
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(
@@ -223,7 +234,7 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
                 for g in optimizer.param_groups:
                     g["lr"] = g["lr"] * float(lr_scale)
                 sums["loss/lr_scale"] = sums.get("loss/lr_scale", torch.zeros(())) + float(lr_scale)
-            optimizer.step()
+            inb.step() if in_backward else optimizer.step()
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr
             if hasattr(loss_fn, "after_optimizer_step"):
@@ -240,4 +251,6 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
     optimizer.zero_grad(set_to_none=True)
     out = {k: v / count for k, v in sums.items()}
     out["loss/lr"] = torch.tensor(scheduler.get_last_lr()[0])
+    if inb is not None:  # backward passes repeated because the clip factor changed (lmpo.train.inbackward)
+        out["perf/backward_replays"] = torch.tensor(float(inb.replays - replays))
     return out
