@@ -204,3 +204,24 @@ def test_trainer_with_it_matches_the_plain_step(tmp_path, ckpt):
     weights = [torch.load(latest_checkpoint(runs[k].run_dir) / "model.pt") for k in ("false", "true")]
     for name, w in weights[0].items():  # lr 1e-2; step 2 jumps from c = 1 to c = 0.03: within 1e-3 of one step
         assert torch.allclose(w, weights[1][name], rtol=0, atol=1e-5), name
+
+
+def test_resumed_run_folds_like_the_uninterrupted_one(tmp_path):
+    """The clip-factor guess travels in the checkpoint: 2 + 2 resumed steps equal 4 straight ones."""
+    from lmpo.train.loop import train
+
+    common = ["train.optimizer_in_backward=true", "train.max_grad_norm=0.05", "eval.num_prompts=0",
+              "eval.at_start=false", "eval.every=0", "output.plot=false", "output.progress=false",
+              f"output.dir={tmp_path}", "rollout.prompts_per_step=4", "rollout.num_generations=4",
+              "output.checkpoint_every=2"]
+    full = train(load_config("configs/tiny.yaml", [*common, "train.steps=4", "output.run_name=full"])).history
+    train(load_config("configs/tiny.yaml", [*common, "train.steps=2", "output.run_name=cut"]))
+    cut = train(load_config("configs/tiny.yaml", [*common, "train.steps=4", "output.run_name=cut"]),
+                resume=True).history
+    saved = torch.load(latest_checkpoint(tmp_path / "cut") / "state.pt", weights_only=False)["components"]
+    assert 0 < saved["optimizer_in_backward"]["guess"] < 1  # the last step clipped: its factor is the next guess
+    assert [r["step"] for r in cut] == [r["step"] for r in full]
+    assert sum(r["perf/backward_replays"] for r in full) >= 2
+    for a, b in zip(full, cut):
+        for k in ("loss/grad_norm", "loss/total", "reward/mean", "perf/backward_replays"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)

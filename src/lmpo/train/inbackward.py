@@ -8,17 +8,17 @@ The update is ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.AdamW
     p  <- p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
 
 The clip factor ``c`` needs the whole gradient's norm, which is known only when backward ends. So backward folds
-each gradient into the moments with a guessed factor ``c0`` (1, or the previous step's factor when that step clipped)
-and adds its norm to the total; the weights move only after backward, from the moments alone. When the total gives
-``c = c0`` (every step that does not clip, after one that did not) this is the normal path up to float rounding. Else
-backward runs a second time over the retained graph (the loss is not evaluated again, so stateful losses see one
-step) and each gradient corrects its moments: ``m_old = (m' - (1 - b1) c0 g) / b1``, likewise ``v_old`` (clamped at
-0), then the update with ``c g``; a weight's first step needs no recovery (its moments were exactly 0). Recovering
-``v_old`` costs an absolute error of about one rounding unit of ``v'``: relative to the new ``v`` that is
-``~1e-7 (c0 / c)^2`` where the squared gradient dominates the running moment, so the guess keeps it at rounding level
-while clipping persists, and a sudden jump (``c0 = 1``, ``c`` << 1) bounds it by ``~1e-7 / c^2`` for those entries on
-that step (tests/unit/test_inbackward.py). The second backward costs about two thirds of an update, only on steps
-whose factor changed.
+each gradient into the moments with a guessed factor ``c0`` (1, or the previous step's factor when that step clipped;
+saved in checkpoints) and adds its norm to the total; the weights move only after backward, from the moments alone.
+When the total gives ``c = c0`` (every step that does not clip, after one that did not) this is the normal path up
+to float rounding. Else backward runs a second time over the retained graph (the loss is not evaluated again, so
+stateful losses see one step) and each gradient corrects its moments: ``m_old = (m' - (1 - b1) c0 g) / b1``,
+likewise ``v_old`` (clamped at 0), then the update with ``c g``; a weight's first step needs no recovery (its
+moments were exactly 0). Recovering ``v_old`` costs an absolute error of about one rounding unit of ``v'``: relative
+to the new ``v`` that is ``~1e-7 (c0 / c)^2`` where the squared gradient dominates the running moment, so the guess
+keeps it at rounding level while clipping persists, and a sudden jump (``c0 = 1``, ``c`` << 1) bounds it by
+``~1e-7 / c^2`` for those entries on that step (tests/unit/test_inbackward.py). The second backward costs about two
+thirds of an update, only on steps whose factor changed.
 
 The optimizer stays a ``torch.optim.AdamW``: its state (``step``, ``exp_avg``, ``exp_avg_sq``) is kept in its own
 format, so checkpoints, resuming and switching the mode between runs are unchanged. Used by
@@ -46,7 +46,8 @@ def wanted(setting, params, model_cfg) -> bool:
     Without checkpointing the update runs each distinct prompt once and its rows on top of that pass
     (``lmpo.models.logprobs.shared_prompt_rows``), so every weight has two uses and autograd holds each gradient until
     the prompt pass's backward, the last thing to run; meanwhile the plain path frees the activations as it goes,
-    which the replay-ready retained graph cannot (measured: peak 2.84 GB plain, 3.23 GB folded). Under checkpointing
+    which the replay-ready retained graph cannot (measured with the glibc threshold fixed: peak 2.84 GB plain, 3.23 GB
+    folded). Under checkpointing
     the activations are small and the gradients are the largest thing left: peak 2.51 -> 2.17 GB on the default model.
     """
     if setting is True or setting is False:
@@ -85,6 +86,12 @@ class BackwardAdamW:
         self.coef: Tensor | None = None
         self.guess = 1.0  # the clip factor the first pass assumes: 1, or the last step's when that one clipped
         self.replays = 0  # backward passes repeated because clipping applied (reported as a metric)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"guess": self.guess, "replays": self.replays}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.guess, self.replays = float(state["guess"]), int(state["replays"])
 
     # ------------------------------------------------------------------ backward
     def backward(self, loss: Tensor, max_norm: float | None) -> Tensor:

@@ -184,6 +184,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     stateful = {"advantage": advantage_fn, "loss": loss_fn, **{f"shaper{i}": s for i, s in enumerate(comps["shapers"])},
                 **{f"selector{i}": s for i, s in enumerate(comps["selectors"])}}
     stateful = {k: v for k, v in stateful.items() if hasattr(v, "state_dict")}
+    if inb is not None:  # its clip-factor guess, so a resumed run folds exactly as the uninterrupted one
+        stateful["optimizer_in_backward"] = inb
     needs = set().union(*(getattr(c, "needs", frozenset()) for c in [advantage_fn, loss_fn, *comps["shapers"], *comps["selectors"]]))
     # A separate old-log-prob pass is only needed when pi_old differs from the policy at update time.
     off_policy = t.ppo_epochs > 1 or t.num_minibatches > 1
@@ -198,7 +200,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         start = state["step"]
         stream.load_state_dict(state["data"])
         for k, comp in stateful.items():
-            comp.load_state_dict(state["components"][k])
+            if k in state["components"] or k != "optimizer_in_backward":  # absent from runs that did not use it
+                comp.load_state_dict(state["components"][k])
         eval_before = state.get("eval_before", {})
         set_rng_state(state["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
