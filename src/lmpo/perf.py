@@ -43,7 +43,6 @@ def resolve_autocast(value: str | None, threshold: float = 1.3) -> str | None:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
-DEFAULT_MMAP_THRESHOLD_KB = 128
 
 
 def set_mmap_threshold(kib: int | None) -> bool:

@@ -47,8 +47,8 @@ def wanted(setting, params, model_cfg) -> bool:
     (``lmpo.models.logprobs.shared_prompt_rows``), so every weight has two uses and autograd holds each gradient until
     the prompt pass's backward, the last thing to run; meanwhile the plain path frees the activations as it goes,
     which the replay-ready retained graph cannot (measured with the glibc threshold fixed: peak 2.84 GB plain, 3.23 GB
-    folded). Under checkpointing
-    the activations are small and the gradients are the largest thing left: peak 2.51 -> 2.17 GB on the default model.
+    folded). Under checkpointing the activations are small and the gradients are the largest thing left: peak 2.51 ->
+    2.17 GB on the default model.
     """
     if setting is True or setting is False:
         return setting
@@ -85,7 +85,7 @@ class BackwardAdamW:
         self.norms: dict[torch.nn.Parameter, Tensor] = {}  # weights that received a gradient in this backward
         self.coef: Tensor | None = None
         self.guess = 1.0  # the clip factor the first pass assumes: 1, or the last step's when that one clipped
-        self.replays = 0  # backward passes repeated because clipping applied (reported as a metric)
+        self.replays = 0  # backward passes repeated because the clip factor was not the guess (a metric)
 
     def state_dict(self) -> dict[str, float]:
         return {"guess": self.guess, "replays": self.replays}
@@ -174,8 +174,7 @@ class BackwardAdamW:
         for p in self.norms:
             group = self.group[p]
             b1, b2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            lr = float(lr)
+            lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
             st = self.optimizer.state[p]
             st["step"] += 1
             t = float(st["step"])

@@ -33,7 +33,6 @@ from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from lmpo.train.data import PromptStream
 from lmpo.train import inbackward
 from lmpo.train.evaluate import evaluate
-from lmpo.train.inbackward import BackwardAdamW
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.train.rollouts import RolloutContext, collect
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
@@ -174,7 +173,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                   fused=all(p.device.type in ("cpu", "cuda") for p in params))
     t = cfg.train
-    inb = BackwardAdamW(optimizer) if inbackward.wanted(t.optimizer_in_backward, params, cfg.model) else None
+    fold = inbackward.wanted(t.optimizer_in_backward, params, cfg.model)  # AdamW folded into backward
+    inb = inbackward.BackwardAdamW(optimizer) if fold else None
     scheduler = make_scheduler(optimizer, cfg, t.steps * t.ppo_epochs * t.num_minibatches)
     settings = UpdateSettings(
         ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches, micro_batch_size=t.micro_batch_size,
@@ -200,8 +200,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         start = state["step"]
         stream.load_state_dict(state["data"])
         for k, comp in stateful.items():
-            if k in state["components"] or k != "optimizer_in_backward":  # absent from runs that did not use it
-                comp.load_state_dict(state["components"][k])
+            if k == "optimizer_in_backward" and k not in state["components"]:  # a run saved before it existed
+                continue
+            comp.load_state_dict(state["components"][k])
         eval_before = state.get("eval_before", {})
         set_rng_state(state["rng"])
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
