@@ -91,6 +91,14 @@ def test_matches_clip_then_adamw(max_norm, scales, wd):
     assert inb.replays == sum(c or p for c, p in zip(clipped, [False] + clipped[:-1]))
 
 
+def test_zero_gradient_needs_no_replay_and_keeps_the_guess():
+    """All-equal rewards give a zero gradient: folded exactly whatever the clip factor, so no second backward."""
+    (a, oa, na), (b, ob, nb, inb) = run_pair([40.0, 0.0, 0.0, 40.0], 1.0)
+    assert [float(n) == 0 for n in na] == [False, True, True, False]
+    assert inb.replays == 2  # the two clipped steps only; the guess survives the zero steps
+    assert_close(a, oa, b, ob, rtol=2e-6)
+
+
 def test_sudden_strong_clip_stays_within_the_documented_bound():
     """From c = 1 to c ~ 0.003 in one step: the recovered second moment is off by ~1e-7 / c^2 at worst (module doc)."""
     scales = [0.02, 0.03, 0.02, 300.0]

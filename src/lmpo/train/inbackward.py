@@ -18,7 +18,8 @@ moments were exactly 0). Recovering ``v_old`` costs an absolute error of about o
 to the new ``v`` that is ``~1e-7 (c0 / c)^2`` where the squared gradient dominates the running moment, so the guess
 keeps it at rounding level while clipping persists, and a sudden jump (``c0 = 1``, ``c`` << 1) bounds it by
 ``~1e-7 / c^2`` for those entries on that step (tests/unit/test_inbackward.py). The second backward costs about two
-thirds of an update, only on steps whose factor changed.
+thirds of an update (a forward more under activation checkpointing), only on steps whose factor changed and whose
+gradient is not zero.
 
 The optimizer stays a ``torch.optim.AdamW``: its state (``step``, ``exp_avg``, ``exp_avg_sq``) is kept in its own
 format, so checkpoints, resuming and switching the mode between runs are unchanged. Used by
@@ -106,12 +107,14 @@ class BackwardAdamW:
             return torch.zeros(())
         total = torch.linalg.vector_norm(torch.stack([self.norms[p] for p in sorted(self.norms, key=self.order.get)]))
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if clip else torch.ones(())
-        if torch.isfinite(total) and float(coef) != self.guess:
-            self.coef = coef
-            self.replays += 1
-            with self._hooks(self._replay):
-                loss.backward()
-        if torch.isfinite(total):
+        # A zero gradient (a group whose rewards are all equal) was folded exactly whatever the guess: no replay, and
+        # the guess stays for the next step.
+        if torch.isfinite(total) and float(total) > 0:
+            if float(coef) != self.guess:
+                self.coef = coef
+                self.replays += 1
+                with self._hooks(self._replay):
+                    loss.backward()
             self.guess = float(coef)
         return total
 
