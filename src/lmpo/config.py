@@ -90,9 +90,7 @@ class TrainConfig:
     entropy_coef: float = 0.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch default
-    # AdamW folded into backward, no gradient buffers (lmpo.train.inbackward.wanted): auto = under
-    # model.gradient_checkpointing with 10M+ trainable params
-    optimizer_in_backward: str | bool = "auto"
+    optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.train.inbackward.wanted
     # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.perf.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
     mmap_threshold_kb: int | None = None
