@@ -4,8 +4,8 @@ the update's forward, backward and optimizer step, plus each update's CPU second
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memprobe.py                       # the bench workload, 4 steps
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memprobe.py model.gradient_checkpointing=true train.mmap_threshold_kb=128
 
-Extra arguments are lmpo config overrides. The workload is the benchmark's (``workers.run_lmpo``): the default model,
-one prompt x 8 completions of exactly 64 tokens, full fp32 fine-tuning, no checkpoint writes. ``ru_maxrss`` at each
+Extra arguments are lmpo config overrides. The workload is the benchmark's (``workers.lmpo_overrides``): the default
+model, one prompt x 8 completions of exactly 64 tokens, full fp32 fine-tuning, no checkpoint writes. ``ru_maxrss`` at each
 mark tells in which phase the peak was reached; a sampling thread cannot (backward holds the interpreter).
 """
 
@@ -30,6 +30,7 @@ def main(overrides: list[str]) -> None:
     from lmpo.config import load_config
     from lmpo.rollout.hf import HFGenerator
     from lmpo.train import inbackward
+    from workers import lmpo_overrides
 
     t0 = time.perf_counter()
     marks: list[tuple[float, str, float, float]] = []
@@ -66,14 +67,10 @@ def main(overrides: list[str]) -> None:
 
     HFGenerator.__init__ = fixed_length
     loop.save_checkpoint = lambda *a, **kw: None
+    spec = {"model": "default", "seed": 0, "group": 8, "length": 64, "steps": 4, "threads": 1, "precision": "fp32",
+            "overrides": overrides}
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, [
-            "model.name=default", "method=grpo", "kl.beta=0", "task.name=arithmetic", "task.params={seed: 0}",
-            "rollout.prompts_per_step=1", "rollout.num_generations=8", "rollout.max_new_tokens=64",
-            "rollout.temperature=1.0", "train.steps=4", "train.learning_rate=1e-6", "train.seed=0", "train.threads=1",
-            "eval.num_prompts=0", "eval.at_start=false", "eval.every=0", f"output.dir={out}", "output.run_name=probe",
-            "output.progress=false", "output.plot=false", "output.checkpoint_every=0", *overrides])
-        loop.train(cfg)
+        loop.train(load_config(None, lmpo_overrides(spec, out)))
     for t, name, rss, peak in marks:
         print(f"{t:8.2f}s  {name:38s} RSS {rss:.2f} GB   high-water {peak:.2f} GB")
     print(f"update CPU-s per step: {[round(c, 2) for c in cpu]}")

@@ -115,6 +115,22 @@ def prompt_rows(seed: int, n: int) -> tuple[list[dict[str, Any]], Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ lmpo
+def lmpo_overrides(spec: dict[str, Any], out_dir: str) -> list[str]:
+    """lmpo config overrides of the shared workload (see the module docstring) plus ``spec["overrides"]``."""
+    overrides = [
+        f"model.name={spec['model']}", "method=grpo", "kl.beta=0", "task.name=arithmetic",
+        f"task.params={{seed: {spec['seed']}}}", "rollout.prompts_per_step=1",
+        f"rollout.num_generations={spec['group']}", f"rollout.max_new_tokens={spec['length']}",
+        "rollout.temperature=1.0", f"train.steps={spec['steps']}", "train.learning_rate=1e-6",
+        f"train.seed={spec['seed']}", f"train.threads={spec['threads']}", "eval.num_prompts=0", "eval.at_start=false",
+        "eval.every=0", f"output.dir={out_dir}", "output.run_name=bench", "output.progress=false",
+        "output.plot=false", "output.checkpoint_every=0",
+    ]
+    if spec["precision"] == "bf16":
+        overrides.append("model.autocast=bfloat16")
+    return overrides + list(spec.get("overrides", []))
+
+
 def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -168,20 +184,8 @@ def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
     PolicyRunner.logprobs_nograd = clock.wrap(orig["logprobs_nograd"], "logprob")
     MetricsLog.write = write
     out_dir = tempfile.mkdtemp(prefix="lmpo-bench-")
-    overrides = [
-        f"model.name={spec['model']}", "method=grpo", "kl.beta=0", "task.name=arithmetic",
-        f"task.params={{seed: {spec['seed']}}}", "rollout.prompts_per_step=1",
-        f"rollout.num_generations={spec['group']}", f"rollout.max_new_tokens={spec['length']}",
-        "rollout.temperature=1.0", f"train.steps={spec['steps']}", "train.learning_rate=1e-6",
-        f"train.seed={spec['seed']}", f"train.threads={spec['threads']}", "eval.num_prompts=0", "eval.at_start=false",
-        "eval.every=0", f"output.dir={out_dir}", "output.run_name=bench", "output.progress=false",
-        "output.plot=false", "output.checkpoint_every=0",
-    ]
-    if spec["precision"] == "bf16":
-        overrides.append("model.autocast=bfloat16")
-    overrides += list(spec.get("overrides", []))
     try:
-        cfg = load_config(None, overrides)
+        cfg = load_config(None, lmpo_overrides(spec, out_dir))
         torch.set_num_threads(spec["threads"])
         loop.train(cfg)
     finally:  # undo the patches (the worker may run inside a test process)

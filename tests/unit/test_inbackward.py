@@ -171,12 +171,11 @@ def test_unsupported_optimizers_are_named():
 
 
 def test_auto_applies_only_with_checkpointing_and_many_trainable_weights():
-    from lmpo.config import ModelConfig
     from lmpo.train.inbackward import wanted
     big, small = [torch.zeros(10_000_000)], [torch.zeros(10)]
-    assert wanted("auto", big, ModelConfig(gradient_checkpointing=True))
-    assert not wanted("auto", big, ModelConfig()) and not wanted("auto", small, ModelConfig(gradient_checkpointing=True))
-    assert wanted(True, small, ModelConfig()) and not wanted(False, big, ModelConfig(gradient_checkpointing=True))
+    assert wanted("auto", big, True)
+    assert not wanted("auto", big, False) and not wanted("auto", small, True)
+    assert wanted(True, small, False) and not wanted(False, big, True)
 
 
 def test_config_values_and_micro_batch_conflict():

@@ -39,7 +39,7 @@ MIN_TRAINABLE = 10_000_000
 adapters and the tiny test models keep the plain optimizer step)."""
 
 
-def wanted(setting, params, model_cfg) -> bool:
+def wanted(setting, params, checkpointing: bool) -> bool:
     """Whether ``train.optimizer_in_backward`` (auto|true|false) applies.
 
     ``auto``: with activation checkpointing (``model.gradient_checkpointing``) and 10M+ trainable parameters. Only
@@ -53,7 +53,7 @@ def wanted(setting, params, model_cfg) -> bool:
     """
     if setting is True or setting is False:
         return setting
-    return bool(model_cfg.gradient_checkpointing) and sum(p.numel() for p in params) >= MIN_TRAINABLE
+    return checkpointing and sum(p.numel() for p in params) >= MIN_TRAINABLE
 
 
 def unsupported(optimizer) -> str | None:
@@ -173,7 +173,11 @@ class BackwardAdamW:
     def step(self) -> None:
         """Move every weight that received a gradient in the last :meth:`backward` (AdamW's formula, its moments
         already updated)."""
-        buf: Tensor | None = None
+        self.optimizer._opt_called = True  # what optimizer.step() records for the LR scheduler's order check
+        if not self.norms:
+            return
+        largest = max(w.numel() for w in self.norms)
+        buf: Tensor | None = None  # the denominator of each weight in turn, allocated once
         for p in self.norms:
             group = self.group[p]
             b1, b2 = group["betas"]
@@ -184,9 +188,8 @@ class BackwardAdamW:
             bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
             if wd:
                 p.mul_(1 - lr * wd)
-            if buf is None or buf.numel() < p.numel() or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty(max(p.numel() for p in self.norms), dtype=p.dtype, device=p.device)
+            if buf is None or buf.dtype != p.dtype or buf.device != p.device:
+                buf = torch.empty(largest, dtype=p.dtype, device=p.device)
             denom = torch.sqrt(st["exp_avg_sq"], out=buf[: p.numel()].view_as(p)).div_(bc2_sqrt).add_(eps)
             p.addcdiv_(st["exp_avg"], denom, value=-lr / bc1)
         self.norms = {}
-        self.optimizer._opt_called = True  # what optimizer.step() records for the LR scheduler's order check

@@ -173,7 +173,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                   fused=all(p.device.type in ("cpu", "cuda") for p in params))
     t = cfg.train
-    fold = inbackward.wanted(t.optimizer_in_backward, params, cfg.model)  # AdamW folded into backward
+    # AdamW folded into backward (lmpo.train.inbackward)
+    fold = inbackward.wanted(t.optimizer_in_backward, params, cfg.model.gradient_checkpointing)
     inb = inbackward.BackwardAdamW(optimizer) if fold else None
     scheduler = make_scheduler(optimizer, cfg, t.steps * t.ppo_epochs * t.num_minibatches)
     settings = UpdateSettings(
