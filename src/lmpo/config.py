@@ -38,7 +38,10 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
     chunk_size: int = 256  # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
-    gradient_checkpointing: bool = False
+    # activation memory: false (keep all) | attention (recompute attention blocks; packed forward only) | true (whole
+    # layers); lmpo.models.packed
+    gradient_checkpointing: bool | str = False
+    packed_forward: bool = True  # log-prob passes of Llama-family models via lmpo.models.packed (else Hugging Face's)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -385,6 +388,10 @@ def validate(cfg: Config, src: str = "") -> None:
          f"{did_you_mean(str(cfg.rollout.sampler), ['auto', 'multinomial', 'inverse_cdf'])}")
     need(cfg.rollout.lean_decode in ("auto", True, False),
          f"rollout.lean_decode must be auto, true or false, got {cfg.rollout.lean_decode!r}")
+    need(cfg.model.gradient_checkpointing in (True, False, "attention"),
+         f"model.gradient_checkpointing must be true, false or attention, got {cfg.model.gradient_checkpointing!r}")
+    need(cfg.model.packed_forward in (True, False),
+         f"model.packed_forward must be true or false, got {cfg.model.packed_forward!r}")
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:

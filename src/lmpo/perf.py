@@ -69,3 +69,33 @@ def set_mmap_threshold(kib: int | None) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     value = int(kib) * 1024
     return bool(mallopt(M_MMAP_THRESHOLD, value)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * value))
+
+
+_MALLOC_TRIM = None  # glibc's malloc_trim, looked up once (False where the C library has none)
+
+
+def trim_heap() -> bool:
+    """Give the pages of the heap's free chunks back to the system (glibc ``malloc_trim(0)``); True when it ran.
+
+    glibc keeps freed blocks below its mmap threshold in the heap. A long backward pass frees and allocates blocks of
+    a few MB in an order that leaves free chunks the next request cannot use (a small long-lived allocation splits a
+    large free chunk), so the heap grows while what is alive does not: on the default model, full fine-tuning with
+    the optimizer folded into backward, its free part grew by ~7 MB per layer, 0.2 GB per update. ``malloc_trim(0)``
+    releases every whole free page with ``madvise`` (the chunks stay where they are, so nothing moves) for ~4 ms
+    on that heap; a page that is used again is faulted back in. :mod:`lmpo.models.packed` calls it once per layer in
+    backward. No effect where the C library is not glibc.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None).malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+            _MALLOC_TRIM = fn
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM is False:
+        return False
+    _MALLOC_TRIM(0)
+    return True

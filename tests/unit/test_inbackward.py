@@ -189,13 +189,13 @@ def test_config_values_and_micro_batch_conflict():
                            "rollout.num_generations=4", "train.micro_batch_size=8"])
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("ckpt", ["false", "attention", "true"])
 def test_trainer_with_it_matches_the_plain_step(tmp_path, ckpt):
-    """Three steps of the tiny task (clipping at 0.05 so the replay runs too), with and without activation
-    checkpointing (the replay then recomputes the layers again): same metrics and weights."""
+    """Three steps of the tiny task (clipping at 0.05 so the replay runs too), without and with recomputation in
+    backward (the replay then recomputes again): same metrics and weights."""
     from lmpo.train.loop import train
 
-    common = [f"model.gradient_checkpointing={str(ckpt).lower()}", "train.steps=3", "eval.num_prompts=0", "eval.at_start=false", "eval.every=0", "train.max_grad_norm=0.05",
+    common = [f"model.gradient_checkpointing={ckpt}", "train.steps=3", "eval.num_prompts=0", "eval.at_start=false", "eval.every=0", "train.max_grad_norm=0.05",
               "output.checkpoint_every=0", "output.plot=false", "output.progress=false", f"output.dir={tmp_path}",
               "rollout.prompts_per_step=4", "rollout.num_generations=4"]
     runs = {}

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from lmpo.errors import DataError, ModelError
 from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_stats
 from lmpo.models.load import checkpointed_layers
+from lmpo.models.packed import packed_hidden, packed_unsupported
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -86,6 +87,8 @@ def response_logprobs(
     return_hidden: bool = False,
     share_prompt: bool = True,
     entropy_grad: bool = True,
+    packed: bool = True,
+    recompute: str | None = None,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Per-token log-probs (and entropies) of the responses given the prompts.
 
@@ -131,9 +134,17 @@ def response_logprobs(
     B, P = prompt_ids.shape
     T = response_ids.shape[1]
     input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
-    groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt and can_share_prompt(model) else None
     sparse = not return_hidden  # see _token_inputs
-    hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups, sparse) if groups is not None else None
+    hidden = None
+    if packed and not getattr(model, "_lmpo_layer_noise", False) and not packed_unsupported(body, P + T):
+        if recompute is None:
+            recompute = "layers" if _recomputes_in_backward(model) else "none"
+        hidden = _packed_hidden(body, head, input_ids, attn, P, share_prompt, sparse, recompute)
+    groups = None
+    if hidden is None and share_prompt and can_share_prompt(model):
+        groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P])
+    if groups is not None:
+        hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups, sparse)
     if hidden is None:
         with checkpointed_layers(model):
             out = body(
@@ -239,6 +250,22 @@ def _shared_prompt_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, a
                **{cache_kwarg(body): cache})
     last_prompt = pre.last_hidden_state[:, P - 1][inverse].unsqueeze(1)  # predicts response token 0
     return torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1)
+
+
+def _packed_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, attn: Tensor, P: int, share_prompt: bool,
+                   sparse: bool, recompute: str) -> Tensor:
+    """Final hidden states (B, T, H) through :func:`lmpo.models.packed.packed_hidden`: each distinct prompt once
+    when ``share_prompt`` (else every row's own prompt), prompt and response positions packed into one matrix."""
+    B = input_ids.shape[0]
+    groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt else None
+    if groups is None:
+        first = inverse = torch.arange(B, device=input_ids.device)
+    else:
+        first, inverse = groups
+    pos = position_ids_from_mask(attn)
+    prompt_in, response_in = _token_inputs(body, head, input_ids[first, :P], input_ids[:, P:], sparse=sparse)
+    return packed_hidden(body, prompt_in, response_in, attn[first, :P], pos[first, :P], pos[:, P:], inverse,
+                         recompute=recompute)
 
 
 # --------------------------------------------------------------------------- layer-wise noise (opt-in forward hook)

@@ -90,7 +90,7 @@ def setup_model(cfg: Config):
                            target_modules=m.lora.target_modules)
     elif cfg.kl.beta > 0:  # full fine-tuning keeps a frozen copy as the KL reference
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    if m.gradient_checkpointing:
+    if m.gradient_checkpointing is True:
         enable_activation_checkpointing(model)
     return model, tokenizer, ref
 
@@ -131,7 +131,8 @@ def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | Non
 def ref_runner(cfg: Config, runner: PolicyRunner, ref_model):
     """Reference log-probs: the frozen copy, or the LoRA model with its adapters disabled."""
     if ref_model is not None:
-        return PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast), None
+        return PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast,
+                            packed=runner.packed), None
     return runner, runner.model.disable_adapter
 
 
@@ -160,7 +161,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     rewards = build_rewards(cfg, task)
     model, tokenizer, ref_model = setup_model(cfg)
     r = cfg.rollout
-    runner = PolicyRunner(model, r.temperature, cfg.model.chunk_size, cfg.model.autocast)
+    runner = PolicyRunner(model, r.temperature, cfg.model.chunk_size, cfg.model.autocast,
+                          packed=cfg.model.packed_forward,
+                          recompute="attention" if cfg.model.gradient_checkpointing == "attention" else None)
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, comps)
     stream = PromptStream(task.train, cfg.train.seed)
     eval_rows = task.eval[: cfg.eval.num_prompts]
@@ -174,7 +177,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                                   fused=all(p.device.type in ("cpu", "cuda") for p in params))
     t = cfg.train
     # AdamW folded into backward (lmpo.train.inbackward)
-    fold = inbackward.wanted(t.optimizer_in_backward, params, cfg.model.gradient_checkpointing)
+    fold = inbackward.wanted(t.optimizer_in_backward, params,
+                             cfg.model.gradient_checkpointing is True or runner.packed_applies())
     inb = inbackward.BackwardAdamW(optimizer) if fold else None
     scheduler = make_scheduler(optimizer, cfg, t.steps * t.ppo_epochs * t.num_minibatches)
     settings = UpdateSettings(

@@ -17,7 +17,9 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ModelError, TrainingDiverged
-from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs
+from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs,
+                                  split_body_and_head)
+from lmpo.models.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 from lmpo.train.inbackward import BackwardAdamW
 
@@ -30,6 +32,8 @@ class PolicyRunner:
     temperature: float = 1.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     autocast: str | None = None
+    packed: bool = True  # Llama-family forward via lmpo.models.packed where it applies
+    recompute: str | None = None  # what the packed forward recomputes in backward; None: "layers" under checkpointing
     # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
     noise: LayerNoise | None = None
     noise_seeds: Tensor | None = None
@@ -50,11 +54,16 @@ class PolicyRunner:
             out = response_logprobs(
                 self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
                 temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy,
-                return_hidden=self.keep_hidden, entropy_grad=entropy_grad,
+                return_hidden=self.keep_hidden, entropy_grad=entropy_grad, packed=self.packed,
+                recompute=self.recompute,
             )
         if self.keep_hidden:
             self.captured["hidden"] = out[2]
         return out[0], out[1]
+
+    def packed_applies(self) -> bool:
+        """Whether the log-prob passes run through :mod:`lmpo.models.packed` (every weight used once per pass)."""
+        return self.packed and self.autocast is None and packed_unsupported(split_body_and_head(self.model)[0], 0) == ""
 
     def for_loss(self, batch: RolloutBatch, needs: frozenset[str], loss_fn) -> "PolicyRunner":
         """This runner, or a copy with the forward hooks the loss declared in ``needs`` (see ``HOOK_NEEDS``)."""

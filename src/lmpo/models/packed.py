@@ -1,0 +1,397 @@
+"""A memory-lean, prompt-once forward of Llama-family decoders (Llama, Qwen2, Mistral) for the log-prob passes.
+
+The update's forward dominates a full fine-tuning step's peak memory: Hugging Face's decoder layer leaves autograd
+about 20 hidden-sized tensors per position (each RMSNorm keeps its input, its normalised input and its output; the
+SwiGLU MLP keeps ``gate``, ``silu(gate)``, ``up`` and their product, each ``intermediate_size`` wide), and the group's
+shared prompt, run as a separate pass whose cache the rows read, gives every weight a second use, so no gradient
+is complete before the very end of backward. :func:`packed_hidden` runs the same network differently:
+
+- **Packed positions.** The U distinct prompts (U x P positions) and the B responses (B x T positions) travel as one
+  (U P + B T, H) matrix through every position-wise part of a layer (norms, projections, MLP), so each weight is
+  used once per layer and its gradient is complete as soon as backward leaves that layer (what lets
+  :mod:`lmpo.train.inbackward` free it at once). Only attention sees the two parts apart: the prompt positions attend
+  causally within their prompt; each response row attends to its prompt's keys and values (indexed by ``inverse``)
+  and causally to itself.
+- **Fused autograd nodes that save less.** ``RMSNorm -> projections`` is one node saving the norm's input and its
+  ``rsqrt`` (the normalised input is recomputed in backward, an element-wise pass); ``RMSNorm -> gate/up -> SiLU(gate)
+  * up -> down`` is one node saving the norm's input, ``rsqrt``, ``gate`` and ``up`` (the SiLU product is recomputed);
+  attention is one node over the CPU flash kernel that keeps the un-repeated (grouped-query) keys and values. A
+  layer then keeps about 10 hidden-sized tensors per position instead of about 20, and no matrix product is redone.
+
+The numbers equal the Hugging Face forward up to float rounding (tests compare log-probs and every weight's
+gradient with the plain path). :func:`packed_unsupported` names what rules a model out (another architecture,
+adapters or hooks on the layers, biases in the MLP, another activation, a sliding window shorter than the sequence,
+autocast, activation checkpointing); the caller then keeps the Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmpo.perf import trim_heap
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+RECOMPUTE = ("none", "attention", "layers")
+TRIM_EVERY = 5
+"""Backward returns the heap's free pages to the system every this many layers (:func:`lmpo.perf.trim_heap`), and
+forward once at its end. On the default model (full fine-tuning, folded optimizer, 1 thread) the peak was 2.79-2.87
+GB untrimmed, 2.49 trimmed every layer, 2.50 every 5 and 2.52 every 10 layers; trimming every layer cost ~1 CPU-s
+per update in pages faulted back in (8.7 vs 7.6), every 5 layers ~0.2."""
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+def packed_unsupported(body: nn.Module, total_length: int) -> str:
+    """Why :func:`packed_hidden` cannot run ``body`` (the decoder without LM head) on sequences of ``total_length``
+    positions in the current autograd/autocast state; "" when it can."""
+    cfg = getattr(body, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"architecture {kind!r} (the packed forward covers {', '.join(ARCHITECTURES)})"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {cfg._attn_implementation!r}"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', None)!r} (the packed MLP is SwiGLU with SiLU)"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and total_length > window:
+        return f"a sliding window of {window} positions is shorter than the sequence ({total_length})"
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return "autocast is on"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            return f"the decoder has no {name!r}"
+    device = body.embed_tokens.weight.device.type
+    if device != "cpu":
+        return f"device {device} (the packed attention runs the CPU flash-attention kernel)"
+    for name, mod in body.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:  # the packed forward calls no module's forward
+            return f"forward hooks on {name or 'the decoder'}"
+    if type(body.norm).__name__ not in _PLAIN_RMS_NORMS:
+        return f"final norm {type(body.norm).__name__}"
+    for i, layer in enumerate(body.layers):
+        at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if at is None or mlp is None:
+            return f"layer {i} has no self_attn / mlp"
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:
+            return "activation checkpointing"
+        if at.training and getattr(at, "attention_dropout", 0.0):
+            return "attention dropout in training mode"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if type(getattr(at, name, None)) is not nn.Linear:
+                return f"layer {i} self_attn.{name} is {type(getattr(at, name, None)).__name__}, not nn.Linear"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(mlp, name, None)
+            if type(lin) is not nn.Linear or lin.bias is not None:
+                return f"layer {i} mlp.{name} is not a bias-free nn.Linear"
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if type(getattr(layer, name, None)).__name__ not in _PLAIN_RMS_NORMS:
+                return f"layer {i} {name} is {type(getattr(layer, name, None)).__name__}"
+    return ""
+
+
+# --------------------------------------------------------------------------- fused autograd nodes
+def _rms(x: Tensor, eps: float) -> Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dimension, as Hugging Face's RMSNorm computes it."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _norm_backward(dy: Tensor, x: Tensor, r: Tensor, w: Tensor, need_x: bool, need_w: bool):
+    """Gradients of ``y = w * (x * r)``, ``r = rsqrt(mean(x^2) + eps)``, given ``dy``."""
+    xn = x * r
+    dw = (dy * xn).sum(0) if need_w else None
+    dx = None
+    if need_x:
+        dxn = dy * w
+        dx = r * (dxn - xn * (dxn * xn).mean(-1, keepdim=True))
+    return dx, dw
+
+
+class _NormLinears(torch.autograd.Function):
+    """``y = w * x * rsqrt(mean(x^2) + eps)``, then ``y @ W_i^T + b_i`` for each projection i; saves ``x`` and the
+    rsqrt only (``y`` is recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps, n, *wb):
+        r = _rms(x, eps)
+        y = norm_w * (x * r)
+        weights, biases = wb[:n], wb[n:]
+        outs = tuple(F.linear(y, W, b) for W, b in zip(weights, biases))
+        ctx.n = n
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, r, norm_w, *weights)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, r, w, *weights = ctx.saved_tensors
+        n = ctx.n
+        need = ctx.needs_input_grad
+        y = w * (x * r)
+        dy = None
+        dweights, dbiases = [None] * n, [None] * n
+        for i, (g, W) in enumerate(zip(grads, weights)):
+            if g is None:
+                continue
+            if need[4 + i]:
+                dweights[i] = g.t().mm(y)
+            if ctx.has_bias[i] and need[4 + n + i]:
+                dbiases[i] = g.sum(0)
+            if need[0] or need[1]:
+                dy = g.mm(W) if dy is None else dy.addmm_(g, W)
+        del y
+        dx = dw = None
+        if dy is not None:
+            dx, dw = _norm_backward(dy, x, r, w, need[0], need[1])
+        return (dx, dw, None, None, *dweights, *dbiases)
+
+
+class _NormSwiGLU(torch.autograd.Function):
+    """``y = RMSNorm(x)``; ``down(silu(gate(y)) * up(y))``; saves ``x``, the rsqrt, ``gate(y)`` and ``up(y)``."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps, Wg, Wu, Wd):
+        r = _rms(x, eps)
+        y = norm_w * (x * r)
+        g = F.linear(y, Wg)
+        u = F.linear(y, Wu)
+        del y
+        out = F.linear(F.silu(g) * u, Wd)
+        ctx.save_for_backward(x, r, norm_w, g, u, Wg, Wu, Wd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, r, w, g, u, Wg, Wu, Wd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s = torch.sigmoid(g)
+        a = g * s  # silu(g)
+        dWd = dout.t().mm(a * u) if need[5] else None
+        dp = dout.mm(Wd)
+        du = dp * a
+        del a
+        dg = dp.mul_(u).mul_(s).mul_(g.mul(1 - s).add_(1))  # d silu(g) = s (1 + g (1 - s))
+        del s
+        y = w * (x * r)
+        dWg = dg.t().mm(y) if need[3] else None
+        dWu = du.t().mm(y) if need[4] else None
+        del y
+        dx = dw = None
+        if need[0] or need[1]:
+            dy = dg.mm(Wg).addmm_(du, Wu)
+            del dg, du
+            dx, dw = _norm_backward(dy, x, r, w, need[0], need[1])
+        return dx, dw, None, dWg, dWu, dWd
+
+
+def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(b, kv, L, d) -> (b, kv * n_rep, L, d), head j reading kv head j // n_rep (Hugging Face's ``repeat_kv``)."""
+    if n_rep == 1:
+        return x
+    b, kv, L, d = x.shape
+    return x[:, :, None].expand(b, kv, n_rep, L, d).reshape(b, kv * n_rep, L, d)
+
+
+def _unrepeat(dx: Tensor, n_rep: int) -> Tensor:
+    if n_rep == 1:
+        return dx
+    b, h, L, d = dx.shape
+    return dx.view(b, h // n_rep, n_rep, L, d).sum(2)
+
+
+class _Layout:
+    """Where the prompt and response positions sit in the packed (U P + B T) rows, and their attention masks."""
+
+    def __init__(self, U: int, P: int, B: int, T: int, inverse: Tensor, prompt_mask: Tensor, dtype, scale: float):
+        self.U, self.P, self.B, self.T = U, P, B, T
+        self.Np = U * P
+        self.inverse = inverse
+        self.scale = scale
+        device = prompt_mask.device
+        causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=device)
+        # a left-padding query sees itself only (its output is never read), so no row of the mask is empty
+        allow_p = (causal_p & prompt_mask[:, None, :]) | eye
+        causal_r = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        allow_r = torch.cat([prompt_mask[inverse][:, None, :].expand(B, T, P),
+                             causal_r.expand(B, T, T)], dim=-1)
+        self.mask_p = self._additive(allow_p, dtype)
+        self.mask_r = self._additive(allow_r, dtype)
+
+    @staticmethod
+    def _additive(allow: Tensor, dtype) -> Tensor:
+        return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill_(~allow, float("-inf"))[:, None]
+
+
+def _flash(q, k, v, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                        scale=scale)
+
+
+def _flash_backward(do, q, k, v, o, lse, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, False,
+                                                                                 attn_mask=mask, scale=scale)
+
+
+def _attention_parts(lay: _Layout, q: Tensor, k: Tensor, v: Tensor):
+    """(prompt part, response part) of q, k, v as (batch, heads, length, d) views; the response keys and values
+    are its prompt's (indexed by ``inverse``) followed by its own."""
+    U, P, B, T, Np = lay.U, lay.P, lay.B, lay.T, lay.Np
+
+    def split(t: Tensor):
+        h, d = t.shape[1], t.shape[2]
+        return t[:Np].view(U, P, h, d).transpose(1, 2), t[Np:].view(B, T, h, d).transpose(1, 2)
+
+    (qp, qr), (kp, kr), (vp, vr) = split(q), split(k), split(v)
+    Kr = torch.cat([kp[lay.inverse], kr], dim=2)
+    Vr = torch.cat([vp[lay.inverse], vr], dim=2)
+    return (qp, kp, vp), (qr, Kr, Vr)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Softmax attention of the packed prompt and response positions (see :class:`_Layout`); q (N, heads, d),
+    k and v (N, kv_heads, d), rotary already applied. Returns (N, heads * d)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lay: _Layout):
+        n_rep = q.shape[1] // k.shape[1]
+        N, h, d = q.shape
+        (qp, kp, vp), (qr, Kr, Vr) = _attention_parts(lay, q, k, v)
+        op, lp = _flash(qp, _repeat_kv(kp, n_rep), _repeat_kv(vp, n_rep), lay.mask_p, lay.scale)
+        orr, lr = _flash(qr, _repeat_kv(Kr, n_rep), _repeat_kv(Vr, n_rep), lay.mask_r, lay.scale)
+        out = torch.cat([op.transpose(1, 2).reshape(lay.Np, h * d), orr.transpose(1, 2).reshape(N - lay.Np, h * d)])
+        ctx.lay = lay
+        ctx.save_for_backward(q, k, v, out, lp, lr)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lp, lr = ctx.saved_tensors
+        lay = ctx.lay
+        U, P, B, T, Np = lay.U, lay.P, lay.B, lay.T, lay.Np
+        N, h, d = q.shape
+        n_rep = h // k.shape[1]
+        (qp, kp, vp), (qr, Kr, Vr) = _attention_parts(lay, q, k, v)
+        op = out[:Np].view(U, P, h, d).transpose(1, 2)
+        orr = out[Np:].view(B, T, h, d).transpose(1, 2)
+        dout = dout.contiguous()
+        dop = dout[:Np].view(U, P, h, d).transpose(1, 2)
+        dor = dout[Np:].view(B, T, h, d).transpose(1, 2)
+        dqr, dKr, dVr = _flash_backward(dor, qr, _repeat_kv(Kr, n_rep), _repeat_kv(Vr, n_rep), orr, lr, lay.mask_r,
+                                        lay.scale)
+        dKr, dVr = _unrepeat(dKr, n_rep), _unrepeat(dVr, n_rep)
+        dqp, dkp, dvp = _flash_backward(dop, qp, _repeat_kv(kp, n_rep), _repeat_kv(vp, n_rep), op, lp, lay.mask_p,
+                                        lay.scale)
+        dkp, dvp = _unrepeat(dkp, n_rep), _unrepeat(dvp, n_rep)
+        dkp = dkp.index_add(0, lay.inverse, dKr[:, :, :P])
+        dvp = dvp.index_add(0, lay.inverse, dVr[:, :, :P])
+
+        def join(dp_: Tensor, dr_: Tensor) -> Tensor:
+            hh = dp_.shape[1]
+            return torch.cat([dp_.transpose(1, 2).reshape(Np, hh, d), dr_.transpose(1, 2).reshape(N - Np, hh, d)])
+
+        return join(dqp, dqr), join(dkp, dKr[:, :, P:]), join(dvp, dVr[:, :, P:]), None
+
+
+class _TrimInBackward(torch.autograd.Function):
+    """Identity; in backward, hands the heap's free pages back to the system (:func:`lmpo.perf.trim_heap`) before
+    passing the gradient on. Placed at each layer's output, it runs once per layer as backward leaves the layer."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        trim_heap()
+        return g
+
+
+def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: "_Layout", heads: int,
+                     kv_heads: int, rotate_half) -> Tensor:
+    """``x + o_proj(attention(RMSNorm(x)))`` over the packed (N, H) positions."""
+    N = x.shape[0]
+    at = layer.self_attn
+    d = at.head_dim
+    norm = layer.input_layernorm
+    q, k, v = _NormLinears.apply(x, norm.weight, norm.variance_epsilon, 3, at.q_proj.weight, at.k_proj.weight,
+                                 at.v_proj.weight, at.q_proj.bias, at.k_proj.bias, at.v_proj.bias)
+    q, k = q.view(N, heads, d), k.view(N, kv_heads, d)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    o = _PackedAttention.apply(q, k, v.view(N, kv_heads, d), lay)
+    return x + F.linear(o, at.o_proj.weight, at.o_proj.bias)
+
+
+def _mlp_block(x: Tensor, layer: nn.Module) -> Tensor:
+    """``x + mlp(RMSNorm(x))`` over the packed (N, H) positions."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    return x + _NormSwiGLU.apply(x, norm.weight, norm.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                 mlp.down_proj.weight)
+
+
+def _layer(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: _Layout, heads: int, kv_heads: int,
+           rotate_half) -> Tensor:
+    """One decoder layer over the packed (N, H) positions."""
+    return _mlp_block(_attention_block(x, layer, cos, sin, lay, heads, kv_heads, rotate_half), layer)
+
+
+def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: dict[str, Tensor], prompt_mask: Tensor,
+                  prompt_pos: Tensor, response_pos: Tensor, inverse: Tensor, recompute: str = "none", trim: bool = True) -> Tensor:
+    """Final (normed) hidden states (B, T, H) predicting each response token: position 0 from the last prompt
+    position, position t from response position t - 1.
+
+    Args:
+        body: The decoder (checked by :func:`packed_unsupported`).
+        prompt_in / response_in: ``{"input_ids": (U, P)}`` / ``{"input_ids": (B, T)}``, or ``inputs_embeds``.
+        prompt_mask: (U, P) bool, False on left padding.
+        prompt_pos / response_pos: (U, P) / (B, T) long position ids.
+        inverse: (B,) long, the prompt of each response row.
+        recompute: Under autograd, what backward recomputes instead of keeping: ``"none"``; ``"attention"``, the
+            attention block of every layer (its input is kept: about a third less activation memory for about 5%
+            more compute); ``"layers"``, whole layers (activation checkpointing: one hidden-sized tensor per
+            position and layer is kept; the prompt still runs once).
+        trim: Under autograd, return the heap's free pages to the system at the end of the forward and every
+            :data:`TRIM_EVERY` layers in backward (:func:`lmpo.perf.trim_heap`).
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+
+    def embed(inp: dict[str, Tensor]) -> Tensor:
+        x = inp.get("inputs_embeds")
+        return body.embed_tokens(inp["input_ids"]) if x is None else x
+
+    xp, xr = embed(prompt_in), embed(response_in)
+    U, P, H = xp.shape
+    B, T = xr.shape[:2]
+    x = torch.cat([xp.reshape(U * P, H), xr.reshape(B * T, H)])
+    pos = torch.cat([prompt_pos.reshape(-1), response_pos.reshape(-1)]).to(x.device)[None]
+    cos, sin = body.rotary_emb(x[None], pos)
+    cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, d)
+    at0 = body.layers[0].self_attn
+    rope = importlib.import_module(type(at0).__module__).rotate_half
+    lay = _Layout(U, P, B, T, inverse.to(x.device), prompt_mask.to(device=x.device, dtype=torch.bool), x.dtype,
+                  at0.scaling)
+    cfg = body.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    grad = torch.is_grad_enabled()
+    for i, layer in enumerate(body.layers):
+        args = (layer, cos, sin, lay, heads, kv_heads, rope)
+        if grad and recompute == "layers":
+            x = checkpoint(_layer, x, *args, use_reentrant=False, preserve_rng_state=False)
+        elif grad and recompute == "attention":
+            x = _mlp_block(checkpoint(_attention_block, x, *args, use_reentrant=False, preserve_rng_state=False),
+                           layer)
+        else:
+            x = _layer(x, *args)
+        if grad and trim and x.requires_grad and i % TRIM_EVERY == 0:
+            x = _TrimInBackward.apply(x)
+    if grad and trim and x.requires_grad:
+        trim_heap()  # what the forward left free in the heap, before the LM head and backward add their own
+    # only the positions that predict a response token go through the final norm
+    last_prompt = x[: U * P].view(U, P, H)[:, P - 1][lay.inverse]  # (B, H): predicts response token 0
+    rows = x[U * P :].view(B, T, H)[:, :-1]
+    return body.norm(torch.cat([last_prompt.unsqueeze(1), rows], dim=1))
