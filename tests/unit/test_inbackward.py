@@ -232,3 +232,12 @@ def test_resumed_run_folds_like_the_uninterrupted_one(tmp_path):
     for a, b in zip(full, cut):
         for k in ("loss/grad_norm", "loss/total", "reward/mean", "perf/backward_replays"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+def test_weight_update_kernel_equals_torch_operations(monkeypatch):
+    """The one-pass weight update (lmpo.kernels.rowdot.adam_apply) against the element-wise torch path."""
+    kernel = run_pair([0.05, 3.0, 0.05], 0.5, wd=0.01)[1]
+    monkeypatch.setattr("lmpo.kernels.rowdot.available", lambda: False)
+    plain = run_pair([0.05, 3.0, 0.05], 0.5, wd=0.01)[1]
+    assert plain[3].kernel is False
+    assert_close(kernel[0], kernel[1], plain[0], plain[1], rtol=1e-6)

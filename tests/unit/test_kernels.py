@@ -248,3 +248,28 @@ def test_rms_norm_equals_llama_formula():
     x, w = torch.randn(3, 1, 37, generator=g), torch.randn(37, generator=g)
     ref = w.double() * (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5))
     torch.testing.assert_close(rowdot.rms_norm(x, w, 1e-5).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 8, 2053])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_adam_apply_equals_float64_reference(n, threads):
+    g = torch.Generator().manual_seed(n)
+    p, m, v = (torch.randn(n, generator=g) for _ in range(3))
+    v = v.abs() * 1e-4
+    ref = p.double() * (1 - 1e-3 * 0.1) - 1e-3 / 0.19 * m.double() / (v.double().sqrt() / 0.0447 + 1e-8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rowdot.adam_apply(p, m, v, 1 - 1e-3 * 0.1, 1e-3 / 0.19, 0.0447, 1e-8)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(p.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_adam_apply_rejects_mismatched_tensors():
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors of one size"):
+        rowdot.adam_apply(torch.zeros(4), torch.zeros(5), torch.zeros(4), 1.0, 1.0, 1.0, 1e-8)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
+        rowdot.adam_apply(torch.zeros(4, 2).t(), torch.zeros(2, 4), torch.zeros(2, 4), 1.0, 1.0, 1.0, 1e-8)

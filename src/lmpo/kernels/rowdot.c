@@ -180,3 +180,20 @@ void lmpo_rms_norm(const float *x, const float *w, float *y, long rows, long H, 
         for (i = 0; i < H; i++) yr[i] = w[i] * (xr[i] * inv);
     }
 }
+
+/* AdamW's weight update from its moments in one pass over memory, for an optimizer folded into backward
+ * (lmpo.train.inbackward; torch's element-wise operations take five): p <- p decay - step m / (sqrt(v) / bc2_sqrt +
+ * eps), fused AdamW's expression with decay = 1 - lr wd and step = lr / (1 - b1^t). Threads split the elements. */
+void lmpo_adam_apply(float *restrict p, const float *restrict m, const float *restrict v, long n, float decay,
+                     float step, float bc2_sqrt, float eps, int threads) {
+    const __m256 vd = _mm256_set1_ps(decay), vs = _mm256_set1_ps(step), vb = _mm256_set1_ps(bc2_sqrt),
+                 ve = _mm256_set1_ps(eps);
+    const long n8 = n & ~7L;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (long i = 0; i < n8; i += 8) {
+        const __m256 den = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(_mm256_loadu_ps(v + i)), vb), ve);
+        const __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), vd);
+        _mm256_storeu_ps(p + i, _mm256_sub_ps(pi, _mm256_div_ps(_mm256_mul_ps(vs, _mm256_loadu_ps(m + i)), den)));
+    }
+    for (long i = n8; i < n; i++) p[i] = p[i] * decay - step * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
+}

@@ -93,6 +93,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.lmpo_decode_attention.restype = None
     lib.lmpo_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
     lib.lmpo_rms_norm.restype = None
+    lib.lmpo_adam_apply.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 4 + [ctypes.c_int]
+    lib.lmpo_adam_apply.restype = None
     why = _self_test(lib)
     return (lib, "") if not why else (None, why)
 
@@ -127,6 +129,12 @@ def _self_test(lib: ctypes.CDLL) -> str:
     lib.lmpo_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), 3, 20, 1e-6)
     if not torch.allclose(y, w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)), rtol=1e-5, atol=1e-6):
         return "the built RMSNorm kernel is wrong"
+    m, v, p = (torch.randn(2053, generator=g) for _ in range(3))  # a vector block and a scalar tail
+    v = v.abs()
+    p2 = p.clone()
+    lib.lmpo_adam_apply(p2.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), 0.999, 0.01, 0.3, 1e-8, 1)
+    if not torch.allclose(p2, p * 0.999 - 0.01 * m / (v.sqrt() / 0.3 + 1e-8), rtol=1e-5, atol=1e-5):
+        return "the built AdamW kernel is wrong"
     return ""
 
 
@@ -224,6 +232,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     y = torch.empty_like(xc)
     lib.lmpo_rms_norm(xc.data_ptr(), w.data_ptr(), y.data_ptr(), xc.numel() // H, H, eps)
     return y
+
+
+def adam_apply(p: Tensor, m: Tensor, v: Tensor, decay: float, step: float, bc2_sqrt: float, eps: float) -> None:
+    """AdamW's weight update from its moments, in place, in one pass:
+    ``p <- p * decay - step * m / (sqrt(v) / bc2_sqrt + eps)`` (fused AdamW's expression)."""
+    _same_flat("adam_apply", p, m, v)
+    _library().lmpo_adam_apply(p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), decay, step, bc2_sqrt, eps,
+                               torch.get_num_threads())
+
+
+def _same_flat(name: str, *ts: Tensor) -> None:
+    n = ts[0].numel()
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n
+           for t in ts):
+        raise ValueError(f"{name}: expects contiguous float32 CPU tensors of one size, got "
+                         f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in ts]}")
 
 
 def float32_cpu_linears(model: nn.Module) -> bool:

@@ -18,10 +18,25 @@ is complete before the very end of backward. :func:`packed_hidden` runs the same
   attention is one node over the CPU flash kernel that keeps the un-repeated (grouped-query) keys and values. A
   layer then keeps about 10 hidden-sized tensors per position instead of about 20, and no matrix product is redone.
 
-The numbers equal the Hugging Face forward up to float rounding (tests compare log-probs and every weight's
-gradient with the plain path). :func:`packed_unsupported` names what rules a model out (another architecture,
-adapters or hooks on the layers, biases in the MLP, another activation, a sliding window shorter than the sequence,
-autocast, activation checkpointing); the caller then keeps the Hugging Face forward.
+- **Recompute by choice** (``recompute``; ``model.gradient_checkpointing`` in the trainer): ``"attention"`` keeps
+  only each attention block's input and recomputes its projections and attention in backward (about a third less
+  activation memory for ~5% more update time); ``"layers"`` recomputes whole layers (activation checkpointing, one
+  hidden-sized tensor per position and layer kept, the prompt still run once).
+- **The heap trimmed** (``trim``): glibc keeps freed blocks below its mmap threshold in the heap, and a long forward
+  or backward fragments it (free space grew ~7 MB per layer here), so the packed forward hands its free pages back
+  to the system at the end of the forward and every :data:`TRIM_EVERY` layers in backward
+  (:func:`lmpo.perf.trim_heap`).
+
+Measured on the default model (SmolLM2-135M, full fp32 fine-tuning, one prompt x 8 rows of 64 tokens, 1 thread;
+docs/results/performance.md): update peak 3.16 GB with Hugging Face's forward, 2.50 packed (with the optimizer
+folded into backward, which the packed forward turns on by itself), 2.40 with attention recomputed; update CPU time
+9.2-10.5 -> 7.9-8.5 s (larger products: the prompt and the rows share every matrix multiply).
+
+The numbers equal the Hugging Face forward up to float rounding (tests compare log-probs, entropies and every
+weight's gradient with the plain path, for Llama and Qwen2, tied and untied embeddings, every recompute choice).
+:func:`packed_unsupported` names what rules a model out (another architecture or device, adapters or forward hooks
+on any submodule, biases in the MLP, another activation, a sliding window shorter than the sequence, autocast);
+the caller then keeps the Hugging Face forward.
 """
 
 from __future__ import annotations
@@ -99,14 +114,13 @@ def _rms(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _norm_backward(dy: Tensor, x: Tensor, r: Tensor, w: Tensor, need_x: bool, need_w: bool):
-    """Gradients of ``y = w * (x * r)``, ``r = rsqrt(mean(x^2) + eps)``, given ``dy``."""
-    xn = x * r
+def _norm_backward(dy: Tensor, xn: Tensor, r: Tensor, w: Tensor, need_x: bool, need_w: bool):
+    """Gradients of ``y = w * xn``, ``xn = x * r``, ``r = rsqrt(mean(x^2) + eps)``, given ``dy`` and ``xn``."""
     dw = (dy * xn).sum(0) if need_w else None
     dx = None
     if need_x:
         dxn = dy * w
-        dx = r * (dxn - xn * (dxn * xn).mean(-1, keepdim=True))
+        dx = torch.addcmul(dxn, xn, (dxn * xn).mean(-1, keepdim=True), value=-1).mul_(r)
     return dx, dw
 
 
@@ -130,7 +144,8 @@ class _NormLinears(torch.autograd.Function):
         x, r, w, *weights = ctx.saved_tensors
         n = ctx.n
         need = ctx.needs_input_grad
-        y = w * (x * r)
+        xn = x * r
+        y = w * xn
         dy = None
         dweights, dbiases = [None] * n, [None] * n
         for i, (g, W) in enumerate(zip(grads, weights)):
@@ -145,7 +160,7 @@ class _NormLinears(torch.autograd.Function):
         del y
         dx = dw = None
         if dy is not None:
-            dx, dw = _norm_backward(dy, x, r, w, need[0], need[1])
+            dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
         return (dx, dw, None, None, *dweights, *dbiases)
 
 
@@ -167,15 +182,15 @@ class _NormSwiGLU(torch.autograd.Function):
     def backward(ctx, dout):
         x, r, w, g, u, Wg, Wu, Wd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        s = torch.sigmoid(g)
-        a = g * s  # silu(g)
+        a = F.silu(g)
         dWd = dout.t().mm(a * u) if need[5] else None
         dp = dout.mm(Wd)
-        du = dp * a
+        du = dp.mul(a)
         del a
-        dg = dp.mul_(u).mul_(s).mul_(g.mul(1 - s).add_(1))  # d silu(g) = s (1 + g (1 - s))
-        del s
-        y = w * (x * r)
+        dg = torch.ops.aten.silu_backward(dp.mul_(u), g)  # dp u s (1 + g (1 - s)), s = sigmoid(g)
+        del dp
+        xn = x * r
+        y = w * xn
         dWg = dg.t().mm(y) if need[3] else None
         dWu = du.t().mm(y) if need[4] else None
         del y
@@ -183,7 +198,7 @@ class _NormSwiGLU(torch.autograd.Function):
         if need[0] or need[1]:
             dy = dg.mm(Wg).addmm_(du, Wu)
             del dg, du
-            dx, dw = _norm_backward(dy, x, r, w, need[0], need[1])
+            dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
         return dx, dw, None, dWg, dWu, dWd
 
 
@@ -340,7 +355,8 @@ def _layer(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: _Layout, 
 
 
 def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: dict[str, Tensor], prompt_mask: Tensor,
-                  prompt_pos: Tensor, response_pos: Tensor, inverse: Tensor, recompute: str = "none", trim: bool = True) -> Tensor:
+                  prompt_pos: Tensor, response_pos: Tensor, inverse: Tensor, recompute: str = "none",
+                  trim: bool = True) -> Tensor:
     """Final (normed) hidden states (B, T, H) predicting each response token: position 0 from the last prompt
     position, position t from response position t - 1.
 

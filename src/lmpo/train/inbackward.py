@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from lmpo.kernels import rowdot
+
 MIN_TRAINABLE = 10_000_000
 """``train.optimizer_in_backward: auto`` needs this many trainable parameters (full fine-tuning of real models; LoRA
 adapters and the tiny test models keep the plain optimizer step)."""
@@ -88,6 +90,9 @@ class BackwardAdamW:
         self.coef: Tensor | None = None
         self.guess = 1.0  # the clip factor the first pass assumes: 1, or the last step's when that one clipped
         self.replays = 0  # backward passes repeated because the clip factor was not the guess (a metric)
+        # the weight update in one pass over memory (lmpo.kernels.rowdot.adam_apply) for float32 CPU weights; the
+        # moments keep torch's operations, whose rounding the replay's recovery undoes exactly
+        self.kernel = rowdot.available()
 
     def state_dict(self) -> dict[str, float]:
         return {"guess": self.guess, "replays": self.replays}
@@ -140,6 +145,11 @@ class BackwardAdamW:
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
+    def _flat(self, *ts: Tensor) -> bool:
+        """Whether the one-pass kernel takes these tensors (float32, contiguous, CPU)."""
+        return self.kernel and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                   for t in ts)
+
     @torch.no_grad()
     def _first(self, p: Tensor) -> None:
         g = p.grad.to_dense() if p.grad.is_sparse else p.grad
@@ -187,6 +197,9 @@ class BackwardAdamW:
             st["step"] += 1
             t = float(st["step"])
             bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+            if self._flat(p, st["exp_avg"], st["exp_avg_sq"]):
+                rowdot.adam_apply(p, st["exp_avg"], st["exp_avg_sq"], 1 - lr * wd, lr / bc1, bc2_sqrt, eps)
+                continue
             if wd:
                 p.mul_(1 - lr * wd)
             if buf is None or buf.dtype != p.dtype or buf.device != p.device:
