@@ -165,6 +165,11 @@ def test_unsupported_models_fall_back_to_hugging_face(monkeypatch):
         handle = module.register_forward_hook(lambda *a: None)
         assert "forward hooks" in packed.packed_unsupported(body, 12)
         handle.remove()
+    # the modules the packed pass calls itself keep their hooks (Hugging Face's checkpointing puts one on the
+    # input embedding)
+    handle = body.embed_tokens.register_forward_hook(lambda *a: None)
+    assert packed.packed_unsupported(body, 12) == ""
+    handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert packed.packed_unsupported(body, 12) == "autocast is on"
     gelu = build_tiny_model(seed=0, vocab_size=24)
@@ -237,3 +242,19 @@ def test_trainer_same_with_and_without_the_packed_forward(tmp_path):
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4, abs=1e-6)
         assert a["loss/grad_norm"] == pytest.approx(b["loss/grad_norm"], rel=1e-4)
+
+
+def test_hugging_face_checkpointing_keeps_the_packed_forward_and_recomputes_layers(monkeypatch):
+    """``model.gradient_checkpointing=true`` turns Hugging Face's checkpointing on (for the fallback path); the packed
+    forward still applies and recomputes whole layers itself."""
+    from lmpo.models.load import enable_activation_checkpointing
+
+    model = build_tiny_model(seed=0, vocab_size=24)
+    enable_activation_checkpointing(model)
+    assert packed.packed_unsupported(split_body_and_head(model)[0], 12) == ""
+    seen = []
+    real = packed.packed_hidden
+    monkeypatch.setattr("lmpo.models.logprobs.packed_hidden",
+                        lambda *a, **k: seen.append(k["recompute"]) or real(*a, **k))
+    response_logprobs(model, *_batch(24))[0].sum().backward()
+    assert seen == ["layers"]

@@ -82,8 +82,11 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
     device = body.embed_tokens.weight.device.type
     if device != "cpu":
         return f"device {device} (the packed attention runs the CPU flash-attention kernel)"
+    called = ("embed_tokens", "rotary_emb", "norm")  # the modules whose forward (and hooks) the packed pass runs
     for name, mod in body.named_modules():
-        if mod._forward_hooks or mod._forward_pre_hooks:  # the packed forward calls no module's forward
+        if name.split(".")[0] in called:
+            continue
+        if mod._forward_hooks or mod._forward_pre_hooks:  # e.g. a hook on a projection would be silently skipped
             return f"forward hooks on {name or 'the decoder'}"
     if type(body.norm).__name__ not in _PLAIN_RMS_NORMS:
         return f"final norm {type(body.norm).__name__}"
