@@ -57,28 +57,38 @@ TRIM_EVERY = 5
 forward once at its end. On the default model (full fine-tuning, folded optimizer, 1 thread) the peak was 2.79-2.87
 GB untrimmed, 2.49 trimmed every layer, 2.50 every 5 and 2.52 every 10 layers; trimming every layer cost ~1 CPU-s
 per update in pages faulted back in (8.7 vs 7.6), every 5 layers ~0.2."""
-_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+"""RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + eps)`` (what the fast paths recompute or fuse)."""
+
+
+def family_unsupported(body: nn.Module, total_length: int) -> str:
+    """Why ``body`` (the decoder without LM head) is not a Llama-family decoder that lmpo's fast paths (this packed
+    forward, :mod:`lmpo.rollout.lean`) can run on sequences of ``total_length`` positions; "" when it is."""
+    cfg = getattr(body, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"architecture {kind!r} (covered: {', '.join(ARCHITECTURES)})"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation {cfg._attn_implementation!r}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and total_length > window:
+        return f"a sliding window of {window} positions is shorter than the sequence ({total_length})"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            return f"the decoder has no {name!r}"
+    return ""
 
 
 def packed_unsupported(body: nn.Module, total_length: int) -> str:
     """Why :func:`packed_hidden` cannot run ``body`` (the decoder without LM head) on sequences of ``total_length``
     positions in the current autograd/autocast state; "" when it can."""
-    cfg = getattr(body, "config", None)
-    kind = getattr(cfg, "model_type", None)
-    if kind not in ARCHITECTURES:
-        return f"architecture {kind!r} (the packed forward covers {', '.join(ARCHITECTURES)})"
-    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return f"attention implementation {cfg._attn_implementation!r}"
-    if getattr(cfg, "hidden_act", None) != "silu":
-        return f"activation {getattr(cfg, 'hidden_act', None)!r} (the packed MLP is SwiGLU with SiLU)"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and total_length > window:
-        return f"a sliding window of {window} positions is shorter than the sequence ({total_length})"
+    why = family_unsupported(body, total_length)
+    if why:
+        return why
+    if getattr(body.config, "hidden_act", None) != "silu":
+        return f"activation {getattr(body.config, 'hidden_act', None)!r} (the packed MLP is SwiGLU with SiLU)"
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return "autocast is on"
-    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(body, name):
-            return f"the decoder has no {name!r}"
     device = body.embed_tokens.weight.device.type
     if device != "cpu":
         return f"device {device} (the packed attention runs the CPU flash-attention kernel)"
@@ -88,7 +98,7 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
             continue
         if mod._forward_hooks or mod._forward_pre_hooks:  # e.g. a hook on a projection would be silently skipped
             return f"forward hooks on {name or 'the decoder'}"
-    if type(body.norm).__name__ not in _PLAIN_RMS_NORMS:
+    if type(body.norm).__name__ not in PLAIN_RMS_NORMS:
         return f"final norm {type(body.norm).__name__}"
     for i, layer in enumerate(body.layers):
         at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -106,7 +116,7 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
             if type(lin) is not nn.Linear or lin.bias is not None:
                 return f"layer {i} mlp.{name} is not a bias-free nn.Linear"
         for name in ("input_layernorm", "post_attention_layernorm"):
-            if type(getattr(layer, name, None)).__name__ not in _PLAIN_RMS_NORMS:
+            if type(getattr(layer, name, None)).__name__ not in PLAIN_RMS_NORMS:
                 return f"layer {i} {name} is {type(getattr(layer, name, None)).__name__}"
     return ""
 

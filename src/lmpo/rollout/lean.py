@@ -22,27 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmpo.kernels import rowdot
-
-ARCHITECTURES = ("llama", "qwen2", "mistral")
-_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
-
+from lmpo.models.packed import PLAIN_RMS_NORMS, family_unsupported
 
 def lean_unsupported(body: nn.Module, total_length: int) -> str:
     """Why the lean step cannot run ``body`` (the decoder without LM head) for sequences of ``total_length``
     positions; "" when it can."""
-    cfg = getattr(body, "config", None)
-    kind = getattr(cfg, "model_type", None)
-    if kind not in ARCHITECTURES:
-        return f"architecture {kind!r} (lean decoding covers {', '.join(ARCHITECTURES)})"
-    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
-        return f"attention implementation {cfg._attn_implementation!r}"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and total_length > window:
-        return f"a sliding window of {window} positions is shorter than the sequence ({total_length})"
-    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(body, name):
-            return f"the decoder has no {name!r}"
-    return ""
+    return family_unsupported(body, total_length)
 
 
 class LeanDecoder:
@@ -103,7 +88,7 @@ class LeanDecoder:
     def _norm(self, module: nn.Module, x: Tensor) -> Tensor:
         """The model's RMSNorm, fused into one op where it is the plain ``weight * x / rms(x)`` form."""
         eps = getattr(module, "variance_epsilon", None)
-        if eps is None or type(module).__name__ not in _PLAIN_RMS_NORMS:
+        if eps is None or type(module).__name__ not in PLAIN_RMS_NORMS:
             return module(x)
         if self.native:
             return rowdot.rms_norm(x, module.weight, eps)
