@@ -111,6 +111,11 @@ def response_logprobs(
         share_prompt: When rows repeat a prompt (a GRPO group), run each distinct prompt through the body once and
             let its rows attend to that one key/value cache (:func:`shared_prompt_rows`); the same numbers up to
             float rounding, with the prompt's share of the compute and activations divided by the group size.
+        packed: Run Llama-family decoders through :func:`lmpo.models.packed.packed_hidden` (prompt and response
+            positions as one matrix, fused autograd nodes keeping about half the activations) where
+            :func:`~lmpo.models.packed.packed_unsupported` allows; else (and under layer noise) Hugging Face's forward.
+        recompute: What the packed forward recomputes in backward (``"none"``, ``"attention"``, ``"layers"``);
+            ``None``: ``"layers"`` when Hugging Face's activation checkpointing is on for the model, else ``"none"``.
 
     Returns:
         ``(logprobs, entropies)``: (B, T) float32 each (``entropies`` is ``None`` unless ``with_entropy``),
