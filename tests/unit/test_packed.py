@@ -175,6 +175,8 @@ def test_unsupported_models_fall_back_to_hugging_face(monkeypatch):
     gelu = build_tiny_model(seed=0, vocab_size=24)
     gelu.config.hidden_act = "gelu"
     assert "activation" in packed.packed_unsupported(gelu.model, 12)
+    half = build_tiny_model(seed=0, vocab_size=24).to(torch.bfloat16)
+    assert "float32" in packed.packed_unsupported(half.model, 12)
     windowed = build_tiny_model(seed=0, vocab_size=24)
     windowed.config.sliding_window = 8
     assert "sliding window" in packed.packed_unsupported(windowed.model, 12)

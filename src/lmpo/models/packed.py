@@ -34,8 +34,9 @@ folded into backward, which the packed forward turns on by itself), 2.40 with at
 
 The numbers equal the Hugging Face forward up to float rounding (tests compare log-probs, entropies and every
 weight's gradient with the plain path, for Llama and Qwen2, tied and untied embeddings, every recompute choice).
-:func:`packed_unsupported` names what rules a model out (another architecture or device, adapters or forward hooks
-on any submodule, biases in the MLP, another activation, a sliding window shorter than the sequence, autocast);
+:func:`packed_unsupported` names what rules a model out (another architecture, device or parameter dtype than float32,
+adapters or forward hooks on any submodule, biases in the MLP, another activation, a sliding window shorter than the
+sequence, autocast);
 the caller then keeps the Hugging Face forward.
 """
 
@@ -92,6 +93,9 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
     device = body.embed_tokens.weight.device.type
     if device != "cpu":
         return f"device {device} (the packed attention runs the CPU flash-attention kernel)"
+    dtype = body.embed_tokens.weight.dtype
+    if dtype != torch.float32:  # Hugging Face's RMSNorm upcasts lower precisions, which the fused nodes do not
+        return f"parameters in {dtype} (the packed forward covers float32)"
     called = ("embed_tokens", "rotary_emb", "norm")  # the modules whose forward (and hooks) the packed pass runs
     for name, mod in body.named_modules():
         if name.split(".")[0] in called:
