@@ -12,12 +12,12 @@ is complete before the very end of backward. :func:`packed_hidden` runs the same
   :mod:`lmpo.train.inbackward` free it at once). Only attention sees the two parts apart: the prompt positions attend
   causally within their prompt; each response row attends to its prompt's keys and values (indexed by ``inverse``)
   and causally to itself.
-- **Fused autograd nodes that save less.** ``RMSNorm -> projections`` is one node saving the norm's input and its
-  ``rsqrt`` (the normalised input is recomputed in backward, an element-wise pass); ``RMSNorm -> gate/up -> SiLU(gate)
-  * up -> down`` is one node saving the norm's input, ``rsqrt``, ``gate`` and ``up`` (the SiLU product is recomputed);
-  attention is one node over the CPU flash kernel that keeps the un-repeated (grouped-query) keys and values. A
-  layer then keeps about 10 hidden-sized tensors per position instead of about 20, and no matrix product is redone.
-
+- **Fused autograd nodes that save less** (:mod:`lmpo.models.fused`). ``RMSNorm -> projections`` is one node
+  saving the norm's input and its ``rsqrt`` (the normalised input is recomputed in backward, an element-wise pass);
+  ``RMSNorm -> gate/up -> SiLU(gate) * up -> down`` is one node saving the norm's input, ``rsqrt``, ``gate`` and
+  ``up`` (the SiLU product is recomputed); attention is one node over the CPU flash kernel that keeps the
+  un-repeated (grouped-query) keys and values. A layer then keeps about 10 hidden-sized tensors per position instead
+  of about 20, and no matrix product is redone.
 - **Recompute by choice** (``recompute``; ``model.gradient_checkpointing`` in the trainer): ``"attention"`` keeps
   only each attention block's input and recomputes its projections and attention in backward (about a third less
   activation memory for ~5% more update time); ``"layers"`` recomputes whole layers (activation checkpointing, one
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lmpo.models.fused import NormLinears, NormSwiGLU
 from lmpo.perf import trim_heap
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -125,100 +126,7 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------- fused autograd nodes
-def _rms(x: Tensor, eps: float) -> Tensor:
-    """``rsqrt(mean(x^2) + eps)`` over the last dimension, as Hugging Face's RMSNorm computes it."""
-    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _norm_backward(dy: Tensor, xn: Tensor, r: Tensor, w: Tensor, need_x: bool, need_w: bool):
-    """Gradients of ``y = w * xn``, ``xn = x * r``, ``r = rsqrt(mean(x^2) + eps)``, given ``dy`` and ``xn``."""
-    dw = (dy * xn).sum(0) if need_w else None
-    dx = None
-    if need_x:
-        dxn = dy * w
-        dx = torch.addcmul(dxn, xn, (dxn * xn).mean(-1, keepdim=True), value=-1).mul_(r)
-    return dx, dw
-
-
-class _NormLinears(torch.autograd.Function):
-    """``y = w * x * rsqrt(mean(x^2) + eps)``, then ``y @ W_i^T + b_i`` for each projection i; saves ``x`` and the
-    rsqrt only (``y`` is recomputed in backward)."""
-
-    @staticmethod
-    def forward(ctx, x, norm_w, eps, n, *wb):
-        r = _rms(x, eps)
-        y = norm_w * (x * r)
-        weights, biases = wb[:n], wb[n:]
-        outs = tuple(F.linear(y, W, b) for W, b in zip(weights, biases))
-        ctx.n = n
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(x, r, norm_w, *weights)
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x, r, w, *weights = ctx.saved_tensors
-        n = ctx.n
-        need = ctx.needs_input_grad
-        xn = x * r
-        y = w * xn
-        dy = None
-        dweights, dbiases = [None] * n, [None] * n
-        for i, (g, W) in enumerate(zip(grads, weights)):
-            if g is None:
-                continue
-            if need[4 + i]:
-                dweights[i] = g.t().mm(y)
-            if ctx.has_bias[i] and need[4 + n + i]:
-                dbiases[i] = g.sum(0)
-            if need[0] or need[1]:
-                dy = g.mm(W) if dy is None else dy.addmm_(g, W)
-        del y
-        dx = dw = None
-        if dy is not None:
-            dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
-        return (dx, dw, None, None, *dweights, *dbiases)
-
-
-class _NormSwiGLU(torch.autograd.Function):
-    """``y = RMSNorm(x)``; ``down(silu(gate(y)) * up(y))``; saves ``x``, the rsqrt, ``gate(y)`` and ``up(y)``."""
-
-    @staticmethod
-    def forward(ctx, x, norm_w, eps, Wg, Wu, Wd):
-        r = _rms(x, eps)
-        y = norm_w * (x * r)
-        g = F.linear(y, Wg)
-        u = F.linear(y, Wu)
-        del y
-        out = F.linear(F.silu(g) * u, Wd)
-        ctx.save_for_backward(x, r, norm_w, g, u, Wg, Wu, Wd)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, r, w, g, u, Wg, Wu, Wd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        a = F.silu(g)
-        dWd = dout.t().mm(a * u) if need[5] else None
-        dp = dout.mm(Wd)
-        du = dp.mul(a)
-        del a
-        dg = torch.ops.aten.silu_backward(dp.mul_(u), g)  # dp u s (1 + g (1 - s)), s = sigmoid(g)
-        del dp
-        xn = x * r
-        y = w * xn
-        dWg = dg.t().mm(y) if need[3] else None
-        dWu = du.t().mm(y) if need[4] else None
-        del y
-        dx = dw = None
-        if need[0] or need[1]:
-            dy = dg.mm(Wg).addmm_(du, Wu)
-            del dg, du
-            dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
-        return dx, dw, None, dWg, dWu, dWd
-
-
+# --------------------------------------------------------------------------- attention over the packed positions
 def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """(b, kv, L, d) -> (b, kv * n_rep, L, d), head j reading kv head j // n_rep (Hugging Face's ``repeat_kv``)."""
     if n_rep == 1:
@@ -349,7 +257,7 @@ def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay:
     at = layer.self_attn
     d = at.head_dim
     norm = layer.input_layernorm
-    q, k, v = _NormLinears.apply(x, norm.weight, norm.variance_epsilon, 3, at.q_proj.weight, at.k_proj.weight,
+    q, k, v = NormLinears.apply(x, norm.weight, norm.variance_epsilon, 3, at.q_proj.weight, at.k_proj.weight,
                                  at.v_proj.weight, at.q_proj.bias, at.k_proj.bias, at.v_proj.bias)
     q, k = q.view(N, heads, d), k.view(N, kv_heads, d)
     q = q * cos + rotate_half(q) * sin
@@ -361,7 +269,7 @@ def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay:
 def _mlp_block(x: Tensor, layer: nn.Module) -> Tensor:
     """``x + mlp(RMSNorm(x))`` over the packed (N, H) positions."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
-    return x + _NormSwiGLU.apply(x, norm.weight, norm.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
+    return x + NormSwiGLU.apply(x, norm.weight, norm.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
                                  mlp.down_proj.weight)
 
 
