@@ -242,10 +242,16 @@ def adam_apply(p: Tensor, m: Tensor, v: Tensor, decay: float, step: float, bc2_s
                                torch.get_num_threads())
 
 
-def _same_flat(name: str, *ts: Tensor) -> None:
+def flat_float32(*ts: Tensor) -> bool:
+    """Whether every tensor is a contiguous float32 CPU tensor with the first one's number of elements (what the
+    element-wise kernels take)."""
     n = ts[0].numel()
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n
-           for t in ts):
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
+               for t in ts)
+
+
+def _same_flat(name: str, *ts: Tensor) -> None:
+    if not flat_float32(*ts):
         raise ValueError(f"{name}: expects contiguous float32 CPU tensors of one size, got "
                          f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in ts]}")
 
