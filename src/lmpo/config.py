@@ -65,7 +65,7 @@ class RolloutConfig:
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
-    decode_kernel: str | bool = "auto"  # decode via lmpo's few-row kernel (lmpo.kernels.rowdot): auto | true | false
+    decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.kernels.rowdot): auto | true | false
     sampler: str = "auto"  # token draw: auto (inverse_cdf for vocabularies of 4096+) | multinomial | inverse_cdf
     lean_decode: str | bool = "auto"  # decode steps via lmpo.rollout.lean (Llama family, 10M+ params): auto|true|false
 

@@ -36,6 +36,8 @@ def test_train_two_steps_writes_run_folder(tmp_path):
     steps = [r["step"] for r in metrics(run)]
     assert steps == [0, 1, 2]
     assert "eval/accuracy" in proc.stdout and "before" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["autocast"] is None  # the tiny config trains in float32
 
 
 def test_killed_run_resumes_exactly(tmp_path):

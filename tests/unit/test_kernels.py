@@ -273,3 +273,76 @@ def test_adam_apply_rejects_mismatched_tensors():
         rowdot.adam_apply(torch.zeros(4), torch.zeros(5), torch.zeros(4), 1.0, 1.0, 1.0, 1e-8)
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
         rowdot.adam_apply(torch.zeros(4, 2).t(), torch.zeros(2, 4), torch.zeros(2, 4), 1.0, 1.0, 1.0, 1e-8)
+
+
+def _torch_inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain draw: log-softmax, exp, cumulative sum in double, first index whose sum exceeds u * total."""
+    logprobs = torch.log_softmax(logits / temperature, -1)
+    cdf = logprobs.double().exp().cumsum(-1)
+    token = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+@needs_kernel
+def test_sample_rows_draws_by_hand():
+    # probabilities [0, .5, 0, .5], [.2, .2, .2, .4], [0, 0, 0, 1]: cdf [0, .5, .5, 1], [.2, .4, .6, 1], [0, 0, 0, 1]
+    logits = torch.tensor([[-1e30, 0.0, -1e30, 0.0], [0.0, 0.0, 0.0, 0.6931472], [-1e30, -1e30, -1e30, 3.0]])
+    for u, expect in (([0.0, 0.0, 0.0], [1, 0, 3]), ([0.5, 0.39, 0.5], [3, 1, 3]), ([0.9999, 0.6, 0.9999], [3, 3, 3]),
+                      ([0.25, 0.59, 0.1], [1, 2, 3])):
+        token, logp, bad = rowdot.sample_rows(logits, 1.0, torch.tensor(u))
+        assert bad == 0 and token.tolist() == expect  # zero-probability entries (flat stretches) never drawn
+        row1 = 0.4 if expect[1] == 3 else 0.2  # the probability of row 1's draw
+        assert logp[2].item() == pytest.approx(0.0, abs=1e-6)
+        assert logp[0].item() == pytest.approx(float(torch.log(torch.tensor(0.5))), abs=1e-6)
+        assert logp[1].item() == pytest.approx(float(torch.log(torch.tensor(row1))), abs=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("V", [5, 8, 4099, 49152])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_rows_equals_the_torch_inverse_cdf(V, temperature):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(16, V, generator=g) * 4
+    logits[3, : V // 2] = -1e30  # half the vocabulary at zero probability
+    u = torch.rand(16, generator=g)
+    u[0], u[1] = 0.0, 1 - 2**-24  # both ends of [0, 1)
+    token, logp, bad = rowdot.sample_rows(logits, temperature, u)
+    want, want_logp = _torch_inverse_cdf(logits, temperature, u)
+    assert bad == 0
+    assert token.tolist() == want.tolist()
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    assert token[3] >= V // 2
+
+
+@needs_kernel
+def test_sample_rows_greedy_takes_the_first_maximum():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, -1.0, 0.0, 5.0]])
+    token, logp, bad = rowdot.sample_rows(logits, 1.0, None)
+    assert bad == 0 and token.tolist() == [1, 0] == logits.argmax(-1).tolist()
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+
+
+@needs_kernel
+def test_sample_rows_frequencies_match_the_distribution():
+    p = torch.tensor([0.05, 0.0, 0.15, 0.3, 0.5])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    logits = p.clamp_min(1e-45).log().expand(n, 5).contiguous()
+    token, _, _ = rowdot.sample_rows(logits, 1.0, torch.rand(n, generator=g))
+    freq = torch.bincount(token, minlength=5).double() / n
+    assert freq[1] == 0
+    assert ((freq - p.double()).abs() <= 4 * (p.double() * (1 - p.double()) / n).sqrt() + 1e-12).all()
+
+
+@needs_kernel
+def test_sample_rows_counts_rows_with_nan_or_inf_and_rejects_bad_inputs():
+    logits = torch.zeros(4, 19)
+    logits[1, 17], logits[2, 3], logits[3, 0] = float("nan"), float("inf"), float("-inf")
+    _, _, bad = rowdot.sample_rows(logits, 1.0, torch.full((4,), 0.5))
+    assert bad == 3
+    with pytest.raises(ValueError, match="contiguous float32"):
+        rowdot.sample_rows(torch.zeros(4, 3).t(), 1.0, None)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        rowdot.sample_rows(torch.zeros(2, 3), 0.0, None)
+    with pytest.raises(ValueError, match="u must be 2 contiguous float32 uniforms"):
+        rowdot.sample_rows(torch.zeros(2, 3), 1.0, torch.zeros(3))

@@ -7,6 +7,7 @@ import torch
 
 from lmpo.errors import ConfigError
 from lmpo.models import build_tiny_model, build_tiny_tokenizer, position_ids_from_mask, response_logprobs
+from lmpo.kernels import rowdot
 from lmpo.rollout import Generator, HFGenerator, SamplingParams, filter_logits
 
 PROMPTS = ["1+1=", "12+34=", "7", "99+1="]
@@ -350,15 +351,45 @@ def test_sampler_choice_and_logprobs(tok, monkeypatch):
     HFGenerator(small, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
     assert used == []  # auto: a 16-entry vocabulary keeps torch.multinomial
     torch.manual_seed(3)
-    out = HFGenerator(big, tok).generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=0.8))
+    # decode_kernel=False: the torch draw (otherwise one native call draws, see test_native_draw_*)
+    out = HFGenerator(big, tok, decode_kernel=False).generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=0.8))
     assert used and all(s == (4, hf.INVERSE_CDF_MIN_VOCAB) for s in used)
     ref = torch.log_softmax(full_logits(big, out) / 0.8, -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
     torch.testing.assert_close(out.sampler_logprobs, torch.where(out.response_attn, ref, 0.0), rtol=1e-5, atol=1e-5)
     used.clear()
-    HFGenerator(small, tok, sampler="inverse_cdf").generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    HFGenerator(small, tok, sampler="inverse_cdf", decode_kernel=False).generate(PROMPTS, SamplingParams(max_new_tokens=2))
     assert len(used) == 2
     with pytest.raises(ConfigError, match="rollout.sampler must be one of auto, multinomial, inverse_cdf"):
         HFGenerator(small, tok, sampler="gumbel")
+
+
+@pytest.mark.skipif(not rowdot.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("greedy", [False, True])
+def test_native_draw_equals_the_torch_draw(tok, monkeypatch, greedy):
+    import lmpo.rollout.hf as hf
+    big = build_tiny_model(seed=0, vocab_size=hf.INVERSE_CDF_MIN_VOCAB)
+    calls = []
+    real = rowdot.sample_rows
+    monkeypatch.setattr(rowdot, "sample_rows", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, greedy=greedy)
+    outs = []
+    for kernel in (False, "auto"):  # auto: the linears stay torch's (tiny model), only the draw changes
+        torch.manual_seed(3)
+        outs.append(HFGenerator(big, tok, decode_kernel=kernel).generate(PROMPTS * 4, params))
+    assert len(calls) == 6 and calls[0] == (16, hf.INVERSE_CDF_MIN_VOCAB)  # the native draw ran on every step
+    plain, native = outs
+    assert torch.equal(plain.response_ids, native.response_ids)  # the same uniforms give the same tokens
+    assert torch.equal(plain.response_attn, native.response_attn)
+    torch.testing.assert_close(native.sampler_logprobs, plain.sampler_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_native_draw_is_skipped_for_filtered_sampling(tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    big = build_tiny_model(seed=0, vocab_size=hf.INVERSE_CDF_MIN_VOCAB)
+    monkeypatch.setattr(rowdot, "sample_rows", lambda *a: pytest.fail("top-k / top-p keep the torch draw"))
+    for params in (SamplingParams(max_new_tokens=2, top_k=5), SamplingParams(max_new_tokens=2, top_p=0.9)):
+        HFGenerator(big, tok).generate(PROMPTS, params)
+    HFGenerator(big, tok, sampler="multinomial").generate(PROMPTS, SamplingParams(max_new_tokens=2))
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])

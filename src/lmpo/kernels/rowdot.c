@@ -197,3 +197,65 @@ void lmpo_adam_apply(float *restrict p, const float *restrict m, const float *re
     }
     for (long i = n8; i < n; i++) p[i] = p[i] * decay - step * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
 }
+
+/* Draw one token per row from softmax(logits / temperature) by inverse CDF, in three passes over each row instead
+ * of a framework's division, finiteness check, log-softmax, exponential, cumulative sum and search.
+ *
+ * logits: (n, V); u: (n) uniforms in [0, 1), or NULL for the argmax (greedy; the first maximum); e: (n, V) scratch
+ * that receives exp(logits / temperature - max). token: (n) the drawn index: the first i whose running sum of e,
+ * accumulated sequentially in double precision (as a CPU cumulative sum does), exceeds u * sum(e) (so entries of
+ * zero probability are never drawn); logp: (n) its log-probability, logits[i] / temperature - max - log(sum(e)).
+ * Returns the number of rows holding a NaN or an infinity (their outputs are left unset). */
+long lmpo_sample_rows(const float *logits, long n, long V, float temperature, const float *u, float *e,
+                      long *token, float *logp) {
+    long bad = 0;
+    for (long r = 0; r < n; r++) {
+        const float *x = logits + r * V;
+        float *er = e + r * V;
+        /* pass 1: maximum of x / temperature, and whether every entry is finite */
+        __m256 mv = _mm256_set1_ps(-INFINITY), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        const __m256 vt = _mm256_set1_ps(temperature), big = _mm256_set1_ps(INFINITY);
+        long i = 0;
+        for (; i + 8 <= V; i += 8) {
+            const __m256 y = _mm256_div_ps(_mm256_loadu_ps(x + i), vt);
+            mv = _mm256_max_ps(mv, y);
+            /* |y| < inf is false for NaN and for +-inf */
+            finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), y), big, _CMP_LT_OQ));
+        }
+        float m = -INFINITY;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mv);
+        for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+        int ok = _mm256_movemask_ps(finite) == 0xFF;
+        for (; i < V; i++) {
+            const float y = x[i] / temperature;
+            if (!(fabsf(y) < INFINITY)) ok = 0;
+            if (y > m) m = y;
+        }
+        if (!ok) { bad++; continue; }
+        /* pass 2: e = exp(y - m) and its sequential double-precision sum */
+        const __m256 vm = _mm256_set1_ps(m);
+        for (i = 0; i + 8 <= V; i += 8)
+            _mm256_storeu_ps(er + i, exp256(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), vt), vm)));
+        for (; i < V; i++) er[i] = expf(x[i] / temperature - m);
+        double total = 0.0;
+        for (i = 0; i < V; i++) total += er[i];
+        long pick = 0;
+        if (u) { /* pass 3: the first index whose running sum exceeds u * total */
+            const double target = (double)u[r] * total;
+            double run = 0.0;
+            pick = -1;
+            for (i = 0; i < V; i++) {
+                run += er[i];
+                if (run > target) { pick = i; break; }
+            }
+            if (pick < 0) /* unreachable in exact arithmetic (u < 1); take the last entry of non-zero probability */
+                for (pick = V - 1; pick > 0 && er[pick] == 0.0f; pick--) {}
+        } else {
+            for (i = 1; i < V; i++) if (x[i] / temperature > x[pick] / temperature) pick = i;
+        }
+        token[r] = pick;
+        logp[r] = (float)((double)(x[pick] / temperature) - (double)m - log(total));
+    }
+    return bad;
+}

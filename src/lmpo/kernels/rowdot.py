@@ -95,6 +95,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.lmpo_rms_norm.restype = None
     lib.lmpo_adam_apply.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_float] * 4 + [ctypes.c_int]
     lib.lmpo_adam_apply.restype = None
+    lib.lmpo_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float] + [ctypes.c_void_p] * 4
+    lib.lmpo_sample_rows.restype = ctypes.c_long
     why = _self_test(lib)
     return (lib, "") if not why else (None, why)
 
@@ -135,6 +137,18 @@ def _self_test(lib: ctypes.CDLL) -> str:
     lib.lmpo_adam_apply(p2.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), 0.999, 0.01, 0.3, 1e-8, 1)
     if not torch.allclose(p2, p * 0.999 - 0.01 * m / (v.sqrt() / 0.3 + 1e-8), rtol=1e-5, atol=1e-5):
         return "the built AdamW kernel is wrong"
+    logits = torch.randn(3, 21, generator=g) * 3
+    logits[1, :5] = -1e30  # zero probability: never drawn
+    u = torch.tensor([0.0, 0.5, 0.999])
+    e, token, logp = torch.empty(3, 21), torch.empty(3, dtype=torch.long), torch.empty(3)
+    bad = lib.lmpo_sample_rows(logits.data_ptr(), 3, 21, 0.7, u.data_ptr(), e.data_ptr(), token.data_ptr(),
+                               logp.data_ptr())
+    ref = torch.log_softmax(logits / 0.7, -1)
+    cdf = ref.double().exp().cumsum(-1)
+    want = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    if bad or not torch.equal(token, want) or not torch.allclose(logp, ref.gather(-1, want[:, None]).squeeze(-1),
+                                                                 atol=1e-5):
+        return "the built sampling kernel is wrong"
     return ""
 
 
@@ -240,6 +254,31 @@ def adam_apply(p: Tensor, m: Tensor, v: Tensor, decay: float, step: float, bc2_s
     _same_flat("adam_apply", p, m, v)
     _library().lmpo_adam_apply(p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), decay, step, bc2_sqrt, eps,
                                torch.get_num_threads())
+
+
+def sample_rows(logits: Tensor, temperature: float, u: Tensor | None,
+                scratch: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """One token per row of ``logits`` (n, V) from ``softmax(logits / temperature)`` by inverse CDF with the
+    uniforms ``u`` (n,) (the argmax where ``u`` is None), in one native call.
+
+    Draws what :func:`lmpo.rollout.hf.sample_inverse_cdf` draws from ``log_softmax(logits / temperature).exp()``
+    with the same uniforms, up to float rounding at the boundaries between entries (the cumulative sum is taken
+    in double precision, as torch's CPU cumulative sum does). ``scratch``: an (n, V) float32 buffer to reuse
+    across calls. Returns ``(tokens (n,) int64, log-probs (n,) float32, rows with NaN or infinite entries)``; the
+    outputs of such rows are unset."""
+    n, V = logits.shape
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous() or temperature <= 0:
+        raise ValueError(f"sample_rows: logits must be contiguous float32 on the CPU and temperature > 0, got "
+                         f"{logits.dtype} on {logits.device} (contiguous: {logits.is_contiguous()}), {temperature}")
+    if u is not None and (u.dtype != torch.float32 or u.numel() != n or not u.is_contiguous()):
+        raise ValueError(f"sample_rows: u must be {n} contiguous float32 uniforms, got {tuple(u.shape)} {u.dtype}")
+    if scratch is None or scratch.shape != (n, V) or scratch.dtype != torch.float32 or not scratch.is_contiguous():
+        scratch = torch.empty(n, V, dtype=torch.float32)
+    token, logp = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.float32)
+    bad = _library().lmpo_sample_rows(logits.data_ptr(), n, V, float(temperature),
+                                      None if u is None else u.data_ptr(), scratch.data_ptr(), token.data_ptr(),
+                                      logp.data_ptr())
+    return token, logp, int(bad)
 
 
 def flat_float32(*ts: Tensor) -> bool:

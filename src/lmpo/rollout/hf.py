@@ -62,6 +62,10 @@ INVERSE_CDF_MIN_VOCAB = 4096
 """``sampler="auto"`` draws by inverse CDF from vocabularies at least this large, by ``torch.multinomial`` below."""
 
 
+DIVERGED = ("The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights have "
+            "diverged. Lower train.learning_rate and resume from the last good checkpoint.")
+
+
 def sample_inverse_cdf(probs: Tensor) -> Tensor:
     """One token per row of ``probs`` (n, V) (non-negative, rows need not sum to one): the first index whose
     cumulative probability exceeds ``u * total`` with ``u ~ U[0, 1)`` from the global RNG of ``probs``' device.
@@ -93,6 +97,10 @@ class HFGenerator:
         decode_kernel: decode steps' linear layers through lmpo's few-row kernel (:mod:`lmpo.kernels.rowdot`):
             ``"auto"`` (default: float32 CPU models of 10M+ parameters where the kernel builds), ``True`` (raise if
             it cannot) or ``False``; the same distribution up to float rounding. ``prepack`` wins where both apply.
+            Unless ``False``, an unfiltered inverse-CDF draw (no top-k/top-p) and the greedy argmax also run as one
+            native call per step where the kernels build (:func:`lmpo.kernels.rowdot.sample_rows`: division by the
+            temperature, finiteness check, softmax and draw, any model size): the same tokens from the same uniforms
+            up to float rounding at the boundaries between entries.
         lean: decode steps through :class:`lmpo.rollout.lean.LeanDecoder` (preallocated key/value buffers, the
             layers' own modules called in sequence) instead of the Hugging Face forward: ``"auto"`` (default:
             Llama-family models of 10M+ parameters without autocast), ``True`` (raise if the model is not supported)
@@ -194,6 +202,11 @@ class HFGenerator:
         inverse_cdf = self.sampler == "inverse_cdf" or (
             self.sampler == "auto" and head.weight.shape[0] >= INVERSE_CDF_MIN_VOCAB)
         draw = sample_inverse_cdf if inverse_cdf else lambda p: torch.multinomial(p, 1).squeeze(-1)
+        # one native call per step for the unfiltered inverse-CDF draw (and the greedy argmax)
+        native_draw = (self.decode_kernel is not False and device.type == "cpu" and rowdot.available()
+                       and (params.is_greedy or (inverse_cdf and params.top_p >= 1.0
+                                                 and not 0 < params.top_k < head.weight.shape[0])))
+        scratch = None
         use_lean = max(limits) > 1 and self._use_lean(body, prompt_ids.shape[1] + max(limits))
         lean = None
         with contextlib.ExitStack() as decode_kernels:
@@ -209,19 +222,25 @@ class HFGenerator:
                 else:
                     out = body(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True, **kv)
                     last = out.last_hidden_state[:, -1]
-                logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
-                if not bool(torch.isfinite(logits).all()):
-                    raise TrainingDiverged(
-                        "The policy produces non-finite logits (NaN or inf), so nothing can be sampled: the weights "
-                        "have diverged. Lower train.learning_rate and resume from the last good checkpoint."
-                    )
-                if params.is_greedy:
-                    token = logits.argmax(-1)
-                    logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+                if native_draw:
+                    logits = head_logits(self.model, head, last).contiguous()  # (n, V) float32
+                    if scratch is None:
+                        scratch = torch.empty_like(logits)
+                    u = None if params.is_greedy else torch.rand(n, dtype=torch.float32, device=device)
+                    token, logp, bad = rowdot.sample_rows(logits, temperature, u, scratch)
+                    if bad:
+                        raise TrainingDiverged(DIVERGED)
                 else:
-                    logprobs = torch.log_softmax(filter_logits(logits, params.top_k, params.top_p), -1)
-                    token = draw(logprobs.exp())
-                    logp = logprobs.gather(-1, token[:, None]).squeeze(-1)
+                    logits = head_logits(self.model, head, last).float() / temperature  # (n, V)
+                    if not bool(torch.isfinite(logits).all()):
+                        raise TrainingDiverged(DIVERGED)
+                    if params.is_greedy:
+                        token = logits.argmax(-1)
+                        logp = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+                    else:
+                        logprobs = torch.log_softmax(filter_logits(logits, params.top_k, params.top_p), -1)
+                        token = draw(logprobs.exp())
+                        logp = logprobs.gather(-1, token[:, None]).squeeze(-1)
                 live = ~done
                 token = torch.where(live, token, torch.full_like(token, pad_id))
                 tokens.append(token)

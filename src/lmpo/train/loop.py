@@ -301,5 +301,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         plot_run(history, run_dir / "curves.png", run_name(cfg))
     result = RunResult(run_dir, t.steps, eval_before, eval_after, history)
     (run_dir / "summary.json").write_text(json.dumps(
-        {"eval_before": eval_before, "eval_after": eval_after, "steps": t.steps, "peak_rss_gb": peak_rss_gb()}, indent=2))
+        {"eval_before": eval_before, "eval_after": eval_after, "steps": t.steps, "peak_rss_gb": peak_rss_gb(),
+         # what model.autocast resolved to on this machine ("auto" measures at start), null = float32
+         "autocast": cfg.model.autocast}, indent=2))
     return result
