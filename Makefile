@@ -39,5 +39,10 @@ bench: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+## Static checks (pyflakes' errors: unused imports and names, undefined names, syntax errors); ruff goes into .venv.
+lint: setup
+	$(BIN)/pip install -q "ruff==0.17.6"
+	$(BIN)/ruff check --isolated --select F,E9 src tests benchmarks
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -27,7 +27,6 @@ import resource
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from report import emit, update_flops

@@ -346,3 +346,15 @@ def test_sample_rows_counts_rows_with_nan_or_inf_and_rejects_bad_inputs():
         rowdot.sample_rows(torch.zeros(2, 3), 0.0, None)
     with pytest.raises(ValueError, match="u must be 2 contiguous float32 uniforms"):
         rowdot.sample_rows(torch.zeros(2, 3), 1.0, torch.zeros(3))
+
+
+@needs_kernel
+def test_the_self_test_passes_when_first_loaded_inside_autocast():
+    # the sampler may ask for the kernels first inside generation's bf16 autocast: the self-test's torch
+    # references must still run in float32 there
+    rowdot._load.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            assert rowdot.available(), rowdot.unavailable_reason()
+    finally:
+        rowdot._load.cache_clear()

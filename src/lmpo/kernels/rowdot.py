@@ -97,7 +97,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.lmpo_adam_apply.restype = None
     lib.lmpo_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float] + [ctypes.c_void_p] * 4
     lib.lmpo_sample_rows.restype = ctypes.c_long
-    why = _self_test(lib)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the first call may come from inside autocast
+        why = _self_test(lib)
     return (lib, "") if not why else (None, why)
 
 

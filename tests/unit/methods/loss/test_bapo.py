@@ -7,7 +7,6 @@ Loss: PPO clip with absolute bounds [c_low, c_high] and dual clip 3 for A < 0.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
