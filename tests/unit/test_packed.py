@@ -69,6 +69,36 @@ def test_matches_hugging_face_forward_values_and_gradients(tied, share, recomput
     _assert_same(plain, fast)
 
 
+def _max_rel_grad_error(a, b) -> float:
+    return max(((a[2][n] - b[2][n]).abs().max() / (b[2][n].abs().max() + 1e-12)).item() for n in b[2])
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "llama", "qwen2"])
+@pytest.mark.parametrize("recompute", ["none", "layers"])
+def test_bf16_autocast_matches_hugging_face_autocast(arch, recompute, monkeypatch):
+    # under CPU bf16 autocast the packed layers cast as autocast does (bf16 products, norms and rotary embedding
+    # in float32): the forward equals Hugging Face's under autocast, and the gradients are as close to float32's
+    # as Hugging Face's bf16 gradients are (they differ from them only in bf16 rounding of different partial sums)
+    model = _tiny_qwen2() if arch == "qwen2" else build_tiny_model(seed=1, vocab_size=24, init_std=0.3,
+                                                                    tie_embeddings=arch == "llama-tied")
+    batch = _batch(24, seed=4)
+    calls = []
+    real = packed.packed_hidden
+    monkeypatch.setattr("lmpo.models.logprobs.packed_hidden", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    fp32 = _run(model, batch, packed=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf = _run(model, batch, packed=False)
+        assert not calls
+        fast = _run(model, batch, packed=True, recompute=recompute)
+    assert calls  # the packed path ran under autocast
+    torch.testing.assert_close(fast[0], hf[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast[1], hf[1], atol=1e-4, rtol=0)
+    assert (fast[0] - fp32[0]).abs().max() > 1e-4  # bf16 products really ran
+    assert set(fast[2]) == set(hf[2]) and all(g.dtype == torch.float32 for g in fast[2].values())
+    assert _max_rel_grad_error(fast, fp32) <= 1.5 * _max_rel_grad_error(hf, fp32) + 1e-3
+    assert _max_rel_grad_error(fast, hf) <= 0.05
+
+
 def test_qwen2_with_projection_biases_matches():
     model = _tiny_qwen2()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
@@ -171,7 +201,9 @@ def test_unsupported_models_fall_back_to_hugging_face(monkeypatch):
     assert packed.packed_unsupported(body, 12) == ""
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert packed.packed_unsupported(body, 12) == "autocast is on"
+        assert packed.packed_unsupported(body, 12) == ""  # bf16 autocast is covered (test_bf16_autocast_*)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert "autocast to torch.float16" in packed.packed_unsupported(body, 12)
     gelu = build_tiny_model(seed=0, vocab_size=24)
     gelu.config.hidden_act = "gelu"
     assert "activation" in packed.packed_unsupported(gelu.model, 12)

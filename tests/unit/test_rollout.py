@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -278,6 +280,33 @@ def test_lean_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch, na
         torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def test_lean_decode_under_bf16_autocast_matches_the_plain_step(model, tok, monkeypatch):
+    # the projections and MLP are the same bf16 products; attention runs in float32 where Hugging Face's runs in
+    # bf16, so log-probs agree to bf16 rounding and both agree with the cache-free forward under autocast
+    import lmpo.rollout.lean as lean
+    steps = []
+    real = lean.LeanDecoder.step
+    monkeypatch.setattr(lean.LeanDecoder, "step", lambda self, *a: (steps.append(1), real(self, *a))[1])
+    params = SamplingParams(max_new_tokens=8, temperature=0.8)
+    outs = []
+    for use_lean in (False, True):
+        torch.manual_seed(6)
+        outs.append(HFGenerator(model, tok, autocast="bfloat16", lean=use_lean).generate(PROMPTS, params))
+    a, b = outs
+    assert len(steps) == 7  # every decode step after the prefill went through the lean path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
+    # bf16 rounding (on the default model Hugging Face's own bf16 decode step differs from its cache-free bf16
+    # forward by 0.16 at most, 0.03 on average; the lean step by 0.17 and 0.028)
+    err = (b.sampler_logprobs - ref)[b.response_attn].abs()
+    assert err.max() < 0.15 and err.mean() < 0.03, (err.max(), err.mean())
+    same = (a.response_ids == b.response_ids).all(1)  # rows agree until a bf16 rounding difference flips a draw
+    assert same.sum() >= 2
+    torch.testing.assert_close(b.sampler_logprobs[same], a.sampler_logprobs[same], rtol=0, atol=0.15)
+    fp32 = torch.log_softmax(full_logits(model, b) / 0.8, -1).gather(-1, b.response_ids[..., None]).squeeze(-1)
+    assert (b.sampler_logprobs - torch.where(b.response_attn, fp32, 0.0)).abs().max() > 0  # autocast was on
+
+
 def test_lean_decode_with_eos_and_per_row_limits(model, tok):
     outs = []
     for lean in (False, True):
@@ -412,3 +441,42 @@ def test_lean_decode_other_llama_family_architectures(tok, arch):
     from lmpo.rollout.lean import lean_unsupported
     assert lean_unsupported(model.model, 20) == ""
     assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "99+1="], 1, lean=True)
+
+
+def test_frozen_weights_are_cast_once_per_generation_under_autocast(tok, monkeypatch):
+    # a LoRA model's frozen base weights: autocast caches casts of trainable leaves only, so without help every
+    # decode step would cast every base weight again; the generator lets autocast cache them for the generation
+    import lmpo.rollout.hf as hf
+    from lmpo.models.load import apply_lora
+    model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen
+    params = SamplingParams(max_new_tokens=6, temperature=0.8)
+
+    def generate():
+        torch.manual_seed(1)
+        with torch.profiler.profile() as prof:
+            out = HFGenerator(model, tok, autocast="bfloat16").generate(PROMPTS, params)
+        casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        return out, casts
+
+    cached, cached_casts = generate()
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen  # restored
+    monkeypatch.setattr(hf, "cached_frozen_casts", lambda model, active: contextlib.nullcontext())
+    plain, plain_casts = generate()
+    assert torch.equal(cached.response_ids, plain.response_ids)  # the same casts, so the same numbers
+    assert torch.equal(cached.sampler_logprobs, plain.sampler_logprobs)
+    # each frozen projection (and the LM head) was cast at each of the 6 steps, now once
+    linears = sum(1 for n in frozen if "base_layer" in n or "lm_head" in n)
+    assert plain_casts - cached_casts >= 4 * linears > 0, (plain_casts, cached_casts, linears)
+
+
+def test_frozen_flags_are_restored_when_generation_fails(tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    from lmpo.models.load import apply_lora
+    model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    monkeypatch.setattr(hf.HFGenerator, "_generate_batch", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        HFGenerator(model, tok, autocast="bfloat16").generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen

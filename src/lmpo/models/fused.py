@@ -8,6 +8,13 @@ they replace (used by :mod:`lmpo.models.packed`).
 
 Both take flat (N, H) inputs. Hugging Face's chain keeps the norm's input, its normalised input and its output, and
 ``gate``, ``silu(gate)``, ``up`` and their product; no matrix product is redone here, only element-wise passes.
+
+``cd`` (compute dtype) ``None`` keeps everything in the parameters' dtype. ``torch.bfloat16`` reproduces what CPU
+autocast does to the same chain with float32 parameters: the norm in float32, its output, the weights and biases
+cast to bf16 for the products (outputs in bf16), SiLU and the product in bf16; gradients of the weights come back
+in float32 (computed by bf16 products, as autocast's do), the input gradient is summed over the projections in
+float32. Weights are cast again in backward instead of being kept in bf16 (a cast costs an element-wise pass;
+keeping them would hold a bf16 copy of every weight until backward reaches it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,14 @@ from torch import Tensor
 def _rms(x: Tensor, eps: float) -> Tensor:
     """``rsqrt(mean(x^2) + eps)`` over the last dimension, as Hugging Face's RMSNorm computes it."""
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _cast(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
+    return t if t is None or cd is None else t.to(cd)
+
+
+def _float(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
+    return t if t is None or cd is None else t.float()
 
 
 def _norm_backward(dy: Tensor, xn: Tensor, r: Tensor, w: Tensor, need_x: bool, need_w: bool):
@@ -37,12 +52,12 @@ class NormLinears(torch.autograd.Function):
     rsqrt only (``y`` is recomputed in backward)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, eps, n, *wb):
+    def forward(ctx, x, norm_w, eps, cd, n, *wb):
         r = _rms(x, eps)
-        y = norm_w * (x * r)
+        y = _cast(norm_w * (x * r), cd)
         weights, biases = wb[:n], wb[n:]
-        outs = tuple(F.linear(y, W, b) for W, b in zip(weights, biases))
-        ctx.n = n
+        outs = tuple(F.linear(y, _cast(W, cd), _cast(b, cd)) for W, b in zip(weights, biases))
+        ctx.n, ctx.cd = n, cd
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, r, norm_w, *weights)
         return outs
@@ -50,61 +65,70 @@ class NormLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, r, w, *weights = ctx.saved_tensors
-        n = ctx.n
+        n, cd = ctx.n, ctx.cd
         need = ctx.needs_input_grad
         xn = x * r
-        y = w * xn
+        y = _cast(w * xn, cd)
         dy = None
         dweights, dbiases = [None] * n, [None] * n
         for i, (g, W) in enumerate(zip(grads, weights)):
             if g is None:
                 continue
-            if need[4 + i]:
-                dweights[i] = g.t().mm(y)
-            if ctx.has_bias[i] and need[4 + n + i]:
-                dbiases[i] = g.sum(0)
+            if need[5 + i]:
+                dweights[i] = _float(g.t().mm(y), cd)
+            if ctx.has_bias[i] and need[5 + n + i]:
+                dbiases[i] = g.sum(0, dtype=W.dtype)
             if need[0] or need[1]:
-                dy = g.mm(W) if dy is None else dy.addmm_(g, W)
+                if cd is None:
+                    dy = g.mm(W) if dy is None else dy.addmm_(g, W)
+                else:  # each projection's input gradient in bf16, their sum in float32 (as autocast's casts do)
+                    part = g.mm(W.to(cd))
+                    dy = part.float() if dy is None else dy.add_(part)
         del y
         dx = dw = None
         if dy is not None:
             dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
-        return (dx, dw, None, None, *dweights, *dbiases)
+        return (dx, dw, None, None, None, *dweights, *dbiases)
 
 
 class NormSwiGLU(torch.autograd.Function):
     """``y = RMSNorm(x)``; ``down(silu(gate(y)) * up(y))``; saves ``x``, the rsqrt, ``gate(y)`` and ``up(y)``."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, eps, Wg, Wu, Wd):
+    def forward(ctx, x, norm_w, eps, cd, Wg, Wu, Wd):
         r = _rms(x, eps)
-        y = norm_w * (x * r)
-        g = F.linear(y, Wg)
-        u = F.linear(y, Wu)
+        y = _cast(norm_w * (x * r), cd)
+        g = F.linear(y, _cast(Wg, cd))
+        u = F.linear(y, _cast(Wu, cd))
         del y
-        out = F.linear(F.silu(g) * u, Wd)
+        out = F.linear(F.silu(g) * u, _cast(Wd, cd))
+        ctx.cd = cd
         ctx.save_for_backward(x, r, norm_w, g, u, Wg, Wu, Wd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, r, w, g, u, Wg, Wu, Wd = ctx.saved_tensors
+        cd = ctx.cd
         need = ctx.needs_input_grad
         a = F.silu(g)
-        dWd = dout.t().mm(a * u) if need[5] else None
-        dp = dout.mm(Wd)
+        dWd = _float(dout.t().mm(a * u), cd) if need[6] else None
+        dp = dout.mm(_cast(Wd, cd))
         du = dp.mul(a)
         del a
         dg = torch.ops.aten.silu_backward(dp.mul_(u), g)  # dp u s (1 + g (1 - s)), s = sigmoid(g)
         del dp
         xn = x * r
-        y = w * xn
-        dWg = dg.t().mm(y) if need[3] else None
-        dWu = du.t().mm(y) if need[4] else None
+        y = _cast(w * xn, cd)
+        dWg = _float(dg.t().mm(y), cd) if need[4] else None
+        dWu = _float(du.t().mm(y), cd) if need[5] else None
         del y
         dx = dw = None
         if need[0] or need[1]:
-            dy = dg.mm(Wg).addmm_(du, Wu)
+            if cd is None:
+                dy = dg.mm(Wg).addmm_(du, Wu)
+            else:  # each projection's input gradient in bf16, their sum in float32
+                dy = dg.mm(Wg.to(cd)).float().add_(du.mm(Wu.to(cd)))
             del dg, du
             dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
-        return dx, dw, None, dWg, dWu, dWd
+        return dx, dw, None, None, dWg, dWu, dWd

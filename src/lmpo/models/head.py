@@ -95,14 +95,16 @@ class _HeadStats(torch.autograd.Function):
             logp[s:e] = target - lse[s:e]
             if with_entropy:  # H = lse - E_p[z] = log(total) - sum_v p_v (z_v - max) / total
                 ent[s:e] = log_total - p.mul_(z).sum(0) / total
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        # a cast weight is kept for backward, which starts right after (casting again costs a pass over the
+        # weight and a fresh page-faulted allocation); the float32 weight itself is the parameter (no copy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, w_mm if w_mm is not weight else None)
         ctx.options = temperature, chunk, mm_dtype
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def _backward(ctx, saved, g_lp, g_ent):
-        hidden, weight, bias, targets, lse, ent = saved
+        hidden, weight, bias, targets, lse, ent, w_mm = saved
         temperature, chunk, mm_dtype = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_lp is None and g_ent is None:
@@ -111,7 +113,7 @@ class _HeadStats(torch.autograd.Function):
         gh = torch.empty_like(hidden) if need_h else None
         gw = None
         gb = torch.zeros_like(bias) if need_b else None
-        w_mm = weight.to(mm_dtype)
+        w_mm = weight if w_mm is None else w_mm
         logits, *probs = _chunk_buffers(weight.shape[0], min(chunk, n), 1 + (g_ent is not None), hidden.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -136,8 +138,8 @@ class _HeadStats(torch.autograd.Function):
                 gw = (dz_mm @ h_mm).to(weight.dtype)
             elif need_w and gw.dtype == mm_dtype:
                 gw.addmm_(dz_mm, h_mm)
-            elif need_w:
-                gw += (dz_mm @ h_mm).to(gw.dtype)
+            elif need_w:  # a lower-precision product added into the float32 gradient (no float32 temporary)
+                gw.add_(dz_mm @ h_mm)
             if need_b:
                 gb += dz.sum(1).to(gb.dtype)
         if need_w and gw is None:  # no tokens: a dense zero, never None beside a sparse embedding gradient

@@ -89,8 +89,10 @@ def packed_unsupported(body: nn.Module, total_length: int) -> str:
         return why
     if getattr(body.config, "hidden_act", None) != "silu":
         return f"activation {getattr(body.config, 'hidden_act', None)!r} (the packed MLP is SwiGLU with SiLU)"
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
-        return "autocast is on"
+    if torch.is_autocast_enabled("cuda"):
+        return "CUDA autocast is on"
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return f"autocast to {torch.get_autocast_dtype('cpu')} (the packed forward covers float32 and bfloat16)"
     device = body.embed_tokens.weight.device.type
     if device != "cpu":
         return f"device {device} (the packed attention runs the CPU flash-attention kernel)"
@@ -250,33 +252,38 @@ class _TrimInBackward(torch.autograd.Function):
         return g
 
 
+def _to(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
+    return t if t is None or cd is None else t.to(cd)
+
+
 def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: "_Layout", heads: int,
-                     kv_heads: int, rotate_half) -> Tensor:
-    """``x + o_proj(attention(RMSNorm(x)))`` over the packed (N, H) positions."""
+                     kv_heads: int, rotate_half, cd: torch.dtype | None = None) -> Tensor:
+    """``x + o_proj(attention(RMSNorm(x)))`` over the packed (N, H) positions; products in ``cd`` when given (the
+    rotary embedding in float32, as under autocast, where a bf16 query times float32 cos/sin is float32)."""
     N = x.shape[0]
     at = layer.self_attn
     d = at.head_dim
     norm = layer.input_layernorm
-    q, k, v = NormLinears.apply(x, norm.weight, norm.variance_epsilon, 3, at.q_proj.weight, at.k_proj.weight,
+    q, k, v = NormLinears.apply(x, norm.weight, norm.variance_epsilon, cd, 3, at.q_proj.weight, at.k_proj.weight,
                                  at.v_proj.weight, at.q_proj.bias, at.k_proj.bias, at.v_proj.bias)
     q, k = q.view(N, heads, d), k.view(N, kv_heads, d)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    o = _PackedAttention.apply(q, k, v.view(N, kv_heads, d), lay)
-    return x + F.linear(o, at.o_proj.weight, at.o_proj.bias)
+    o = _PackedAttention.apply(_to(q, cd), _to(k, cd), v.view(N, kv_heads, d), lay)
+    return x + F.linear(o, _to(at.o_proj.weight, cd), _to(at.o_proj.bias, cd))
 
 
-def _mlp_block(x: Tensor, layer: nn.Module) -> Tensor:
+def _mlp_block(x: Tensor, layer: nn.Module, cd: torch.dtype | None = None) -> Tensor:
     """``x + mlp(RMSNorm(x))`` over the packed (N, H) positions."""
     norm, mlp = layer.post_attention_layernorm, layer.mlp
-    return x + NormSwiGLU.apply(x, norm.weight, norm.variance_epsilon, mlp.gate_proj.weight, mlp.up_proj.weight,
+    return x + NormSwiGLU.apply(x, norm.weight, norm.variance_epsilon, cd, mlp.gate_proj.weight, mlp.up_proj.weight,
                                  mlp.down_proj.weight)
 
 
 def _layer(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: _Layout, heads: int, kv_heads: int,
-           rotate_half) -> Tensor:
+           rotate_half, cd: torch.dtype | None = None) -> Tensor:
     """One decoder layer over the packed (N, H) positions."""
-    return _mlp_block(_attention_block(x, layer, cos, sin, lay, heads, kv_heads, rotate_half), layer)
+    return _mlp_block(_attention_block(x, layer, cos, sin, lay, heads, kv_heads, rotate_half, cd), layer, cd)
 
 
 def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: dict[str, Tensor], prompt_mask: Tensor,
@@ -300,6 +307,17 @@ def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: di
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    # under CPU bf16 autocast the layers cast explicitly (what autocast would do, see lmpo.models.fused) with
+    # autocast off inside; the final norm's float32 output then meets the LM head under the caller's autocast
+    cd = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    with torch.autocast("cpu", enabled=False):
+        return _packed_layers(body, prompt_in, response_in, prompt_mask, prompt_pos, response_pos, inverse,
+                              recompute, trim, cd)
+
+
+def _packed_layers(body: nn.Module, prompt_in: dict[str, Tensor], response_in: dict[str, Tensor],
+                   prompt_mask: Tensor, prompt_pos: Tensor, response_pos: Tensor, inverse: Tensor, recompute: str,
+                   trim: bool, cd: torch.dtype | None) -> Tensor:
 
     def embed(inp: dict[str, Tensor]) -> Tensor:
         x = inp.get("inputs_embeds")
@@ -314,18 +332,18 @@ def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: di
     cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (N, 1, d)
     at0 = body.layers[0].self_attn
     rope = importlib.import_module(type(at0).__module__).rotate_half
-    lay = _Layout(U, P, B, T, inverse.to(x.device), prompt_mask.to(device=x.device, dtype=torch.bool), x.dtype,
-                  at0.scaling)
+    lay = _Layout(U, P, B, T, inverse.to(x.device), prompt_mask.to(device=x.device, dtype=torch.bool),
+                  cd or x.dtype, at0.scaling)
     cfg = body.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     grad = torch.is_grad_enabled()
     for i, layer in enumerate(body.layers):
-        args = (layer, cos, sin, lay, heads, kv_heads, rope)
+        args = (layer, cos, sin, lay, heads, kv_heads, rope, cd)
         if grad and recompute == "layers":
             x = checkpoint(_layer, x, *args, use_reentrant=False, preserve_rng_state=False)
         elif grad and recompute == "attention":
             x = _mlp_block(checkpoint(_attention_block, x, *args, use_reentrant=False, preserve_rng_state=False),
-                           layer)
+                           layer, cd)
         else:
             x = _layer(x, *args)
         if grad and trim and x.requires_grad and i % TRIM_EVERY == 0:

@@ -81,6 +81,23 @@ def sample_inverse_cdf(probs: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+@contextlib.contextmanager
+def cached_frozen_casts(model: nn.Module, active: bool = True):
+    """Inside, CPU autocast keeps its low-precision copy of every frozen float32 parameter of ``model`` for the rest
+    of the surrounding autocast region, as it does for trainable ones (autocast caches a cast only for leaf tensors
+    that require grad; a frozen LoRA base weight would otherwise be cast again at every decode step: 538 MB read
+    and 269 MB written per step of the default model). The values are the same casts; to be used under
+    ``torch.no_grad()`` only (the parameters are marked as requiring grad while inside, then restored)."""
+    frozen = [p for p in model.parameters() if active and not p.requires_grad and p.dtype == torch.float32]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 class HFGenerator:
     """Sample completions from an in-process Hugging Face model (optionally peft-wrapped).
 
@@ -103,8 +120,9 @@ class HFGenerator:
             up to float rounding at the boundaries between entries.
         lean: decode steps through :class:`lmpo.rollout.lean.LeanDecoder` (preallocated key/value buffers, the
             layers' own modules called in sequence) instead of the Hugging Face forward: ``"auto"`` (default:
-            Llama-family models of 10M+ parameters without autocast), ``True`` (raise if the model is not supported)
-            or ``False``; the same distribution up to float rounding.
+            Llama-family models of 10M+ parameters), ``True`` (raise if the model is not supported) or ``False``;
+            the same distribution up to float rounding (under autocast the projections and MLP are the same bf16
+            products, attention runs in float32 where Hugging Face's runs in bf16).
         sampler: how a token is drawn from the filtered distribution: ``"multinomial"`` (``torch.multinomial``),
             ``"inverse_cdf"`` (:func:`sample_inverse_cdf`, an order of magnitude cheaper for large vocabularies) or
             ``"auto"`` (default: inverse CDF for vocabularies of :data:`INVERSE_CDF_MIN_VOCAB`+ entries). Both draw
@@ -152,7 +170,7 @@ class HFGenerator:
         self.model.eval()
         try:
             amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
-            with torch.no_grad(), amp:
+            with torch.no_grad(), amp, cached_frozen_casts(self.model, bool(self.autocast)):
                 parts = [self._generate_batch(prompts[i : i + step], params, max_new_tokens[i : i + step])
                          for i in range(0, len(prompts), step)]
         finally:
@@ -281,7 +299,7 @@ class HFGenerator:
         )
 
     def _use_lean(self, body: nn.Module, total_length: int) -> bool:
-        if self.lean is False or self.autocast:
+        if self.lean is False:
             return False
         why = lean_unsupported(body, total_length)
         if self.lean is True:

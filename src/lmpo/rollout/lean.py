@@ -5,9 +5,12 @@ rows: every step rebuilds the attention mask, grows the key/value cache by conca
 layer through generic hooks and dispatch. :class:`LeanDecoder` takes the cache the Hugging Face prefill produced,
 copies it once into preallocated buffers long enough for the whole reply, and then runs each decode step as the
 plain sequence of the model's own submodules (norms, projections, MLP, rotary embedding) with attention computed
-directly over the filled part of the buffers. The projections stay the model's modules, so LoRA adapters and the
-few-row kernel (:mod:`lmpo.kernels.rowdot`) apply unchanged; the result equals the Hugging Face step up to float
-rounding (tests compare sampled tokens and log-probs with the plain path).
+directly over the filled part of the buffers. The projections stay the model's modules, so LoRA adapters, the
+few-row kernel (:mod:`lmpo.kernels.rowdot`) and CPU autocast apply unchanged; the result equals the Hugging Face
+step up to float rounding (tests compare sampled tokens and log-probs with the plain path). Under bf16 autocast the
+keys and values are kept and attended in float32 (Hugging Face's step attends in bf16); the projections and the
+MLP are the same bf16 products, whose weights autocast casts once per generation, so a decode step reads half
+the bytes of a float32 one.
 
 :func:`lean_unsupported` names what rules a model out (another architecture, a sliding window shorter than the
 sequence, a non-default attention implementation); callers then keep the Hugging Face step.
@@ -72,10 +75,18 @@ class LeanDecoder:
         ``i``'s buffers, attend over the filled positions; returns (B, 1, heads*d)."""
         B, L, d = q.shape[0], self.length, self.head_dim
         K, V = self.keys[i], self.values[i]
-        if self.native:  # one kernel call: rotary embedding, cache write and attention
+        if self.native and q.dtype == torch.float32:  # one kernel call: rotary embedding, cache write, attention
             out = rowdot.decode_attention(q.reshape(B, self.heads, d).contiguous(), K, V, self.bias, L + 1,
                                           self.scaling, k.reshape(B, self.kv_heads, d).contiguous(),
                                           v.reshape(B, self.kv_heads, d).contiguous(), cos, sin)
+            return out.view(B, 1, self.heads * d)
+        if self.native:  # autocast: bf16 projections; rotated in float32, rounded to their dtype as Hugging Face's
+            # attention sees them (autocast casts its inputs), then attended by the kernel in float32
+            low = q.dtype
+            q = self.rope(q.view(B, self.heads, d), k.view(B, self.kv_heads, d), cos, sin)  # unsqueezes cos, sin
+            qr, kr = (t.to(low).float().contiguous() for t in q)
+            out = rowdot.decode_attention(qr, K, V, self.bias, L + 1, self.scaling, kr,
+                                          v.reshape(B, self.kv_heads, d).float().contiguous())
             return out.view(B, 1, self.heads * d)
         q = q.view(B, 1, self.heads, d).transpose(1, 2)
         k = k.view(B, 1, self.kv_heads, d).transpose(1, 2)

@@ -62,7 +62,8 @@ class PolicyRunner:
 
     def packed_applies(self) -> bool:
         """Whether the log-prob passes run through :mod:`lmpo.models.packed` (every weight used once per pass)."""
-        return self.packed and self.autocast is None and packed_unsupported(split_body_and_head(self.model)[0], 0) == ""
+        return (self.packed and self.autocast in (None, "bfloat16")
+                and packed_unsupported(split_body_and_head(self.model)[0], 0) == "")
 
     def for_loss(self, batch: RolloutBatch, needs: frozenset[str], loss_fn) -> "PolicyRunner":
         """This runner, or a copy with the forward hooks the loss declared in ``needs`` (see ``HOOK_NEEDS``)."""
