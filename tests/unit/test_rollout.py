@@ -462,7 +462,7 @@ def test_frozen_weights_are_cast_once_per_generation_under_autocast(tok, monkeyp
 
     cached, cached_casts = generate()
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen  # restored
-    monkeypatch.setattr(hf, "cached_frozen_casts", lambda model, active: contextlib.nullcontext())
+    monkeypatch.setattr(hf, "cached_frozen_casts", lambda model, active=True: contextlib.nullcontext())
     plain, plain_casts = generate()
     assert torch.equal(cached.response_ids, plain.response_ids)  # the same casts, so the same numbers
     assert torch.equal(cached.sampler_logprobs, plain.sampler_logprobs)
@@ -471,12 +471,30 @@ def test_frozen_weights_are_cast_once_per_generation_under_autocast(tok, monkeyp
     assert plain_casts - cached_casts >= 4 * linears > 0, (plain_casts, cached_casts, linears)
 
 
+def test_large_batches_under_autocast_keep_the_hugging_face_step(tok, monkeypatch):
+    import lmpo.rollout.hf as hf
+    import lmpo.rollout.lean as lean
+    from lmpo.models.load import apply_lora
+    model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
+    monkeypatch.setattr(hf, "AUTOCAST_FEW_ROWS", 3)
+    monkeypatch.setattr(lean.LeanDecoder, "__init__", lambda *a: pytest.fail("4 rows > 3: Hugging Face's step"))
+    monkeypatch.setattr(hf, "cached_frozen_casts", lambda *a: pytest.fail("4 rows > 3: no kept casts"))
+    HFGenerator(model, tok, autocast="bfloat16", lean=True).generate(PROMPTS, SamplingParams(max_new_tokens=3))
+
+
 def test_frozen_flags_are_restored_when_generation_fails(tok, monkeypatch):
     import lmpo.rollout.hf as hf
     from lmpo.models.load import apply_lora
     model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    monkeypatch.setattr(hf.HFGenerator, "_generate_batch", lambda *a: 1 / 0)
+    seen = []
+
+    def failing_head(*a):  # runs inside the batch, where the frozen weights are marked for autocast's cache
+        seen.append(all(p.requires_grad for p in model.parameters()))
+        raise ZeroDivisionError
+
+    monkeypatch.setattr(hf, "head_logits", failing_head)
     with pytest.raises(ZeroDivisionError):
         HFGenerator(model, tok, autocast="bfloat16").generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    assert seen == [True]
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen

@@ -81,6 +81,14 @@ def sample_inverse_cdf(probs: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+AUTOCAST_FEW_ROWS = 32
+"""Under autocast, generation batches of at most this many rows decode through the lean step and keep autocast's
+casts of frozen weights for the whole batch; larger ones (an evaluation of many prompts) keep Hugging Face's step,
+whose cache holds bf16 values. Measured on the default model with LoRA (2 threads): 24 rows x 32 tokens 4.3-4.8 s
+without the kept casts, 2.7-3.7 s with them (+0.2-0.4 GB); 128 rows greedy: Hugging Face's step 14.4 s at 1.55 GB
+peak, lean 12.0 s at 2.18 GB (float32 key/value buffers for 128 rows), lean with the kept casts 12.9 s at 3.13 GB."""
+
+
 @contextlib.contextmanager
 def cached_frozen_casts(model: nn.Module, active: bool = True):
     """Inside, CPU autocast keeps its low-precision copy of every frozen float32 parameter of ``model`` for the rest
@@ -170,7 +178,7 @@ class HFGenerator:
         self.model.eval()
         try:
             amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
-            with torch.no_grad(), amp, cached_frozen_casts(self.model, bool(self.autocast)):
+            with torch.no_grad(), amp:
                 parts = [self._generate_batch(prompts[i : i + step], params, max_new_tokens[i : i + step])
                          for i in range(0, len(prompts), step)]
         finally:
@@ -225,9 +233,12 @@ class HFGenerator:
                        and (params.is_greedy or (inverse_cdf and params.top_p >= 1.0
                                                  and not 0 < params.top_k < head.weight.shape[0])))
         scratch = None
-        use_lean = max(limits) > 1 and self._use_lean(body, prompt_ids.shape[1] + max(limits))
+        few = not self.autocast or n <= AUTOCAST_FEW_ROWS
+        use_lean = max(limits) > 1 and few and self._use_lean(body, prompt_ids.shape[1] + max(limits))
         lean = None
         with contextlib.ExitStack() as decode_kernels:
+            if self.autocast and few:
+                decode_kernels.enter_context(cached_frozen_casts(self.model))
             for i in range(max(limits)):
                 if i == 0 and shared is not None:
                     first, inverse = shared
