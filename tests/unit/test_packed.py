@@ -253,7 +253,7 @@ def test_config_keys_validated():
     from lmpo.errors import ConfigError
 
     cfg = load_config(overrides=[])
-    assert cfg.model.packed_forward is True and cfg.model.gradient_checkpointing is False
+    assert cfg.model.packed_forward is True and cfg.model.gradient_checkpointing == "attention"
     assert load_config(overrides=["model.gradient_checkpointing=attention"]).model.gradient_checkpointing == "attention"
     with pytest.raises(ConfigError, match="model.gradient_checkpointing must be true, false or attention"):
         load_config(overrides=["model.gradient_checkpointing=mlp"])
