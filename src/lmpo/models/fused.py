@@ -29,7 +29,8 @@ def _rms(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _cast(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
+def cast_to(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
+    """``t`` in the compute dtype ``cd`` (``t`` itself when either is None)."""
     return t if t is None or cd is None else t.to(cd)
 
 
@@ -54,9 +55,9 @@ class NormLinears(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, eps, cd, n, *wb):
         r = _rms(x, eps)
-        y = _cast(norm_w * (x * r), cd)
+        y = cast_to(norm_w * (x * r), cd)
         weights, biases = wb[:n], wb[n:]
-        outs = tuple(F.linear(y, _cast(W, cd), _cast(b, cd)) for W, b in zip(weights, biases))
+        outs = tuple(F.linear(y, cast_to(W, cd), cast_to(b, cd)) for W, b in zip(weights, biases))
         ctx.n, ctx.cd = n, cd
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x, r, norm_w, *weights)
@@ -68,7 +69,7 @@ class NormLinears(torch.autograd.Function):
         n, cd = ctx.n, ctx.cd
         need = ctx.needs_input_grad
         xn = x * r
-        y = _cast(w * xn, cd)
+        y = cast_to(w * xn, cd)
         dy = None
         dweights, dbiases = [None] * n, [None] * n
         for i, (g, W) in enumerate(zip(grads, weights)):
@@ -97,11 +98,11 @@ class NormSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, eps, cd, Wg, Wu, Wd):
         r = _rms(x, eps)
-        y = _cast(norm_w * (x * r), cd)
-        g = F.linear(y, _cast(Wg, cd))
-        u = F.linear(y, _cast(Wu, cd))
+        y = cast_to(norm_w * (x * r), cd)
+        g = F.linear(y, cast_to(Wg, cd))
+        u = F.linear(y, cast_to(Wu, cd))
         del y
-        out = F.linear(F.silu(g) * u, _cast(Wd, cd))
+        out = F.linear(F.silu(g) * u, cast_to(Wd, cd))
         ctx.cd = cd
         ctx.save_for_backward(x, r, norm_w, g, u, Wg, Wu, Wd)
         return out
@@ -113,13 +114,13 @@ class NormSwiGLU(torch.autograd.Function):
         need = ctx.needs_input_grad
         a = F.silu(g)
         dWd = _float(dout.t().mm(a * u), cd) if need[6] else None
-        dp = dout.mm(_cast(Wd, cd))
+        dp = dout.mm(cast_to(Wd, cd))
         du = dp.mul(a)
         del a
         dg = torch.ops.aten.silu_backward(dp.mul_(u), g)  # dp u s (1 + g (1 - s)), s = sigmoid(g)
         del dp
         xn = x * r
-        y = _cast(w * xn, cd)
+        y = cast_to(w * xn, cd)
         dWg = _float(dg.t().mm(y), cd) if need[4] else None
         dWu = _float(du.t().mm(y), cd) if need[5] else None
         del y

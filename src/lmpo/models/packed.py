@@ -36,8 +36,9 @@ The numbers equal the Hugging Face forward up to float rounding (tests compare l
 weight's gradient with the plain path, for Llama and Qwen2, tied and untied embeddings, every recompute choice).
 :func:`packed_unsupported` names what rules a model out (another architecture, device or parameter dtype than float32,
 adapters or forward hooks on any submodule, biases in the MLP, another activation, a sliding window shorter than the
-sequence, autocast);
-the caller then keeps the Hugging Face forward.
+sequence, autocast to another dtype than bf16); the caller then keeps the Hugging Face forward. Under CPU bf16
+autocast the layers run with autocast off and cast explicitly where autocast would (:mod:`lmpo.models.fused`):
+the forward then equals Hugging Face's under autocast, and gradients differ from its only in bf16 rounding.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lmpo.models.fused import NormLinears, NormSwiGLU
+from lmpo.models.fused import NormLinears, NormSwiGLU, cast_to
 from lmpo.perf import trim_heap
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -252,10 +253,6 @@ class _TrimInBackward(torch.autograd.Function):
         return g
 
 
-def _to(t: Tensor | None, cd: torch.dtype | None) -> Tensor | None:
-    return t if t is None or cd is None else t.to(cd)
-
-
 def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay: "_Layout", heads: int,
                      kv_heads: int, rotate_half, cd: torch.dtype | None = None) -> Tensor:
     """``x + o_proj(attention(RMSNorm(x)))`` over the packed (N, H) positions; products in ``cd`` when given (the
@@ -269,8 +266,8 @@ def _attention_block(x: Tensor, layer: nn.Module, cos: Tensor, sin: Tensor, lay:
     q, k = q.view(N, heads, d), k.view(N, kv_heads, d)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    o = _PackedAttention.apply(_to(q, cd), _to(k, cd), v.view(N, kv_heads, d), lay)
-    return x + F.linear(o, _to(at.o_proj.weight, cd), _to(at.o_proj.bias, cd))
+    o = _PackedAttention.apply(cast_to(q, cd), cast_to(k, cd), v.view(N, kv_heads, d), lay)
+    return x + F.linear(o, cast_to(at.o_proj.weight, cd), cast_to(at.o_proj.bias, cd))
 
 
 def _mlp_block(x: Tensor, layer: nn.Module, cd: torch.dtype | None = None) -> Tensor:

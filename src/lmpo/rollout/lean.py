@@ -83,8 +83,8 @@ class LeanDecoder:
         if self.native:  # autocast: bf16 projections; rotated in float32, rounded to their dtype as Hugging Face's
             # attention sees them (autocast casts its inputs), then attended by the kernel in float32
             low = q.dtype
-            q = self.rope(q.view(B, self.heads, d), k.view(B, self.kv_heads, d), cos, sin)  # unsqueezes cos, sin
-            qr, kr = (t.to(low).float().contiguous() for t in q)
+            rotated = self.rope(q.view(B, self.heads, d), k.view(B, self.kv_heads, d), cos, sin)  # (B, 1, d) cos
+            qr, kr = (t.to(low).float().contiguous() for t in rotated)
             out = rowdot.decode_attention(qr, K, V, self.bias, L + 1, self.scaling, kr,
                                           v.reshape(B, self.kv_heads, d).float().contiguous())
             return out.view(B, 1, self.heads * d)
