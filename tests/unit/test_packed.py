@@ -292,3 +292,15 @@ def test_hugging_face_checkpointing_keeps_the_packed_forward_and_recomputes_laye
                         lambda *a, **k: seen.append(k["recompute"]) or real(*a, **k))
     response_logprobs(model, *_batch(24))[0].sum().backward()
     assert seen == ["layers"]
+
+
+def test_runner_says_when_its_passes_are_packed():
+    # the trainer folds the optimizer into backward when every weight has one use per pass: the runner answers
+    # under its own autocast setting, through the same check the passes make
+    from lmpo.train.step import PolicyRunner
+    model = build_tiny_model(seed=0, vocab_size=24)
+    assert PolicyRunner(model).packed_applies()
+    assert PolicyRunner(model, autocast="bfloat16").packed_applies()
+    assert not PolicyRunner(model, autocast="float16").packed_applies()
+    assert not PolicyRunner(model, packed=False).packed_applies()
+    assert not PolicyRunner(apply_lora(build_tiny_model(seed=0, vocab_size=24), r=2, alpha=4)).packed_applies()

@@ -83,7 +83,7 @@ class NormLinears(torch.autograd.Function):
                 if cd is None:
                     dy = g.mm(W) if dy is None else dy.addmm_(g, W)
                 else:  # each projection's input gradient in bf16, their sum in float32 (as autocast's casts do)
-                    part = g.mm(W.to(cd))
+                    part = g.mm(cast_to(W, cd))
                     dy = part.float() if dy is None else dy.add_(part)
         del y
         dx = dw = None
@@ -129,7 +129,7 @@ class NormSwiGLU(torch.autograd.Function):
             if cd is None:
                 dy = dg.mm(Wg).addmm_(du, Wu)
             else:  # each projection's input gradient in bf16, their sum in float32
-                dy = dg.mm(Wg.to(cd)).float().add_(du.mm(Wu.to(cd)))
+                dy = dg.mm(cast_to(Wg, cd)).float().add_(du.mm(cast_to(Wu, cd)))
             del dg, du
             dx, dw = _norm_backward(dy, xn, r, w, need[0], need[1])
         return dx, dw, None, None, dWg, dWu, dWd

@@ -62,8 +62,10 @@ class PolicyRunner:
 
     def packed_applies(self) -> bool:
         """Whether the log-prob passes run through :mod:`lmpo.models.packed` (every weight used once per pass)."""
-        return (self.packed and self.autocast in (None, "bfloat16")
-                and packed_unsupported(split_body_and_head(self.model)[0], 0) == "")
+        if not self.packed:
+            return False
+        with self.autocast_ctx():  # what the passes will see, autocast included (packed_unsupported decides)
+            return packed_unsupported(split_body_and_head(self.model)[0], 0) == ""
 
     def for_loss(self, batch: RolloutBatch, needs: frozenset[str], loss_fn) -> "PolicyRunner":
         """This runner, or a copy with the forward hooks the loss declared in ``needs`` (see ``HOOK_NEEDS``)."""
