@@ -68,7 +68,7 @@ def preset_rows() -> list[dict[str, str]]:
     """One row per preset: its components, and the papers / fidelity of every component it uses."""
     import lmpo.methods  # noqa: F401
     from lmpo.methods.presets import PRESETS
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
     rows = []
     for name, p in sorted(PRESETS.items()):
@@ -77,6 +77,7 @@ def preset_rows() -> list[dict[str, str]]:
                  (AGGREGATORS, p.get("aggregator", {"name": "seq_mean_token_mean"})["name"])]
         comps += [(SELECTORS, x["name"]) for x in p.get("selectors", [])]
         comps += [(SHAPERS, x["name"]) for x in p.get("shapers", [])]
+        comps += [(PLANNERS, x["name"]) for x in p.get("planners", [])]
         entries = [reg.entry(n) for reg, n in comps]
         papers = list(dict.fromkeys(f"arXiv:{e.arxiv}" if e.arxiv not in ("", "none") else e.paper for e in entries))
         rows.append({"preset": name, "components": " + ".join(e.name for e in entries),
@@ -87,7 +88,7 @@ def preset_rows() -> list[dict[str, str]]:
 
 def cmd_list(args) -> int:
     if args.markdown:
-        print("| preset | components (advantage + loss + aggregator [+ selectors/shapers]) | papers | fidelity |")
+        print("| preset | components (advantage + loss + aggregator [+ selectors/shapers/planners]) | papers | fidelity |")
         print("|---|---|---|---|")
         for r in preset_rows():
             print(f"| `{r['preset']}` | {r['components']} | {r['papers']} | {r['fidelity']} |")
@@ -110,7 +111,7 @@ def cmd_list(args) -> int:
         print("\npresets (method=...):")
         for name, p in sorted(PRESETS.items()):
             parts = [f"{k}={p[k]['name']}" for k in ("advantage", "loss", "aggregator") if k in p]
-            parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers") if k in p]
+            parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers", "planners") if k in p]
             if p.get("kl", {}).get("beta"):
                 parts.append(f"kl={p['kl']['beta']}({p['kl'].get('mode', 'loss')})")
             print(f"  {name:<14} {' '.join(parts)}")

@@ -133,6 +133,7 @@ class Config:
     aggregator: dict[str, Any] = field(default_factory=lambda: {"name": "seq_mean_token_mean"})
     selectors: list[dict[str, Any]] = field(default_factory=list)
     shapers: list[dict[str, Any]] = field(default_factory=list)
+    planners: list[dict[str, Any]] = field(default_factory=list)  # collection planners (e.g. knapsack budgets)
     kl: KLConfig = field(default_factory=KLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -143,7 +144,7 @@ class Config:
 
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
-COMPONENT_LISTS = ("selectors", "shapers")
+COMPONENT_LISTS = ("selectors", "shapers", "planners")
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -321,7 +322,7 @@ def fill_horizon(args: dict[str, Any], obj: Any, horizon: int) -> dict[str, Any]
 def build_components(cfg: Config) -> dict[str, Any]:
     """Instantiate the configured components through the registries (validates names and hyper-parameters)."""
     import lmpo.methods  # noqa: F401  (registers components)
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
     horizon = cfg.rollout.max_new_tokens
     out: dict[str, Any] = {}
@@ -329,7 +330,7 @@ def build_components(cfg: Config) -> dict[str, Any]:
         name, args = component_args(getattr(cfg, section), section)
         args = fill_horizon(args, reg.get(name, where=section), horizon)
         out[section] = reg.build(name, where=section, **args)
-    for section, reg in (("selectors", SELECTORS), ("shapers", SHAPERS)):
+    for section, reg in (("selectors", SELECTORS), ("shapers", SHAPERS), ("planners", PLANNERS)):
         items = []
         for i, item in enumerate(getattr(cfg, section)):
             name, args = component_args(item, f"{section}[{i}]")
@@ -396,7 +397,9 @@ def validate(cfg: Config, src: str = "") -> None:
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:
-        build_components(cfg)
+        from lmpo.pipeline import build_pipeline
+
+        build_pipeline(cfg)  # components, their needs and the extension points
     except ConfigError as exc:
         if src and src.strip() not in str(exc):
             raise ConfigError(f"{exc}{src}") from None

@@ -121,9 +121,10 @@ LOSSES: Registry = Registry("loss")
 AGGREGATORS: Registry = Registry("aggregator")
 SELECTORS: Registry = Registry("selector")
 SHAPERS: Registry = Registry("shaper")
+PLANNERS: Registry = Registry("planner")  # components that only provide collection extension points
 REWARDS: Registry = Registry("reward")
 TASKS: Registry = Registry("task")
 
 ALL_REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, REWARDS, TASKS)
+    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS)
 }

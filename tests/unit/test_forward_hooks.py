@@ -21,6 +21,7 @@ from lmpo.methods.base import LossOut
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
 from lmpo.models.load import enable_activation_checkpointing
 from lmpo.models.logprobs import LayerNoise, _noise_seed, layer_noise
+from lmpo.train.optim import TrainOptimizer
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss, policy_update
 
 
@@ -241,7 +242,7 @@ def test_policy_update_seeds_noise_only_when_asked():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         torch.manual_seed(0)
-        policy_update(PolicyRunner(model), opt, sched, b, loss, TokenMean(), UpdateSettings(), 1)
+        policy_update(PolicyRunner(model), TrainOptimizer(opt, sched, 1.0), b, loss, TokenMean(), UpdateSettings(), 1)
         state = torch.get_rng_state()
         torch.manual_seed(0)
         assert torch.equal(state, torch.get_rng_state()) != expect_draw  # the default path draws nothing

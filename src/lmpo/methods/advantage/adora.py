@@ -33,8 +33,8 @@ Gaps filled (ours):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
 from lmpo.registry import ADVANTAGES
 
 
@@ -56,8 +57,8 @@ def group_extreme(values: Tensor, keep: Tensor, group_ids: Tensor, reduce: str) 
 
 @ADVANTAGES.register("adora", paper="ADORA: Training Reasoning Models with Dynamic Advantage Estimation",
                      arxiv="2602.10019")
-@dataclass(frozen=True)
-class ADORAAdvantage:
+@dataclass
+class ADORAAdvantage(Stateful):
     """GRPO advantage re-weighted per group by ADORA's length-advantage criterion (arXiv:2602.10019).
 
     Args:
@@ -80,7 +81,9 @@ class ADORAAdvantage:
     end_step: int | None = None
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict = field(default_factory=lambda: {"step": 0}, init=False, repr=False, compare=False)
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"step": 0}
 
     def __post_init__(self) -> None:
         if self.attenuation < 0 or self.tas_weight < 0:
@@ -94,11 +97,7 @@ class ADORAAdvantage:
             raise ConfigError("advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, "
                               f"got {self.start_step}, {self.end_step}.")
 
-    def state_dict(self) -> dict:
-        return {"step": int(self._state["step"])}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._state["step"] = int(state["step"])
 
     def tas(self, r: Tensor, lengths: Tensor, group_ids: Tensor, truncated: Tensor | None) -> Tensor:
         """Per row (B,) bool: the row's group is temporarily advantageous by the length criterion."""
@@ -128,8 +127,8 @@ class ADORAAdvantage:
         return torch.where(correct & tas, r + bonus.to(r.dtype), r)
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        self._state["step"] += 1
-        step = self._state["step"]
+        self.state["step"] += 1
+        step = self.state["step"]
         active = step > self.start_step and (self.end_step is None or step <= self.end_step)
         r = batch.rewards
         if batch.token_rewards is not None:

@@ -31,8 +31,8 @@ Gaps filled (ours):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
 from lmpo.registry import ADVANTAGES
 
 
@@ -52,8 +53,8 @@ def pairing_rank(batch: RolloutBatch) -> Tensor:
 
 @ADVANTAGES.register("riskpo", paper="RiskPO: Risk-based Policy Optimization via Verifiable Reward", arxiv="2510.00911",
                      fidelity="reconstructed")
-@dataclass(frozen=True)
-class RiskPOAdvantage:
+@dataclass
+class RiskPOAdvantage(Stateful):
     """Mixed-VaR (RVaR + CVaR) advantage of bundle "paper" scores (arXiv:2510.00911).
 
     Args:
@@ -75,7 +76,9 @@ class RiskPOAdvantage:
     credit: str = "std"
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-    _tracked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def initial_state(self) -> dict[str, Any]:
+        return {}
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < self.beta <= 1:
@@ -94,21 +97,16 @@ class RiskPOAdvantage:
             raise ConfigError(f'advantage.credit must be "std" or "uniform", got {self.credit!r}.')
 
     # ------------------------------------------------------------------ state (tracked quantiles)
-    def state_dict(self) -> dict:
-        return {k: float(v) for k, v in self._tracked.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._tracked.clear()
-        self._tracked.update({k: float(v) for k, v in state.items()})
 
     def _track(self, scores: Tensor, qa: Tensor, qb: Tensor) -> tuple[Tensor, Tensor]:
         s = scores.detach().double()
-        if not self._tracked:
-            self._tracked.update(qa=float(qa), qb=float(qb))
+        if not self.state:
+            self.state.update(qa=float(qa), qb=float(qb))
         for key, level in (("qa", self.alpha), ("qb", self.beta)):
-            q = self._tracked[key]
-            self._tracked[key] = q + self.quantile_lr * (level - float((s <= q).double().mean()))
-        return tuple(torch.tensor(self._tracked[k], dtype=scores.dtype) for k in ("qa", "qb"))
+            q = self.state[key]
+            self.state[key] = q + self.quantile_lr * (level - float((s <= q).double().mean()))
+        return tuple(torch.tensor(self.state[k], dtype=scores.dtype) for k in ("qa", "qb"))
 
     # ------------------------------------------------------------------ maths
     def paper_advantage(self, S: Tensor, qa: Tensor, qb: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ that entropy from the training forward itself because ``needs`` lists "current_e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +40,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
-from lmpo.methods.base import LossOut
+from lmpo.methods.base import LossOut, Stateful
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
 from lmpo.registry import LOSSES
 
@@ -57,8 +57,8 @@ def phase_weight(n: int, total: int) -> float:
 
 @LOSSES.register("epo", paper="EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
                  arxiv="2509.22576", fidelity="reconstructed")
-@dataclass(frozen=True)
-class EPOLoss:
+@dataclass
+class EPOLoss(Stateful):
     """Clipped surrogate + entropy bonus + differentiable entropy-band penalty against the per-turn history.
 
     Args:
@@ -79,9 +79,10 @@ class EPOLoss:
     out_penalty: float = 0.05
     schedule_iters: int = 150
     smooth_min_turn: int = 0
-    _state: dict[str, Any] = field(default_factory=lambda: {"sum": {}, "count": {}, "pending": {}, "iters": 0},
-                                   repr=False, compare=False)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "current_entropy"})
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"sum": {}, "count": {}, "pending": {}, "iters": 0}
 
     def __post_init__(self) -> None:
         for key in ("epsilon", "entropy_coef", "smooth_coef", "kappa_low", "out_penalty"):
@@ -98,9 +99,9 @@ class EPOLoss:
         """(Hbar per token, known per token) from the committed history."""
         hbar = torch.zeros(turns.shape, dtype=torch.float64, device=turns.device)
         known = torch.zeros(turns.shape, dtype=torch.bool, device=turns.device)
-        for k, s in self._state["sum"].items():
+        for k, s in self.state["sum"].items():
             at = turns == k
-            hbar = torch.where(at, s / self._state["count"][k], hbar)
+            hbar = torch.where(at, s / self.state["count"][k], hbar)
             known |= at
         return hbar, known
 
@@ -120,7 +121,7 @@ class EPOLoss:
             hinge = torch.relu(self.kappa_low * hbar - ent) + torch.relu(ent - upper)
             active = mask & known & (turns >= self.smooth_min_turn)
             penalty = torch.where(active, self.out_penalty * hinge, torch.zeros_like(hinge))
-            w = phase_weight(self._state["iters"], self.schedule_iters)
+            w = phase_weight(self.state["iters"], self.schedule_iters)
             loss = loss - self.entropy_coef * ent + self.entropy_coef * self.smooth_coef * w * penalty
             self._accumulate(ent.detach(), turns, mask)
             metrics["loss/epo_out_of_band"] = ops.masked_mean((active & (hinge > 0)).float(), mask).detach()
@@ -128,7 +129,7 @@ class EPOLoss:
         return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
 
     def _accumulate(self, ent: Tensor, turns: Tensor, mask: Tensor) -> None:
-        pend = self._state["pending"]
+        pend = self.state["pending"]
         for k in torch.unique(turns[mask]).tolist():
             at = mask & (turns == k)
             s, c = pend.get(k, (0.0, 0))
@@ -136,19 +137,13 @@ class EPOLoss:
 
     def after_optimizer_step(self) -> None:
         """Commit this step's per-turn entropies into the cumulative history (one iteration)."""
-        for k, (s, c) in self._state["pending"].items():
-            self._state["sum"][k] = self._state["sum"].get(k, 0.0) + s
-            self._state["count"][k] = self._state["count"].get(k, 0) + c
-        self._state["pending"] = {}
-        self._state["iters"] += 1
+        for k, (s, c) in self.state["pending"].items():
+            self.state["sum"][k] = self.state["sum"].get(k, 0.0) + s
+            self.state["count"][k] = self.state["count"].get(k, 0) + c
+        self.state["pending"] = {}
+        self.state["iters"] += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sum": dict(self._state["sum"]), "count": dict(self._state["count"]), "iters": self._state["iters"]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update(sum={int(k): float(v) for k, v in state["sum"].items()},
-                           count={int(k): int(v) for k, v in state["count"].items()},
-                           iters=int(state["iters"]), pending={})
 
 
 # Code defaults (entropy_coeff 0.001, smooth coeff 1.0) with the README band (0, 2) and the ScienceWorld penalty 0.05.

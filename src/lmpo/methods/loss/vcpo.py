@@ -26,8 +26,8 @@ baseline couples a group's rows: keep each group within one micro-batch. Outcome
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
-from lmpo.methods.base import LossOut
+from lmpo.methods.base import LossOut, Stateful
 from lmpo.registry import LOSSES
 
 GRAD_NORMS = ("tokens", "equal")
@@ -45,8 +45,8 @@ BEHAVIOURS = ("sampler", "old")
 
 @LOSSES.register("vcpo", paper="Stable Asynchrony: Variance-Controlled Off-Policy RL for LLMs", arxiv="2602.17616",
                  fidelity="reconstructed")
-@dataclass(frozen=True)
-class VCPOLoss:
+@dataclass
+class VCPOLoss(Stateful):
     """-sg(min(w, c)) (R - b*) log pi with the w^2 ||g||^2-weighted baseline, plus ESS step scaling (arXiv:2602.17616).
 
     Args:
@@ -64,8 +64,9 @@ class VCPOLoss:
     norm_by_std: bool = True
     eps: float = 1e-6
     behaviour: str = "sampler"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def initial_state(self) -> dict[str, Any]:
+        return dict(sum_w=0.0, sum_w2=0.0, rows=0.0)  # importance weights of the rows since the last optimizer step
 
     def __post_init__(self) -> None:
         if self.is_threshold <= 0:
@@ -78,8 +79,11 @@ class VCPOLoss:
             raise ConfigError(f"loss.ess_base must be in (0, 1], got {self.ess_base}.")
         if self.eps < 0:
             raise ConfigError(f"loss.eps must be >= 0, got {self.eps}.")
-        object.__setattr__(self, "needs", frozenset({"old_logprobs"}) if self.behaviour == "old" else frozenset())
-        self._state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """pi_old's log-probs only when they are the behaviour policy (``behaviour="old"``)."""
+        return frozenset({"old_logprobs"}) if self.behaviour == "old" else frozenset()
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -106,7 +110,7 @@ class VCPOLoss:
         lp = torch.where(mask, logprobs, zero)
         per_token = torch.where(mask, -coef[:, None] * lp, zero)
         wm = w[member]
-        s = self._state
+        s = self.state
         s["sum_w"] += float(wm.sum())
         s["sum_w2"] += float((wm * wm).sum())
         s["rows"] += float(wm.numel())
@@ -120,20 +124,14 @@ class VCPOLoss:
 
     def lr_scale(self) -> float:
         """sqrt (or linear) of min(1, (ESS / B) / rho_base) over every row seen since the last optimizer step."""
-        s = self._state
+        s = self.state
         if self.ess_rule == "none" or s["rows"] == 0 or s["sum_w2"] <= 0:
             return 1.0
         rho = min(1.0, s["sum_w"] ** 2 / s["sum_w2"] / s["rows"] / self.ess_base)
         return rho ** 0.5 if self.ess_rule == "sqrt" else rho
 
     def after_optimizer_step(self) -> None:
-        self._state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update({k: float(state[k]) for k in ("sum_w", "sum_w2", "rows")})
+        self.state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
 
 
 PRESETS = {

@@ -21,7 +21,7 @@ of the script (symbol reward 1e-3, trailing penalty 1e-6) are not used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
 from lmpo.registry import SELECTORS
 
 
@@ -40,8 +41,8 @@ def prefix_probs(n_lines: int, alpha: float) -> Tensor:
 
 
 @SELECTORS.register("rest_grpo", paper="ReST-RL (ReST-GRPO)", arxiv="2508.19576")
-@dataclass(frozen=True)
-class ReSTGRPO:
+@dataclass
+class ReSTGRPO(Stateful):
     """Keep groups with reward std >= ``min_std``; queue partial-solution prompts from high-reward groups.
 
     Args:
@@ -60,8 +61,9 @@ class ReSTGRPO:
     max_queue: int = 256
     seed: int = 0
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, Any] = field(default_factory=lambda: {"queue": [], "draws": 0}, init=False, repr=False,
-                                   compare=False)
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"queue": [], "draws": 0}
 
     def __post_init__(self) -> None:
         if self.min_std < 0:
@@ -83,8 +85,8 @@ class ReSTGRPO:
         lines = solution.splitlines(keepends=True)
         if not lines:
             return []
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._state["draws"])
-        self._state["draws"] += 1
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state["draws"])
+        self.state["draws"] += 1
         m = math.ceil(self.sample_ratio * len(lines))
         ks = torch.multinomial(prefix_probs(len(lines), self.alpha), m, replacement=True, generator=g) + 1
         return ["".join(lines[:k]) for k in ks.tolist()]
@@ -106,19 +108,15 @@ class ReSTGRPO:
     def __call__(self, batch: RolloutBatch) -> Tensor:
         new = self.assemble(batch)
         if new and self.max_queue:
-            self._state["queue"] = (self._state["queue"] + new)[-self.max_queue:]
+            self.state["queue"] = (self.state["queue"] + new)[-self.max_queue:]
         return self.keep(batch)
 
     def inject_prompts(self, n: int) -> list[dict[str, Any]]:
         """Rollout hook: up to ``n`` assembled prompts, oldest first (removed from the queue)."""
-        out, self._state["queue"] = self._state["queue"][:n], self._state["queue"][n:]
+        out, self.state["queue"] = self.state["queue"][:n], self.state["queue"][n:]
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"queue": list(self._state["queue"]), "draws": int(self._state["draws"])}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update(queue=list(state["queue"]), draws=int(state["draws"]))
 
 
 PRESETS = {

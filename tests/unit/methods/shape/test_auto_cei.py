@@ -67,7 +67,7 @@ def test_idk_reward_bounded():
 
 def test_hill_climbing_flips_direction_when_f_drops():
     sh = AutoCEI(c1=10.0, c2=1.0, lam=0.0, update_every=1)
-    sh._state["delta"] = 1.0
+    sh.state["delta"] = 1.0
     good = batch_of([1, 1, 0], ["a", "b", "c"])     # precision 2/3
     bad = batch_of([1, 0, 0], ["a", "b", "c"])      # precision 1/3
     sh(good)
