@@ -42,7 +42,7 @@ class ModelConfig:
     # blocks of the packed forward; 0.07-0.1 GB less peak on the default model for 0-5% more update time) | true
     # (whole layers: 0.3 GB less, ~20% more update time)
     gradient_checkpointing: bool | str = "attention"
-    packed_forward: bool = True  # log-prob passes of Llama-family models via lmpo.models.packed (else Hugging Face's)
+    packed_forward: bool | str = "auto"  # log-prob passes via lmpo.engine.packed (Llama family): auto | true | false
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -66,9 +66,9 @@ class RolloutConfig:
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
-    decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.kernels.rowdot): auto | true | false
+    decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.engine.kernels.rowdot): auto | true | false
     sampler: str = "auto"  # token draw: auto (inverse_cdf for vocabularies of 4096+) | multinomial | inverse_cdf
-    lean_decode: str | bool = "auto"  # decode steps via lmpo.rollout.lean (Llama family, 10M+ params): auto|true|false
+    lean_decode: str | bool = "auto"  # decode steps via lmpo.engine.lean (Llama family, 10M+ params): auto|true|false
 
 
 @dataclass
@@ -94,8 +94,8 @@ class TrainConfig:
     entropy_coef: float = 0.0
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch default
-    optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.train.inbackward.wanted
-    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.perf.set_mmap_threshold):
+    optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.engine.inbackward.wanted
+    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.engine.tuning.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
     mmap_threshold_kb: int | None = None
 
@@ -124,6 +124,7 @@ class OutputConfig:
 @dataclass
 class Config:
     method: str = "grpo"
+    perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[dict[str, Any]] | None = None  # None = the task's default rewards; else [{name, weight, ...}]
@@ -301,6 +302,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged = deep_merge(deep_merge(Config().to_dict(), PRESETS[method]), user)
     cfg = _build_dataclass(Config, merged, "", src)
     validate(cfg, src)
+    from lmpo.engine import apply_perf
+
+    apply_perf(cfg)
     return cfg
 
 
@@ -392,8 +396,11 @@ def validate(cfg: Config, src: str = "") -> None:
          f"rollout.lean_decode must be auto, true or false, got {cfg.rollout.lean_decode!r}")
     need(cfg.model.gradient_checkpointing in (True, False, "attention"),
          f"model.gradient_checkpointing must be true, false or attention, got {cfg.model.gradient_checkpointing!r}")
-    need(cfg.model.packed_forward in (True, False),
-         f"model.packed_forward must be true or false, got {cfg.model.packed_forward!r}")
+    need(cfg.model.packed_forward in ("auto", True, False),
+         f"model.packed_forward must be auto, true or false, got {cfg.model.packed_forward!r}")
+    from lmpo.engine import PERF_MODES
+
+    need(cfg.perf in PERF_MODES, f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")
     need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
     try:

@@ -21,7 +21,7 @@ from lmpo.methods.base import LossOut
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
 from lmpo.models.load import enable_activation_checkpointing
 from lmpo.models.logprobs import LayerNoise, _noise_seed, layer_noise
-from lmpo.train.optim import TrainOptimizer
+from lmpo.engine.optim import TrainOptimizer
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss, policy_update
 
 
@@ -152,7 +152,7 @@ def test_layer_noise_off_by_default_and_zero_std_is_exact():
         plain = response_logprobs(model, *inp)[0]
         with layer_noise(model, None, None):
             assert torch.equal(response_logprobs(model, *inp)[0], plain)
-        # noise hooks need the Hugging Face forward (lmpo.models.packed steps aside): bit-equal to it at std 0
+        # noise hooks need the Hugging Face forward (lmpo.engine.packed steps aside): bit-equal to it at std 0
         hf = response_logprobs(model, *inp, packed=False)[0]
         assert_close(hf, plain)
         with layer_noise(model, LayerNoise(0.0), torch.tensor([1, 2, 3])):

@@ -28,7 +28,8 @@ from lmpo.batch import RolloutBatch
 from lmpo.config import Config, save_config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
-from lmpo.perf import resolve_autocast, set_mmap_threshold
+from lmpo.engine import setup_process
+from lmpo.engine.tuning import resolve_autocast
 from lmpo.pipeline import Pipeline, build_pipeline
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
@@ -39,7 +40,7 @@ from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from lmpo.train.data import PromptStream
 from lmpo.train.evaluate import evaluate
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
-from lmpo.train.optim import TrainOptimizer, build_optimizer
+from lmpo.engine.optim import TrainOptimizer, build_optimizer
 from lmpo.train.prepare import ReferencePolicy, prepare
 from lmpo.train.rollouts import RolloutContext, collect
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
@@ -180,8 +181,6 @@ class Run:
 def open_run(cfg: Config, resume: bool, overwrite: bool) -> Run:
     """Build and validate everything a run needs (pipeline, task, rewards, model, optimizer, checkpoint), then
     write its folder: a run that cannot start leaves nothing behind and changes nothing."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.output.dir) / run_name(cfg)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -193,8 +192,7 @@ def open_run(cfg: Config, resume: bool, overwrite: bool) -> Run:
         )
     # the order below fixes which random numbers each part draws (runs are reproducible from the seed)
     seed_everything(cfg.train.seed)
-    set_mmap_threshold(cfg.train.mmap_threshold_kb)
-    cfg.model.autocast = resolve_autocast(cfg.model.autocast)
+    setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
     pipeline = build_pipeline(cfg)
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)

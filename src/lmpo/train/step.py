@@ -19,10 +19,10 @@ from lmpo.batch import RolloutBatch
 from lmpo.errors import ModelError, TrainingDiverged
 from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs,
                                   split_body_and_head)
-from lmpo.models.packed import packed_unsupported
+from lmpo.engine.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 from lmpo.pipeline import KLPenalty, require
-from lmpo.train.optim import TrainOptimizer
+from lmpo.engine.optim import TrainOptimizer
 
 
 @dataclass
@@ -33,7 +33,7 @@ class PolicyRunner:
     temperature: float = 1.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     autocast: str | None = None
-    packed: bool = True  # Llama-family forward via lmpo.models.packed where it applies
+    packed: bool = True  # Llama-family forward via lmpo.engine.packed where it applies
     recompute: str | None = None  # what the packed forward recomputes in backward; None: "layers" under checkpointing
     # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
     noise: LayerNoise | None = None
@@ -63,7 +63,7 @@ class PolicyRunner:
         return out[0], out[1]
 
     def packed_applies(self) -> bool:
-        """Whether the log-prob passes run through :mod:`lmpo.models.packed` (every weight used once per pass)."""
+        """Whether the log-prob passes run through :mod:`lmpo.engine.packed` (every weight used once per pass)."""
         if not self.packed:
             return False
         with self.autocast_ctx():  # what the passes will see, autocast included (packed_unsupported decides)
@@ -200,7 +200,7 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
                   after_step: Sequence[Callable[[], None]] = ()) -> dict[str, Tensor]:
     """PPO-style epochs x mini-batches x micro-batches over ``batch``; returns averaged detached metrics.
 
-    ``opt`` is the trainer's optimizer (:mod:`lmpo.train.optim`); ``lr_scale`` and ``after_step`` are the pipeline's
+    ``opt`` is the trainer's optimizer (:mod:`lmpo.engine.optim`); ``lr_scale`` and ``after_step`` are the pipeline's
     ``lr_scale`` and ``after_optimizer_step`` extension points (asked / run once per optimizer step)."""
     params = opt.params
     sums: dict[str, Tensor] = {}
@@ -260,6 +260,6 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
     opt.zero_grad()
     out = {k: v / count for k, v in sums.items()}
     out["loss/lr"] = torch.tensor(opt.lr)
-    if opt.folded is not None:  # backward passes repeated because the clip factor changed (lmpo.train.inbackward)
+    if opt.folded is not None:  # backward passes repeated because the clip factor changed (lmpo.engine.inbackward)
         out["perf/backward_replays"] = torch.tensor(float(opt.replays - replays))
     return out

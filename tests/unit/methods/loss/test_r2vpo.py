@@ -175,7 +175,7 @@ class _FakeRunner:
 def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
     from lmpo.methods.aggregate import TokenMean as Agg
     from lmpo.pipeline import Pipeline
-    from lmpo.train.optim import TrainOptimizer
+    from lmpo.engine.optim import TrainOptimizer
     from lmpo.train.step import UpdateSettings, policy_update
     g = torch.Generator().manual_seed(0)
     B, T = 8, 3

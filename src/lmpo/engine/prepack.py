@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lmpo.kernels.rowdot import float32_cpu_linears, large_model
+from lmpo.engine.kernels.rowdot import float32_cpu_linears, large_model
 
 def prepack_available() -> bool:
     """Whether this torch build has the oneDNN packed-linear operators."""
@@ -29,7 +29,7 @@ def prepack_available() -> bool:
 
 
 def should_prepack(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
-    """``mode``: ``"auto"`` (float32 CPU models of 10M+ parameters, :func:`lmpo.kernels.rowdot.large_model`, no
+    """``mode``: ``"auto"`` (float32 CPU models of 10M+ parameters, :func:`lmpo.engine.kernels.rowdot.large_model`, no
     autocast), ``True`` (wherever the operators exist and the weights are float32 on the CPU) or ``False``."""
     if mode is False or autocast or not prepack_available() or not float32_cpu_linears(model):
         return False

@@ -7,7 +7,7 @@
 
 Two implementations of the same update: :class:`TrainOptimizer` (``loss.backward()``, ``clip_grad_norm_``,
 ``optimizer.step()`` of any torch optimizer; AdamW in training) and :class:`FoldedAdamW`, which folds AdamW into backward when an optimizer step's
-loss comes from one backward (:mod:`lmpo.train.inbackward`; with several micro-batches it takes the plain path for
+loss comes from one backward (:mod:`lmpo.engine.inbackward`; with several micro-batches it takes the plain path for
 that step). ``train.optimizer_in_backward`` chooses (:func:`build_optimizer`); the trainer never branches on it.
 """
 
@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from lmpo.train import inbackward
+from lmpo.engine import inbackward
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str, total: int):
@@ -113,7 +113,7 @@ class FoldedAdamW(TrainOptimizer):
 
 def build_optimizer(params: list[Tensor], t, total_steps: int, single_use: bool) -> TrainOptimizer:
     """AdamW over ``params`` with the schedule of the training settings ``t`` (``lmpo.config.TrainConfig``); folded
-    into backward when ``train.optimizer_in_backward`` allows (:func:`lmpo.train.inbackward.wanted`; ``single_use``:
+    into backward when ``train.optimizer_in_backward`` allows (:func:`lmpo.engine.inbackward.wanted`; ``single_use``:
     the training forward uses every weight once per pass)."""
     # fused AdamW: the same update in far less CPU time and memory than foreach (docs/results/performance.md)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,

@@ -8,7 +8,7 @@ weight GB per CPU second against 9-12 GB/s for a plain read (it packs the weight
 only products of at most :data:`MAX_ROWS` rows through the kernel. The same library holds the two other pieces of a
 decode step that a framework dispatches as many small operations: :func:`decode_attention` (rotary embedding, cache
 write and masked softmax attention of one new position, for every row and head) and Llama's :func:`rms_norm`; the
-lean decode step (:mod:`lmpo.rollout.lean`) uses them.
+lean decode step (:mod:`lmpo.engine.lean`) uses them.
 
 The library is compiled once per source version with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$LMPO_KERNEL_DIR`` (default ``~/.cache/lmpo/kernels``), written atomically, and checked against a float64 product

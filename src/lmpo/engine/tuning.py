@@ -82,7 +82,7 @@ def trim_heap() -> bool:
     large free chunk), so the heap grows while what is alive does not: on the default model, full fine-tuning with
     the optimizer folded into backward, its free part grew by ~7 MB per layer, 0.2 GB per update. ``malloc_trim(0)``
     releases every whole free page with ``madvise`` (the chunks stay where they are, so nothing moves) for ~4 ms
-    on that heap; a page that is used again is faulted back in. :mod:`lmpo.models.packed` calls it at the end of its
+    on that heap; a page that is used again is faulted back in. :mod:`lmpo.engine.packed` calls it at the end of its
     forward and every ``TRIM_EVERY`` layers of backward. No effect where the C library is not glibc.
     """
     global _MALLOC_TRIM
