@@ -141,7 +141,10 @@ def resolve_providers(roles: dict[str, Any]) -> dict[str, list]:
     """Extension point -> the distinct components providing it, in pipeline order; single points checked."""
     providers: dict[str, list] = {}
     for point, ext in EXTENSION_POINTS.items():
-        found = list({id(c): c for c in roles.values() if isinstance(c, ext.protocol)}.values())
+        # a provider defines the point's method (a hyper-parameter of the same name, e.g. CISPO's ``token_mask``
+        # flag, is not one)
+        found = list({id(c): c for c in roles.values()
+                      if isinstance(c, ext.protocol) and callable(getattr(c, point, None))}.values())
         if ext.single and len(found) > 1:
             names = ", ".join(f"{r} ({type(c).__name__})" for r, c in roles.items() if c in found)
             raise ConfigError(f"Extension point {point!r} ({ext.protocol.__name__}) may have only one provider, but "

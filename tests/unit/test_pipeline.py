@@ -86,6 +86,15 @@ def test_single_extension_point_admits_one_provider_and_many_points_keep_order()
         p.hook("inject_prompts")  # a many-provider point is not read as a single hook
 
 
+def test_a_hyper_parameter_named_like_a_point_provides_nothing():
+    @dataclass(frozen=True)
+    class FlagLoss:
+        token_mask: bool = True  # e.g. CISPO's token-level mask flag
+        needs: ClassVar[frozenset[str]] = frozenset()
+
+    assert Pipeline.assemble(loss=FlagLoss()).hook("token_mask") is None
+
+
 def test_extension_points_are_all_declared_with_a_scope():
     assert {"prompt_weights", "allocate", "plan_group", "prefix_budgets", "inject_prompts", "after_collect",
             "observe", "token_mask", "lr_scale", "after_optimizer_step", "state_dict"} == set(EXTENSION_POINTS)
