@@ -39,8 +39,8 @@ class ModelConfig:
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
     chunk_size: int = 256  # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
     # recompute in backward instead of keeping: false (keep everything) | attention (the default: the attention
-    # blocks of the packed forward; 0.07-0.1 GB less peak on the default model for 0-5% more update time) | true
-    # (whole layers: 0.3 GB less, ~20% more update time)
+    # blocks of the packed forward; a little less peak memory for a little more update time) | true (whole layers:
+    # less memory still, for clearly more update time); figures in docs/results/performance.md
     gradient_checkpointing: bool | str = "attention"
     packed_forward: bool | str = "auto"  # log-prob passes via lmpo.engine.packed (Llama family): auto | true | false
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,5 +1,6 @@
 """AdamW applied during backward: every gradient is folded into the optimizer's moments as soon as autograd has
-produced it, then freed, so the gradients of all weights never exist at once (0.54 GB on the 135M default model).
+produced it, then freed, so the gradients of all weights never exist at once (under full fine-tuning a buffer the
+size of the weights).
 
 The update is ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.AdamW.step()``, the trainer's normal path:
 
@@ -50,9 +51,9 @@ def wanted(setting, params, single_use: bool) -> bool:
     only when its single use has run backward. Hugging Face's forward with the group's prompt run once
     (``lmpo.models.logprobs.shared_prompt_rows``) gives every weight two uses, the prompt pass's backward running
     last, so autograd holds each gradient until the end anyway, while the replay-ready retained graph keeps the
-    activations the plain path frees as it goes (measured with the glibc threshold fixed: peak 2.84 GB plain,
-    3.23 GB folded). On the default model with the packed forward (heap trimmed, lmpo.engine.tuning.trim_heap) the peak goes
-    2.67 -> 2.50 GB; under Hugging Face's checkpointing it went 2.51 -> 2.17 GB.
+    activations the plain path frees as it goes, so folding there raised the measured peak. With the packed forward
+    (heap trimmed, lmpo.engine.tuning.trim_heap) and under Hugging Face's checkpointing folding lowers it (figures:
+    docs/results/performance.md).
     """
     if setting is True or setting is False:
         return setting

@@ -217,10 +217,10 @@ def _token_inputs(body: nn.Module, head: nn.Module, *ids: Tensor, sparse: bool =
     the LM head and trains, ``{"inputs_embeds": ...}`` from one lookup of all of them with a sparse gradient.
 
     The dense gradient of an embedding is a zero-filled (vocab, H) tensor added in full into the tied head's gradient,
-    per call (0.3 CPU-s per update on the default model); one sparse lookup touches only the rows of the tokens
-    present and is added into the head's dense gradient, which every backward through :func:`head_stats` produces,
-    so the parameter's ``.grad`` stays dense. ``sparse=False`` when the caller also returns hidden states: a loss on
-    those alone would never reach the head and would leave a sparse ``.grad``.
+    per call (a measurable share of the update's CPU time: docs/results/performance.md); one sparse lookup touches
+    only the rows of the tokens present and is added into the head's dense gradient, which every backward through
+    :func:`head_stats` produces, so the parameter's ``.grad`` stays dense. ``sparse=False`` when the caller also
+    returns hidden states: a loss on those alone would never reach the head and would leave a sparse ``.grad``.
     """
     emb = body.get_input_embeddings() if callable(getattr(body, "get_input_embeddings", None)) else None
     if (not sparse or type(emb) is not nn.Embedding or emb.weight is not getattr(head, "weight", None)

@@ -42,8 +42,9 @@ class HFGenerator:
         share_prompt: prefill each distinct prompt once and index its key/value cache to the rows that repeat it
             (a group's samples); the same distribution up to float rounding, the prefill cost divided by the group size.
         prepack: decode steps through oneDNN with weights packed once per batch (:mod:`lmpo.engine.prepack`):
-            ``False`` (default: no gain measured at 64-token replies), ``True``, or ``"auto"`` (float32 CPU models
-            of 10M+ parameters); the same distribution up to float rounding.
+            ``False`` (default: packing after every weight update ate the per-step saving in the measured training
+            loop, docs/results/performance.md), ``True``, or ``"auto"`` (float32 CPU models of 10M+ parameters); the
+            same distribution up to float rounding.
         decode_kernel: decode steps' linear layers through lmpo's few-row kernel (:mod:`lmpo.engine.kernels.rowdot`):
             ``"auto"`` (default: float32 CPU models of 10M+ parameters where the kernel builds), ``True`` (raise if
             it cannot) or ``False``; the same distribution up to float rounding. ``prepack`` wins where both apply.
@@ -57,7 +58,8 @@ class HFGenerator:
             the same distribution up to float rounding (under autocast the projections and MLP are the same bf16
             products, attention runs in float32 where Hugging Face's runs in bf16).
         sampler: how a token is drawn from the filtered distribution: ``"multinomial"`` (``torch.multinomial``),
-            ``"inverse_cdf"`` (:func:`sample_inverse_cdf`, an order of magnitude cheaper for large vocabularies) or
+            ``"inverse_cdf"`` (:func:`sample_inverse_cdf`, much cheaper for large vocabularies: one uniform per row
+            instead of a random variable per entry; docs/results/performance.md) or
             ``"auto"`` (default: inverse CDF for vocabularies of :data:`INVERSE_CDF_MIN_VOCAB`+ entries). Both draw
             from the same distribution with different random streams.
     """
