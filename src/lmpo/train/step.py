@@ -16,12 +16,12 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ModelError, TrainingDiverged
+from lmpo.errors import DataError, ModelError, TrainingDiverged
 from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs,
                                   split_body_and_head)
 from lmpo.engine.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
-from lmpo.pipeline import KLPenalty, require
+from lmpo.pipeline import KLPenalty, needs_of, require
 from lmpo.engine.optim import TrainOptimizer
 
 
@@ -133,12 +133,16 @@ class UpdateSettings:
 def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, s: UpdateSettings, normaliser: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, already divided by the mini-batch normaliser (ready for ``backward``)."""
-    needs = getattr(loss_fn, "needs", frozenset())
+    needs = needs_of(loss_fn)
     runner = runner.for_loss(mb, needs, loss_fn)
-    stats = STAT_NEEDS & getattr(loss_fn, "needs", frozenset())
-    if stats:  # opt-in full-distribution statistics; old_<stat> defaults to the detached current one (on-policy)
+    stats = STAT_NEEDS & needs
+    if stats:  # opt-in full-distribution statistics, and pi_old's: this forward's, detached, when on-policy
         lp, ent, extra = runner.logprobs_stats(mb, True, stats)
-        extra.update({f"old_{k}": v.detach() for k, v in extra.items() if f"old_{k}" not in mb.extras})
+        missing = [f"old_{k}" for k in extra if f"old_{k}" not in mb.extras]
+        if missing and not s.on_policy:
+            raise DataError(f'loss "{type(loss_fn).__name__}" needs {", ".join(missing)} (pi_old\'s statistics) under '
+                            "several optimizer steps per batch, but the batch does not carry them.")
+        extra.update({k: extra[k[4:]].detach() for k in missing})
         mb = mb.replace(extras={**mb.extras, **extra})
     else:
         # the entropy is always reported; it needs a gradient only for an entropy bonus or a loss that uses it
@@ -212,7 +216,7 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
     def add(key: str, value) -> None:
         sums[key] = sums.get(key, torch.zeros(())) + value
 
-    if "layer_noise" in getattr(loss_fn, "needs", frozenset()) and "noise_seed" not in batch.extras:
+    if "layer_noise" in needs_of(loss_fn) and "noise_seed" not in batch.extras:
         batch = batch.replace(extras={**batch.extras, "noise_seed": torch.randint(0, 2**62, (B,))})  # one per row
     for _ in range(s.ppo_epochs):
         for mb_idx in minibatch_indices(batch.group_ids, n_mb):
