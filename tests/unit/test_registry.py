@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -111,6 +112,29 @@ def test_constructor_errors_become_config_errors():
         reg.build("spinner", speed=-1.0)  # ValueError from __post_init__
     with pytest.raises(ConfigError, match="dual_clip must be > 1"):
         LOSSES.build("ppo_clip", dual_clip=0.5)  # a ConfigError raised by the component passes through
+
+
+def test_declared_ranges_are_checked_with_the_full_key_path():
+    # the same component, wherever it sits, names its own key: no hard-coded prefix
+    with pytest.raises(ConfigError) as exc:
+        SELECTORS.build("rest_grpo", where="selectors[1]", max_queue=-1)
+    assert str(exc.value) == "selectors[1].max_queue must be >= 0, got -1."
+    with pytest.raises(ConfigError, match=re.escape("shapers[2].topk_ratio must be in (0, 1], got 0.0.")):
+        SHAPERS.build("trapo", where="shapers[2]", topk_ratio=0)  # checked after coercion (0 -> 0.0)
+    with pytest.raises(ConfigError, match=re.escape("advantage.rho_min must be <= advantage.rho_max, got ")):
+        ADVANTAGES.build("spo", where="advantage", rho_min=0.99)
+    with pytest.raises(ConfigError, match=re.escape("selectors[1].strategy must be one of")):
+        SELECTORS.build("pf_ppo", where="selectors[1]", strategy="best_median")
+
+
+def test_a_component_in_the_second_selector_slot_reports_that_slot():
+    from lmpo.config import load_config
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["selectors=[{name: dynamic_sampling}, {name: rest_grpo, sample_ratio: 0}]"])
+    assert "selectors[1].sample_ratio must be in (0, 1], got 0.0." in str(exc.value)
+    with pytest.raises(ConfigError, match=re.escape("selectors[0].sample_ratio must be")):
+        load_config(overrides=["selectors=[{name: rest_grpo, sample_ratio: 0}, {name: dynamic_sampling}]"])
 
 
 def test_register_twice_and_bad_fidelity():

@@ -62,3 +62,4 @@ class Aggregator(Protocol):
 
 
 NO_NEEDS: frozenset[str] = frozenset()
+from lmpo.methods.params import Rule, hp, ordered, rule  # noqa: E402,F401  (declared hyper-parameter ranges)

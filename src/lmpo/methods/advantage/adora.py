@@ -41,7 +41,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -70,29 +70,18 @@ class ADORAAdvantage:
         eps: added to the group std.
     """
 
-    attenuation: float = 0.1
-    tas_weight: float = 1.0
+    attenuation: float = hp(0.1, ge=0)
+    tas_weight: float = hp(1.0, ge=0)
     reward_threshold: float = 0.5
-    length_beta: float = 0.0
-    difficulty_p: float = 0.5
+    length_beta: float = hp(0.0, ge=0)
+    difficulty_p: float = hp(0.5, ge=0, le=0.5)
     exclude_truncated: bool = False
-    start_step: int = 0
+    start_step: int = hp(0, ge=0)
     end_step: int | None = None
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("start_step", "end_step"),)
     _state: dict = field(default_factory=lambda: {"step": 0}, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.attenuation < 0 or self.tas_weight < 0:
-            raise ConfigError("advantage.attenuation and advantage.tas_weight must be >= 0, "
-                              f"got {self.attenuation}, {self.tas_weight}.")
-        if self.length_beta < 0:
-            raise ConfigError(f"advantage.length_beta must be >= 0, got {self.length_beta}.")
-        if not 0 <= self.difficulty_p <= 0.5:
-            raise ConfigError(f"advantage.difficulty_p must be in [0, 0.5], got {self.difficulty_p}.")
-        if self.start_step < 0 or (self.end_step is not None and self.end_step < self.start_step):
-            raise ConfigError("advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, "
-                              f"got {self.start_step}, {self.end_step}.")
 
     def state_dict(self) -> dict:
         return {"step": int(self._state["step"])}

@@ -41,6 +41,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -69,19 +70,11 @@ class DRPOAdvantage:
         reward_threshold: a response is correct when R > this.
     """
 
-    tau: float = 10.0
-    lam: float = 0.1
-    horizon: int | None = None
+    tau: float = hp(10.0, gt=0)
+    lam: float = hp(0.1, gt=0)
+    horizon: int | None = hp(None, ge=1)
     reward_threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"sampler_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ConfigError(f"advantage.tau must be > 0, got {self.tau}.")
-        if not self.lam > 0:
-            raise ConfigError(f"advantage.lam must be > 0, got {self.lam}.")
-        if self.horizon is not None and self.horizon < 1:
-            raise ConfigError(f"advantage.horizon must be >= 1, got {self.horizon}.")
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         if self.horizon is None:

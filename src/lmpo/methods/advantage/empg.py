@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import ADVANTAGES
 
 
@@ -65,21 +65,20 @@ class EMPGAdvantage:
         scale_by_std: GRPO's std normalisation of A(i).
     """
 
-    k: float = 1.0
-    k_future: float = 1.0
-    zeta: float = 0.05
+    k: float = hp(1.0, ge=0)
+    k_future: float = hp(1.0, ge=0)
+    zeta: float = hp(0.05, ge=0)
     recenter: bool = True
-    newline_ids: tuple[int, ...] = ()
+    newline_ids: tuple[int, ...] = hp((), ge=0)
     scale_by_std: bool = True
     eps: float = 1e-8
     needs: ClassVar[frozenset[str]] = frozenset({"entropy"})
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda newline_ids: all(isinstance(i, int) for i in newline_ids),
+             "{newline_ids} must be token ids (integers)"),
+    )
 
     def __post_init__(self) -> None:
-        for key in ("k", "k_future", "zeta"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"advantage.{key} must be >= 0, got {getattr(self, key)}.")
-        if any(not isinstance(i, int) or i < 0 for i in self.newline_ids):
-            raise ConfigError(f"advantage.newline_ids must be non-negative token ids, got {self.newline_ids!r}.")
         object.__setattr__(self, "newline_ids", tuple(self.newline_ids))
 
     def __call__(self, batch: RolloutBatch) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -51,13 +51,9 @@ class GRPOAdvantage:
     """
 
     scale_by_std: bool = True
-    std_level: str = "group"
+    std_level: str = hp("group", choices=("group", "batch"))
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.std_level not in ("group", "batch"):
-            raise ConfigError(f'advantage.std_level must be "group" or "batch", got {self.std_level!r}.')
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -45,13 +45,9 @@ class ReinforcePPAdvantage:
         eps: added to the batch std.
     """
 
-    baseline: str = "none"
+    baseline: str = hp("none", choices=("none", "group_mean"))
     eps: float = 1e-8
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.baseline not in ("none", "group_mean"):
-            raise ConfigError(f'advantage.baseline must be "none" or "group_mean", got {self.baseline!r}.')
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = batch.rewards.float()

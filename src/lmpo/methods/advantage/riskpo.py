@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -66,32 +66,17 @@ class RiskPOAdvantage:
         eps: added to the std of the paper scores.
     """
 
-    alpha: float = 0.2
-    beta: float = 0.9
-    bundle_size: int = 5
-    mix_weight: float = 1.5
-    quantile_mode: str = "tracked"
-    quantile_lr: float = 0.1
-    credit: str = "std"
+    alpha: float = hp(0.2, gt=0, lt=1)
+    beta: float = hp(0.9, gt=0, le=1)
+    bundle_size: int = hp(5, ge=1)
+    mix_weight: float = hp(1.5, ge=0)
+    quantile_mode: str = hp("tracked", choices=("batch", "tracked", "average"))
+    quantile_lr: float = hp(0.1, gt=0)
+    credit: str = hp("std", choices=("std", "uniform"))
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("alpha", "beta", strict=True),)
     _tracked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < self.beta <= 1:
-            raise ConfigError("advantage.alpha and advantage.beta must satisfy 0 < alpha < beta <= 1, "
-                              f"got {self.alpha}, {self.beta}.")
-        if self.bundle_size < 1:
-            raise ConfigError(f"advantage.bundle_size must be >= 1, got {self.bundle_size}.")
-        if self.mix_weight < 0:
-            raise ConfigError(f"advantage.mix_weight must be >= 0, got {self.mix_weight}.")
-        if self.quantile_mode not in ("batch", "tracked", "average"):
-            raise ConfigError('advantage.quantile_mode must be "batch", "tracked" or "average", '
-                              f"got {self.quantile_mode!r}.")
-        if not self.quantile_lr > 0:
-            raise ConfigError(f"advantage.quantile_lr must be > 0, got {self.quantile_lr}.")
-        if self.credit not in ("std", "uniform"):
-            raise ConfigError(f'advantage.credit must be "std" or "uniform", got {self.credit!r}.')
 
     # ------------------------------------------------------------------ state (tracked quantiles)
     def state_dict(self) -> dict:

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import LOSSES
 
 
@@ -43,32 +43,17 @@ from lmpo.registry import LOSSES
 class BAPOLoss:
     """Clipped surrogate whose absolute clip bounds are searched per batch for a positive share >= rho0."""
 
-    target: float = 0.5
-    low_start: float = 0.6
-    low_max: float = 0.9
-    high_start: float = 1.2
-    high_max: float = 3.0
-    low_step: float = 0.05
-    high_step: float = 0.05
-    dual_clip: float | None = 3.0
-    contribution: str = "gradient"
+    target: float = hp(0.5, gt=0, lt=1)
+    low_start: float = hp(0.6, gt=0, le=1)
+    low_max: float = hp(0.9, gt=0, le=1)
+    high_start: float = hp(1.2, ge=1)
+    high_max: float = hp(3.0, ge=1)
+    low_step: float = hp(0.05, gt=0)
+    high_step: float = hp(0.05, gt=0)
+    dual_clip: float | None = hp(3.0, gt=1)
+    contribution: str = hp("gradient", choices=("gradient", "clamped"))
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not 0 < self.target < 1:
-            raise ConfigError(f"loss.target must be in (0, 1), got {self.target}.")
-        if not 0 < self.low_start <= self.low_max <= 1:
-            raise ConfigError(f"loss.low_start / loss.low_max must satisfy 0 < start <= max <= 1, got "
-                              f"{self.low_start}, {self.low_max}.")
-        if not 1 <= self.high_start <= self.high_max:
-            raise ConfigError(f"loss.high_start / loss.high_max must satisfy 1 <= start <= max, got "
-                              f"{self.high_start}, {self.high_max}.")
-        if not (self.low_step > 0 and self.high_step > 0):
-            raise ConfigError("loss.low_step and loss.high_step must be > 0.")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ConfigError(f"loss.dual_clip must be > 1 (typically 3.0), got {self.dual_clip}.")
-        if self.contribution not in ("gradient", "clamped"):
-            raise ConfigError(f"loss.contribution must be 'gradient' or 'clamped', got {self.contribution!r}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("low_start", "low_max"), ordered("high_start", "high_max"),)
 
     def candidates(self) -> list[tuple[float, float]]:
         """The search path: c_low rises first, then c_high (integer step counts avoid float drift)."""

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -39,16 +39,10 @@ class CISPOLoss:
         token_mask: the paper's unified form: drop tokens PPO's clip would drop.
     """
 
-    epsilon: float | None = None
-    epsilon_high: float = 3.0
+    epsilon: float | None = hp(None, ge=0, le=1)
+    epsilon_high: float = hp(3.0, ge=0)
     token_mask: bool = False
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon is not None and not 0 <= self.epsilon <= 1:
-            raise ConfigError(f"loss.epsilon must be in [0, 1] or null (no lower bound), got {self.epsilon}.")
-        if not self.epsilon_high >= 0:
-            raise ConfigError(f"loss.epsilon_high must be >= 0, got {self.epsilon_high}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

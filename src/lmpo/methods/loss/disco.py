@@ -35,9 +35,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.real import group_logsumexp
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 SCORES = ("logl", "lratio")
@@ -65,23 +65,13 @@ class DisCOLoss:
         threshold: a response is positive when its reward > threshold.
     """
 
-    score: str = "logl"
-    variant: str = "disco"
-    tau: float = 10.0
-    delta: float = 1e-4
-    beta: float = 1e3
+    score: str = hp("logl", choices=SCORES)
+    variant: str = hp("disco", choices=VARIANTS)
+    tau: float = hp(10.0, gt=0)
+    delta: float = hp(1e-4, ge=0)
+    beta: float = hp(1e3, ge=0)
     threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ConfigError(f"loss.score must be one of {SCORES}, got {self.score!r}.")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"loss.variant must be one of {VARIANTS}, got {self.variant!r}.")
-        if self.tau <= 0:
-            raise ConfigError(f"loss.tau must be > 0, got {self.tau}.")
-        if self.delta < 0 or self.beta < 0:
-            raise ConfigError("loss.delta and loss.beta must be >= 0.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

@@ -39,9 +39,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import LOSSES
 
 
@@ -70,29 +70,19 @@ class EPOLoss:
         smooth_min_turn: smooth only turns with index >= this.
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    entropy_coef: float = 0.001
-    smooth_coef: float = 1.0
-    kappa_low: float = 0.0
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    entropy_coef: float = hp(0.001, ge=0)
+    smooth_coef: float = hp(1.0, ge=0)
+    kappa_low: float = hp(0.0, ge=0)
     kappa_high: float = 2.0
-    out_penalty: float = 0.05
-    schedule_iters: int = 150
-    smooth_min_turn: int = 0
+    out_penalty: float = hp(0.05, ge=0)
+    schedule_iters: int = hp(150, ge=0)
+    smooth_min_turn: int = hp(0, ge=0)
     _state: dict[str, Any] = field(default_factory=lambda: {"sum": {}, "count": {}, "pending": {}, "iters": 0},
                                    repr=False, compare=False)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "current_entropy"})
-
-    def __post_init__(self) -> None:
-        for key in ("epsilon", "entropy_coef", "smooth_coef", "kappa_low", "out_penalty"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}.")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ConfigError(f"loss.epsilon_high must be >= 0, got {self.epsilon_high}.")
-        if not self.kappa_high > self.kappa_low:
-            raise ConfigError(f"loss.kappa_high must be > loss.kappa_low, got {self.kappa_high} <= {self.kappa_low}.")
-        if self.schedule_iters < 0 or self.smooth_min_turn < 0:
-            raise ConfigError("loss.schedule_iters and loss.smooth_min_turn must be >= 0.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("kappa_low", "kappa_high", strict=True),)
 
     def history_mean(self, turns: Tensor) -> tuple[Tensor, Tensor]:
         """(Hbar per token, known per token) from the committed history."""

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -58,12 +58,8 @@ class OTRLoss:
         beta: reward of a sampled token that differs from the reference token (<= 0; small negative).
     """
 
-    beta: float = -0.1
+    beta: float = hp(-0.1, ge=-1, le=0)
     needs: ClassVar[frozenset[str]] = frozenset({"candidate_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not -1.0 <= self.beta <= 0.0:
-            raise ConfigError(f"loss.beta must be in [-1, 0] (a small negative reward), got {self.beta}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

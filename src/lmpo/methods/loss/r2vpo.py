@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -55,19 +55,13 @@ class R2VPOLoss:
         nu_init: the initial multiplier nu_0 (>= 0).
     """
 
-    delta: float = 0.01
-    dual_lr: float = 10.0
-    nu_init: float = 0.0
+    delta: float = hp(0.01, gt=0)
+    dual_lr: float = hp(10.0, ge=0)
+    nu_init: float = hp(0.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
     _state: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.delta <= 0:
-            raise ConfigError(f"loss.delta must be > 0, got {self.delta}.")
-        if self.dual_lr < 0:
-            raise ConfigError(f"loss.dual_lr must be >= 0, got {self.dual_lr}.")
-        if self.nu_init < 0:
-            raise ConfigError(f"loss.nu_init must be >= 0, got {self.nu_init}.")
         self._state.update(_fresh(self.nu_init))
 
     @property

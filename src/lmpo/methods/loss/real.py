@@ -33,8 +33,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 VARIANTS = ("anchor", "bce")
@@ -72,16 +72,10 @@ class REALLoss:
         threshold: a rollout is a positive when its reward > threshold.
     """
 
-    tau: float = 0.5
-    variant: str = "anchor"
+    tau: float = hp(0.5, gt=0)
+    variant: str = hp("anchor", choices=VARIANTS)
     threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ConfigError(f"loss.tau must be > 0, got {self.tau}.")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"loss.variant must be one of {VARIANTS}, got {self.variant!r}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

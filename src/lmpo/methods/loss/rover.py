@@ -44,8 +44,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -74,15 +74,9 @@ class RoverLoss:
             the target_adv_only ablation.
     """
 
-    rho: float = 1.0
-    next_q_scale: float = 1.0
+    rho: float = hp(1.0, gt=0)
+    next_q_scale: float = hp(1.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "vocab_mean_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.rho > 0:
-            raise ConfigError(f"loss.rho must be > 0, got {self.rho}.")
-        if self.next_q_scale < 0:
-            raise ConfigError(f"loss.next_q_scale must be >= 0, got {self.next_q_scale}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 LEVELS = ("sequence", "token")
@@ -53,16 +53,10 @@ class TOPRLoss:
         positive_weight / negative_weight: extra coefficients on the two sets (paper: 1, 1).
     """
 
-    level: str = "sequence"
-    positive_weight: float = 1.0
-    negative_weight: float = 1.0
+    level: str = hp("sequence", choices=LEVELS)
+    positive_weight: float = hp(1.0, ge=0)
+    negative_weight: float = hp(1.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(f"loss.level must be one of {LEVELS}, got {self.level!r}.")
-        if self.positive_weight < 0 or self.negative_weight < 0:
-            raise ConfigError("loss.positive_weight and loss.negative_weight must be >= 0.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask

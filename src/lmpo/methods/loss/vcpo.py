@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 GRAD_NORMS = ("tokens", "equal")
@@ -57,27 +57,17 @@ class VCPOLoss:
         behaviour: "sampler" (mu = rollout engine log-probs) or "old" (pi_old).
     """
 
-    is_threshold: float = 8.0
-    ess_rule: str = "sqrt"
-    ess_base: float = 1.0
-    grad_norm: str = "tokens"
+    is_threshold: float = hp(8.0, gt=0)
+    ess_rule: str = hp("sqrt", choices=ESS_RULES)
+    ess_base: float = hp(1.0, gt=0, le=1)
+    grad_norm: str = hp("tokens", choices=GRAD_NORMS)
     norm_by_std: bool = True
-    eps: float = 1e-6
-    behaviour: str = "sampler"
+    eps: float = hp(1e-6, ge=0)
+    behaviour: str = hp("sampler", choices=BEHAVIOURS)
     needs: ClassVar[frozenset[str]] = frozenset()
     _state: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.is_threshold <= 0:
-            raise ConfigError(f"loss.is_threshold must be > 0, got {self.is_threshold}.")
-        for key, val, allowed in (("ess_rule", self.ess_rule, ESS_RULES), ("grad_norm", self.grad_norm, GRAD_NORMS),
-                                  ("behaviour", self.behaviour, BEHAVIOURS)):
-            if val not in allowed:
-                raise ConfigError(f"loss.{key} must be one of {allowed}, got {val!r}.")
-        if not 0 < self.ess_base <= 1:
-            raise ConfigError(f"loss.ess_base must be in (0, 1], got {self.ess_base}.")
-        if self.eps < 0:
-            raise ConfigError(f"loss.eps must be >= 0, got {self.eps}.")
         object.__setattr__(self, "needs", frozenset({"old_logprobs"}) if self.behaviour == "old" else frozenset())
         self._state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
 

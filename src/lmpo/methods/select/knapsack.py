@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import SELECTORS
 
 
@@ -80,17 +80,12 @@ class KnapsackAllocation:
         success_threshold: a rollout counts as a success when its reward >= this.
     """
 
-    min_n: int = 2
+    min_n: int = hp(2, ge=1)
     max_n: int | None = None
     success_threshold: float = 1.0
     success: dict[str, float] = field(default_factory=dict, init=False, compare=False, repr=False)  # prompt key -> last rate
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.min_n < 1:
-            raise ConfigError(f"selectors.knapsack.min_n must be >= 1, got {self.min_n}.")
-        if self.max_n is not None and self.max_n < self.min_n:
-            raise ConfigError(f"selectors.knapsack.max_n must be >= min_n ({self.min_n}), got {self.max_n}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("min_n", "max_n"),)
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return torch.ones(batch.batch_size, dtype=torch.bool)

@@ -23,6 +23,7 @@ from lmpo.models import build_tiny_model, response_logprobs
 from lmpo.models.logprobs import LayerNoise, layer_noise
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss
 from unit.methods._helpers import make_batch
+from factories import from_config
 
 F64 = torch.float64
 
@@ -183,5 +184,5 @@ def test_config_errors():
                     ({"noise_std": -1.0}, "noise_std"), ({"noise_first_layer": 2, "noise_last_layer": 1},
                                                           "noise_first_layer")):
         with pytest.raises(ConfigError, match=key):
-            ALPLoss(**kw)
+            from_config(ALPLoss, **kw)
     assert ALPLoss.needs == frozenset({"sampler_logprobs", "layer_noise"})

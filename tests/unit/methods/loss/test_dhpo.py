@@ -21,6 +21,7 @@ from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.dhpo import DHPOLoss
 from lmpo.registry import LOSSES
 from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config
 
 F64 = torch.float64
 
@@ -105,7 +106,7 @@ def test_config_errors():
                     ({"combine": "harmonic"}, "loss.combine"), ({"epsilon": -0.1}, "loss.epsilon"),
                     ({"seq_epsilon": 1.0}, "loss.seq_epsilon")]:
         with pytest.raises(ConfigError, match=key):
-            DHPOLoss(**kw)
+            from_config(DHPOLoss, **kw)
 
 
 def loop_dhpo(logr, adv, mask, w, combine, et, eth, es, esh):
