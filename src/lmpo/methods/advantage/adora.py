@@ -97,7 +97,7 @@ class ADORAAdvantage:
             wrong = wrong & ~truncated
         max_pos = group_extreme(lengths, correct, group_ids, "amax")
         n_wrong = ops.group_sum(wrong.to(lengths.dtype), group_ids)
-        sum_neg = ops.group_sum(torch.where(wrong, lengths, torch.zeros_like(lengths)), group_ids)
+        sum_neg = ops.group_sum(ops.zero_outside(lengths, wrong), group_ids)
         mean_neg = sum_neg / n_wrong.clamp_min(1)
         no_pos = ops.group_sum(correct.to(lengths.dtype), group_ids) == 0
         return no_pos | (n_wrong == 0) | (max_pos > mean_neg)
@@ -132,7 +132,7 @@ class ADORAAdvantage:
                 r = self.reshape(r, lengths, batch.group_ids, tas)
         std = ops.group_std(r, batch.group_ids) + self.eps
         adv = w * ops.group_centered(r, batch.group_ids) / torch.where(std > 0, std, torch.ones_like(std))
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released LLM code (v1): lambda = 0.1. The card gives no loss settings; ADORA plugs into GRPO, so we keep GRPO's.

@@ -108,7 +108,7 @@ class BNPOAdvantage:
             if batch.token_rewards is not None:
                 r = r + ops.masked_sum(batch.token_rewards, batch.response_mask, dim=-1).to(r.dtype)
             adv = self.single(r, batch.group_ids)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released run.sh: clip 0.2 / 0.28, dual-clip c = 10, seq-mean-token-sum aggregation, no KL.

@@ -109,7 +109,7 @@ class BRPOAdvantage:
         pos = torch.arange(T, device=mask.device)
         seg = torch.searchsorted(torch.tensor(cuts, device=mask.device), pos, right=True).clamp_max(len(cuts) - 1)
         per_token = adv.float().to(mask.device)[:, seg]
-        return torch.where(mask, per_token, torch.zeros((), dtype=torch.float32, device=mask.device))
+        return ops.zero_outside(per_token, mask)
 
 
 PRESETS = {

@@ -108,7 +108,7 @@ class COPOAdvantage:
         a_loc, a_glob = self.local_global(batch)
         w = self.gate(batch)
         adv = w * a_loc + (1 - w) * a_glob
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # The released README trains in a DAPO-based verl recipe: clip-higher 0.2 / 0.28, token-level mean, no KL.

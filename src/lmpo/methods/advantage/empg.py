@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.params import Rule, hp, rule
@@ -105,12 +106,12 @@ class EMPGAdvantage:
         # future clarity: the next *real* step of the same row (steps are consecutive indices within a row)
         Hn2, real2 = Hn.view(B, S), real.view(B, S)
         nxt = torch.zeros(B, S, dtype=torch.float64, device=mask.device)
-        nxt[:, :-1] = torch.where(real2[:, 1:], torch.exp(-self.k_future * Hn2[:, 1:]), 0.0)
+        nxt[:, :-1] = ops.zero_outside(torch.exp(-self.k_future * Hn2[:, 1:]), real2[:, 1:])
         a_mod = g.view(B, S) * seq_adv[:, None] + self.zeta * nxt
         if self.recenter:
             a_mod = a_mod - a_mod[real2].mean()
         out = a_mod.reshape(-1)[(torch.arange(B, device=sid.device)[:, None] * S + sid).clamp_max(B * S - 1)]
-        return torch.where(mask, out.to(torch.float32), torch.zeros((), dtype=torch.float32))
+        return ops.zero_outside(out.to(torch.float32), mask)
 
 
 # ARLArena port defaults (k = k' = 1, zeta = 0.05) on GRPO advantages; the loss is GRPO's.

@@ -86,7 +86,7 @@ class GDPOAdvantage:
         if self.batch_norm:
             every = torch.ones_like(a_sum, dtype=torch.bool)
             adv = ops.masked_whiten(a_sum, every, eps=self.eps)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # The paper feeds A into the usual GRPO/DAPO clipped surrogate; the card gives no loss settings, so (gap) we use

@@ -36,7 +36,7 @@ def outcome_returns(batch: RolloutBatch) -> Tensor:
 
 def broadcast(adv: Tensor, mask: Tensor) -> Tensor:
     """(B,) -> (B, T), zero on masked tokens."""
-    return torch.where(mask, adv[:, None].to(torch.float32), torch.zeros((), dtype=torch.float32))
+    return ops.zero_outside(adv[:, None].to(torch.float32), mask)
 
 
 @ADVANTAGES.register("grpo", paper="DeepSeekMath (GRPO); Dr. GRPO", arxiv="2402.03300")

@@ -30,9 +30,9 @@ def returns_to_go(batch: RolloutBatch, outcome: Tensor) -> Tensor:
     mask = batch.response_mask
     g = outcome[:, None].to(torch.float32).expand(mask.shape).clone()
     if batch.token_rewards is not None:
-        tr = torch.where(mask, batch.token_rewards.float(), torch.zeros((), dtype=torch.float32))
+        tr = ops.zero_outside(batch.token_rewards.float(), mask)
         g = g + tr.flip(-1).cumsum(-1).flip(-1)
-    return torch.where(mask, g, torch.zeros((), dtype=torch.float32))
+    return ops.zero_outside(g, mask)
 
 
 @ADVANTAGES.register("reinforce_pp", paper="REINFORCE++", arxiv="2501.03262")

@@ -132,7 +132,7 @@ class RiskPOAdvantage:
         if self.credit == "std":
             sq = ops.group_std(r, batch.group_ids)
             adv = adv / torch.where(sq < 1e-3, torch.ones_like(sq), sq)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released script (Qwen2.5-1.5B): alpha 0.2, beta 0.9, bundles of 5, w = 1.5, lr_q 0.1; GRPO clip, no KL, no entropy

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
@@ -86,9 +85,9 @@ class ALPLoss:
         metrics = {
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
-            "loss/ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max().detach(),
+            "loss/ratio_max": ops.zero_outside(ratio, mask).max().detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 # README example: all layers, perturb_std 1e-6, sequence-level ratio, clip_ratio_low 0.5 / clip_ratio_high 3.0.

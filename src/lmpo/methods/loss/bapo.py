@@ -68,11 +68,11 @@ class BAPOLoss:
         pos_tok, neg_tok = (mask & (adv > 0))[None], (mask & (adv < 0))[None]
         lo, hi = lows[:, None, None], highs[:, None, None]
         if self.contribution == "gradient":
-            pos = torch.where(pos_tok & (r <= hi), r * a, 0.0).sum((1, 2))
-            neg = torch.where(neg_tok & (r >= lo), -r * a, 0.0).sum((1, 2))
+            pos = ops.zero_outside(r * a, pos_tok & (r <= hi)).sum((1, 2))
+            neg = ops.zero_outside(-r * a, neg_tok & (r >= lo)).sum((1, 2))
         else:
-            pos = torch.where(pos_tok, torch.minimum(r, hi) * a, 0.0).sum((1, 2))
-            neg = torch.where(neg_tok, -torch.maximum(r, lo) * a, 0.0).sum((1, 2))
+            pos = ops.zero_outside(torch.minimum(r, hi) * a, pos_tok).sum((1, 2))
+            neg = ops.zero_outside(-torch.maximum(r, lo) * a, neg_tok).sum((1, 2))
         total = pos + neg
         return torch.where(total > 0, pos / total.clamp_min(1e-30), torch.ones_like(total))
 
@@ -92,7 +92,7 @@ class BAPOLoss:
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -79,7 +79,7 @@ class CAPOCurvatureLoss:
             keep = mask & (score <= self.threshold * mean)
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
                    "loss/capo_rejected": ops.masked_mean((mask & ~keep).float(), mask).detach()}
-        return LossOut(torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, keep), metrics)
 
 
 # CAPO is GRPO (DeepSeekMath settings, as the "grpo" preset) plus the curvature mask; the paper's thresholds were not

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
@@ -55,15 +54,14 @@ class CISPOLoss:
         keep = mask
         if self.token_mask:
             keep = mask & ~(((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low)))
-        zero = torch.zeros((), dtype=logprobs.dtype)
         # Masked-out log-probs can be -inf or garbage; zero them before they meet the weight (0 * inf = NaN).
-        loss = -weight * adv * torch.where(keep, logprobs, zero)
+        loss = -weight * adv * ops.zero_outside(logprobs, keep)
         metrics = {
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/is_weight_mean": ops.masked_mean(weight, mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(keep, loss, zero), metrics)
+        return LossOut(ops.zero_outside(loss, keep), metrics)
 
 
 PRESETS = {

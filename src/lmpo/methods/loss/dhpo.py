@@ -68,7 +68,7 @@ class DHPOLoss:
         ent = batch.extras.get("current_entropy")
         if ent is None:
             raise DataError("loss.mixing='entropy' needs RolloutBatch.extras['current_entropy'] (token entropies).")
-        ent = torch.where(batch.response_mask, ent.detach().clamp_min(0.0), torch.zeros((), dtype=ent.dtype))
+        ent = ops.zero_outside(ent.detach().clamp_min(0.0), batch.response_mask)
         return ent / ent.amax(-1, keepdim=True).clamp_min(1e-12)
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
@@ -88,7 +88,7 @@ class DHPOLoss:
             "loss/ratio_mean": ops.masked_mean(raw, mask).detach(),
             "loss/token_weight_mean": ops.masked_mean(torch.as_tensor(w, dtype=r.dtype).expand_as(r), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -102,20 +102,20 @@ class EPOLoss:
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach()}
         ent = batch.extras.get("current_entropy")
         if ent is not None:
-            ent = torch.where(mask, ent.to(loss.dtype), torch.zeros((), dtype=loss.dtype, device=loss.device))
+            ent = ops.zero_outside(ent.to(loss.dtype), mask)
             turns = batch.turn_ids if batch.turn_ids is not None else torch.zeros_like(mask, dtype=torch.long)
             hbar, known = self.history_mean(turns)
             hbar = hbar.to(loss.dtype)
             upper = hbar * self.kappa_high if math.isfinite(self.kappa_high) else torch.full_like(hbar, math.inf)
             hinge = torch.relu(self.kappa_low * hbar - ent) + torch.relu(ent - upper)
             active = mask & known & (turns >= self.smooth_min_turn)
-            penalty = torch.where(active, self.out_penalty * hinge, torch.zeros_like(hinge))
+            penalty = ops.zero_outside(self.out_penalty * hinge, active)
             w = phase_weight(self._state["iters"], self.schedule_iters)
             loss = loss - self.entropy_coef * ent + self.entropy_coef * self.smooth_coef * w * penalty
             self._accumulate(ent.detach(), turns, mask)
             metrics["loss/epo_out_of_band"] = ops.masked_mean((active & (hinge > 0)).float(), mask).detach()
             metrics["loss/epo_penalty"] = ops.masked_mean(penalty, mask).detach()
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
     def _accumulate(self, ent: Tensor, turns: Tensor, mask: Tensor) -> None:
         pend = self._state["pending"]

@@ -70,7 +70,7 @@ class FiberPOLoss:
             "loss/base_ratio_mean": ops.masked_mean(base.exp(), rows).detach(),
             "loss/ratio_mean": ops.masked_mean(log_r.exp(), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

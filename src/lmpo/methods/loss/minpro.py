@@ -68,7 +68,7 @@ class MinPROLoss:
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
             "loss/prefix_weight_mean": ops.masked_mean(weight, mask),
         }
-        return LossOut(torch.where(mask, weight * loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(weight * loss, mask), metrics)
 
 
 PRESETS = {

@@ -63,19 +63,18 @@ class OTRLoss:
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
-        zero = torch.zeros((), dtype=logprobs.dtype)
         cand = batch.extras.get("candidate_ids")
         cand_lp = batch.extras.get("candidate_logprobs")
         if cand is None or cand_lp is None:
             loss = -logprobs.detach().exp() * logprobs
-            return LossOut(torch.where(mask, loss, zero), {})
+            return LossOut(ops.zero_outside(loss, mask), {})
         R = candidate_rewards(cand, batch.response_ids, self.beta).to(cand_lp.dtype)
-        cand_lp = torch.where(mask.unsqueeze(-1), cand_lp, 0.0)
+        cand_lp = ops.zero_outside(cand_lp, mask.unsqueeze(-1))
         loss = -(R * cand_lp).mean(-1)
         hit = (cand == batch.response_ids.unsqueeze(-1)).to(logprobs.dtype).mean(-1)
         metrics = {"loss/candidate_hit_rate": ops.masked_mean(hit, mask).detach(),
                    "loss/ref_logprob": ops.masked_mean(logprobs, mask).detach()}
-        return LossOut(torch.where(mask, loss, zero), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -61,4 +61,4 @@ class PPOClipLoss:
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)

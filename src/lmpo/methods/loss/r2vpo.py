@@ -80,7 +80,7 @@ class R2VPOLoss:
             "loss/ratio_var": ops.masked_mean(dev.detach() ** 2, mask),
             "loss/nu": torch.tensor(self.nu),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
     def after_optimizer_step(self) -> None:
         """Dual ascent nu <- max(0, nu + eta (E[(r-1)^2] - delta)) over the step's trained tokens; clears them."""

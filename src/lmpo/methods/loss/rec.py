@@ -95,18 +95,18 @@ class RECLoss:
             w = seq_rho
         else:  # advantage (RED-Weight)
             w = torch.exp(adv.detach() / self.temp)
-        lp = torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype))
+        lp = ops.zero_outside(logprobs, mask)
         loss = -(w * adv * keep) * lp
         if self.regularizer == "forward_kl":
             loss = loss - self.regularizer_coef * lp
         elif self.regularizer == "k2":
-            d = torch.where(mask, logprobs - batch.old_logprobs.detach(), torch.zeros((), dtype=lp.dtype))
+            d = ops.zero_outside(logprobs - batch.old_logprobs.detach(), mask)
             loss = loss + self.regularizer_coef * d * d
         metrics = {
             "loss/clip_frac": ops.masked_mean((~keep).float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(rho, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 def _preset(**loss) -> dict:

@@ -88,7 +88,7 @@ class PPOClipISLoss:
             "loss/mismatch_k3": ops.masked_mean(
                 ops.kl_estimate(batch.sampler_logprobs.detach(), batch.old_logprobs.detach(), "k3"), mask),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 _GRPO = {"advantage": {"name": "grpo"}, "aggregator": {"name": "seq_mean_token_mean"},

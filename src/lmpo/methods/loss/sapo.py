@@ -55,7 +55,7 @@ class SAPOLoss:
             "loss/gate_weight_mean": ops.masked_mean(weight, mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -87,7 +87,7 @@ class SoftGRPOLoss:
         loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, self.epsilon, None)
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
                    "loss/soft_frac": ops.masked_mean(soft.float(), mask).detach()}
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

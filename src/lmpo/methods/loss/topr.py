@@ -70,13 +70,13 @@ class TOPRLoss:
         taper = log_ratio.clamp(max=0.0).exp()
         neg = adv < 0
         w = torch.where(neg, self.negative_weight * taper, torch.full_like(taper, self.positive_weight))
-        lp = torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype))
+        lp = ops.zero_outside(logprobs, mask)
         loss = -w * adv * lp
         metrics = {
             "loss/neg_weight_mean": ops.masked_mean(taper, mask & neg).detach(),
             "loss/neg_frac": ops.masked_mean(neg.float(), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

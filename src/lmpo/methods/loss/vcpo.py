@@ -75,8 +75,7 @@ class VCPOLoss:
         mask = batch.response_mask
         member = mask.any(-1)
         mu = batch.sampler_logprobs if self.behaviour == "sampler" else batch.old_logprobs
-        zero = torch.zeros((), dtype=logprobs.dtype)
-        log_w = ops.masked_sum(torch.where(mask, logprobs - mu, zero), mask, dim=-1).detach()
+        log_w = ops.masked_sum(logprobs - mu, mask, dim=-1).detach()
         w = log_w.clamp(-ops.LOG_RATIO_CLAMP, ops.LOG_RATIO_CLAMP).double().exp()  # (B,) float64
         wt = w.clamp(max=self.is_threshold)
         if "grad_sq_norm" in batch.extras:
@@ -85,16 +84,16 @@ class VCPOLoss:
             gsq = mask.double().sum(-1)
         else:
             gsq = torch.ones_like(w)
-        lam = torch.where(member, wt * wt * gsq, torch.zeros_like(w))
+        lam = ops.zero_outside(wt * wt * gsq, member)
         r = batch.rewards.double()
         num, den = ops.group_sum(lam * r, batch.group_ids), ops.group_sum(lam, batch.group_ids)
         base = torch.where(den > 0, num / den.clamp_min(1e-300), ops.group_mean(r, batch.group_ids))
         adv = r - base
         if self.norm_by_std:
             adv = adv / (ops.group_std(r, batch.group_ids) + self.eps)
-        coef = torch.where(member, wt * adv, torch.zeros_like(adv)).to(logprobs.dtype)
-        lp = torch.where(mask, logprobs, zero)
-        per_token = torch.where(mask, -coef[:, None] * lp, zero)
+        coef = ops.zero_outside(wt * adv, member).to(logprobs.dtype)
+        lp = ops.zero_outside(logprobs, mask)
+        per_token = ops.zero_outside(-coef[:, None] * lp, mask)
         wm = w[member]
         s = self._state
         s["sum_w"] += float(wm.sum())

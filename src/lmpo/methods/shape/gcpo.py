@@ -57,7 +57,7 @@ def contrastive_mask(acc: Tensor, aux: Tensor, group_ids: Tensor, eps: float) ->
     a_no = ops.group_sum(acc * (1 - aux), group_ids) / n_no.clamp_min(1)
     diff = a_aux - a_no
     m = torch.where(diff > eps, 1.0, torch.where(diff < -eps, -1.0, 0.0)).to(acc.dtype)
-    return torch.where((n_aux > 0) & (n_no > 0), m, torch.zeros_like(m))
+    return ops.zero_outside(m, (n_aux > 0) & (n_no > 0))
 
 
 @SHAPERS.register("gcpo", paper="GeometryZero: Group Contrastive Policy Optimization (GCPO)", arxiv="2506.07160",
@@ -107,7 +107,7 @@ class GroupContrastiveShaper:
                 raise ConfigError("shaper gcpo needs horizon (L) for its length reward; the trainer fills it "
                                   "from rollout.max_new_tokens.")
             frac = (ops.response_lengths(batch.response_mask).to(r.dtype) / float(self.horizon)).clamp(max=1.0)
-            r = r + torch.where(acc > self.correct_threshold, self.length_weight * frac, torch.zeros_like(frac))
+            r = r + ops.zero_outside(self.length_weight * frac, acc > self.correct_threshold)
         return batch.replace(rewards=r)
 
 
