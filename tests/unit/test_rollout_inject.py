@@ -9,7 +9,7 @@ from lmpo.rollout.base import SamplingParams
 from lmpo.train.data import PromptStream
 from lmpo.train.rollouts import InjectingStream, RolloutContext, collect
 
-from unit._rollout_fakes import EchoGenerator, exact_reward
+from factories import EchoGenerator, exact_reward
 
 
 class Injector:

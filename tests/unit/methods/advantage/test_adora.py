@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.adora import ADORAAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 # Hand case (card test a): rewards [2, 2, 0, 0] with tau_R = 1, so P = {0, 1}, N = {2, 3}.

@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.bnpo import BNPOAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def beta_pdf(p, a, b):

@@ -9,8 +9,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.brpo import BRPOAdvantage, brpo_segment_advantages, budget_prior
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_groups
-from factories import from_config
+from factories import from_config, make_batch, random_groups
 
 F64 = torch.float64
 

@@ -13,8 +13,7 @@ from lmpo.methods.advantage.d3s import D3SAdvantage, max_variance_subset, ramp
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def with_entropy(batch, ent):

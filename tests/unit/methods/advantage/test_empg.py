@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.empg import EMPGAdvantage, step_ids
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 
 def with_steps(b, ent, turns=None, ids=None):

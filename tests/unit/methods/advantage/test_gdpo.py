@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.gdpo import GDPOAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def with_components(comps, groups, T=1, dtype=torch.float32, mask=None):

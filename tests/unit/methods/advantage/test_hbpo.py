@@ -13,9 +13,8 @@ from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.hbpo import HBPOAdvantage, HBPOBudgetReward
 from lmpo.rollout import SamplingParams
 from lmpo.train.rollouts import score
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 from unit.test_rollout_budgets import ROWS, make_ctx
-from factories import from_config
 
 F64 = torch.float64
 

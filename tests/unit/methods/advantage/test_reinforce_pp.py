@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo import ops
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.reinforce_pp import ReinforcePPAdvantage, returns_to_go
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def test_hand_outcome_only():

@@ -10,8 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.riskpo import RiskPOAdvantage, pairing_rank
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def one_question(R, dtype=torch.float32):

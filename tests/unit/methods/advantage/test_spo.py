@@ -11,8 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.spo import SPOAdvantage, forgetting
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 
 def with_keys(batch, keys):

@@ -16,8 +16,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.bapo import BAPOLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, run_token_loss
-from factories import from_config
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 

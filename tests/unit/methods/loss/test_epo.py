@@ -15,8 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.epo import EPOLoss, phase_weight
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 F64 = torch.float64
 

@@ -15,8 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.fiberpo import FiberPOLoss
-from unit.methods._helpers import make_batch, run_token_loss
-from factories import from_config
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 

@@ -15,8 +15,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.minpro import MinPROLoss, prefix_min_ratio
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, run_token_loss
-from factories import from_config
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 

@@ -8,8 +8,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.otr import OTRLoss
-from unit.methods._helpers import make_batch, random_mask
-from factories import from_config
+from factories import from_config, make_batch, random_mask
 
 F64 = torch.float64
 

@@ -16,8 +16,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.r2vpo import R2VPOLoss
-from unit.methods._helpers import make_batch, random_mask, token_loss_inputs
-from factories import from_config
+from factories import from_config, make_batch, random_mask, token_loss_inputs
 
 F64 = torch.float64
 

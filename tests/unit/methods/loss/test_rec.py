@@ -17,8 +17,7 @@ from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.rec import CLIP_MODES, WEIGHTS, RECLoss
 from lmpo.methods.loss.reinforce import ReinforceLoss
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 F64 = torch.float64
 

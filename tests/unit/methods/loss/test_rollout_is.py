@@ -18,8 +18,7 @@ from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.rollout_is import PPOClipISLoss
 from lmpo.train.step import UpdateSettings, minibatch_loss
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 F64 = torch.float64
 

@@ -13,8 +13,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.soft_grpo import SoftGRPOLoss, soft_step_loglik
 from lmpo.rollout.soft import gumbel_loglik
-from unit.methods._helpers import make_batch, random_mask
-from factories import from_config
+from factories import from_config, make_batch, random_mask
 
 F64 = torch.float64
 

@@ -15,8 +15,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenSum
 from lmpo.methods.loss.reinforce import ReinforceLoss
 from lmpo.methods.loss.topr import TOPRLoss
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 F64 = torch.float64
 

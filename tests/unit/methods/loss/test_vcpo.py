@@ -12,8 +12,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.vcpo import VCPOLoss
-from unit.methods._helpers import make_batch, random_groups, random_mask
-from factories import from_config
+from factories import from_config, make_batch, random_groups, random_mask
 
 F64 = torch.float64
 

@@ -15,8 +15,7 @@ import torch
 from lmpo.errors import ConfigError
 from lmpo.methods.select.clpo import CLPO, MODE_KEY
 from lmpo.rollout.base import GenerationOutput, SamplingParams
-from unit.methods._helpers import make_batch, random_groups
-from factories import from_config
+from factories import from_config, make_batch, random_groups
 
 
 def with_rows(rewards, group_ids, rows_per_group, components=None):

@@ -10,8 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.knapsack import KnapsackAllocation, knapsack_value, solve_knapsack
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 F64 = torch.float64
 

@@ -11,8 +11,7 @@ import torch
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.pf_ppo import PolicyFiltration, r_squared
-from unit.methods._helpers import make_batch, random_groups
-from factories import from_config
+from factories import from_config, make_batch, random_groups
 
 
 def batch(R, groups=None, seed=0):

@@ -10,8 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.rest_grpo import ReSTGRPO, prefix_probs
-from unit.methods._helpers import make_batch, random_batch
-from factories import from_config
+from factories import from_config, make_batch, random_batch
 
 
 def with_meta(batch, completions, rows):

@@ -11,8 +11,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.gcpo import GroupContrastiveShaper
-from unit.methods._helpers import make_batch, random_groups
-from factories import from_config
+from factories import from_config, make_batch, random_groups
 
 AUX = "<aux>draw AD</aux> so x=3"
 PLAIN = "x=3"

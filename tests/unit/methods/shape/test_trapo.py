@@ -10,8 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.trapo import TraPO, majority, reliability, select, znorm
-from unit.methods._helpers import make_batch
-from factories import from_config
+from factories import from_config, make_batch
 
 
 def batch_of(rewards, group_ids, completions, rows):
