@@ -86,6 +86,17 @@ def preset_rows() -> list[dict[str, str]]:
     return rows
 
 
+def _print_params(entry) -> None:
+    """A component's hyper-parameters: default and declared range (``lmpo list --params``)."""
+    from lmpo.methods.params import describe_params
+
+    ranges = describe_params(entry.obj)
+    for key, default in entry.params.items():
+        print(f"      {key} = {default!r}" + (f"  ({ranges[key]})" if key in ranges else ""))
+    if "constraints" in ranges:
+        print(f"      requires: {ranges['constraints']}")
+
+
 def cmd_list(args) -> int:
     if args.markdown:
         print("| preset | components (advantage + loss + aggregator [+ selectors/shapers/planners]) | papers | fidelity |")
@@ -107,6 +118,8 @@ def cmd_list(args) -> int:
             arxiv = f"arXiv:{e.arxiv}" if e.arxiv and e.arxiv != "none" else ""
             fid = "" if e.fidelity == "exact" else f" [fidelity={e.fidelity}]"
             print(f"  {e.name:<26} {arxiv:<17} {e.paper}{fid}")
+            if args.params:
+                _print_params(e)
     if not args.kind or args.kind == "preset":
         print("\npresets (method=...):")
         for name, p in sorted(PRESETS.items()):
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered components with their papers")
     ls.add_argument("--kind", default=None)
     ls.add_argument("--markdown", action="store_true", help="print the presets as a markdown table (docs/methods.md)")
+    ls.add_argument("--params", action="store_true", help="also show each component's hyper-parameters: default, range")
     ls.set_defaults(fn=cmd_list)
     c = sub.add_parser("compare", help="run several methods on identical prompts and seeds")
     c.add_argument("args", nargs="*")

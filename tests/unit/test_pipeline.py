@@ -18,7 +18,7 @@ from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.pipeline import KLPenalty, Pipeline, build_pipeline, data_plan, missing_needs
 from lmpo.train.step import UpdateSettings, minibatch_loss
 
-from contracts._batch import random_batch
+from factories import random_full_batch as random_batch
 
 
 @dataclass(frozen=True)

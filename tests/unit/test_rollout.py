@@ -483,7 +483,6 @@ def test_large_batches_under_autocast_keep_the_hugging_face_step(tok, monkeypatc
 
 
 def test_frozen_flags_are_restored_when_generation_fails(tok, monkeypatch):
-    import lmpo.rollout.hf as hf
     from lmpo.models.load import apply_lora
     model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}

@@ -10,7 +10,7 @@ from lmpo.train.data import PromptStream
 from lmpo.pipeline import Pipeline
 from lmpo.train.rollouts import RolloutContext, collect
 
-from unit._rollout_fakes import EchoGenerator, exact_reward
+from factories import EchoGenerator, exact_reward
 
 
 class Tok:

@@ -242,3 +242,6 @@ class Stateful:
             raise DataError(f"{type(self).__name__}.load_state_dict: the saved state has keys {sorted(state)}, "
                             f"expected {sorted(expected)} (a checkpoint of another version or component?).")
         self.__dict__["_state"] = copy.deepcopy(dict(state))
+
+
+from lmpo.methods.params import Rule, hp, ordered, rule  # noqa: E402,F401  (declared hyper-parameter ranges)

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -71,31 +71,20 @@ class ADORAAdvantage(Stateful):
         eps: added to the group std.
     """
 
-    attenuation: float = 0.1
-    tas_weight: float = 1.0
+    attenuation: float = hp(0.1, ge=0)
+    tas_weight: float = hp(1.0, ge=0)
     reward_threshold: float = 0.5
-    length_beta: float = 0.0
-    difficulty_p: float = 0.5
+    length_beta: float = hp(0.0, ge=0)
+    difficulty_p: float = hp(0.5, ge=0, le=0.5)
     exclude_truncated: bool = False
-    start_step: int = 0
+    start_step: int = hp(0, ge=0)
     end_step: int | None = None
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("start_step", "end_step"),)
 
     def initial_state(self) -> dict[str, Any]:
         return {"step": 0}
-
-    def __post_init__(self) -> None:
-        if self.attenuation < 0 or self.tas_weight < 0:
-            raise ConfigError("advantage.attenuation and advantage.tas_weight must be >= 0, "
-                              f"got {self.attenuation}, {self.tas_weight}.")
-        if self.length_beta < 0:
-            raise ConfigError(f"advantage.length_beta must be >= 0, got {self.length_beta}.")
-        if not 0 <= self.difficulty_p <= 0.5:
-            raise ConfigError(f"advantage.difficulty_p must be in [0, 0.5], got {self.difficulty_p}.")
-        if self.start_step < 0 or (self.end_step is not None and self.end_step < self.start_step):
-            raise ConfigError("advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, "
-                              f"got {self.start_step}, {self.end_step}.")
 
 
 
@@ -107,7 +96,7 @@ class ADORAAdvantage(Stateful):
             wrong = wrong & ~truncated
         max_pos = group_extreme(lengths, correct, group_ids, "amax")
         n_wrong = ops.group_sum(wrong.to(lengths.dtype), group_ids)
-        sum_neg = ops.group_sum(torch.where(wrong, lengths, torch.zeros_like(lengths)), group_ids)
+        sum_neg = ops.group_sum(ops.zero_outside(lengths, wrong), group_ids)
         mean_neg = sum_neg / n_wrong.clamp_min(1)
         no_pos = ops.group_sum(correct.to(lengths.dtype), group_ids) == 0
         return no_pos | (n_wrong == 0) | (max_pos > mean_neg)
@@ -142,7 +131,7 @@ class ADORAAdvantage(Stateful):
                 r = self.reshape(r, lengths, batch.group_ids, tas)
         std = ops.group_std(r, batch.group_ids) + self.eps
         adv = w * ops.group_centered(r, batch.group_ids) / torch.where(std > 0, std, torch.ones_like(std))
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released LLM code (v1): lambda = 0.1. The card gives no loss settings; ADORA plugs into GRPO, so we keep GRPO's.

@@ -38,6 +38,7 @@ from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -80,26 +81,16 @@ class D3SAdvantage(Stateful):
         scale_by_std, eps: as in ``grpo``.
     """
 
-    sample_ratio: float = 0.5
-    token_ratio: float = 0.5
-    anneal_steps: int = 100
-    level: str = "cross"
+    sample_ratio: float = hp(0.5, gt=0, le=1)
+    token_ratio: float = hp(0.5, gt=0, le=1)
+    anneal_steps: int = hp(100, ge=0)
+    level: str = hp("cross", choices=("cross", "intra"))
     scale_by_std: bool = True
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset({"entropy"})
 
     def initial_state(self) -> dict[str, Any]:
         return {"step": 0}
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.sample_ratio <= 1.0:
-            raise ConfigError(f"advantage.sample_ratio must be in (0, 1], got {self.sample_ratio}.")
-        if not 0.0 < self.token_ratio <= 1.0:
-            raise ConfigError(f"advantage.token_ratio must be in (0, 1], got {self.token_ratio}.")
-        if self.anneal_steps < 0:
-            raise ConfigError(f"advantage.anneal_steps must be >= 0, got {self.anneal_steps}.")
-        if self.level not in ("cross", "intra"):
-            raise ConfigError(f'advantage.level must be "cross" or "intra", got {self.level!r}.')
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return GRPOAdvantage(scale_by_std=self.scale_by_std, eps=self.eps)(batch)

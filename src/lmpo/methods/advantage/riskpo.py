@@ -39,8 +39,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -67,34 +67,19 @@ class RiskPOAdvantage(Stateful):
         eps: added to the std of the paper scores.
     """
 
-    alpha: float = 0.2
-    beta: float = 0.9
-    bundle_size: int = 5
-    mix_weight: float = 1.5
-    quantile_mode: str = "tracked"
-    quantile_lr: float = 0.1
-    credit: str = "std"
+    alpha: float = hp(0.2, gt=0, lt=1)
+    beta: float = hp(0.9, gt=0, le=1)
+    bundle_size: int = hp(5, ge=1)
+    mix_weight: float = hp(1.5, ge=0)
+    quantile_mode: str = hp("tracked", choices=("batch", "tracked", "average"))
+    quantile_lr: float = hp(0.1, gt=0)
+    credit: str = hp("std", choices=("std", "uniform"))
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("alpha", "beta", strict=True),)
 
     def initial_state(self) -> dict[str, Any]:
         return {}
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < self.beta <= 1:
-            raise ConfigError("advantage.alpha and advantage.beta must satisfy 0 < alpha < beta <= 1, "
-                              f"got {self.alpha}, {self.beta}.")
-        if self.bundle_size < 1:
-            raise ConfigError(f"advantage.bundle_size must be >= 1, got {self.bundle_size}.")
-        if self.mix_weight < 0:
-            raise ConfigError(f"advantage.mix_weight must be >= 0, got {self.mix_weight}.")
-        if self.quantile_mode not in ("batch", "tracked", "average"):
-            raise ConfigError('advantage.quantile_mode must be "batch", "tracked" or "average", '
-                              f"got {self.quantile_mode!r}.")
-        if not self.quantile_lr > 0:
-            raise ConfigError(f"advantage.quantile_lr must be > 0, got {self.quantile_lr}.")
-        if self.credit not in ("std", "uniform"):
-            raise ConfigError(f'advantage.credit must be "std" or "uniform", got {self.credit!r}.')
 
     # ------------------------------------------------------------------ state (tracked quantiles)
 
@@ -145,7 +130,7 @@ class RiskPOAdvantage(Stateful):
         if self.credit == "std":
             sq = ops.group_std(r, batch.group_ids)
             adv = adv / torch.where(sq < 1e-3, torch.ones_like(sq), sq)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released script (Qwen2.5-1.5B): alpha 0.2, beta 0.9, bundles of 5, w = 1.5, lr_q 0.1; GRPO clip, no KL, no entropy

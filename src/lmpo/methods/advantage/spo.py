@@ -31,9 +31,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import broadcast, outcome_returns
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 PRIOR = 0.5  # alpha_0 = beta_0 without offline estimates (N_eff = 0)
@@ -66,27 +66,20 @@ class SPOAdvantage(Stateful):
         eps: added to the batch std.
     """
 
-    d_half: float = 0.06
-    rho_min: float = 0.875
-    rho_max: float = 0.96
+    d_half: float = hp(0.06, gt=0)
+    rho_min: float = hp(0.875, gt=0, le=1)
+    rho_max: float = hp(0.96, gt=0, le=1)
     adaptive: bool = True
     prioritize: bool = True
-    explore: float = 0.05
-    eps: float = 1e-8
+    explore: float = hp(0.05, ge=0)
+    eps: float = hp(1e-8, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("rho_min", "rho_max"),)
 
     def initial_state(self) -> dict[str, Any]:
         # prompt key -> [alpha, beta, prompt ids, last response ids, its sampler log-probs] (Beta tracker, Eq. 4-5)
         return {"tracker": {}}
 
-    def __post_init__(self) -> None:
-        if self.d_half <= 0:
-            raise ConfigError(f"advantage.d_half must be > 0, got {self.d_half}.")
-        if not 0.0 < self.rho_min <= self.rho_max <= 1.0:
-            raise ConfigError(f"advantage.rho_min and advantage.rho_max need 0 < rho_min <= rho_max <= 1, got "
-                              f"{self.rho_min}, {self.rho_max}.")
-        if self.explore < 0 or self.eps < 0:
-            raise ConfigError(f"advantage.explore and advantage.eps must be >= 0, got {self.explore}, {self.eps}.")
 
     def value(self, key: str) -> float:
         """v_x = alpha / (alpha + beta) (0.5 for an unseen prompt)."""

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut, Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -55,21 +55,13 @@ class R2VPOLoss(Stateful):
         nu_init: the initial multiplier nu_0 (>= 0).
     """
 
-    delta: float = 0.01
-    dual_lr: float = 10.0
-    nu_init: float = 0.0
+    delta: float = hp(0.01, gt=0)
+    dual_lr: float = hp(10.0, ge=0)
+    nu_init: float = hp(0.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
 
     def initial_state(self) -> dict[str, Any]:
         return _fresh(self.nu_init)
-
-    def __post_init__(self) -> None:
-        if self.delta <= 0:
-            raise ConfigError(f"loss.delta must be > 0, got {self.delta}.")
-        if self.dual_lr < 0:
-            raise ConfigError(f"loss.dual_lr must be >= 0, got {self.dual_lr}.")
-        if self.nu_init < 0:
-            raise ConfigError(f"loss.nu_init must be >= 0, got {self.nu_init}.")
 
     @property
     def nu(self) -> float:
@@ -87,7 +79,7 @@ class R2VPOLoss(Stateful):
             "loss/ratio_var": ops.masked_mean(dev.detach() ** 2, mask),
             "loss/nu": torch.tensor(self.nu),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
     def after_optimizer_step(self) -> None:
         """Dual ascent nu <- max(0, nu + eta (E[(r-1)^2] - delta)) over the step's trained tokens; clears them."""

@@ -25,15 +25,15 @@ success-rate memory, saved in checkpoints as its :class:`~lmpo.methods.base.Stat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
 from lmpo.registry import PLANNERS
+from lmpo.methods.params import Rule, hp, ordered
 
 
 def knapsack_value(n: Tensor | float, p: Tensor | float) -> Tensor:
@@ -82,15 +82,10 @@ class KnapsackAllocation(Stateful):
         success_threshold: a rollout counts as a success when its reward >= this.
     """
 
-    min_n: int = 2
+    min_n: int = hp(2, ge=1)
     max_n: int | None = None
     success_threshold: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.min_n < 1:
-            raise ConfigError(f"selectors.knapsack.min_n must be >= 1, got {self.min_n}.")
-        if self.max_n is not None and self.max_n < self.min_n:
-            raise ConfigError(f"selectors.knapsack.max_n must be >= min_n ({self.min_n}), got {self.max_n}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("min_n", "max_n"),)
 
     def initial_state(self) -> dict[str, Any]:
         return {"success": {}}  # prompt key -> success rate of its last visit

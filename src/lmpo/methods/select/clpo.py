@@ -40,8 +40,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered, rule
 from lmpo.registry import SELECTORS
 
 SIMPLIFY = ("Rewrite the problem below as a simpler problem that has exactly the same final answer. "
@@ -68,34 +68,27 @@ class CLPO(Stateful):
         max_queue: rewrites kept waiting (oldest dropped first).
     """
 
-    tau_hard: float = 0.25
-    tau_med: float = 0.75
+    tau_hard: float = hp(0.25, ge=0, le=1)
+    tau_med: float = hp(0.75, ge=0, le=1)
     simplify_template: str = SIMPLIFY
     diversify_template: str = DIVERSIFY
-    rewrites_per_prompt: int = 1
-    verify_samples: int = 4
-    rewrite_max_new_tokens: int | None = None
+    rewrites_per_prompt: int = hp(1, ge=1)
+    verify_samples: int = hp(4, ge=0)
+    rewrite_max_new_tokens: int | None = hp(None, ge=1)
     correct_threshold: float = 1.0
-    inject_frac: float = 0.5
-    max_queue: int = 256
+    inject_frac: float = hp(0.5, ge=0, le=1)
+    max_queue: int = hp(256, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        ordered("tau_hard", "tau_med"),
+        rule(lambda simplify_template: "{prompt}" in simplify_template,
+             "{simplify_template} must contain '{{prompt}}'"),
+        rule(lambda diversify_template: "{prompt}" in diversify_template,
+             "{diversify_template} must contain '{{prompt}}'"),
+    )
 
     def initial_state(self) -> dict[str, Any]:
         return {"queue": [], "made": 0, "proposed": 0}
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.tau_hard <= self.tau_med <= 1:
-            raise ConfigError("selector clpo: tau_hard and tau_med must satisfy 0 <= tau_hard <= tau_med <= 1, "
-                              f"got {self.tau_hard}, {self.tau_med}.")
-        for key in ("simplify_template", "diversify_template"):
-            if "{prompt}" not in getattr(self, key):
-                raise ConfigError(f"selector clpo: {key} must contain '{{prompt}}'.")
-        if self.rewrites_per_prompt < 1 or self.verify_samples < 0 or self.max_queue < 0:
-            raise ConfigError("selector clpo: rewrites_per_prompt must be >= 1, verify_samples and max_queue >= 0.")
-        if self.rewrite_max_new_tokens is not None and self.rewrite_max_new_tokens < 1:
-            raise ConfigError(f"selector clpo: rewrite_max_new_tokens must be >= 1, got {self.rewrite_max_new_tokens}.")
-        if not 0 <= self.inject_frac <= 1:
-            raise ConfigError(f"selector clpo: inject_frac must be in [0, 1], got {self.inject_frac}.")
 
     def accuracy(self, batch: RolloutBatch) -> Tensor:
         """(B,) float64: Acc(q) of each row's group, the fraction of its rollouts that are correct."""

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import SELECTORS
 
 
@@ -54,26 +54,16 @@ class ReSTGRPO(Stateful):
         seed: seed of the prefix sampler.
     """
 
-    min_std: float = 0.05
+    min_std: float = hp(0.05, ge=0)
     accept_reward: float = 0.9
-    sample_ratio: float = 0.5
-    alpha: float = 0.95
-    max_queue: int = 256
+    sample_ratio: float = hp(0.5, gt=0, le=1)
+    alpha: float = hp(0.95, gt=0, le=1)
+    max_queue: int = hp(256, ge=0)
     seed: int = 0
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def initial_state(self) -> dict[str, Any]:
         return {"queue": [], "draws": 0}
-
-    def __post_init__(self) -> None:
-        if self.min_std < 0:
-            raise ConfigError(f"selector rest_grpo: min_std must be >= 0, got {self.min_std}.")
-        if not 0 < self.sample_ratio <= 1:
-            raise ConfigError(f"selector rest_grpo: sample_ratio must be in (0, 1], got {self.sample_ratio}.")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"selector rest_grpo: alpha must be in (0, 1], got {self.alpha}.")
-        if self.max_queue < 0:
-            raise ConfigError(f"selector rest_grpo: max_queue must be >= 0, got {self.max_queue}.")
 
     def keep(self, batch: RolloutBatch) -> Tensor:
         """(B,) bool: rows of groups whose population reward std is >= min_std."""

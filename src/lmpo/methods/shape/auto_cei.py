@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import SHAPERS
 
 _SPLIT = re.compile(r"\n|(?<=\.)\s")
@@ -72,24 +72,17 @@ class AutoCEI(Stateful):
 
     idk_phrase: str = "I don't know"
     correct_threshold: float = 1.0
-    lam: float = 0.5
-    update_every: int = 3
+    lam: float = hp(0.5, ge=0, le=1)
+    update_every: int = hp(3, ge=1)
     c1: float | None = None
-    c2: float | None = None
+    c2: float | None = hp(None, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda idk_phrase: bool(idk_phrase), "{idk_phrase} must be a non-empty string"),
+    )
 
     def initial_state(self) -> dict[str, Any]:
         return dict(c1=self.c1, c2=self.c2, delta=None, direction=1.0, prev_f=None, calls=0, counts=[0, 0, 0])
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"shaper auto_cei: lam must be in [0, 1], got {self.lam}.")
-        if self.update_every < 1:
-            raise ConfigError(f"shaper auto_cei: update_every must be >= 1, got {self.update_every}.")
-        if self.c2 is not None and self.c2 <= 0:
-            raise ConfigError(f"shaper auto_cei: c2 must be > 0, got {self.c2}.")
-        if not self.idk_phrase:
-            raise ConfigError("shaper auto_cei: idk_phrase must be a non-empty string.")
 
     def _init_curriculum(self, steps: Tensor, idk: Tensor) -> None:
         sigma = float(steps.std()) if steps.numel() > 1 else 0.0

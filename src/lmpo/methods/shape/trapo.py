@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, is_regex, rule
 from lmpo.registry import SHAPERS
 
 
@@ -82,24 +82,18 @@ class TraPO(Stateful):
         answer_regex: the answer of a completion is the last match (None if none).
     """
 
-    warmup: int = 8
-    topk_ratio: float = 0.1
+    warmup: int = hp(8, ge=0)
+    topk_ratio: float = hp(0.1, gt=0, le=1)
     threshold: float = 0.4
-    unlabeled_fraction: float = 0.75
+    unlabeled_fraction: float = hp(0.75, ge=0, le=1)
     answer_regex: str = r"-?\d+(?:\.\d+)?"
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda answer_regex: is_regex(answer_regex), "{answer_regex} must be a valid regular expression"),
+    )
 
     def initial_state(self) -> dict[str, Any]:
         return {"history": {}, "labeled": {}}
-
-    def __post_init__(self) -> None:
-        if self.warmup < 0:
-            raise ConfigError(f"shaper trapo: warmup must be >= 0, got {self.warmup}.")
-        if not 0 < self.topk_ratio <= 1:
-            raise ConfigError(f"shaper trapo: topk_ratio must be in (0, 1], got {self.topk_ratio}.")
-        if not 0 <= self.unlabeled_fraction <= 1:
-            raise ConfigError(f"shaper trapo: unlabeled_fraction must be in [0, 1], got {self.unlabeled_fraction}.")
-        re.compile(self.answer_regex)
 
     def answer(self, text: str) -> str | None:
         found = re.findall(self.answer_regex, text)

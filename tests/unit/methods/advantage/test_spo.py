@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.spo import SPOAdvantage, forgetting
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def with_keys(batch, keys):
@@ -122,7 +122,7 @@ def test_prioritised_weights_and_validation():
     assert SPOAdvantage(prioritize=False).prompt_weights(["x"]) is None
     for kw, key in (({"d_half": 0.0}, "d_half"), ({"rho_min": 0.99}, "rho_min"), ({"explore": -1.0}, "explore")):
         with pytest.raises(ConfigError, match=key):
-            SPOAdvantage(**kw)
+            from_config(SPOAdvantage, **kw)
 
 
 def test_tracker_survives_checkpoint_resume(tmp_path):

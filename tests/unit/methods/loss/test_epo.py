@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.epo import EPOLoss, phase_weight
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -168,5 +168,5 @@ def test_config_errors():
     for kw, key in (({"entropy_coef": -1}, "entropy_coef"), ({"kappa_low": 2.0, "kappa_high": 1.0}, "kappa_high"),
                     ({"out_penalty": -0.1}, "out_penalty"), ({"schedule_iters": -1}, "schedule_iters")):
         with pytest.raises(ConfigError, match=key):
-            EPOLoss(**kw)
+            from_config(EPOLoss, **kw)
     assert "current_entropy" in EPOLoss.needs

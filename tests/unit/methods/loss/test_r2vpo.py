@@ -16,7 +16,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.r2vpo import R2VPOLoss
-from unit.methods._helpers import make_batch, random_mask, token_loss_inputs
+from factories import from_config, make_batch, random_mask, token_loss_inputs
 
 F64 = torch.float64
 
@@ -117,11 +117,11 @@ def test_state_dict_round_trip():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.delta"):
-        R2VPOLoss(delta=0.0)
+        from_config(R2VPOLoss, delta=0.0)
     with pytest.raises(ConfigError, match="loss.dual_lr"):
-        R2VPOLoss(dual_lr=-1.0)
+        from_config(R2VPOLoss, dual_lr=-1.0)
     with pytest.raises(ConfigError, match="loss.nu_init"):
-        R2VPOLoss(nu_init=-0.1)
+        from_config(R2VPOLoss, nu_init=-0.1)
 
 
 def loop_r2vpo(logr, adv, mask, nu):

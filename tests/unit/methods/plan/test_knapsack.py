@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.pipeline import Pipeline
 from lmpo.methods.plan.knapsack import KnapsackAllocation, knapsack_value, solve_knapsack
-from unit.methods._helpers import make_batch
+
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -96,6 +97,6 @@ def test_planner_provides_allocation_and_memory_round_trips():
 
 def test_validation():
     with pytest.raises(ConfigError, match="min_n"):
-        KnapsackAllocation(min_n=0)
+        from_config(KnapsackAllocation, min_n=0)
     with pytest.raises(ConfigError, match="max_n"):
-        KnapsackAllocation(min_n=3, max_n=2)
+        from_config(KnapsackAllocation, min_n=3, max_n=2)

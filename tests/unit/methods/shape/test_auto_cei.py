@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.auto_cei import AutoCEI, count_steps, idk_reward, objective
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def batch_of(rewards, completions):
@@ -86,7 +86,7 @@ def test_config_errors():
     for kw, key in (({"lam": 2.0}, "lam"), ({"update_every": 0}, "update_every"), ({"c2": 0.0}, "c2"),
                     ({"idk_phrase": ""}, "idk_phrase")):
         with pytest.raises(ConfigError, match=key):
-            AutoCEI(**kw)
+            from_config(AutoCEI, **kw)
 
 
 # --------------------------------------------------------------------------- slow reference
