@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -20,7 +19,7 @@ import torch
 
 from lmpo import ops
 from lmpo.perf import resolve_autocast, set_mmap_threshold
-from lmpo.config import Config, build_components, save_config
+from lmpo.config import Config, build_components
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
 from lmpo.models.token_stats import STAT_NEEDS
@@ -35,6 +34,7 @@ from lmpo.train import inbackward
 from lmpo.train.evaluate import evaluate
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.train.rollouts import RolloutContext, collect
+from lmpo.train.rundir import RunFolder
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
 
 
@@ -137,19 +137,18 @@ def ref_runner(cfg: Config, runner: PolicyRunner, ref_model):
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
+    with RunFolder(Path(cfg.output.dir) / run_name(cfg), cfg) as folder:  # [rundir] lock; a failed start leaves nothing
+        return _train(cfg, folder, resume, overwrite)
+
+
+def _train(cfg: Config, folder: RunFolder, resume: bool, overwrite: bool) -> RunResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.output.dir) / run_name(cfg)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise LmpoError(f"--resume: no checkpoint found under {str(run_dir)!r}; start the run without --resume.")
-    if not resume and latest_checkpoint(run_dir) is not None and not overwrite:
-        raise LmpoError(
-            f"Run folder {str(run_dir)!r} already holds checkpoints. Continue it with --resume, pick another "
-            "output.run_name, or pass --overwrite to start over (its checkpoints will be replaced)."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = folder.path
+    plan = folder.plan(resume, overwrite, cfg.train.steps)  # [rundir] read-only checks, before anything is built
+    if plan.finished:  # [rundir] says so, changes nothing
+        return RunResult(run_dir, plan.step, **folder.finished_run(plan))
+    ckpt = plan.checkpoint
     seed_everything(cfg.train.seed)
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
     cfg.model.autocast = resolve_autocast(cfg.model.autocast)
@@ -210,6 +209,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
             comp.load_state_dict(state["components"][k])
         eval_before = state.get("eval_before", {})
         set_rng_state(state["rng"])
+    folder.begin(plan)  # [rundir] everything validated: the first write (lock, clean-up, config.yaml)
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
 
     def checkpoint(step: int) -> None:
@@ -300,8 +300,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     if cfg.output.plot and history:
         plot_run(history, run_dir / "curves.png", run_name(cfg))
     result = RunResult(run_dir, t.steps, eval_before, eval_after, history)
-    (run_dir / "summary.json").write_text(json.dumps(
+    folder.write_summary(  # [rundir] atomically; "steps" is the latest checkpoint's step
         {"eval_before": eval_before, "eval_after": eval_after, "steps": t.steps, "peak_rss_gb": peak_rss_gb(),
          # what model.autocast resolved to on this machine ("auto" measures at start), null = float32
-         "autocast": cfg.model.autocast}, indent=2))
+         "autocast": cfg.model.autocast})
     return result
