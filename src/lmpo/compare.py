@@ -90,7 +90,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Settings (dotted keys) whose values differ between a run folder's config and this command's."""
-    a, b = _flat(saved), _flat(yaml.safe_load(yaml.safe_dump(wanted, sort_keys=False)))
+    a, b = (_flat(yaml.safe_load(yaml.safe_dump(d, sort_keys=False))) for d in (saved, wanted))
     keys = [k for k in dict.fromkeys([*a, *b]) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys]
 
@@ -104,10 +104,12 @@ def existing_run(run_dir: Path, wanted: dict[str, Any], steps: int) -> tuple[str
             return "refuse", (f"holds metrics of {len(logged)} training steps but no checkpoint (it stopped before "
                               "its first one), so it can only be replaced")
         return "train", "training"
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return "refuse", "holds checkpoints but no readable config.yaml"
+    if not (run_dir / "config.yaml").is_file():
+        return "refuse", "holds checkpoints but no config.yaml"
+    try:  # through the loader, so settings added to lmpo since the run was made read as their defaults
+        saved = load_config(str(run_dir / "config.yaml")).to_dict()
+    except LmpoError as exc:
+        return "refuse", f"holds checkpoints but its config.yaml does not load ({exc})"
     diff = config_differences(saved, wanted)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""

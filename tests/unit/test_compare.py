@@ -110,6 +110,13 @@ def test_existing_run_decisions(tmp_path):
     assert action == "refuse" and why == "was trained with another config: train.learning_rate: 0.01 there, 0.02 now"
     (run / "summary.json").unlink()  # finished but its summary missing: train --resume rebuilds it
     assert existing_run(run, wanted, 2)[0] == "resume"
+    cfg = (run / "config.yaml").read_text()
+    assert "\n  threads: null" in cfg
+    (run / "config.yaml").write_text("\n".join(ln for ln in cfg.splitlines() if not ln.startswith("  threads:")))
+    assert existing_run(run, wanted, 3)[0] == "resume"  # a setting missing from an older config reads as its default
+    (run / "config.yaml").write_text(cfg.replace("  learning_rate:", "  learnin_rate:"))
+    action, why = existing_run(run, wanted, 3)
+    assert action == "refuse" and "does not load" in why and "learnin_rate" in why
 
 
 def test_existing_run_with_metrics_but_no_checkpoint_is_refused(tmp_path):
