@@ -36,6 +36,7 @@ from lmpo.train.evaluate import evaluate
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.train.rollouts import RolloutContext, collect
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
+from lmpo.train.trackers import check_available, close_log, tracked_log
 
 
 @dataclass
@@ -137,6 +138,7 @@ def ref_runner(cfg: Config, runner: PolicyRunner, ref_model):
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
+    check_available(cfg.output.report_to)  # a tracker's missing package fails before anything is written
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.output.dir) / run_name(cfg)
@@ -210,7 +212,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
             comp.load_state_dict(state["components"][k])
         eval_before = state.get("eval_before", {})
         set_rng_state(state["rng"])
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None)
+    log = tracked_log(MetricsLog(run_dir / "metrics.jsonl", resume_step=start if ckpt is not None else None),
+                      cfg, run_dir, run_name(cfg), resume_step=start if ckpt is not None else None)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, keep=cfg.output.keep_checkpoints, extra={
@@ -296,6 +299,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
     finally:
         if progress is not None:
             progress.close()
+        close_log(log)
     history = read_metrics(run_dir / "metrics.jsonl")
     if cfg.output.plot and history:
         plot_run(history, run_dir / "curves.png", run_name(cfg))
