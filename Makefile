@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow bench lint clean
+.PHONY: setup run test test-slow test-trackers bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ BENCH_ARGS ?=
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+## The tracker tests (TensorBoard, MLflow, trackio, W&B offline; they skip when a package is missing): installs the
+## optional `trackers` extra into .venv first.
+test-trackers: setup
+	$(BIN)/pip install -q -e ".[trackers]"
+	$(BIN)/python -m pytest -q tests/unit/test_trackers.py $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

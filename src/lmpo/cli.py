@@ -1,4 +1,4 @@
-"""The ``lmpo`` command line: train, eval, compare, list, bench."""
+"""The ``lmpo`` command line: train, eval, compare, list, export, chat, bench."""
 
 from __future__ import annotations
 
@@ -147,6 +147,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _no_overrides(args, command: str) -> None:
+    if args.args:
+        raise LmpoError(f"lmpo {command} takes no key=value overrides (got {' '.join(args.args)}); it uses the run's "
+                        "saved config.yaml.")
+
+
+def cmd_export(args) -> int:
+    from lmpo.export import export_run
+
+    _no_overrides(args, "export")
+    out = export_run(Path(args.run), Path(args.out) if args.out else None, merge_lora=args.merge_lora,
+                     checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lmpo.chat import run_chat
+
+    _no_overrides(args, "chat")
+    return run_chat(Path(args.run), checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, system_prompt=args.system, history=not args.no_history,
+                    seed=args.seed)
+
+
 def cmd_bench(argv: list[str]) -> int:
     """Run benchmarks/bench.py (lmpo vs TRL when TRL is installed, else lmpo alone) from a source checkout."""
     import subprocess
@@ -190,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training reward (reward/mean) whose first crossing is reported as steps to target; default: "
                         "halfway from the runs' mean first-step reward to the highest reward any run logged")
     c.set_defaults(fn=cmd_compare)
+    x = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face folder with a model card")
+    x.add_argument("run", help="the run folder (runs/<name>)")
+    x.add_argument("--out", default=None, help="destination folder (default: RUN/export, RUN/export-merged)")
+    x.add_argument("--merge-lora", action="store_true", help="LoRA runs: merge the adapter into the weights")
+    x.add_argument("--checkpoint", default=None, help="a specific checkpoint folder (default: the latest)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    x.set_defaults(fn=cmd_export)
+    ch = sub.add_parser("chat", help="talk to a run's latest checkpoint in the terminal (/exit quits)")
+    ch.add_argument("run", help="the run folder (runs/<name>)")
+    ch.add_argument("--checkpoint", default=None, help="a specific checkpoint folder (default: the latest)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval/rollout length")
+    ch.add_argument("--system", default=None, help="system message (default: the run's task system prompt)")
+    ch.add_argument("--no-history", action="store_true", help="answer each line on its own")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(fn=cmd_chat)
     # `lmpo bench ...` is handed to benchmarks/bench.py whole (see main); listed here for `lmpo --help`.
     sub.add_parser("bench", help="benchmark lmpo against TRL's GRPOTrainer: lmpo bench [--quick] (--help for more)")
     return p

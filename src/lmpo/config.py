@@ -119,6 +119,13 @@ class OutputConfig:
     keep_checkpoints: int = 1
     progress: bool = True
     plot: bool = True
+    # trackers that also get every metrics row (TRL's name): tensorboard, mlflow, trackio, wandb, all or none
+    report_to: list[str] | str = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from lmpo.train.trackers import normalize_report_to
+
+        self.report_to = normalize_report_to(self.report_to)
 
 
 @dataclass

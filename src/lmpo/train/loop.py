@@ -43,6 +43,7 @@ from lmpo.engine.optim import TrainOptimizer, build_optimizer
 from lmpo.train.prepare import ReferencePolicy, prepare
 from lmpo.train.rollouts import RolloutContext, collect
 from lmpo.train.rundir import Plan, RunFolder
+from lmpo.train.trackers import check_available, close_log, tracked_log
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
 
 
@@ -185,6 +186,7 @@ class Run:
 def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
     """Build and validate everything a run needs (pipeline, task, rewards, model, optimizer, checkpoint), then
     write its folder (:meth:`RunFolder.begin`): a run that cannot start leaves nothing behind and changes nothing."""
+    check_available(cfg.output.report_to)  # the trackers' packages (output.report_to)
     # the order below fixes which random numbers each part draws (runs are reproducible from the seed)
     seed_everything(cfg.train.seed)
     setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
@@ -209,7 +211,9 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
-    run.log = MetricsLog(folder.path / "metrics.jsonl", resume_step=run.start if plan.checkpoint is not None else None)
+    resume_step = run.start if plan.checkpoint is not None else None
+    run.log = tracked_log(MetricsLog(folder.path / "metrics.jsonl", resume_step=resume_step), cfg, folder.path,
+                          run_name(cfg), resume_step=resume_step)  # metrics.jsonl, and output.report_to's trackers
     return run
 
 
@@ -256,7 +260,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         plan = folder.plan(resume, overwrite, cfg.train.steps)  # read-only checks, before anything is built
         if plan.finished:  # says so and changes nothing
             return RunResult(folder.path, plan.step, **folder.finished_run(plan))
-        return run_steps(open_run(cfg, folder, plan))
+        run = open_run(cfg, folder, plan)
+        try:
+            return run_steps(run)
+        finally:
+            close_log(run.log)
 
 
 def run_steps(run: Run) -> RunResult:

@@ -7,7 +7,7 @@
  * row is dotted with up to eight rows of x at once (eight AVX2 accumulators, x read from L1), and the row 4 KB
  * ahead is prefetched so that memory keeps streaming while the current row is multiplied. Rows of x beyond the
  * first eight reuse the weight row from L1. Each dot product sums eight interleaved partial sums, so results agree
- * with a BLAS to float rounding, not bit for bit. Built and loaded by lmpo.kernels.rowdot (cc -O3 -mavx2 -mfma).
+ * with a BLAS to float rounding, not bit for bit. Built and loaded by lmpo.engine.kernels.rowdot (cc -O3 -mavx2 -mfma).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -182,7 +182,7 @@ void lmpo_rms_norm(const float *x, const float *w, float *y, long rows, long H, 
 }
 
 /* AdamW's weight update from its moments in one pass over memory, for an optimizer folded into backward
- * (lmpo.train.inbackward; torch's element-wise operations take five): p <- p decay - step m / (sqrt(v) / bc2_sqrt +
+ * (lmpo.engine.inbackward; torch's element-wise operations take five): p <- p decay - step m / (sqrt(v) / bc2_sqrt +
  * eps), fused AdamW's expression with decay = 1 - lr wd and step = lr / (1 - b1^t). Threads split the elements. */
 void lmpo_adam_apply(float *restrict p, const float *restrict m, const float *restrict v, long n, float decay,
                      float step, float bc2_sqrt, float eps, int threads) {
