@@ -86,7 +86,7 @@ def test_minibatch_loss_provides_hidden_and_entropy_from_the_same_forward():
     assert probe.seen["current_entropy"].requires_grad
     loss.backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
-    assert runner.captured == {} and not runner.keep_hidden  # the shared runner itself is never modified
+    assert runner.noise is None  # the shared runner itself is never modified
 
 
 def test_default_runner_is_untouched_without_hook_needs():
@@ -130,8 +130,7 @@ def test_layer_noise_matches_hand_written_noisy_forward():
         plain = response_logprobs(model, *inp)[0]
         assert_close(noisy_reference(model, *inp, 0.0, seeds, {0, 1}), plain)  # the reference itself is right
         for layers, spec in (({0, 1}, LayerNoise(0.3)), ({1}, LayerNoise(0.3, first=1))):
-            with layer_noise(model, spec, seeds):
-                lp = response_logprobs(model, *inp)[0]
+            lp = response_logprobs(model, *inp, noise=spec, noise_seeds=seeds)[0]
             assert_close(lp, noisy_reference(model, *inp, 0.3, seeds, layers))
             assert (lp - plain).abs().max() > 1e-3
         after = response_logprobs(model, *inp)[0]
@@ -143,13 +142,12 @@ def test_layer_noise_off_by_default_and_zero_std_is_exact():
     inp = make_inputs()
     with torch.no_grad():
         plain = response_logprobs(model, *inp)[0]
-        with layer_noise(model, None, None):
-            assert torch.equal(response_logprobs(model, *inp)[0], plain)
+        assert torch.equal(response_logprobs(model, *inp, noise=None, noise_seeds=None)[0], plain)
         # noise hooks need the Hugging Face forward (lmpo.engine.packed steps aside): bit-equal to it at std 0
         hf = response_logprobs(model, *inp, packed=False)[0]
         assert_close(hf, plain)
-        with layer_noise(model, LayerNoise(0.0), torch.tensor([1, 2, 3])):
-            assert torch.equal(response_logprobs(model, *inp)[0], hf)
+        assert torch.equal(response_logprobs(model, *inp, noise=LayerNoise(0.0), noise_seeds=torch.tensor([1, 2, 3]))[0],
+                           hf)
     assert PolicyRunner(model).noise is None
 
 
@@ -158,19 +156,18 @@ def test_layer_noise_deterministic_per_row_seed_and_microbatch_invariant():
     p, pm, r, a = make_inputs(B=4)
     seeds = torch.tensor([3, 9, 27, 81])
     spec = LayerNoise((0.2, 0.1))
-    with torch.no_grad(), layer_noise(model, spec, seeds):
-        full = response_logprobs(model, p, pm, r, a)[0]
-        again = response_logprobs(model, p, pm, r, a)[0]
+    with torch.no_grad():
+        full = response_logprobs(model, p, pm, r, a, noise=spec, noise_seeds=seeds)[0]
+        again = response_logprobs(model, p, pm, r, a, noise=spec, noise_seeds=seeds)[0]
     assert torch.equal(full, again)
     with torch.no_grad():
         parts = []
         for idx in (torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([3])):
-            with layer_noise(model, spec, seeds[idx]):
-                parts.append(response_logprobs(model, p[idx], pm[idx], r[idx], a[idx])[0])
+            parts.append(response_logprobs(model, p[idx], pm[idx], r[idx], a[idx], noise=spec,
+                                           noise_seeds=seeds[idx])[0])
         other = seeds.clone()
         other[0] += 1
-        with layer_noise(model, spec, other):
-            changed = response_logprobs(model, p, pm, r, a)[0]
+        changed = response_logprobs(model, p, pm, r, a, noise=spec, noise_seeds=other)[0]
     assert_close(torch.cat(parts), full)
     assert not torch.allclose(changed[0], full[0]) and torch.equal(changed[1:], full[1:])
 
@@ -183,8 +180,7 @@ def test_layer_noise_same_gradient_under_recomputation():
         model = build_tiny_model(seed=0)
 
         def noisy(dummy):
-            with layer_noise(model, LayerNoise(0.3), seeds):
-                return response_logprobs(model, *inp)[0] + 0 * dummy
+            return response_logprobs(model, *inp, noise=LayerNoise(0.3), noise_seeds=seeds)[0] + 0 * dummy
 
         calls = []
         h = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))

@@ -185,12 +185,20 @@ def test_shared_prompt_rows_none_when_all_distinct(model):
 
 
 def test_shared_prompt_off_under_layer_noise_and_checkpointing():
-    from lmpo.models.logprobs import LayerNoise, can_share_prompt, layer_noise
+    from lmpo.models.logprobs import LayerNoise, can_share_prompt
     m = build_tiny_model(seed=0)
     assert can_share_prompt(m)
-    with layer_noise(m, LayerNoise(std=0.1), torch.arange(2)):
-        assert not can_share_prompt(m)
-    assert can_share_prompt(m)
+    # layer noise is drawn per whole sequence: a noisy pass runs every row through its own forward
+    ids = torch.tensor([[3, 4], [3, 4]])
+    calls = []
+    h = m.model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+    with torch.no_grad():
+        response_logprobs(m, ids, None, torch.tensor([[5], [6]]), torch.ones(2, 1, dtype=torch.bool), packed=False)
+        response_logprobs(m, ids, None, torch.tensor([[5], [6]]), torch.ones(2, 1, dtype=torch.bool),
+                          noise=LayerNoise(std=0.1), noise_seeds=torch.arange(2))
+    h.remove()
+    assert calls[0] == 1 and calls[-1] == 2  # the shared prompt once without noise; both rows whole with it
     enable_activation_checkpointing(m)
     assert not can_share_prompt(m)
     with torch.no_grad():

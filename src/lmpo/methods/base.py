@@ -87,7 +87,8 @@ NEEDS: dict[str, str] = {
     "hidden_states": "extras['hidden'] (B, T, H): LM-head inputs of the training forward, with gradient (losses only)",
     "current_entropy": "extras['current_entropy'] (B, T): entropy of the policy being optimised, with gradient "
                        "(losses only)",
-    "layer_noise": "the loss's layer_noise() perturbs the decoder layers during the training forward (losses only)",
+    "layer_noise": "the loss's layer_noise() (a LayerNoise) perturbs the decoder layers' inputs during the training "
+                   "forward, seeded per row by extras['noise_seed'] (drawn once per step when absent; losses only)",
 }
 """Every name a component may list in ``needs``, with what the trainer then provides. An unknown name is a
 configuration error when the pipeline is built (:func:`lmpo.pipeline.build_pipeline`)."""

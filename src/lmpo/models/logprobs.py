@@ -89,6 +89,8 @@ def response_logprobs(
     entropy_grad: bool = True,
     packed: bool = True,
     recompute: str | None = None,
+    noise: LayerNoise | None = None,
+    noise_seeds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
     """Per-token log-probs (and entropies) of the responses given the prompts.
 
@@ -116,6 +118,9 @@ def response_logprobs(
             :func:`~lmpo.engine.packed.packed_unsupported` allows; else (and under layer noise) Hugging Face's forward.
         recompute: What the packed forward recomputes in backward (``"none"``, ``"attention"``, ``"layers"``);
             ``None``: ``"layers"`` when Hugging Face's activation checkpointing is on for the model, else ``"none"``.
+        noise, noise_seeds: Perturb the decoder layers' inputs (:func:`layer_noise`, one seed per row). The noise is
+            drawn per whole sequence, so this pass runs every row through Hugging Face's forward (neither packed nor
+            prompt-once).
 
     Returns:
         ``(logprobs, entropies)``: (B, T) float32 each (``entropies`` is ``None`` unless ``with_entropy``),
@@ -141,17 +146,18 @@ def response_logprobs(
     input_ids, attn, response_attn = joined_inputs(prompt_ids, prompt_mask, response_ids, response_attn, device)
     sparse = not return_hidden  # see _token_inputs
     hidden = None
-    if packed and not getattr(model, "_lmpo_layer_noise", False) and not packed_unsupported(body, P + T):
+    whole_rows = noise is not None  # noise is drawn per whole sequence: every row runs its own forward
+    if packed and not whole_rows and not packed_unsupported(body, P + T):
         if recompute is None:
             recompute = "layers" if _recomputes_in_backward(model) else "none"
         hidden = _packed_hidden(body, head, input_ids, attn, P, share_prompt, sparse, recompute)
     groups = None
-    if hidden is None and share_prompt and can_share_prompt(model):
+    if hidden is None and share_prompt and not whole_rows and can_share_prompt(model):
         groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P])
     if groups is not None:
         hidden = _shared_prompt_hidden(body, head, input_ids, attn, P, *groups, sparse)
     if hidden is None:
-        with checkpointed_layers(model):
+        with checkpointed_layers(model), layer_noise(model, noise, noise_seeds):
             out = body(
                 **_token_inputs(body, head, input_ids, sparse=sparse)[0],
                 attention_mask=attn.long(),
@@ -202,8 +208,8 @@ def _recomputes_in_backward(model: nn.Module) -> bool:
 
 def can_share_prompt(model: nn.Module) -> bool:
     """Whether the prompt-once path applies: not under activation checkpointing (Hugging Face turns the key/value cache
-    off there) and not inside :func:`layer_noise` (its noise is drawn per whole sequence)."""
-    return not getattr(model, "_lmpo_layer_noise", False) and not _recomputes_in_backward(model)
+    off there)."""
+    return not _recomputes_in_backward(model)
 
 
 def cache_kwarg(body: nn.Module) -> str:
@@ -344,10 +350,8 @@ def layer_noise(model: nn.Module, spec: LayerNoise | None, row_seeds: Tensor | N
 
     handles = [layers[i].register_forward_pre_hook(make_hook(i, float(sd)), with_kwargs=True)
                for i, sd in zip(chosen, stds) if sd != 0.0]
-    model._lmpo_layer_noise = True  # noise is drawn per whole sequence: see can_share_prompt
     try:
         yield
     finally:
-        model._lmpo_layer_noise = False
         for h in handles:
             h.remove()

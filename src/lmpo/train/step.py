@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -17,8 +17,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import DataError, ModelError, TrainingDiverged
-from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs,
-                                  split_body_and_head)
+from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE, LayerNoise, response_logprobs, split_body_and_head
 from lmpo.engine.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 from lmpo.pipeline import KLPenalty, needs_of, require
@@ -35,32 +34,36 @@ class PolicyRunner:
     autocast: str | None = None
     packed: bool = True  # Llama-family forward via lmpo.engine.packed where it applies
     recompute: str | None = None  # what the packed forward recomputes in backward; None: "layers" under checkpointing
-    # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
+    # Layer noise of the training forward, set only on the per-loss copy made by ``for_loss`` (the default runner
+    # has none): a LayerNoise and one seed per row.
     noise: LayerNoise | None = None
     noise_seeds: Tensor | None = None
-    keep_hidden: bool = False
-    captured: dict[str, Tensor] = field(default_factory=dict)
 
     def autocast_ctx(self):
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=getattr(torch, self.autocast))
 
-    def logprobs(self, batch: RolloutBatch, with_entropy: bool = False, entropy_grad: bool = True,
-                 ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, batch: RolloutBatch, with_entropy: bool = False, entropy_grad: bool = True,
+                hidden: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(logprobs, entropies or None, LM-head inputs or None)`` of the responses, from one forward pass."""
         attn = batch.response_attn if batch.response_attn is not None else batch.response_mask
         if has_soft_inputs(batch.extras):  # soft-thinking rollouts: every pass feeds the same embedding mixtures
-            return self.logprobs_stats(batch, with_entropy)[:2]
-        with self.autocast_ctx(), layer_noise(self.model, self.noise, self.noise_seeds):
+            if hidden:
+                raise ModelError("hidden_states were requested but the soft-input forward does not return them.")
+            return (*self.logprobs_stats(batch, with_entropy)[:2], None)
+        with self.autocast_ctx():
             out = response_logprobs(
                 self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
                 temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy,
-                return_hidden=self.keep_hidden, entropy_grad=entropy_grad, packed=self.packed,
-                recompute=self.recompute,
+                return_hidden=hidden, entropy_grad=entropy_grad, packed=self.packed, recompute=self.recompute,
+                noise=self.noise, noise_seeds=self.noise_seeds,
             )
-        if self.keep_hidden:
-            self.captured["hidden"] = out[2]
-        return out[0], out[1]
+        return out[0], out[1], out[2] if hidden else None
+
+    def logprobs(self, batch: RolloutBatch, with_entropy: bool = False, entropy_grad: bool = True,
+                 ) -> tuple[Tensor, Tensor | None]:
+        return self.forward(batch, with_entropy, entropy_grad)[:2]
 
     def packed_applies(self) -> bool:
         """Whether the log-prob passes run through :mod:`lmpo.engine.packed` (every weight used once per pass)."""
@@ -70,12 +73,10 @@ class PolicyRunner:
             return packed_unsupported(split_body_and_head(self.model)[0], 0) == ""
 
     def for_loss(self, batch: RolloutBatch, needs: frozenset[str], loss_fn) -> "PolicyRunner":
-        """This runner, or a copy with the forward hooks the loss declared in ``needs`` (see ``HOOK_NEEDS``)."""
-        if not HOOK_NEEDS & needs:
+        """This runner, or a copy whose training forward perturbs the layers as the loss asks (``layer_noise``)."""
+        if "layer_noise" not in needs:
             return self
-        noise = loss_fn.layer_noise() if "layer_noise" in needs else None
-        return dataclasses.replace(self, noise=noise, noise_seeds=batch.extras.get("noise_seed") if noise else None,
-                                   keep_hidden="hidden_states" in needs, captured={})
+        return dataclasses.replace(self, noise=loss_fn.layer_noise(), noise_seeds=batch.extras.get("noise_seed"))
 
     @torch.no_grad()
     def logprobs_nograd(self, batch: RolloutBatch, micro_batch_size: int | None) -> Tensor:
@@ -105,14 +106,6 @@ class PolicyRunner:
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
         outs = [self.logprobs_stats(p, stats=stats)[2] for p in parts]
         return {f"old_{k}": torch.cat([o[k] for o in outs], 0) for k in outs[0]}
-
-
-HOOK_NEEDS = frozenset({"hidden_states", "current_entropy", "layer_noise"})
-"""Opt-in ``needs`` of a policy loss served by the training forward pass itself (never a second pass):
-``hidden_states`` -> ``extras["hidden"]`` (B, T, H), the LM-head inputs, with gradient; ``current_entropy`` ->
-``extras["current_entropy"]`` (B, T), the entropy of the policy being optimised, with gradient; ``layer_noise`` ->
-the loss's ``layer_noise()`` (a :class:`LayerNoise`) perturbs the decoder layers' inputs during that pass, seeded
-per row by ``extras["noise_seed"]`` (drawn once per step by ``policy_update`` when absent)."""
 
 
 @dataclass
@@ -146,14 +139,15 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
         mb = mb.replace(extras={**mb.extras, **extra})
     else:
         # the entropy is always reported; it needs a gradient only for an entropy bonus or a loss that uses it
-        lp, ent = runner.logprobs(mb, with_entropy=True,
-                                  entropy_grad=bool(s.entropy_coef) or "current_entropy" in needs)
-    if HOOK_NEEDS & needs:  # the same forward's LM-head inputs / entropy, with gradient
-        got = {"hidden": runner.captured.get("hidden") if "hidden_states" in needs else None,
-               "current_entropy": ent if "current_entropy" in needs else None}
-        if "hidden_states" in needs and got["hidden"] is None:
-            raise ModelError("hidden_states were requested but this forward path (soft inputs) does not return them.")
-        mb = mb.replace(extras={**mb.extras, **{k: v for k, v in got.items() if v is not None}})
+        lp, ent, hidden = runner.forward(mb, with_entropy=True, hidden="hidden_states" in needs,
+                                         entropy_grad=bool(s.entropy_coef) or "current_entropy" in needs)
+        if hidden is not None:  # the same forward's LM-head inputs, with gradient
+            mb = mb.replace(extras={**mb.extras, "hidden": hidden})
+    if "hidden_states" in needs and "hidden" not in mb.extras:
+        raise ModelError("hidden_states were requested but this forward path (full-distribution statistics) does not "
+                         "return them.")
+    if "current_entropy" in needs:  # the entropy of the policy being optimised, with gradient
+        mb = mb.replace(extras={**mb.extras, "current_entropy": ent})
     if "old_logprobs" in needs and mb.old_logprobs is None and s.on_policy:  # pi_old = the policy of this forward
         mb = mb.replace(old_logprobs=lp.detach())
     require(mb, loss_fn, "loss")

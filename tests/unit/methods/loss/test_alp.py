@@ -19,7 +19,7 @@ from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.alp import ALPLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.models import build_tiny_model, response_logprobs
-from lmpo.models.logprobs import LayerNoise, layer_noise
+from lmpo.models.logprobs import LayerNoise
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss
 from factories import from_config, make_batch, policy_batch
 
@@ -153,8 +153,9 @@ def test_trainer_loss_uses_the_perturbed_numerator():
     norm = agg.normaliser(b.response_mask, 0)
     fn = ALPLoss(noise_std=0.3)
     got, _ = minibatch_loss(PolicyRunner(model), b, fn, agg, UpdateSettings(), norm)
-    with torch.no_grad(), layer_noise(model, LayerNoise(0.3), b.extras["noise_seed"]):
-        lp = response_logprobs(model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_attn)[0]
+    with torch.no_grad():
+        lp = response_logprobs(model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_attn,
+                               noise=LayerNoise(0.3), noise_seeds=b.extras["noise_seed"])[0]
     assert_close(got.detach(), agg(fn(lp, b).per_token, b.response_mask, norm))
     clean, _ = minibatch_loss(PolicyRunner(model), b, ALPLoss(noise_std=0.0), agg, UpdateSettings(), norm)
     assert (got - clean).abs() > 1e-4  # the noise reached the numerator
@@ -172,8 +173,8 @@ def test_card_noise_raises_mean_entropy_of_the_training_distribution():
         h0 = response_logprobs(*args, with_entropy=True)[1][b.response_mask].mean()
         noisy = []
         for s in range(8):
-            with layer_noise(model, LayerNoise(0.5), torch.arange(8) + 1000 * s):
-                noisy.append(response_logprobs(*args, with_entropy=True)[1][b.response_mask].mean())
+            noisy.append(response_logprobs(*args, with_entropy=True, noise=LayerNoise(0.5),
+                                           noise_seeds=torch.arange(8) + 1000 * s)[1][b.response_mask].mean())
     assert torch.stack(noisy).mean() > h0
 
 
