@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmpo.config import load_config
+from lmpo.config import check_writable_folder, load_config
 from lmpo.errors import LmpoError
 from lmpo.train.metrics import read_metrics, series
 
@@ -43,6 +43,7 @@ def run_compare(config: str | None, methods: list[str], seeds: list[int], overri
     """
     for m in methods:  # fail fast, before any run starts, on a misspelt method or a bad override
         load_config(config, [*overrides, f"method={m}"])
+    check_writable_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, str] = {}
