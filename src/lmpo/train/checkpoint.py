@@ -90,8 +90,8 @@ class CorruptCheckpoint(LmpoError):
     """A checkpoint file is missing, truncated or not what lmpo wrote."""
 
     def __init__(self, path: Path, name: str, why: str):
-        super().__init__(f"Checkpoint file {str(path / name)!r} cannot be read ({why}); it is missing, truncated or "
-                         f"corrupt (e.g. a copy or a disk that failed). {_way_out(path)}")
+        super().__init__(f"Checkpoint file {str(path / name)!r} cannot be read ({why}): it is missing, empty, cut "
+                         f"short or damaged. {_way_out(path)}")
 
 
 def _read(path: Path, name: str, weights_only: bool) -> Any:
