@@ -2,9 +2,11 @@
 
 Precedence (lowest to highest): field defaults < the ``method`` preset < the YAML file < ``key=value`` overrides.
 Component sections (``advantage``, ``loss``, ``aggregator``, ``selectors``, ``shapers``) are dicts holding ``name``
-plus that component's hyper-parameters; if the user names a different component than the preset, the preset's
-hyper-parameters for that section are dropped. Every key and type is checked, and errors name the key, the file,
-what was expected and the nearest valid key. The resolved config is saved with every run.
+plus that component's hyper-parameters; naming a different component (or ``task``) than the layer below drops that
+layer's hyper-parameters for the section. The overrides are applied together, so their order never matters. Every
+key and type is checked, every numeric setting against the :class:`Range` declared on its field, and errors name the
+key, what was expected, the nearest valid key and where the value came from (the file, or the override as typed).
+The resolved config is saved with every run.
 """
 
 from __future__ import annotations
