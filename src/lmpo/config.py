@@ -84,7 +84,8 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"  # parameter dtype
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
-    chunk_size: int = field(default=256, metadata=at_least(1))  # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
+    # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
+    chunk_size: int = field(default=256, metadata=at_least(1))
     # recompute in backward instead of keeping: false (keep everything) | attention (the default: the attention
     # blocks of the packed forward; 0.07-0.1 GB less peak on the default model for 0-5% more update time) | true
     # (whole layers: 0.3 GB less, ~20% more update time)
@@ -108,8 +109,10 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata=above(0))
     top_p: float = field(default=1.0, metadata=in_range(0, 1, lo_open=True))
     top_k: int = field(default=0, metadata=at_least(0, "0 turns top-k off"))
-    batch_size: int | None = field(default=None, metadata=at_least(1))  # generation sub-batch (rows); None = all at once
-    refill_rounds: int = field(default=0, metadata=at_least(0))  # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
+    # generation sub-batch (rows); None = all at once
+    batch_size: int | None = field(default=None, metadata=at_least(1))
+    # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
+    refill_rounds: int = field(default=0, metadata=at_least(0))
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
@@ -138,10 +141,12 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata=at_least(0))
     ppo_epochs: int = field(default=1, metadata=at_least(1))  # TRL's num_iterations
     num_minibatches: int = field(default=1, metadata=at_least(1))  # optimizer steps per epoch
-    micro_batch_size: int | None = field(default=None, metadata=at_least(1))  # rows per forward/backward (gradient accumulation); None = whole minibatch
+    # rows per forward/backward (gradient accumulation); None = whole minibatch
+    micro_batch_size: int | None = field(default=None, metadata=at_least(1))
     entropy_coef: float = 0.0
     seed: int = 0
-    threads: int | None = field(default=None, metadata=at_least(0, "0 or null: torch's default"))  # torch intra-op threads; None = torch default
+    # torch intra-op threads; None = torch default
+    threads: int | None = field(default=None, metadata=at_least(0, "0 or null: torch's default"))
     optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.train.inbackward.wanted
     # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.perf.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
@@ -154,7 +159,8 @@ class EvalConfig:
     every: int = field(default=10, metadata=at_least(0, "0 evaluates only at the start and the end"))
     num_prompts: int = field(default=64, metadata=at_least(0))
     max_new_tokens: int | None = field(default=None, metadata=at_least(1))  # None = rollout.max_new_tokens
-    pass_k: int = field(default=0, metadata=at_least(0, "0 turns pass@k off"))  # >0: also sample k completions per prompt and report pass@k
+    # >0: also sample k completions per prompt and report pass@k
+    pass_k: int = field(default=0, metadata=at_least(0, "0 turns pass@k off"))
     correct_threshold: float = 1.0  # a completion is correct when its first reward component >= this
     batch_size: int | None = field(default=None, metadata=at_least(1))
     at_start: bool = True
@@ -545,9 +551,10 @@ def learns_from_groups_of_one(advantage: Any, loss: Any, prompts: int = 4) -> bo
     """Does a step whose prompts have one sample each (``num_generations=1``) give the policy any gradient?
 
     Decided by behaviour, never by name: copies of the built advantage and loss (their state untouched) run on
-    :func:`group_of_one_batch` (``prompts`` rows), and the loss's gradient with respect to the log-probs is checked for a non-zero
-    entry. Group-relative methods (GRPO, RLOO, VCPO, ...) centre each reward on its group's mean and give exactly
-    zero; batch- or tracker-baselined ones (REINFORCE++, SPO) and losses that do not need a baseline (OTR) do not.
+    :func:`group_of_one_batch` (``prompts`` rows), and the loss's gradient with respect to the log-probs is checked
+    for a non-zero entry. Group-relative methods (GRPO, RLOO, VCPO, ...) centre each reward on its group's mean and
+    give exactly zero; batch- or tracker-baselined ones (REINFORCE++, SPO) and losses that need no baseline (OTR)
+    do not.
     ``None`` when the probe cannot tell (a component needs inputs the probe batch lacks).
     """
     import torch

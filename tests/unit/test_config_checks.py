@@ -136,7 +136,8 @@ def test_switching_task_drops_the_old_tasks_params():
     cfg = load_config(TINY, ["task.name=local", "task.params={path: data.jsonl}"])
     assert cfg.task.params == {"path": "data.jsonl"}
     # the order of the overrides does not matter
-    assert load_config(TINY, ["task.params={path: data.jsonl}", "task.name=local"]).task.params == {"path": "data.jsonl"}
+    swapped = load_config(TINY, ["task.params={path: data.jsonl}", "task.name=local"])
+    assert swapped.task.params == {"path": "data.jsonl"}
     assert load_config(TINY, ["task.name=local"]).task.params == {}
 
 

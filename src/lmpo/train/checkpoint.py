@@ -108,7 +108,8 @@ def _restore(path: Path, name: str, fn, value) -> None:
     try:
         fn(value)
     except Exception as exc:  # noqa: BLE001
-        raise CorruptCheckpoint(path, name, f"it does not fit this run: {type(exc).__name__}: {str(exc)[:200]}") from None
+        why = f"it does not fit this run: {type(exc).__name__}: {str(exc)[:200]}"
+        raise CorruptCheckpoint(path, name, why) from None
 
 
 def _check_weights(path: Path, weights: Any, params: dict[str, torch.Tensor]) -> None:
