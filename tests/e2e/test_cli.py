@@ -19,7 +19,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 def lmpo(*args, cwd=None, check=True, timeout=300):
     proc = subprocess.run([sys.executable, "-m", "lmpo.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+                          cwd=cwd, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])})
     if check and proc.returncode != 0:
         raise AssertionError(f"lmpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
