@@ -173,7 +173,7 @@ def lever_head(variant):
     import torch
 
     from lmpo.models.load import load_model
-    from lmpo.models.head import head_stats
+    from lmpo.engine.head import head_stats
     from lmpo.models.logprobs import split_body_and_head
 
     model, _ = load_model("default")
@@ -206,7 +206,7 @@ def lever_decode_matmul(_):
     import numpy as np
     import torch
 
-    from lmpo.kernels import rowdot
+    from lmpo.engine.kernels import rowdot
 
     n = 256 * 2**20 // (576 * 1536 * 4)
     weights = [torch.randn(1536, 576) for _ in range(n)]
@@ -231,12 +231,12 @@ def lever_decode_matmul(_):
 def lever_decode_prepacked(_):
     """One KV-cached decode step of 8 rows (body and LM head) on the default model with every linear layer through
     MKL (as now) and through oneDNN with weights pre-packed for 8 rows (``torch.ops.mkldnn``, the path Inductor uses
-    for frozen CPU models) and through lmpo's few-row kernel (``lmpo.kernels.rowdot``, nothing to pack): CPU ms per
+    for frozen CPU models) and through lmpo's few-row kernel (``lmpo.engine.kernels.rowdot``, nothing to pack): CPU ms per
     step, the cost of packing all weights once, and the largest logit differences from MKL's."""
     import torch
     from transformers import DynamicCache
 
-    from lmpo.kernels import rowdot
+    from lmpo.engine.kernels import rowdot
 
     from lmpo.models.load import load_model
     from lmpo.models.logprobs import cache_kwarg, split_body_and_head
@@ -286,16 +286,16 @@ def lever_decode_prepacked(_):
 def lever_decode_step(_):
     """One KV-cached decode step of 8 rows on the default model at 40 + 24 positions, CPU ms (best of 5 x 8 steps):
     the Hugging Face forward with MKL linears, the same with lmpo's few-row kernel, the lean step
-    (``lmpo.rollout.lean``) with the kernel and the native attention/RMSNorm, and the lean step with torch attention;
+    (``lmpo.engine.lean``) with the kernel and the native attention/RMSNorm, and the lean step with torch attention;
     plus drawing one token per row from 49,152 entries with ``torch.multinomial`` and by inverse CDF."""
     import torch
     from transformers import DynamicCache
 
-    from lmpo.kernels import rowdot
+    from lmpo.engine.kernels import rowdot
     from lmpo.models.load import load_model
     from lmpo.models.logprobs import cache_kwarg, split_body_and_head
     from lmpo.rollout.hf import sample_inverse_cdf
-    from lmpo.rollout.lean import LeanDecoder
+    from lmpo.engine.lean import LeanDecoder
 
     model, _ = load_model("default")
     body, head = split_body_and_head(model)

@@ -29,7 +29,7 @@ def main(overrides: list[str]) -> None:
     import lmpo.train.step as step
     from lmpo.config import load_config
     from lmpo.rollout.hf import HFGenerator
-    from lmpo.train import inbackward
+    from lmpo.engine import inbackward
     from workers import lmpo_overrides
 
     t0 = time.perf_counter()

@@ -69,7 +69,7 @@ def preset_rows() -> list[dict[str, str]]:
     """One row per preset: its components, and the papers / fidelity of every component it uses."""
     import lmpo.methods  # noqa: F401
     from lmpo.methods.presets import PRESETS
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
     rows = []
     for name, p in sorted(PRESETS.items()):
@@ -78,6 +78,7 @@ def preset_rows() -> list[dict[str, str]]:
                  (AGGREGATORS, p.get("aggregator", {"name": "seq_mean_token_mean"})["name"])]
         comps += [(SELECTORS, x["name"]) for x in p.get("selectors", [])]
         comps += [(SHAPERS, x["name"]) for x in p.get("shapers", [])]
+        comps += [(PLANNERS, x["name"]) for x in p.get("planners", [])]
         entries = [reg.entry(n) for reg, n in comps]
         papers = list(dict.fromkeys(f"arXiv:{e.arxiv}" if e.arxiv not in ("", "none") else e.paper for e in entries))
         rows.append({"preset": name, "components": " + ".join(e.name for e in entries),
@@ -86,9 +87,20 @@ def preset_rows() -> list[dict[str, str]]:
     return rows
 
 
+def _print_params(entry) -> None:
+    """A component's hyper-parameters: default and declared range (``lmpo list --params``)."""
+    from lmpo.methods.params import describe_params
+
+    ranges = describe_params(entry.obj)
+    for key, default in entry.params.items():
+        print(f"      {key} = {default!r}" + (f"  ({ranges[key]})" if key in ranges else ""))
+    if "constraints" in ranges:
+        print(f"      requires: {ranges['constraints']}")
+
+
 def cmd_list(args) -> int:
     if args.markdown:
-        print("| preset | components (advantage + loss + aggregator [+ selectors/shapers]) | papers | fidelity |")
+        print("| preset | components (advantage + loss + aggregator [+ selectors/shapers/planners]) | papers | fidelity |")
         print("|---|---|---|---|")
         for r in preset_rows():
             print(f"| `{r['preset']}` | {r['components']} | {r['papers']} | {r['fidelity']} |")
@@ -111,11 +123,13 @@ def cmd_list(args) -> int:
             arxiv = f"arXiv:{e.arxiv}" if e.arxiv and e.arxiv != "none" else ""
             fid = "" if e.fidelity == "exact" else f" [fidelity={e.fidelity}]"
             print(f"  {e.name:<26} {arxiv:<17} {e.paper}{fid}")
+            if args.params:
+                _print_params(e)
     if not args.kind or args.kind == "preset":
         print("\npresets (method=...):")
         for name, p in sorted(PRESETS.items()):
             parts = [f"{k}={p[k]['name']}" for k in ("advantage", "loss", "aggregator") if k in p]
-            parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers") if k in p]
+            parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers", "planners") if k in p]
             if p.get("kl", {}).get("beta"):
                 parts.append(f"kl={p['kl']['beta']}({p['kl'].get('mode', 'loss')})")
             print(f"  {name:<14} {' '.join(parts)}")
@@ -166,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered components with their papers")
     ls.add_argument("--kind", default=None)
     ls.add_argument("--markdown", action="store_true", help="print the presets as a markdown table (docs/methods.md)")
+    ls.add_argument("--params", action="store_true", help="also show each component's hyper-parameters: default, range")
     ls.set_defaults(fn=cmd_list)
     c = sub.add_parser("compare", help="run several methods on identical prompts and seeds")
     c.add_argument("args", nargs="*")

@@ -4,7 +4,7 @@ Precedence (lowest to highest): field defaults < the ``method`` preset < the YAM
 Component sections (``advantage``, ``loss``, ``aggregator``, ``selectors``, ``shapers``) are dicts holding ``name``
 plus that component's hyper-parameters; naming a different component (or ``task``) than the layer below drops that
 layer's hyper-parameters for the section. The overrides are applied together, so their order never matters. Every
-key and type is checked, every numeric setting against the :class:`Range` declared on its field, and errors name the
+key and type is checked, every numeric setting against the range declared on its field, and errors name the
 key, what was expected, the nearest valid key and where the value came from (the file, or the override as typed).
 The resolved config is saved with every run.
 """
@@ -24,57 +24,27 @@ from typing import Any
 import yaml
 
 from lmpo.errors import ConfigError, did_you_mean
+from lmpo.methods.params import hp, range_of
 
-
-# --------------------------------------------------------------------------- declared ranges
-@dataclass(frozen=True)
-class Range:
-    """The valid values of a numeric setting, declared on its field (``field(default=1, metadata=at_least(1))``).
-
-    ``validate`` checks every declared range in one place; a setting whose type admits ``None`` may also be null.
-    ``note`` says what the boundary values mean (shown in the error message).
-    """
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    note: str = ""
-    unit: str = ""
-
-    def holds(self, v: float) -> bool:
-        above_lo = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
-        below_hi = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
-        return above_lo and below_hi
-
-    def describe(self) -> str:
-        unit = f" ({self.unit})" if self.unit else ""
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo}{unit}"
-        if not (self.lo_open or self.hi_open) and float(self.lo).is_integer() and float(self.hi).is_integer():
-            return f"in {self.lo}..{self.hi}{unit}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}{unit}"
-
-
-def at_least(lo: float, note: str = "") -> dict[str, Range]:
-    return {"range": Range(lo=lo, note=note)}
-
-
-def above(lo: float, note: str = "") -> dict[str, Range]:
-    return {"range": Range(lo=lo, lo_open=True, note=note)}
-
-
-def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, unit: str = "") -> dict[str, Range]:
-    return {"range": Range(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, unit=unit)}
-
+# Numeric settings are declared with their valid range (``hp(default, ge=..., gt=..., le=..., lt=...)``, the form
+# of the components' hyper-parameters) and checked by :func:`check_ranges`. What a boundary value means, for the
+# error message:
+RANGE_NOTES = {
+    "rollout.top_k": "0 turns top-k off",
+    "train.max_grad_norm": "a negative norm reverses every update and 0 cancels it; null turns clipping off",
+    "train.threads": "0 or null: torch's default",
+    "eval.every": "0 evaluates only at the start and the end",
+    "eval.pass_k": "0 turns pass@k off",
+    "output.checkpoint_every": "0 checkpoints only at the end",
+}
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = field(default=16, metadata=at_least(1))
-    alpha: int = field(default=32, metadata=above(0))
-    dropout: float = field(default=0.0, metadata=in_range(0, 1, hi_open=True))
+    r: int = hp(16, ge=1)
+    alpha: int = hp(32, gt=0)
+    dropout: float = hp(0.0, ge=0, lt=1)
     target_modules: Any = "all-linear"
 
 
@@ -85,12 +55,12 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
     # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
-    chunk_size: int = field(default=256, metadata=at_least(1))
+    chunk_size: int = hp(256, ge=1)
     # recompute in backward instead of keeping: false (keep everything) | attention (the default: the attention
-    # blocks of the packed forward; 0.07-0.1 GB less peak on the default model for 0-5% more update time) | true
-    # (whole layers: 0.3 GB less, ~20% more update time)
+    # blocks of the packed forward; a little less peak memory for a little more update time) | true (whole layers:
+    # less memory still, for clearly more update time); figures in docs/results/performance.md
     gradient_checkpointing: bool | str = "attention"
-    packed_forward: bool = True  # log-prob passes of Llama-family models via lmpo.models.packed (else Hugging Face's)
+    packed_forward: bool | str = "auto"  # log-prob passes via lmpo.engine.packed (Llama family): auto | true | false
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -103,66 +73,66 @@ class TaskConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    prompts_per_step: int = field(default=8, metadata=at_least(1))
-    num_generations: int = field(default=8, metadata=at_least(1))
-    max_new_tokens: int = field(default=64, metadata=at_least(1))
-    temperature: float = field(default=1.0, metadata=above(0))
-    top_p: float = field(default=1.0, metadata=in_range(0, 1, lo_open=True))
-    top_k: int = field(default=0, metadata=at_least(0, "0 turns top-k off"))
+    prompts_per_step: int = hp(8, ge=1)
+    num_generations: int = hp(8, ge=1)
+    max_new_tokens: int = hp(64, ge=1)
+    temperature: float = hp(1.0, gt=0)
+    top_p: float = hp(1.0, gt=0, le=1)
+    top_k: int = hp(0, ge=0)
     # generation sub-batch (rows); None = all at once
-    batch_size: int | None = field(default=None, metadata=at_least(1))
+    batch_size: int | None = hp(None, ge=1)
     # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
-    refill_rounds: int = field(default=0, metadata=at_least(0))
+    refill_rounds: int = hp(0, ge=0)
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
-    decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.kernels.rowdot): auto | true | false
+    decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.engine.kernels.rowdot): auto | true | false
     sampler: str = "auto"  # token draw: auto (inverse_cdf for vocabularies of 4096+) | multinomial | inverse_cdf
-    lean_decode: str | bool = "auto"  # decode steps via lmpo.rollout.lean (Llama family, 10M+ params): auto|true|false
+    lean_decode: str | bool = "auto"  # decode steps via lmpo.engine.lean (Llama family, 10M+ params): auto|true|false
 
 
 @dataclass
 class KLConfig:
-    beta: float = field(default=0.0, metadata=at_least(0))
+    beta: float = hp(0.0, ge=0)
     estimator: str = "k3"
     mode: str = "loss"  # "loss": beta*KL added to the per-token loss; "reward": -beta*KL added to token rewards
 
 
 @dataclass
 class TrainConfig:
-    steps: int = field(default=20, metadata=at_least(0))
-    learning_rate: float = field(default=1e-6, metadata=above(0))
-    weight_decay: float = field(default=0.0, metadata=at_least(0))
-    adam_beta1: float = field(default=0.9, metadata=in_range(0, 1, hi_open=True))
-    adam_beta2: float = field(default=0.999, metadata=in_range(0, 1, hi_open=True))
-    max_grad_norm: float | None = field(default=1.0, metadata=above(
-        0, "a negative norm reverses every update and 0 cancels it; null turns clipping off"))
+    steps: int = hp(20, ge=0)
+    learning_rate: float = hp(1e-6, gt=0)
+    weight_decay: float = hp(0.0, ge=0)
+    adam_beta1: float = hp(0.9, ge=0, lt=1)
+    adam_beta2: float = hp(0.999, ge=0, lt=1)
+    max_grad_norm: float | None = hp(1.0, gt=0)
     lr_scheduler: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = field(default=0, metadata=at_least(0))
-    ppo_epochs: int = field(default=1, metadata=at_least(1))  # TRL's num_iterations
-    num_minibatches: int = field(default=1, metadata=at_least(1))  # optimizer steps per epoch
+    warmup_steps: int = hp(0, ge=0)
+    ppo_epochs: int = hp(1, ge=1)  # TRL's num_iterations
+    num_minibatches: int = hp(1, ge=1)  # optimizer steps per epoch
     # rows per forward/backward (gradient accumulation); None = whole minibatch
-    micro_batch_size: int | None = field(default=None, metadata=at_least(1))
+    micro_batch_size: int | None = hp(None, ge=1)
     entropy_coef: float = 0.0
     seed: int = 0
     # torch intra-op threads; None = torch default
-    threads: int | None = field(default=None, metadata=at_least(0, "0 or null: torch's default"))
-    optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.train.inbackward.wanted
-    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.perf.set_mmap_threshold):
+    threads: int | None = hp(None, ge=0)
+    optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.engine.inbackward.wanted
+    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process
+    # (lmpo.engine.tuning.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
-    mmap_threshold_kb: int | None = field(default=None, metadata=in_range(1, 32768, unit="KiB"))
+    mmap_threshold_kb: int | None = hp(None, ge=1, le=32768)
 
 
 @dataclass
 class EvalConfig:
     # steps between held-out evaluations
-    every: int = field(default=10, metadata=at_least(0, "0 evaluates only at the start and the end"))
-    num_prompts: int = field(default=64, metadata=at_least(0))
-    max_new_tokens: int | None = field(default=None, metadata=at_least(1))  # None = rollout.max_new_tokens
+    every: int = hp(10, ge=0)
+    num_prompts: int = hp(64, ge=0)
+    max_new_tokens: int | None = hp(None, ge=1)  # None = rollout.max_new_tokens
     # >0: also sample k completions per prompt and report pass@k
-    pass_k: int = field(default=0, metadata=at_least(0, "0 turns pass@k off"))
+    pass_k: int = hp(0, ge=0)
     correct_threshold: float = 1.0  # a completion is correct when its first reward component >= this
-    batch_size: int | None = field(default=None, metadata=at_least(1))
+    batch_size: int | None = hp(None, ge=1)
     at_start: bool = True
 
 
@@ -170,8 +140,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs"
     run_name: str | None = None
-    checkpoint_every: int = field(default=10, metadata=at_least(0, "0 checkpoints only at the end"))
-    keep_checkpoints: int = field(default=1, metadata=at_least(1))
+    checkpoint_every: int = hp(10, ge=0)
+    keep_checkpoints: int = hp(1, ge=1)
     progress: bool = True
     plot: bool = True
 
@@ -179,6 +149,7 @@ class OutputConfig:
 @dataclass
 class Config:
     method: str = "grpo"
+    perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[dict[str, Any]] | None = None  # None = the task's default rewards; else [{name, weight, ...}]
@@ -188,6 +159,7 @@ class Config:
     aggregator: dict[str, Any] = field(default_factory=lambda: {"name": "seq_mean_token_mean"})
     selectors: list[dict[str, Any]] = field(default_factory=list)
     shapers: list[dict[str, Any]] = field(default_factory=list)
+    planners: list[dict[str, Any]] = field(default_factory=list)  # collection planners (e.g. knapsack budgets)
     kl: KLConfig = field(default_factory=KLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -198,7 +170,7 @@ class Config:
 
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
-COMPONENT_LISTS = ("selectors", "shapers")
+COMPONENT_LISTS = ("selectors", "shapers", "planners")
 NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task")  # a new name replaces the section whole
 
 
@@ -406,6 +378,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged = deep_merge(deep_merge(Config().to_dict(), PRESETS[method]), user)
     cfg = _build_dataclass(Config, merged, "", origin)
     validate(cfg, origin)
+    from lmpo.engine import apply_perf
+
+    apply_perf(cfg)
     return cfg
 
 
@@ -427,7 +402,7 @@ def fill_horizon(args: dict[str, Any], obj: Any, horizon: int) -> dict[str, Any]
 def build_components(cfg: Config) -> dict[str, Any]:
     """Instantiate the configured components through the registries (validates names and hyper-parameters)."""
     import lmpo.methods  # noqa: F401  (registers components)
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
     horizon = cfg.rollout.max_new_tokens
     out: dict[str, Any] = {}
@@ -435,7 +410,7 @@ def build_components(cfg: Config) -> dict[str, Any]:
         name, args = component_args(getattr(cfg, section), section)
         args = fill_horizon(args, reg.get(name, where=section), horizon)
         out[section] = reg.build(name, where=section, **args)
-    for section, reg in (("selectors", SELECTORS), ("shapers", SHAPERS)):
+    for section, reg in (("selectors", SELECTORS), ("shapers", SHAPERS), ("planners", PLANNERS)):
         items = []
         for i, item in enumerate(getattr(cfg, section)):
             name, args = component_args(item, f"{section}[{i}]")
@@ -451,24 +426,23 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
     origin = origin or Origin()
     check_ranges(cfg, origin)
     _check_choices(cfg, origin)
-    comps = _checked_components(cfg, origin)
-    check_group_of_one(cfg, comps, origin)
+    pipeline = _checked_components(cfg, origin)
+    check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
 
 
 def check_ranges(obj: Any, origin: Origin, where: str = "") -> None:
-    """Every numeric field with a declared :class:`Range` (recursively through the config sections)."""
+    """Every numeric setting against the range declared on its field (recursively through the config sections)."""
     for f in dataclasses.fields(obj):
         key, value = f"{where}.{f.name}" if where else f.name, getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, origin, key)
             continue
-        rng = f.metadata.get("range")
-        if rng is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not rng.holds(value):
-            nullable = " or null" if type(None) in typing.get_args(typing.get_type_hints(type(obj))[f.name]) else ""
-            note = f" ({rng.note})" if rng.note else ""
-            raise ConfigError(f"{key} must be {rng.describe()}{nullable}, got {value!r}{note}{origin(key)}.")
+        rng = range_of(f)
+        if rng is None or isinstance(value, bool) or not isinstance(value, (int, float)) or rng.admits(value):
+            continue  # None and non-numbers (e.g. "auto") are the type's business
+        nullable = " or null" if type(None) in typing.get_args(typing.get_type_hints(type(obj))[f.name]) else ""
+        note = f" ({RANGE_NOTES[key]})" if key in RANGE_NOTES else ""
+        raise ConfigError(f"{key} must be {rng.describe()}{nullable}, got {value!r}{note}{origin(key)}.")
 
 
 def _check_choices(cfg: Config, origin: Origin) -> None:
@@ -513,15 +487,22 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
     m = cfg.model
     need(m.gradient_checkpointing in (True, False, "attention"), "model.gradient_checkpointing",
          f"model.gradient_checkpointing must be true, false or attention, got {m.gradient_checkpointing!r}")
-    need(m.packed_forward in (True, False), "model.packed_forward",
-         f"model.packed_forward must be true or false, got {m.packed_forward!r}")
+    need(m.packed_forward in ("auto", True, False), "model.packed_forward",
+         f"model.packed_forward must be auto, true or false, got {m.packed_forward!r}")
+    from lmpo.engine import PERF_MODES
+
+    need(cfg.perf in PERF_MODES, "perf",
+         f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")
     need(m.autocast in (None, "auto", "float32", "bfloat16", "float16"), "model.autocast",
          f"model.autocast must be auto, float32, bfloat16, float16 or null, got {m.autocast!r}")
 
 
-def _checked_components(cfg: Config, origin: Origin) -> dict[str, Any]:
+def _checked_components(cfg: Config, origin: Origin) -> Any:
+    """The pipeline (components, their needs and the extension points); its errors say where the value came from."""
+    from lmpo.pipeline import build_pipeline
+
     try:
-        return build_components(cfg)
+        return build_pipeline(cfg)
     except ConfigError as exc:
         where = origin.of_message(str(exc))
         if where and where.strip() not in str(exc):
@@ -571,12 +552,12 @@ def learns_from_groups_of_one(advantage: Any, loss: Any, prompts: int = 4) -> bo
     return grad is not None and bool(torch.isfinite(grad).all() and (grad != 0).any())
 
 
-def check_group_of_one(cfg: Config, comps: dict[str, Any], origin: Origin) -> None:
+def check_group_of_one(cfg: Config, advantage: Any, loss: Any, origin: Origin) -> None:
     """``rollout.num_generations=1`` is an error when the method learns nothing from groups of one sample."""
     if cfg.rollout.num_generations != 1:
         return
     prompts = max(2, min(cfg.rollout.prompts_per_step, 64))  # the step's batch (a batch of one row never learns)
-    if learns_from_groups_of_one(comps["advantage"], comps["loss"], prompts) is not False:
+    if learns_from_groups_of_one(advantage, loss, prompts) is not False:
         return
     from lmpo.methods.presets import PRESETS
 

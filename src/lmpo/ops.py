@@ -15,9 +15,19 @@ LOG_RATIO_CLAMP = 20.0
 
 
 # --------------------------------------------------------------------------- masked reductions
+def zero_outside(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask`` is true and exactly 0 elsewhere: ``torch.where(mask, x, 0)``.
+
+    Keeps ``x``'s dtype and device, broadcasts ``x`` and ``mask`` like ``torch.where``, and its gradient reaches only
+    the kept entries of ``x`` (so an inf/NaN outside the mask can neither leak into a sum nor into a gradient, which
+    ``x * mask`` would do: 0 * NaN = NaN). Zero entries *before* further arithmetic when they may hold garbage.
+    """
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``x`` where ``mask`` is true. Masked entries contribute exactly zero (even if ``x`` is inf/NaN)."""
-    x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = zero_outside(x, mask)
     return x.sum() if dim is None else x.sum(dim)
 
 
@@ -27,18 +37,13 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp_min(1.0)
 
 
-def _clean(x: Tensor, mask: Tensor) -> Tensor:
-    # Zero masked entries *before* any arithmetic, so a NaN/inf there cannot reach a gradient (0 * NaN = NaN).
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of ``x`` over the whole masked set (Bessel-corrected when ``unbiased``; 0 for a single entry).
 
     Computed in float64: identical float32 values then give exactly zero variance (in float32 their mean can be
     one ulp off, and dividing by a ~1e-8 std would turn that into an O(1) "advantage").
     """
-    x64 = _clean(x, mask).double()
+    x64 = zero_outside(x, mask).double()
     mean = masked_mean(x64, mask)
     n = mask.double().sum()
     ss = masked_sum((x64 - mean) ** 2, mask)
@@ -48,11 +53,11 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """(x - mean) / (std + eps) over masked entries (float64 statistics); masked-out entries are returned as 0."""
-    x64 = _clean(x, mask).double()
+    x64 = zero_outside(x, mask).double()
     mean = masked_mean(x64, mask)
     std = masked_var(x64, mask).sqrt()
     out = (x64 - mean) / (std + eps) if shift_mean else x64 / (std + eps)
-    return torch.where(mask.bool(), out, torch.zeros_like(out)).to(x.dtype)
+    return zero_outside(out, mask).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- group statistics
@@ -106,7 +111,7 @@ def group_loo_mean(values: Tensor, group_ids: Tensor) -> Tensor:
     v = values.double()
     n = group_count(group_ids, v.dtype)
     others = group_sum(v, group_ids) - v
-    return torch.where(n > 1, others / (n - 1).clamp_min(1.0), torch.zeros_like(v)).to(values.dtype)
+    return zero_outside(others / (n - 1).clamp_min(1.0), n > 1).to(values.dtype)
 
 
 # --------------------------------------------------------------------------- ratios and KL
@@ -159,7 +164,7 @@ def response_lengths(mask: Tensor) -> Tensor:
 def token_hash(response_ids: Tensor, mask: Tensor, seed: int) -> Tensor:
     """A fixed pseudo-random integer (B,) per row from its trained tokens: equal rows hash equal, and the value does
     not depend on the row's position in the batch (for permutation-equivariant tie-breaking and pairing)."""
-    ids = torch.where(mask, response_ids + 1, torch.zeros_like(response_ids)).long()
+    ids = zero_outside(response_ids + 1, mask).long()
     coef = torch.randint(1, 2**20, (ids.shape[1],), generator=torch.Generator().manual_seed(seed)).to(ids.device)
     return (ids * coef).sum(-1) % (2**31 - 1)
 

@@ -1,7 +1,8 @@
 """Name -> component registries.
 
 A component is a (usually frozen) dataclass whose fields are its hyper-parameters, so each default exists once.
-``Registry.build(name, **kwargs)`` rejects unknown names and unknown keys, naming the nearest valid one.
+``Registry.build(name, **kwargs)`` rejects unknown names and unknown keys, naming the nearest valid one, and checks
+the declared hyper-parameter ranges (:mod:`lmpo.methods.params`) with the full key path (``selectors[1].min_n``).
 Each registration records the paper (title, arXiv id) and a fidelity flag that ``lmpo list`` shows.
 """
 
@@ -110,6 +111,9 @@ class Registry(Generic[T]):
             hints = typing.get_type_hints(entry.obj)
             prefix = f"{where}." if where else ""
             kwargs = {k: coerce(v, hints[k], f"{prefix}{k}") for k, v in kwargs.items()}
+            from lmpo.methods.params import check_params  # lazy, as above
+
+            check_params(entry.obj, kwargs, where)  # declared ranges (hp) and constraints, named by full key
         try:
             return entry.obj(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -121,9 +125,10 @@ LOSSES: Registry = Registry("loss")
 AGGREGATORS: Registry = Registry("aggregator")
 SELECTORS: Registry = Registry("selector")
 SHAPERS: Registry = Registry("shaper")
+PLANNERS: Registry = Registry("planner")  # components that only provide collection extension points
 REWARDS: Registry = Registry("reward")
 TASKS: Registry = Registry("task")
 
 ALL_REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, REWARDS, TASKS)
+    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS)
 }

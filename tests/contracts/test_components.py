@@ -9,7 +9,7 @@ from torch.testing import assert_close
 import lmpo.methods  # noqa: F401  (registers components)
 from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, SELECTORS, SHAPERS
 
-from contracts._batch import grad_extras, pad_columns, permute, random_batch, with_extras
+from factories import grad_extras, pad_columns, permute, random_full_batch, with_extras
 
 HORIZON = 8
 
@@ -25,7 +25,7 @@ def needs_of(reg, name) -> frozenset[str]:
 
 
 def batch_for(reg, name, **kw):
-    return with_extras(random_batch(**kw), needs_of(reg, name), seed=kw.get("seed", 0))
+    return with_extras(random_full_batch(**kw), needs_of(reg, name), seed=kw.get("seed", 0))
 
 
 # --------------------------------------------------------------------------- advantages
@@ -117,7 +117,7 @@ class TestPolicyLoss:
 @pytest.mark.parametrize("name", AGGREGATORS.names())
 class TestAggregator:
     def test_microbatch_invariance(self, name):
-        b = random_batch(seed=6, groups=4)
+        b = random_full_batch(seed=6, groups=4)
         per_token = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(0))
         agg = build(AGGREGATORS, name)
         norm = agg.normaliser(b.response_mask, HORIZON)
@@ -128,7 +128,7 @@ class TestAggregator:
             assert_close(split, full)
 
     def test_padding_changes_nothing(self, name):
-        b = random_batch(seed=7)
+        b = random_full_batch(seed=7)
         per_token = torch.randn(b.response_mask.shape, generator=torch.Generator().manual_seed(1))
         agg = build(AGGREGATORS, name)
         full = agg(per_token, b.response_mask, agg.normaliser(b.response_mask, HORIZON))
@@ -137,7 +137,7 @@ class TestAggregator:
         assert_close(agg(pt, pm, agg.normaliser(pm, HORIZON)), full)
 
     def test_masked_tokens_get_no_gradient(self, name):
-        b = random_batch(seed=8)
+        b = random_full_batch(seed=8)
         per_token = torch.randn(b.response_mask.shape).requires_grad_(True)
         agg = build(AGGREGATORS, name)
         agg(per_token, b.response_mask, agg.normaliser(b.response_mask, HORIZON)).backward()

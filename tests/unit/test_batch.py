@@ -9,22 +9,7 @@ import torch
 
 from lmpo.batch import PreferenceBatch, RolloutBatch
 from lmpo.errors import DataError
-
-
-def full_batch(B: int = 3, T: int = 4, P: int = 2, K: int = 2, offset: int = 0) -> RolloutBatch:
-    """Every field set; row i of every per-row tensor is recognisable (holds 100*i + offset + ...)."""
-    row = torch.arange(B)[:, None] * 100 + offset
-    lengths = torch.tensor([(i % T) + 1 for i in range(B)])
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    f = lambda w: (row + torch.arange(w)[None, :]).float()  # noqa: E731
-    return RolloutBatch(
-        prompt_ids=row + torch.arange(P)[None, :], response_ids=row + torch.arange(T)[None, :] + 50,
-        response_mask=mask, group_ids=torch.arange(B) // 2 + offset, rewards=row[:, 0].float(),
-        sampler_logprobs=-f(T), prompt_mask=torch.ones(B, P, dtype=torch.bool), response_attn=mask.clone(),
-        reward_components=f(K), old_logprobs=-f(T) - 1, ref_logprobs=-f(T) - 2, token_rewards=f(T) * 0.5,
-        turn_ids=torch.zeros(B, T, dtype=torch.long) + row, advantages=f(T) * 2, truncated=lengths == T,
-        extras={"score": row[:, 0].float(), "vec": f(3)}, meta=[{"row": i + offset} for i in range(B)],
-    )
+from factories import tagged_batch
 
 
 PER_ROW = ["prompt_ids", "response_ids", "response_mask", "group_ids", "rewards", "sampler_logprobs", "prompt_mask",
@@ -48,7 +33,7 @@ PER_ROW = ["prompt_ids", "response_ids", "response_mask", "group_ids", "rewards"
 ])
 def test_validation_error_names_field(field, bad, words):
     with pytest.raises(DataError) as exc:
-        dataclasses.replace(full_batch(), **{field: bad})
+        dataclasses.replace(tagged_batch(), **{field: bad})
     msg = str(exc.value)
     assert f"RolloutBatch.{field}" in msg
     for w in words:
@@ -57,22 +42,22 @@ def test_validation_error_names_field(field, bad, words):
 
 def test_validation_extras_and_meta():
     with pytest.raises(DataError, match=r"extras\['x'\].*B=3"):
-        dataclasses.replace(full_batch(), extras={"x": torch.ones(2)})
+        dataclasses.replace(tagged_batch(), extras={"x": torch.ones(2)})
     with pytest.raises(DataError, match=r"extras\['x'\]"):
-        dataclasses.replace(full_batch(), extras={"x": torch.tensor(1.0)})
+        dataclasses.replace(tagged_batch(), extras={"x": torch.tensor(1.0)})
     with pytest.raises(DataError, match="meta has 2 rows"):
-        dataclasses.replace(full_batch(), meta=[{}, {}])
+        dataclasses.replace(tagged_batch(), meta=[{}, {}])
 
 
 def test_int32_ids_and_float64_values_accepted():
-    b = full_batch()
+    b = tagged_batch()
     b2 = b.replace(group_ids=b.group_ids.int(), rewards=b.rewards.double())
     assert b2.group_ids.dtype == torch.int32 and b2.batch_size == 3
 
 
 def test_replace_validates():
     with pytest.raises(DataError, match="RolloutBatch.advantages"):
-        full_batch().replace(advantages=torch.zeros(3, 2))
+        tagged_batch().replace(advantages=torch.zeros(3, 2))
 
 
 # --------------------------------------------------------------------------- select / split
@@ -85,7 +70,7 @@ def _assert_rows(sub: RolloutBatch, full: RolloutBatch, rows: list[int]):
 
 
 def test_select_by_index_and_bool_mask():
-    b = full_batch(B=5)
+    b = tagged_batch(B=5)
     _assert_rows(b.select(torch.tensor([3, 0, 3])), b, [3, 0, 3])  # unsorted, repeated
     _assert_rows(b.select(torch.tensor([True, False, False, True, True])), b, [0, 3, 4])
     empty = b.select(torch.zeros(5, dtype=torch.bool))
@@ -93,12 +78,12 @@ def test_select_by_index_and_bool_mask():
 
 
 def test_select_without_meta():
-    b = full_batch().replace(meta=[])
+    b = tagged_batch().replace(meta=[])
     assert b.select(torch.tensor([1])).meta == []
 
 
 def test_split_contiguous_and_drops_empty():
-    b = full_batch(B=5)
+    b = tagged_batch(B=5)
     parts = b.split(2)
     assert [p.batch_size for p in parts] == [3, 2]
     _assert_rows(parts[0], b, [0, 1, 2])
@@ -111,8 +96,8 @@ def test_split_contiguous_and_drops_empty():
 
 # --------------------------------------------------------------------------- concat
 def test_concat_pads_T_right_and_P_left():
-    a = full_batch(B=2, T=2, P=3)
-    b = full_batch(B=1, T=4, P=1, offset=1000)
+    a = tagged_batch(B=2, T=2, P=3)
+    b = tagged_batch(B=1, T=4, P=1, offset=1000)
     c = RolloutBatch.concat([a, b])
     assert c.response_ids.shape == (3, 4) and c.prompt_ids.shape == (3, 3)
     # T: right padding with zeros / False
@@ -136,7 +121,7 @@ def test_concat_pads_T_right_and_P_left():
 def test_concat_errors():
     with pytest.raises(DataError, match="empty"):
         RolloutBatch.concat([])
-    a = full_batch()
+    a = tagged_batch()
     with pytest.raises(DataError, match="RolloutBatch.ref_logprobs"):
         RolloutBatch.concat([a, a.replace(ref_logprobs=None)])
 
@@ -144,7 +129,7 @@ def test_concat_errors():
 @pytest.mark.parametrize("order", ["with_first", "without_first"])
 def test_concat_mismatched_extras_is_a_data_error(order):
     # regression: extras keys were taken from the first batch only (bare KeyError, or keys silently dropped)
-    a = full_batch()
+    a = tagged_batch()
     b = a.replace(extras={})
     pair = [a, b] if order == "with_first" else [b, a]
     with pytest.raises(DataError, match="score"):
@@ -153,7 +138,7 @@ def test_concat_mismatched_extras_is_a_data_error(order):
 
 # --------------------------------------------------------------------------- to
 def test_to_moves_every_field():
-    b = full_batch()
+    b = tagged_batch()
     m = b.to("meta")
     for f in PER_ROW:
         assert getattr(m, f).device.type == "meta", f

@@ -14,14 +14,15 @@ import torch
 from torch.testing import assert_close
 from torch.utils.checkpoint import checkpoint
 
-from lmpo.batch import RolloutBatch
 from lmpo.errors import DataError, ModelError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.base import LossOut
 from lmpo.models import build_tiny_model, position_ids_from_mask, response_logprobs
 from lmpo.models.load import enable_activation_checkpointing
 from lmpo.models.logprobs import LayerNoise, _noise_seed, layer_noise
+from lmpo.engine.optim import TrainOptimizer
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss, policy_update
+from factories import policy_batch
 
 
 def make_inputs(B=3, P=4, T=5, seed=0):
@@ -33,13 +34,6 @@ def make_inputs(B=3, P=4, T=5, seed=0):
     attn = torch.ones(B, T, dtype=torch.bool)
     attn[2, 3:] = False
     return prompt_ids, prompt_mask, response_ids, attn
-
-
-def as_batch(prompt_ids, prompt_mask, response_ids, attn, **extras):
-    B, T = response_ids.shape
-    return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=attn,
-                        response_attn=attn, group_ids=torch.zeros(B, dtype=torch.long), rewards=torch.zeros(B),
-                        sampler_logprobs=torch.zeros(B, T), advantages=torch.randn(B, T) * attn, extras=extras)
 
 
 # --------------------------------------------------------------------------- hidden states
@@ -77,7 +71,7 @@ class _Probe:
 
 def test_minibatch_loss_provides_hidden_and_entropy_from_the_same_forward():
     model = build_tiny_model(seed=0)
-    b = as_batch(*make_inputs())
+    b = policy_batch(*make_inputs())
     probe = _Probe(seen={})
     runner = PolicyRunner(model)
     calls = []
@@ -97,7 +91,7 @@ def test_minibatch_loss_provides_hidden_and_entropy_from_the_same_forward():
 
 def test_default_runner_is_untouched_without_hook_needs():
     runner = PolicyRunner(build_tiny_model(seed=0))
-    b = as_batch(*make_inputs())
+    b = policy_batch(*make_inputs())
     assert runner.for_loss(b, frozenset({"old_logprobs"}), None) is runner
 
 
@@ -151,7 +145,7 @@ def test_layer_noise_off_by_default_and_zero_std_is_exact():
         plain = response_logprobs(model, *inp)[0]
         with layer_noise(model, None, None):
             assert torch.equal(response_logprobs(model, *inp)[0], plain)
-        # noise hooks need the Hugging Face forward (lmpo.models.packed steps aside): bit-equal to it at std 0
+        # noise hooks need the Hugging Face forward (lmpo.engine.packed steps aside): bit-equal to it at std 0
         hf = response_logprobs(model, *inp, packed=False)[0]
         assert_close(hf, plain)
         with layer_noise(model, LayerNoise(0.0), torch.tensor([1, 2, 3])):
@@ -235,13 +229,13 @@ class _NoisyLoss:
 
 
 def test_policy_update_seeds_noise_only_when_asked():
-    b = as_batch(*make_inputs())
+    b = policy_batch(*make_inputs())
     for loss, expect_draw in ((_NoisyLoss(0.1), True), (_Probe(seen={}), False)):
         model = build_tiny_model(seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         torch.manual_seed(0)
-        policy_update(PolicyRunner(model), opt, sched, b, loss, TokenMean(), UpdateSettings(), 1)
+        policy_update(PolicyRunner(model), TrainOptimizer(opt, sched, 1.0), b, loss, TokenMean(), UpdateSettings(), 1)
         state = torch.get_rng_state()
         torch.manual_seed(0)
         assert torch.equal(state, torch.get_rng_state()) != expect_draw  # the default path draws nothing

@@ -1,4 +1,4 @@
-"""AdamW folded into backward (lmpo.train.inbackward) against the plain path: loss.backward(), clip_grad_norm_,
+"""AdamW folded into backward (lmpo.engine.inbackward) against the plain path: loss.backward(), clip_grad_norm_,
 torch.optim.AdamW(fused=True).step(); no gradient buffers; one loss evaluation per step; torch's state format."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from lmpo.config import load_config
 from lmpo.errors import ConfigError
-from lmpo.kernels import rowdot
+from lmpo.engine.kernels import rowdot
 from lmpo.train.checkpoint import latest_checkpoint
-from lmpo.train.inbackward import BackwardAdamW, unsupported
+from lmpo.engine.inbackward import BackwardAdamW, unsupported
 
 V = 40
 
@@ -172,7 +172,7 @@ def test_unsupported_optimizers_are_named():
 
 
 def test_auto_applies_only_with_checkpointing_and_many_trainable_weights():
-    from lmpo.train.inbackward import wanted
+    from lmpo.engine.inbackward import wanted
     big, small = [torch.zeros(10_000_000)], [torch.zeros(10)]
     assert wanted("auto", big, True)
     assert not wanted("auto", big, False) and not wanted("auto", small, True)
@@ -237,13 +237,13 @@ def test_resumed_run_folds_like_the_uninterrupted_one(tmp_path):
 
 @pytest.mark.skipif(not rowdot.available(), reason="the native kernels are unavailable here")
 def test_weight_update_kernel_equals_torch_operations(monkeypatch):
-    """The one-pass weight update (lmpo.kernels.rowdot.adam_apply) against the element-wise torch path."""
+    """The one-pass weight update (lmpo.engine.kernels.rowdot.adam_apply) against the element-wise torch path."""
     calls = []
     real = rowdot.adam_apply
     monkeypatch.setattr(rowdot, "adam_apply", lambda *a: calls.append(1) or real(*a))
     kernel = run_pair([0.05, 3.0, 0.05], 0.5, wd=0.01)[1]
     assert kernel[3].kernel is True and calls  # the kernel really ran
-    monkeypatch.setattr("lmpo.kernels.rowdot.available", lambda: False)
+    monkeypatch.setattr("lmpo.engine.kernels.rowdot.available", lambda: False)
     plain = run_pair([0.05, 3.0, 0.05], 0.5, wd=0.01)[1]
     assert plain[3].kernel is False
     assert_close(kernel[0], kernel[1], plain[0], plain[1], rtol=1e-6)

@@ -1,4 +1,4 @@
-"""lmpo.kernels.rowdot: the few-row linear kernel against a float64 reference, its routing, and its fallbacks."""
+"""lmpo.engine.kernels.rowdot: the few-row linear kernel against a float64 reference, its routing, and its fallbacks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpo.errors import ConfigError
-from lmpo.kernels import rowdot
+from lmpo.engine.kernels import rowdot
 
 needs_kernel = pytest.mark.skipif(not rowdot.available(), reason=f"kernel unavailable: {rowdot.unavailable_reason()}")
 

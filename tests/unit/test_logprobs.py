@@ -266,7 +266,7 @@ def head_run(fn, case, uses):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 def test_fused_head_matches_float64_reference_and_checkpointed_chunks(uses, temperature, bias, chunk):
-    from lmpo.models.head import head_stats
+    from lmpo.engine.head import head_stats
     case = head_case(bias, seed=chunk)
     ref = head_run(lambda hd, h, y: head_reference(hd, h.double(), y, temperature), case, uses)
     runs = [head_run(lambda hd, h, y: head_stats(torch.nn.Module(), hd, h, y, temperature=temperature,
@@ -282,7 +282,7 @@ def test_fused_head_matches_float64_reference_and_checkpointed_chunks(uses, temp
 
 
 def test_fused_head_frozen_weight_and_report_only_entropy():
-    from lmpo.models.head import head_stats
+    from lmpo.engine.head import head_stats
     head, hidden, targets, w_lp, _ = head_case(bias=False)
     head.weight.requires_grad_(False)
     h = hidden.clone().requires_grad_()
@@ -298,7 +298,7 @@ def test_fused_head_frozen_weight_and_report_only_entropy():
 
 
 def test_fused_head_under_bf16_autocast_matches_the_checkpointed_path():
-    from lmpo.models.head import head_stats
+    from lmpo.engine.head import head_stats
     case = head_case(bias=False, V=64, H=16, n=9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (v_f, g_f), (v_c, g_c) = (head_run(lambda hd, h, y: head_stats(torch.nn.Module(), hd, h, y, chunk_size=4,
@@ -315,7 +315,7 @@ def test_fused_head_under_bf16_autocast_matches_the_checkpointed_path():
 def test_fused_head_is_used_for_plain_linear_heads_only():
     from types import SimpleNamespace
 
-    from lmpo.models.head import fused_head
+    from lmpo.engine.head import fused_head
     m = build_tiny_model(seed=0)
     assert fused_head(m, m.lm_head)
     assert not fused_head(m, torch.nn.Sequential(m.lm_head))  # a wrapped (e.g. peft) head

@@ -182,15 +182,15 @@ def test_checkpoint_weights_are_saved_without_a_copy():
 def test_mmap_threshold_setting():
     from lmpo.config import load_config
     from lmpo.errors import ConfigError
-    from lmpo.perf import set_mmap_threshold
+    from lmpo.engine.tuning import set_mmap_threshold
     import platform
     import subprocess
     import sys
     assert set_mmap_threshold(None) is False
     if platform.libc_ver()[0] == "glibc":  # in a child: the setting is process-wide and cannot be undone
-        code = "from lmpo.perf import set_mmap_threshold; print(set_mmap_threshold(128))"
+        code = "from lmpo.engine.tuning import set_mmap_threshold; print(set_mmap_threshold(128))"
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
     assert load_config(overrides=[]).train.mmap_threshold_kb is None
     assert load_config(overrides=["train.mmap_threshold_kb=128"]).train.mmap_threshold_kb == 128
-    with pytest.raises(ConfigError, match="mmap_threshold_kb must be in 1..32768"):
+    with pytest.raises(ConfigError, match="mmap_threshold_kb must be in \\[1, 32768\\]"):
         load_config(overrides=["train.mmap_threshold_kb=0"])

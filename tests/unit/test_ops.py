@@ -23,6 +23,39 @@ X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
 M = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
 
 
+# --------------------------------------------------------------------------- zero_outside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.bool])
+def test_zero_outside_equals_where_with_a_scalar_zero_and_keeps_dtype(dtype):
+    x = torch.tensor([[3, -2, 5], [7, 1, -4]]).to(dtype)
+    m = torch.tensor([[True, False, True], [False, True, True]])
+    out = ops.zero_outside(x, m)
+    assert out.dtype == dtype and out.device == x.device
+    assert torch.equal(out, torch.where(m, x, torch.zeros((), dtype=dtype)))
+    assert out.tolist() == torch.tensor([[3, 0, 5], [0, 1, -4]]).to(dtype).tolist()
+
+
+def test_zero_outside_broadcasts_like_where_and_accepts_a_0_1_mask():
+    x = torch.tensor([[1.5], [-2.0]])  # (B, 1): a per-row value spread over the trained tokens
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float32)
+    assert ops.zero_outside(x, m).tolist() == [[1.5, 1.5, 0.0], [-2.0, 0.0, 0.0]]
+    assert ops.zero_outside(torch.arange(3.0), torch.tensor(True)).tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_zero_outside_gradient_flows_only_through_kept_entries(bad):
+    # x * mask would give 0 * inf = NaN forward and a NaN gradient through anything that divides by x; where does not
+    x = torch.tensor([2.0, bad, -1.0], requires_grad=True)
+    m = torch.tensor([True, False, True])
+    y = ops.zero_outside(x, m)
+    assert y.tolist() == [2.0, 0.0, -1.0]
+    (y * y).sum().backward()
+    assert x.grad.tolist() == [4.0, 0.0, -2.0]
+    # broadcast x: its gradient sums over the kept positions of its row only
+    v = torch.tensor([[3.0], [bad]], requires_grad=True)
+    ops.zero_outside(v, torch.tensor([[True, True, False], [False, False, False]])).sum().backward()
+    assert v.grad.tolist() == [[2.0], [0.0]]
+
+
 def test_masked_sum_hand():
     # total 1+2+5+6 = 14; per row [1+2, 5+6] = [3, 11]; per column [1, 2+5, 6] = [1, 7, 6]
     assert_close(ops.masked_sum(X, M), torch.tensor(14.0, dtype=F64))

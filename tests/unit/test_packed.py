@@ -1,4 +1,4 @@
-"""The packed prompt-once forward (lmpo.models.packed) against Hugging Face's forward: values, gradients, what it
+"""The packed prompt-once forward (lmpo.engine.packed) against Hugging Face's forward: values, gradients, what it
 keeps for backward, and when it steps aside."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lmpo.models import packed
+from lmpo.engine import packed
 from lmpo.models.load import apply_lora
 from lmpo.models.logprobs import response_logprobs, split_body_and_head
 from lmpo.models.tiny import build_tiny_model
-from lmpo.perf import trim_heap
+from lmpo.engine.tuning import trim_heap
 
 
 def _batch(vocab: int, U=2, P=5, G=3, T=7, seed=0):
@@ -253,12 +253,23 @@ def test_config_keys_validated():
     from lmpo.errors import ConfigError
 
     cfg = load_config(overrides=[])
-    assert cfg.model.packed_forward is True and cfg.model.gradient_checkpointing == "attention"
+    assert cfg.model.packed_forward == "auto" and cfg.model.gradient_checkpointing == "attention"
     assert load_config(overrides=["model.gradient_checkpointing=attention"]).model.gradient_checkpointing == "attention"
     with pytest.raises(ConfigError, match="model.gradient_checkpointing must be true, false or attention"):
         load_config(overrides=["model.gradient_checkpointing=mlp"])
-    with pytest.raises(ConfigError, match="model.packed_forward expects true or false"):
+    with pytest.raises(ConfigError, match="model.packed_forward must be auto, true or false"):
         load_config(overrides=["model.packed_forward=sometimes"])
+    # perf=reference turns every knob left at auto to its reference path; an explicit knob wins
+    ref = load_config(overrides=["perf=reference"])
+    assert (ref.model.packed_forward, ref.rollout.decode_kernel, ref.rollout.lean_decode, ref.rollout.sampler,
+            ref.train.optimizer_in_backward, ref.rollout.prepack) == (False, False, False, "multinomial", False, False)
+    mixed = load_config(overrides=["perf=reference", "model.packed_forward=true", "rollout.sampler=inverse_cdf"])
+    assert mixed.model.packed_forward is True and mixed.rollout.sampler == "inverse_cdf"
+    assert mixed.rollout.lean_decode is False
+    fast = load_config(overrides=["perf=fast"])
+    assert (fast.model.packed_forward, fast.rollout.lean_decode, fast.rollout.sampler) == ("auto", "auto", "auto")
+    with pytest.raises(ConfigError, match="perf must be fast or reference"):
+        load_config(overrides=["perf=quick"])
 
 
 def test_trainer_same_with_and_without_the_packed_forward(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-import lmpo.perf as perf
+import lmpo.engine.tuning as perf
 from lmpo.config import load_config
 from lmpo.errors import ConfigError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -9,7 +10,7 @@ import pytest
 
 import lmpo.methods  # noqa: F401  (registers components)
 from lmpo.errors import ConfigError
-from lmpo.registry import ADVANTAGES, AGGREGATORS, ALL_REGISTRIES, LOSSES, SELECTORS, SHAPERS, Registry
+from lmpo.registry import ADVANTAGES, AGGREGATORS, ALL_REGISTRIES, LOSSES, PLANNERS, SELECTORS, SHAPERS, Registry
 
 
 def make_registry() -> Registry:
@@ -113,6 +114,29 @@ def test_constructor_errors_become_config_errors():
         LOSSES.build("ppo_clip", dual_clip=0.5)  # a ConfigError raised by the component passes through
 
 
+def test_declared_ranges_are_checked_with_the_full_key_path():
+    # the same component, wherever it sits, names its own key: no hard-coded prefix
+    with pytest.raises(ConfigError) as exc:
+        SELECTORS.build("rest_grpo", where="selectors[1]", max_queue=-1)
+    assert str(exc.value) == "selectors[1].max_queue must be >= 0, got -1."
+    with pytest.raises(ConfigError, match=re.escape("shapers[2].topk_ratio must be in (0, 1], got 0.0.")):
+        SHAPERS.build("trapo", where="shapers[2]", topk_ratio=0)  # checked after coercion (0 -> 0.0)
+    with pytest.raises(ConfigError, match=re.escape("advantage.rho_min must be <= advantage.rho_max, got ")):
+        ADVANTAGES.build("spo", where="advantage", rho_min=0.99)
+    with pytest.raises(ConfigError, match=re.escape("selectors[1].strategy must be one of")):
+        SELECTORS.build("pf_ppo", where="selectors[1]", strategy="best_median")
+
+
+def test_a_component_in_the_second_selector_slot_reports_that_slot():
+    from lmpo.config import load_config
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["selectors=[{name: dynamic_sampling}, {name: rest_grpo, sample_ratio: 0}]"])
+    assert "selectors[1].sample_ratio must be in (0, 1], got 0.0." in str(exc.value)
+    with pytest.raises(ConfigError, match=re.escape("selectors[0].sample_ratio must be")):
+        load_config(overrides=["selectors=[{name: rest_grpo, sample_ratio: 0}, {name: dynamic_sampling}]"])
+
+
 def test_register_twice_and_bad_fidelity():
     reg = make_registry()
     with pytest.raises(ValueError, match="registered twice"):
@@ -132,8 +156,8 @@ def test_real_entries_params():
     assert AGGREGATORS.entry("seq_mean_token_sum_norm").params == {"horizon": None}
     assert SHAPERS.entry("overlong_penalty").params == {"horizon": None, "cache_length": None, "factor": 1.0}
     assert SELECTORS.entry("dynamic_sampling").params == {"min_std": 0.0}
-    assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "reward", "task"}
-    for reg in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS):
+    assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "planner", "reward", "task"}
+    for reg in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS):
         for e in reg.entries():
             # A method without an arXiv preprint says so (arxiv="none") and gives another source in `paper`.
             assert e.paper and e.arxiv and e.fidelity in ("exact", "reconstructed"), e.name

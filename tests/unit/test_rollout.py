@@ -9,7 +9,7 @@ import torch
 
 from lmpo.errors import ConfigError
 from lmpo.models import build_tiny_model, build_tiny_tokenizer, position_ids_from_mask, response_logprobs
-from lmpo.kernels import rowdot
+from lmpo.engine.kernels import rowdot
 from lmpo.rollout import Generator, HFGenerator, SamplingParams, filter_logits
 
 PROMPTS = ["1+1=", "12+34=", "7", "99+1="]
@@ -196,16 +196,16 @@ def test_shared_prompt_prefill_samples_the_same(model, tok):
                                       share_prompt=True)
 
 
-needs_onednn = pytest.mark.skipif(not __import__("lmpo.rollout.prepack", fromlist=["x"]).prepack_available(),
+needs_onednn = pytest.mark.skipif(not __import__("lmpo.engine.prepack", fromlist=["x"]).prepack_available(),
                                   reason="this torch build has no oneDNN packed-linear operators")
 
 
 @needs_onednn
 def test_prepacked_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch):
-    import lmpo.rollout.hf as hf
+    import lmpo.engine.decode as decode
     packs = []
-    monkeypatch.setattr(hf, "prepacked_linears", lambda m, rows, real=hf.prepacked_linears: (packs.append(rows),
-                                                                                            real(m, rows))[1])
+    monkeypatch.setitem(decode.LINEARS, "prepack", lambda m, rows, real=decode.LINEARS["prepack"]: (
+        packs.append(rows), real(m, rows))[1])
     assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1="], 3, prepack=True)
     assert packs == [4]  # packed once, for the 4 rows, by the prepack=True generator only
     assert not any("forward" in m.__dict__ for m in model.modules())  # every module restored
@@ -213,7 +213,7 @@ def test_prepacked_decode_samples_the_same_up_to_rounding(model, tok, monkeypatc
 
 @needs_onednn
 def test_prepacked_linears_compute_the_linear_and_restore_on_error(model):
-    from lmpo.rollout.prepack import prepacked_linears
+    from lmpo.engine.prepack import prepacked_linears
     lin = model.lm_head
     x = torch.randn(3, 1, lin.in_features)
     ref = lin(x)
@@ -226,8 +226,8 @@ def test_prepacked_linears_compute_the_linear_and_restore_on_error(model):
 
 
 def test_prepack_auto_only_for_large_float32_cpu_models(model, monkeypatch):
-    from lmpo.kernels import rowdot as prepack_threshold
-    from lmpo.rollout import prepack
+    from lmpo.engine.kernels import rowdot as prepack_threshold
+    from lmpo.engine import prepack
     monkeypatch.setattr(prepack, "prepack_available", lambda: True)
     assert not prepack.should_prepack(model, "auto", None)  # a tiny model: nothing to stream
     assert prepack.should_prepack(model, True, None)
@@ -238,31 +238,31 @@ def test_prepack_auto_only_for_large_float32_cpu_models(model, monkeypatch):
     assert not prepack.should_prepack(model.to(torch.float64), "auto", None)
 
 
-needs_rowdot = pytest.mark.skipif(not __import__("lmpo.kernels.rowdot", fromlist=["x"]).available(),
+needs_rowdot = pytest.mark.skipif(not __import__("lmpo.engine.kernels.rowdot", fromlist=["x"]).available(),
                                   reason="lmpo's rowdot kernel cannot be built here")
 
 
 @needs_rowdot
 def test_rowdot_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch):
-    import lmpo.rollout.hf as hf
+    from lmpo.engine.kernels import rowdot
     entered = []
-    real = hf.rowdot.rowdot_linears
-    monkeypatch.setattr(hf.rowdot, "rowdot_linears", lambda m, real=real: (entered.append(m), real(m))[1])
+    real = rowdot.rowdot_linears
+    monkeypatch.setattr(rowdot, "rowdot_linears", lambda m, real=real: (entered.append(m), real(m))[1])
     assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "12+34=", "99+1="], 3, decode_kernel=True)
     assert entered == [model]  # decode steps of the decode_kernel=True generator only
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 def test_decode_kernel_auto_is_off_for_tiny_models(model, tok, monkeypatch):
-    import lmpo.rollout.hf as hf
-    monkeypatch.setattr(hf.rowdot, "rowdot_linears", lambda m: pytest.fail("tiny models keep the BLAS"))
+    from lmpo.engine.kernels import rowdot
+    monkeypatch.setattr(rowdot, "rowdot_linears", lambda m: pytest.fail("tiny models keep the BLAS"))
     HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["attention-kernel", "torch-attention"])
 def test_lean_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch, native):
     # ragged left-padded prompts, a group that shares its prompt prefill, GQA (4 query / 2 key-value heads)
-    import lmpo.rollout.lean as lean
+    import lmpo.engine.lean as lean
     if native and not lean.rowdot.available():
         pytest.skip("the attention kernel cannot be built here")
     monkeypatch.setattr(lean.rowdot, "available", lambda: native)
@@ -283,7 +283,7 @@ def test_lean_decode_samples_the_same_up_to_rounding(model, tok, monkeypatch, na
 def test_lean_decode_under_bf16_autocast_matches_the_plain_step(model, tok, monkeypatch):
     # the projections and MLP are the same bf16 products; attention runs in float32 where Hugging Face's runs in
     # bf16, so log-probs agree to bf16 rounding and both agree with the cache-free forward under autocast
-    import lmpo.rollout.lean as lean
+    import lmpo.engine.lean as lean
     steps = []
     real = lean.LeanDecoder.step
     monkeypatch.setattr(lean.LeanDecoder, "step", lambda self, *a: (steps.append(1), real(self, *a))[1])
@@ -324,7 +324,7 @@ def test_lean_decode_with_eos_and_per_row_limits(model, tok):
 
 
 def test_lean_decode_refuses_what_it_does_not_cover(model, tok):
-    from lmpo.rollout.lean import lean_unsupported
+    from lmpo.engine.lean import lean_unsupported
     body = model.model
     assert lean_unsupported(body, 100) == ""
     model.config.model_type = "gpt_neox"
@@ -344,7 +344,7 @@ def test_lean_decode_refuses_what_it_does_not_cover(model, tok):
 
 
 def test_lean_decode_auto_is_off_for_tiny_models(model, tok, monkeypatch):
-    import lmpo.rollout.lean as lean
+    import lmpo.engine.lean as lean
     monkeypatch.setattr(lean.LeanDecoder, "__init__", lambda *a: pytest.fail("tiny models keep the HF step"))
     HFGenerator(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=3))
 
@@ -371,7 +371,7 @@ def test_inverse_cdf_frequencies_match_the_distribution():
 
 
 def test_sampler_choice_and_logprobs(tok, monkeypatch):
-    import lmpo.rollout.hf as hf
+    import lmpo.engine.decode as hf
     big = build_tiny_model(seed=0, vocab_size=hf.INVERSE_CDF_MIN_VOCAB)
     used = []
     real = hf.sample_inverse_cdf
@@ -438,7 +438,7 @@ def test_lean_decode_other_llama_family_architectures(tok, arch):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_()
-    from lmpo.rollout.lean import lean_unsupported
+    from lmpo.engine.lean import lean_unsupported
     assert lean_unsupported(model.model, 20) == ""
     assert_same_samples_as_plain_path(model, tok, ["12+34=", "7", "99+1="], 1, lean=True)
 
@@ -473,17 +473,16 @@ def test_frozen_weights_are_cast_once_per_generation_under_autocast(tok, monkeyp
 
 def test_large_batches_under_autocast_keep_the_hugging_face_step(tok, monkeypatch):
     import lmpo.rollout.hf as hf
-    import lmpo.rollout.lean as lean
+    import lmpo.engine.lean as lean
     from lmpo.models.load import apply_lora
     model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
-    monkeypatch.setattr(hf, "AUTOCAST_FEW_ROWS", 3)
+    monkeypatch.setattr(__import__("lmpo.engine.decode", fromlist=["x"]), "AUTOCAST_FEW_ROWS", 3)
     monkeypatch.setattr(lean.LeanDecoder, "__init__", lambda *a: pytest.fail("4 rows > 3: Hugging Face's step"))
     monkeypatch.setattr(hf, "cached_frozen_casts", lambda *a: pytest.fail("4 rows > 3: no kept casts"))
     HFGenerator(model, tok, autocast="bfloat16", lean=True).generate(PROMPTS, SamplingParams(max_new_tokens=3))
 
 
 def test_frozen_flags_are_restored_when_generation_fails(tok, monkeypatch):
-    import lmpo.rollout.hf as hf
     from lmpo.models.load import apply_lora
     model = apply_lora(build_tiny_model(seed=0), r=2, alpha=4, dropout=0.0)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -493,7 +492,7 @@ def test_frozen_flags_are_restored_when_generation_fails(tok, monkeypatch):
         seen.append(all(p.requires_grad for p in model.parameters()))
         raise ZeroDivisionError
 
-    monkeypatch.setattr(hf, "head_logits", failing_head)
+    monkeypatch.setattr(__import__("lmpo.engine.decode", fromlist=["x"]), "head_logits", failing_head)
     with pytest.raises(ZeroDivisionError):
         HFGenerator(model, tok, autocast="bfloat16").generate(PROMPTS, SamplingParams(max_new_tokens=2))
     assert seen == [True]

@@ -7,9 +7,10 @@ import torch
 
 from lmpo.rollout.base import SamplingParams
 from lmpo.train.data import PromptStream
+from lmpo.pipeline import Pipeline
 from lmpo.train.rollouts import RolloutContext, collect
 
-from unit._rollout_fakes import EchoGenerator, exact_reward
+from factories import EchoGenerator, exact_reward
 
 
 class Tok:
@@ -40,10 +41,10 @@ class Shaper:
         return batch.replace(rewards=batch.rewards + 5)
 
 
-def make_ctx(selectors, shapers=(), train_generator=None):
-    return RolloutContext(generator=EchoGenerator(), tokenizer=Tok(), reward_set=exact_reward, shapers=list(shapers),
-                          selectors=selectors, params=SamplingParams(max_new_tokens=2), num_generations=2,
-                          train_generator=train_generator)
+def make_ctx(selectors, shapers=(), train_generator=None, planners=()):
+    return RolloutContext(generator=EchoGenerator(), tokenizer=Tok(), reward_set=exact_reward,
+                          pipeline=Pipeline.assemble(selectors=selectors, shapers=list(shapers), planners=planners),
+                          params=SamplingParams(max_new_tokens=2), num_generations=2, train_generator=train_generator)
 
 
 def test_hook_sees_every_round_raw_once_with_the_plain_sampler():
@@ -51,8 +52,8 @@ def test_hook_sees_every_round_raw_once_with_the_plain_sampler():
     data = [{"prompt": p, "answer": "7"} for p in ["k0", "d1", "k2", "d3"]]
     rec = Recorder()
     train_gen = EchoGenerator()
-    ctx = make_ctx([rec], shapers=[Shaper()], train_generator=train_gen)
-    ctx.planners = [rec, rec]  # listed twice (e.g. as selector and planner): still called once per round
+    # listed twice (as selector and planner): still called once per round
+    ctx = make_ctx([rec], shapers=[Shaper()], train_generator=train_gen, planners=[rec])
     batch, raw, stats = collect(ctx, PromptStream(data, seed=0), prompts_per_step=2, refill_rounds=3, step=0)
     rounds = int(stats["rollout/refill_rounds"]) + 1
     assert len(rec.calls) == rounds >= 2  # a refill round happened

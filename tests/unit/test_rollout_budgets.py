@@ -14,6 +14,7 @@ from lmpo.models import build_tiny_model, build_tiny_tokenizer
 from lmpo.rollout import HFGenerator, SamplingParams
 from lmpo.rollout.base import GenerationOutput
 from lmpo.train.data import PromptStream, prompt_key
+from lmpo.pipeline import Pipeline
 from lmpo.train.rollouts import RolloutContext, collect, score
 
 EOS = 1
@@ -88,9 +89,9 @@ def length_reward(prompts, completions, columns):
 
 def make_ctx(planners=(), selectors=(), n=2):
     tok = build_tiny_tokenizer()
-    return RolloutContext(generator=ScriptGenerator(tok), tokenizer=tok, reward_set=length_reward, shapers=[],
-                          selectors=list(selectors), params=SamplingParams(max_new_tokens=3), num_generations=n,
-                          planners=list(planners))
+    return RolloutContext(generator=ScriptGenerator(tok), tokenizer=tok, reward_set=length_reward,
+                          pipeline=Pipeline.assemble(selectors=list(selectors), planners=list(planners)),
+                          params=SamplingParams(max_new_tokens=3), num_generations=n)
 
 
 ROWS = [{"prompt": f"{i}=", "answer": str(i)} for i in range(4)]

@@ -7,9 +7,10 @@ import torch
 
 from lmpo.rollout.base import SamplingParams
 from lmpo.train.data import PromptStream
+from lmpo.pipeline import Pipeline
 from lmpo.train.rollouts import InjectingStream, RolloutContext, collect
 
-from unit._rollout_fakes import EchoGenerator, exact_reward
+from factories import EchoGenerator, exact_reward
 
 
 class Injector:
@@ -31,8 +32,9 @@ class Tok:
 
 
 def ctx_with(selectors):
-    return RolloutContext(generator=EchoGenerator(), tokenizer=Tok(), reward_set=exact_reward, shapers=[],
-                          selectors=selectors, params=SamplingParams(max_new_tokens=2), num_generations=2)
+    return RolloutContext(generator=EchoGenerator(), tokenizer=Tok(), reward_set=exact_reward,
+                          pipeline=Pipeline.assemble(selectors=selectors), params=SamplingParams(max_new_tokens=2),
+                          num_generations=2)
 
 
 def test_injected_prompts_come_first_then_the_stream():
@@ -52,6 +54,6 @@ def test_injected_prompts_come_first_then_the_stream():
 
 def test_no_hook_leaves_the_stream_unwrapped():
     stream = PromptStream([{"prompt": "a", "answer": "b"}], seed=0)
-    assert InjectingStream.wrap(stream, [object()]) is stream
-    inj = InjectingStream.wrap(stream, [Injector([{"prompt": "z", "answer": "b"}] * 5)])
+    assert InjectingStream.wrap(stream, Pipeline.assemble(selectors=[object()]).calls("inject_prompts")) is stream
+    inj = InjectingStream.wrap(stream, [Injector([{"prompt": "z", "answer": "b"}] * 5).inject_prompts])
     assert [r["prompt"] for r in inj.take(3)] == ["z", "z", "z"]

@@ -14,7 +14,7 @@ import pkgutil
 from lmpo.methods import aggregate
 from lmpo.methods.presets import PRESETS
 
-_KINDS = ("advantage", "loss", "select", "shape", "credit", "preference")
+_KINDS = ("advantage", "loss", "select", "shape", "plan", "credit", "preference")
 
 
 def _discover() -> tuple:

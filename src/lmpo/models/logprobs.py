@@ -5,7 +5,7 @@ is 40 GB in float32). :func:`response_logprobs` never builds it: it runs the tra
 hidden states, then applies the LM head to at most ``chunk_size`` response tokens at a time, keeping only the
 log-normaliser, the gathered target logit and (optionally) the entropy of each token. Under autograd a chunk's
 logits are recomputed in backward instead of stored: by one fused autograd node for a plain linear head
-(:class:`lmpo.models.head._HeadStats`), by a checkpoint per chunk for any other head.
+(:class:`lmpo.engine.head._HeadStats`), by a checkpoint per chunk for any other head.
 
 The body/head split and the position-id convention here are shared with :mod:`lmpo.rollout.hf`, so the sampler and
 the trainer see bit-for-bit the same network.
@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lmpo.errors import DataError, ModelError
-from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_stats
+from lmpo.engine.head import DEFAULT_CHUNK_SIZE, head_stats
 from lmpo.models.load import checkpointed_layers
-from lmpo.models.packed import packed_hidden, packed_unsupported
+from lmpo.engine.packed import packed_hidden, packed_unsupported
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -111,9 +111,9 @@ def response_logprobs(
         share_prompt: When rows repeat a prompt (a GRPO group), run each distinct prompt through the body once and
             let its rows attend to that one key/value cache (:func:`shared_prompt_rows`); the same numbers up to
             float rounding, with the prompt's share of the compute and activations divided by the group size.
-        packed: Run Llama-family decoders through :func:`lmpo.models.packed.packed_hidden` (prompt and response
+        packed: Run Llama-family decoders through :func:`lmpo.engine.packed.packed_hidden` (prompt and response
             positions as one matrix, fused autograd nodes keeping about half the activations) where
-            :func:`~lmpo.models.packed.packed_unsupported` allows; else (and under layer noise) Hugging Face's forward.
+            :func:`~lmpo.engine.packed.packed_unsupported` allows; else (and under layer noise) Hugging Face's forward.
         recompute: What the packed forward recomputes in backward (``"none"``, ``"attention"``, ``"layers"``);
             ``None``: ``"layers"`` when Hugging Face's activation checkpointing is on for the model, else ``"none"``.
 
@@ -217,10 +217,10 @@ def _token_inputs(body: nn.Module, head: nn.Module, *ids: Tensor, sparse: bool =
     the LM head and trains, ``{"inputs_embeds": ...}`` from one lookup of all of them with a sparse gradient.
 
     The dense gradient of an embedding is a zero-filled (vocab, H) tensor added in full into the tied head's gradient,
-    per call (0.3 CPU-s per update on the default model); one sparse lookup touches only the rows of the tokens
-    present and is added into the head's dense gradient, which every backward through :func:`head_stats` produces,
-    so the parameter's ``.grad`` stays dense. ``sparse=False`` when the caller also returns hidden states: a loss on
-    those alone would never reach the head and would leave a sparse ``.grad``.
+    per call (a measurable share of the update's CPU time: docs/results/performance.md); one sparse lookup touches
+    only the rows of the tokens present and is added into the head's dense gradient, which every backward through
+    :func:`head_stats` produces, so the parameter's ``.grad`` stays dense. ``sparse=False`` when the caller also
+    returns hidden states: a loss on those alone would never reach the head and would leave a sparse ``.grad``.
     """
     emb = body.get_input_embeddings() if callable(getattr(body, "get_input_embeddings", None)) else None
     if (not sparse or type(emb) is not nn.Embedding or emb.weight is not getattr(head, "weight", None)
@@ -259,7 +259,7 @@ def _shared_prompt_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, a
 
 def _packed_hidden(body: nn.Module, head: nn.Module, input_ids: Tensor, attn: Tensor, P: int, share_prompt: bool,
                    sparse: bool, recompute: str) -> Tensor:
-    """Final hidden states (B, T, H) through :func:`lmpo.models.packed.packed_hidden`: each distinct prompt once
+    """Final hidden states (B, T, H) through :func:`lmpo.engine.packed.packed_hidden`: each distinct prompt once
     when ``share_prompt`` (else every row's own prompt), prompt and response positions packed into one matrix."""
     B = input_ids.shape[0]
     groups = shared_prompt_rows(input_ids[:, :P], attn[:, :P]) if share_prompt else None

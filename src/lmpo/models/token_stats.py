@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmpo.errors import DataError
-from lmpo.models.head import DEFAULT_CHUNK_SIZE, head_logits
+from lmpo.engine.head import DEFAULT_CHUNK_SIZE, head_logits
 from lmpo.models.load import checkpointed_layers
 from lmpo.models.logprobs import joined_inputs, position_ids_from_mask, split_body_and_head
 

@@ -3,7 +3,7 @@
 Every reward follows TRL's convention ``fn(prompts=..., completions=..., **columns) -> list[float]``: columns are
 lists aligned with the samples (``answer=[...]``) and unknown columns are ignored. Rewards with hyper-parameters are
 frozen dataclasses so the registry can list and validate their fields. Heavy dependencies (math-verify pulls in
-sympy, reasoning-gym ~1 s to import) are imported on first use so ``import lmpo`` stays fast.
+sympy; reasoning-gym is slow to import) are imported on first use so ``import lmpo`` stays fast.
 """
 
 from __future__ import annotations

@@ -31,6 +31,13 @@ def _mode_classes(mode: str) -> tuple[type, type] | None:
 
 
 ROLLOUT_MODES = ("sample", "reference", "soft_thinking")
+_MODE_EXTRAS = {"sample": (), "reference": ("candidate_ids",),
+                "soft_thinking": ("soft_mask", "soft_ids", "soft_weights", "soft_valid", "soft_logits", "candidate_ids")}
+
+
+def mode_extras(mode: str) -> tuple[str, ...]:
+    """The per-row tensors a mode's generator adds to ``batch.extras`` (what components may then need)."""
+    return _MODE_EXTRAS.get(mode, ())
 
 
 def mode_options(mode: str, params: dict[str, Any]):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmpo.errors import ConfigError, DataError
-from lmpo.models.head import head_logits
+from lmpo.engine.head import head_logits
 from lmpo.models.logprobs import position_ids_from_mask, split_body_and_head
 from lmpo.rollout.base import GenerationOutput, SamplingParams
 from lmpo.rollout.hf import HFGenerator

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from lmpo.errors import ConfigError
-from lmpo.models.head import head_logits
+from lmpo.engine.head import head_logits
 from lmpo.models.logprobs import cache_kwarg, position_ids_from_mask, split_body_and_head
 from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator, filter_logits

@@ -1,23 +1,11 @@
 """Rollout collection: prompts -> generation -> rewards -> shapers -> selectors (with refill rounds).
 
-Components can shape collection through optional hooks (capabilities, never names; at most one component may
-provide each hook). They are looked up on ``RolloutContext.planners`` (every configured component):
-
-- ``prompt_weights(keys) -> weights``: prioritised prompt sampling; one non-negative weight per prompt key of the
-  training set (see :func:`lmpo.train.data.prompt_key`).
-- ``allocate(keys, n) -> counts``: a per-prompt number of generations (``n`` is ``rollout.num_generations``), so
-  groups in one batch can have different sizes; group ops in :mod:`lmpo.ops` work on ``group_ids`` of any size.
-- ``plan_group(n) -> [plan, ...]``: one dict per sample of a group of ``n``: ``max_new_tokens`` (its own length
-  limit, capped at the rollout's), ``prompt_suffix`` (text appended to the formatted prompt) and ``tags`` (name ->
-  number, gathered into ``batch.extras[name]``).
-- ``prefix_budgets() -> [b_1, ..., b_S]``: also score every reply truncated to its first ``b_s`` tokens;
-  ``batch.extras["prefix_rewards"]`` is then (B, S) (a reply shorter than ``b_s`` is scored whole).
-Per-prompt identity rides in ``meta[i]["prompt_key"]``.
-
-One hook may be provided by any number of components (each is called): ``after_collect(ctx, batch)`` runs once per
-scoring round of a step, after collection ends, with the round's raw batch (before shapers and selectors) and a
-context whose ``generator`` is the plain sampler, so a component can query the policy itself (e.g. CLPO rewrites
-prompts and queues the results through ``inject_prompts``).
+Collection-shaping methods plug in through the pipeline's extension points (:mod:`lmpo.methods.base`; resolved
+once by :class:`lmpo.pipeline.Pipeline`): ``prompt_weights`` (prioritised sampling), ``allocate`` (rollouts per
+prompt: groups of different sizes), ``plan_group`` (per-sample length limits, prompt suffixes, tags into
+``batch.extras``), ``prefix_budgets`` (also score truncated replies: ``batch.extras["prefix_rewards"]`` (B, S)),
+``inject_prompts`` (prompts made by components, served first) and ``after_collect`` (each scoring round's raw batch,
+with a context whose generator is the plain sampler). Per-prompt identity rides in ``meta[i]["prompt_key"]``.
 """
 
 from __future__ import annotations
@@ -29,14 +17,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError, DataError
+from lmpo.errors import DataError
 from lmpo.models.load import format_prompt
+from lmpo.pipeline import Pipeline
 from lmpo.rollout.base import Generator, SamplingParams
 from lmpo.rollout.modes import bind_rows
 from lmpo.tasks.base import columns_of
 from lmpo.train.data import prompt_key
 
-ROLLOUT_HOOKS = ("prompt_weights", "allocate", "plan_group", "prefix_budgets")
 _PLAN_KEYS = {"max_new_tokens", "prompt_suffix", "tags"}
 
 
@@ -47,22 +35,11 @@ class RolloutContext:
     generator: Generator
     tokenizer: Any
     reward_set: Any
-    shapers: list
-    selectors: list
     params: SamplingParams
     num_generations: int
+    pipeline: Pipeline = field(default_factory=Pipeline)  # shapers, selectors and the collection extension points
     system_prompt: str | None = None
-    planners: list = field(default_factory=list)  # components that may provide ROLLOUT_HOOKS
     train_generator: Generator | None = None  # rollout.mode's generator for training rollouts (lmpo.rollout.modes)
-
-
-def rollout_hook(components: list, name: str) -> Callable | None:
-    """The one component method called ``name`` among ``components`` (None if none has it)."""
-    found = [c for c in components if callable(getattr(c, name, None))]
-    if len(found) > 1:
-        raise ConfigError(f"Two components provide the rollout hook {name!r} ({', '.join(type(c).__name__ for c in found)}); "
-                          "only one may decide it.")
-    return getattr(found[0], name) if found else None
 
 
 def _expand_plans(counts: list[int], plan_group: Callable | None) -> list[dict[str, Any]]:
@@ -132,23 +109,21 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
 
 
 class InjectingStream:
-    """Serves prompts made by components (their ``inject_prompts(n) -> rows`` hook: curricula, rewrites, prefix
-    prompts) before the data set's; the components keep their queues in their own ``state_dict``."""
+    """Serves prompts made by components (the ``inject_prompts(n) -> rows`` extension point: curricula, rewrites,
+    prefix prompts) before the data set's; the components keep their queues in their own state."""
 
-    def __init__(self, stream, hooks: list):
-        self.stream, self.hooks = stream, hooks
+    def __init__(self, stream, sources: list[Callable[[int], list]]):
+        self.stream, self.sources = stream, sources
 
     @classmethod
-    def wrap(cls, stream, components: list):
-        unique = list({id(c): c for c in components}.values())
-        hooks = [c.inject_prompts for c in unique if callable(getattr(c, "inject_prompts", None))]
-        return cls(stream, hooks) if hooks else stream
+    def wrap(cls, stream, sources: list[Callable[[int], list]]):
+        return cls(stream, sources) if sources else stream
 
     def take(self, n: int, **kw: Any) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        for hook in self.hooks:
+        for source in self.sources:
             if len(rows) < n:
-                rows += list(hook(n - len(rows)))[: n - len(rows)]
+                rows += list(source(n - len(rows)))[: n - len(rows)]
         return rows + (self.stream.take(n - len(rows), **kw) if n > len(rows) else [])
 
 
@@ -158,11 +133,10 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
     plain_ctx = ctx  # the ``after_collect`` hooks query the policy through the plain sampler
     if ctx.train_generator is not None:  # rollout.mode other than "sample" (evaluation keeps the plain sampler)
         ctx = dataclasses.replace(ctx, generator=ctx.train_generator, train_generator=None)
-    stream = InjectingStream.wrap(stream, getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors])
-    weights = rollout_hook(ctx.planners, "prompt_weights")
-    allocate = rollout_hook(ctx.planners, "allocate")
-    plan_group = rollout_hook(ctx.planners, "plan_group")
-    prefix = rollout_hook(ctx.planners, "prefix_budgets")
+    p = ctx.pipeline
+    stream = InjectingStream.wrap(stream, p.calls("inject_prompts"))
+    weights, allocate = p.hook("prompt_weights"), p.hook("allocate")
+    plan_group, prefix = p.hook("plan_group"), p.hook("prefix_budgets")
     budgets = list(prefix()) if prefix is not None else None
     kept: list[RolloutBatch] = []
     raws: list[RolloutBatch] = []
@@ -180,10 +154,10 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         raws.append(raw)
         generated += raw.batch_size
         batch = raw
-        for shaper in ctx.shapers:
+        for shaper in p.shapers:
             batch = shaper(batch)
         keep = torch.ones(batch.batch_size, dtype=torch.bool)
-        for sel in ctx.selectors:
+        for sel in p.selectors:
             keep &= sel(batch)
         if keep.any():
             part = batch.select(keep)
@@ -192,9 +166,7 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         if n_groups >= prompts_per_step or rounds >= refill_rounds:
             break
         rounds += 1
-    after = {id(c): c.after_collect for c in getattr(ctx, "planners", None) or [*ctx.shapers, *ctx.selectors]
-             if callable(getattr(c, "after_collect", None))}
-    for hook in after.values():
+    for hook in p.calls("after_collect"):
         for raw in raws:
             hook(plain_ctx, raw)
     stats = {"rollout/refill_rounds": float(rounds), "rollout/generated": float(generated),

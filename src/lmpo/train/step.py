@@ -9,18 +9,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ModelError, TrainingDiverged
+from lmpo.errors import DataError, ModelError, TrainingDiverged
 from lmpo.models.logprobs import (DEFAULT_CHUNK_SIZE, LayerNoise, layer_noise, response_logprobs,
                                   split_body_and_head)
-from lmpo.models.packed import packed_unsupported
+from lmpo.engine.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
-from lmpo.train.inbackward import BackwardAdamW
+from lmpo.pipeline import KLPenalty, needs_of, require
+from lmpo.engine.optim import TrainOptimizer
 
 
 @dataclass
@@ -31,7 +33,7 @@ class PolicyRunner:
     temperature: float = 1.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
     autocast: str | None = None
-    packed: bool = True  # Llama-family forward via lmpo.models.packed where it applies
+    packed: bool = True  # Llama-family forward via lmpo.engine.packed where it applies
     recompute: str | None = None  # what the packed forward recomputes in backward; None: "layers" under checkpointing
     # Opt-in forward hooks, set only on the per-loss copy made by ``for_loss`` (the default runner has none).
     noise: LayerNoise | None = None
@@ -61,7 +63,7 @@ class PolicyRunner:
         return out[0], out[1]
 
     def packed_applies(self) -> bool:
-        """Whether the log-prob passes run through :mod:`lmpo.models.packed` (every weight used once per pass)."""
+        """Whether the log-prob passes run through :mod:`lmpo.engine.packed` (every weight used once per pass)."""
         if not self.packed:
             return False
         with self.autocast_ctx():  # what the passes will see, autocast included (packed_unsupported decides)
@@ -118,23 +120,29 @@ class UpdateSettings:
     ppo_epochs: int = 1
     num_minibatches: int = 1
     micro_batch_size: int | None = None
-    max_grad_norm: float | None = 1.0
-    kl_beta: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in_loss: bool = True
+    kl: KLPenalty | None = None  # the pipeline's KL penalty (added to the loss unless it is in the rewards)
     entropy_coef: float = 0.0
     horizon: int = 64
+
+    @property
+    def on_policy(self) -> bool:
+        """One optimizer step per batch: the update's forward runs under the weights that collected it."""
+        return self.ppo_epochs == 1 and self.num_minibatches == 1
 
 
 def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, s: UpdateSettings, normaliser: Tensor,
                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch, already divided by the mini-batch normaliser (ready for ``backward``)."""
-    needs = getattr(loss_fn, "needs", frozenset())
+    needs = needs_of(loss_fn)
     runner = runner.for_loss(mb, needs, loss_fn)
-    stats = STAT_NEEDS & getattr(loss_fn, "needs", frozenset())
-    if stats:  # opt-in full-distribution statistics; old_<stat> defaults to the detached current one (on-policy)
+    stats = STAT_NEEDS & needs
+    if stats:  # opt-in full-distribution statistics, and pi_old's: this forward's, detached, when on-policy
         lp, ent, extra = runner.logprobs_stats(mb, True, stats)
-        extra.update({f"old_{k}": v.detach() for k, v in extra.items() if f"old_{k}" not in mb.extras})
+        missing = [f"old_{k}" for k in extra if f"old_{k}" not in mb.extras]
+        if missing and not s.on_policy:
+            raise DataError(f'loss "{type(loss_fn).__name__}" needs {", ".join(missing)} (pi_old\'s statistics) under '
+                            "several optimizer steps per batch, but the batch does not carry them.")
+        extra.update({k: extra[k[4:]].detach() for k in missing})
         mb = mb.replace(extras={**mb.extras, **extra})
     else:
         # the entropy is always reported; it needs a gradient only for an entropy bonus or a loss that uses it
@@ -146,18 +154,20 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
         if "hidden_states" in needs and got["hidden"] is None:
             raise ModelError("hidden_states were requested but this forward path (soft inputs) does not return them.")
         mb = mb.replace(extras={**mb.extras, **{k: v for k, v in got.items() if v is not None}})
-    if mb.old_logprobs is None:  # on-policy single update: pi_old = pi, no separate pass needed
+    if "old_logprobs" in needs and mb.old_logprobs is None and s.on_policy:  # pi_old = the policy of this forward
         mb = mb.replace(old_logprobs=lp.detach())
+    require(mb, loss_fn, "loss")
     out = loss_fn(lp, mb)
     per_token = out.per_token
     mask = mb.response_mask
     metrics = dict(out.metrics)
-    if s.kl_beta > 0 and s.kl_in_loss:
-        kl = ops.kl_estimate(lp, mb.ref_logprobs, s.kl_estimator)
-        per_token = per_token + s.kl_beta * kl
+    if s.kl is not None and not s.kl.in_reward:
+        kl = s.kl.loss_term(lp, mb.ref_logprobs)
+        per_token = per_token + s.kl.beta * kl
         metrics["loss/kl"] = ops.masked_mean(kl, mask).detach()
-    elif mb.ref_logprobs is not None:
-        metrics["loss/kl"] = ops.masked_mean(ops.kl_estimate(lp.detach(), mb.ref_logprobs, s.kl_estimator), mask)
+    elif mb.ref_logprobs is not None:  # reported; in the rewards (kl.mode=reward) or asked for by a component
+        estimator = s.kl.estimator if s.kl is not None else "k3"
+        metrics["loss/kl"] = ops.masked_mean(ops.kl_estimate(lp.detach(), mb.ref_logprobs, estimator), mask)
     if s.entropy_coef:
         per_token = per_token - s.entropy_coef * ent
     metrics["loss/entropy"] = ops.masked_mean(ent.detach(), mask)
@@ -167,8 +177,8 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
 
 def weights_finite(params: list[Tensor]) -> bool:
     """True unless some weight is NaN or infinite: one summing pass per tensor (a NaN or inf anywhere makes its sum
-    non-finite; a finite sum can overflow only for weights near 1e32, diverged anyway), about 15x cheaper than an
-    element-wise ``isfinite`` over the 135M weights of the default model."""
+    non-finite; a finite sum can overflow only for weights near 1e32, diverged anyway), far cheaper than an
+    element-wise ``isfinite`` over every weight, which writes a boolean per weight (docs/results/performance.md)."""
     return bool(torch.isfinite(torch.stack([p.detach().sum() for p in params])).all()) if params else True
 
 
@@ -189,29 +199,32 @@ def minibatch_indices(group_ids: Tensor, n_mb: int) -> list[Tensor]:
     return [torch.cat([torch.nonzero(group_ids == g).flatten() for g in chunk]) for chunk in order.tensor_split(n_mb)]
 
 
-def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatch, loss_fn, aggregator,
-                  s: UpdateSettings, step: int, inb: BackwardAdamW | None = None) -> dict[str, Tensor]:
+def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch, loss_fn, aggregator, s: UpdateSettings,
+                  step: int, lr_scale: Callable[[], float] | None = None,
+                  after_step: Sequence[Callable[[], None]] = ()) -> dict[str, Tensor]:
     """PPO-style epochs x mini-batches x micro-batches over ``batch``; returns averaged detached metrics.
 
-    ``inb`` (a :class:`BackwardAdamW` over ``optimizer``, kept across steps): mini-batches that fit one micro-batch
-    fold the optimizer into their backward instead of holding every gradient (``train.optimizer_in_backward``)."""
-    model = runner.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    ``opt`` is the trainer's optimizer (:mod:`lmpo.engine.optim`); ``lr_scale`` and ``after_step`` are the pipeline's
+    ``lr_scale`` and ``after_optimizer_step`` extension points (asked / run once per optimizer step)."""
+    params = opt.params
     sums: dict[str, Tensor] = {}
     count = 0
     B = batch.batch_size
     n_mb = min(s.num_minibatches, B)
-    replays = inb.replays if inb is not None else 0
-    if "layer_noise" in getattr(loss_fn, "needs", frozenset()) and "noise_seed" not in batch.extras:
+    replays = opt.replays
+
+    def add(key: str, value) -> None:
+        sums[key] = sums.get(key, torch.zeros(())) + value
+
+    if "layer_noise" in needs_of(loss_fn) and "noise_seed" not in batch.extras:
         batch = batch.replace(extras={**batch.extras, "noise_seed": torch.randint(0, 2**62, (B,))})  # one per row
     for _ in range(s.ppo_epochs):
         for mb_idx in minibatch_indices(batch.group_ids, n_mb):
             mb = batch.select(mb_idx)
             normaliser = aggregator.normaliser(mb.response_mask, s.horizon)
             n_micro = max(1, -(-mb.batch_size // s.micro_batch_size)) if s.micro_batch_size else 1
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad()
             total = torch.zeros(())
-            in_backward = inb is not None and n_micro == 1  # the whole gradient comes from one backward
             for micro in mb.split(n_micro):
                 loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser)
                 if not torch.isfinite(loss):
@@ -220,48 +233,37 @@ def policy_update(runner: PolicyRunner, optimizer, scheduler, batch: RolloutBatc
                         "checkpoint is kept. Lower train.learning_rate, set train.max_grad_norm, or check the "
                         "reward functions for extreme values, then resume with --resume."
                     )
-                if in_backward:
-                    grad_norm = inb.backward(loss, s.max_grad_norm)
-                else:
-                    loss.backward()
+                opt.backward(loss, whole=n_micro == 1)
                 total = total + loss.detach()
-                del loss  # frees the graph (kept for a possible second pass in backward mode)
+                del loss  # frees the graph (kept for a possible second pass when the optimizer is folded in)
                 w = micro.batch_size / mb.batch_size
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, torch.zeros(())) + w * v.float()
-            if not in_backward:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm else float("inf"))
+                    add(k, w * v.float())
+            grad_norm = opt.clip()
             if not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 raise TrainingDiverged(
                     f"The gradient norm became {grad_norm.item()} at step {step}; no update was applied. The last "
                     "good checkpoint is kept. Lower train.learning_rate or enable autocast-free float32, then resume."
                 )
-            # Optional loss hooks (stateful losses): ``lr_scale()`` scales this step's learning rate (VCPO's ESS rule);
-            # ``after_optimizer_step()`` runs once per optimizer step (R2VPO's dual ascent), never per micro-batch.
-            lr_scale = loss_fn.lr_scale() if hasattr(loss_fn, "lr_scale") else None
-            base_lrs = [g["lr"] for g in optimizer.param_groups]
-            if lr_scale is not None:
-                for g in optimizer.param_groups:
-                    g["lr"] = g["lr"] * float(lr_scale)
-                sums["loss/lr_scale"] = sums.get("loss/lr_scale", torch.zeros(())) + float(lr_scale)
-            inb.step() if in_backward else optimizer.step()
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr
-            if hasattr(loss_fn, "after_optimizer_step"):
-                loss_fn.after_optimizer_step()
+            scale = lr_scale() if lr_scale is not None else None
+            if scale is not None:
+                add("loss/lr_scale", float(scale))
+            lr = opt.lr
+            opt.step(scale)
+            for hook in after_step:
+                hook()
             if not weights_finite(params):
                 raise TrainingDiverged(
                     f"The weights became non-finite after the optimizer step of step {step} (learning rate "
-                    f"{scheduler.get_last_lr()[0]:g}); this step is not saved. Lower train.learning_rate, then resume."
+                    f"{lr:g}); this step is not saved. Lower train.learning_rate, then resume."
                 )
-            scheduler.step()
-            sums["loss/total"] = sums.get("loss/total", torch.zeros(())) + total
-            sums["loss/grad_norm"] = sums.get("loss/grad_norm", torch.zeros(())) + grad_norm.detach()
+            add("loss/total", total)
+            add("loss/grad_norm", grad_norm.detach())
             count += 1
-    optimizer.zero_grad(set_to_none=True)
+    opt.zero_grad()
     out = {k: v / count for k, v in sums.items()}
-    out["loss/lr"] = torch.tensor(scheduler.get_last_lr()[0])
-    if inb is not None:  # backward passes repeated because the clip factor changed (lmpo.train.inbackward)
-        out["perf/backward_replays"] = torch.tensor(float(inb.replays - replays))
+    out["loss/lr"] = torch.tensor(opt.lr)
+    if opt.folded is not None:  # backward passes repeated because the clip factor changed (lmpo.engine.inbackward)
+        out["perf/backward_replays"] = torch.tensor(float(opt.replays - replays))
     return out

@@ -33,15 +33,16 @@ Gaps filled (ours):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -56,8 +57,8 @@ def group_extreme(values: Tensor, keep: Tensor, group_ids: Tensor, reduce: str) 
 
 @ADVANTAGES.register("adora", paper="ADORA: Training Reasoning Models with Dynamic Advantage Estimation",
                      arxiv="2602.10019")
-@dataclass(frozen=True)
-class ADORAAdvantage:
+@dataclass
+class ADORAAdvantage(Stateful):
     """GRPO advantage re-weighted per group by ADORA's length-advantage criterion (arXiv:2602.10019).
 
     Args:
@@ -70,35 +71,22 @@ class ADORAAdvantage:
         eps: added to the group std.
     """
 
-    attenuation: float = 0.1
-    tas_weight: float = 1.0
+    attenuation: float = hp(0.1, ge=0)
+    tas_weight: float = hp(1.0, ge=0)
     reward_threshold: float = 0.5
-    length_beta: float = 0.0
-    difficulty_p: float = 0.5
+    length_beta: float = hp(0.0, ge=0)
+    difficulty_p: float = hp(0.5, ge=0, le=0.5)
     exclude_truncated: bool = False
-    start_step: int = 0
+    start_step: int = hp(0, ge=0)
     end_step: int | None = None
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict = field(default_factory=lambda: {"step": 0}, init=False, repr=False, compare=False)
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("start_step", "end_step"),)
 
-    def __post_init__(self) -> None:
-        if self.attenuation < 0 or self.tas_weight < 0:
-            raise ConfigError("advantage.attenuation and advantage.tas_weight must be >= 0, "
-                              f"got {self.attenuation}, {self.tas_weight}.")
-        if self.length_beta < 0:
-            raise ConfigError(f"advantage.length_beta must be >= 0, got {self.length_beta}.")
-        if not 0 <= self.difficulty_p <= 0.5:
-            raise ConfigError(f"advantage.difficulty_p must be in [0, 0.5], got {self.difficulty_p}.")
-        if self.start_step < 0 or (self.end_step is not None and self.end_step < self.start_step):
-            raise ConfigError("advantage.start_step / end_step must satisfy 0 <= start_step <= end_step, "
-                              f"got {self.start_step}, {self.end_step}.")
+    def initial_state(self) -> dict[str, Any]:
+        return {"step": 0}
 
-    def state_dict(self) -> dict:
-        return {"step": int(self._state["step"])}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._state["step"] = int(state["step"])
 
     def tas(self, r: Tensor, lengths: Tensor, group_ids: Tensor, truncated: Tensor | None) -> Tensor:
         """Per row (B,) bool: the row's group is temporarily advantageous by the length criterion."""
@@ -108,7 +96,7 @@ class ADORAAdvantage:
             wrong = wrong & ~truncated
         max_pos = group_extreme(lengths, correct, group_ids, "amax")
         n_wrong = ops.group_sum(wrong.to(lengths.dtype), group_ids)
-        sum_neg = ops.group_sum(torch.where(wrong, lengths, torch.zeros_like(lengths)), group_ids)
+        sum_neg = ops.group_sum(ops.zero_outside(lengths, wrong), group_ids)
         mean_neg = sum_neg / n_wrong.clamp_min(1)
         no_pos = ops.group_sum(correct.to(lengths.dtype), group_ids) == 0
         return no_pos | (n_wrong == 0) | (max_pos > mean_neg)
@@ -128,8 +116,8 @@ class ADORAAdvantage:
         return torch.where(correct & tas, r + bonus.to(r.dtype), r)
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        self._state["step"] += 1
-        step = self._state["step"]
+        self.state["step"] += 1
+        step = self.state["step"]
         active = step > self.start_step and (self.end_step is None or step <= self.end_step)
         r = batch.rewards
         if batch.token_rewards is not None:
@@ -143,7 +131,7 @@ class ADORAAdvantage:
                 r = self.reshape(r, lengths, batch.group_ids, tas)
         std = ops.group_std(r, batch.group_ids) + self.eps
         adv = w * ops.group_centered(r, batch.group_ids) / torch.where(std > 0, std, torch.ones_like(std))
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released LLM code (v1): lambda = 0.1. The card gives no loss settings; ADORA plugs into GRPO, so we keep GRPO's.

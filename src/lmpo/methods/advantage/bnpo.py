@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 INV_DENSITY_MAX = 1e6
@@ -76,18 +76,11 @@ class BNPOAdvantage:
 
     r_min: float | None = None
     r_max: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
+    alpha: float | None = hp(None, gt=0)
+    beta: float | None = hp(None, gt=0)
     decompose: bool = False
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        for key in ("alpha", "beta"):
-            v = getattr(self, key)
-            if v is not None and not v > 0:
-                raise ConfigError(f"advantage.{key} must be > 0 or null, got {v}.")
-        if self.r_min is not None and self.r_max is not None and not self.r_max > self.r_min:
-            raise ConfigError(f"advantage.r_max must be > advantage.r_min, got {self.r_max} <= {self.r_min}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("r_min", "r_max", strict=True),)
 
     def single(self, r: Tensor, group_ids: Tensor) -> Tensor:
         """BNPO advantage (B,) of one reward column (B,)."""
@@ -115,7 +108,7 @@ class BNPOAdvantage:
             if batch.token_rewards is not None:
                 r = r + ops.masked_sum(batch.token_rewards, batch.response_mask, dim=-1).to(r.dtype)
             adv = self.single(r, batch.group_ids)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released run.sh: clip 0.2 / 0.28, dual-clip c = 10, seq-mean-token-sum aggregation, no KL.

@@ -30,6 +30,7 @@ from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import outcome_returns
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import ADVANTAGES
 
 PRIORS = ("uniform", "linear", "base")
@@ -76,25 +77,16 @@ class BRPOAdvantage:
         horizon: generation budget; filled from rollout.max_new_tokens.
     """
 
-    budgets: tuple[int, ...] = (2000, 4000, 6000, 8000)
-    prior: str = "uniform"
-    base: float = 2.0
-    variance_reduction: str = "brpo"
-    horizon: int | None = None
+    budgets: tuple[int, ...] = hp((2000, 4000, 6000, 8000), gt=0)
+    prior: str = hp("uniform", choices=PRIORS)
+    base: float = hp(2.0, gt=0)
+    variance_reduction: str = hp("brpo", choices=("brpo", "v2only"))
+    horizon: int | None = hp(None, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        b = list(self.budgets)
-        if not b or any(x <= 0 for x in b) or any(x >= y for x, y in zip(b, b[1:])):
-            raise ConfigError(f"advantage.budgets must be positive and increasing, got {self.budgets}.")
-        if self.prior not in PRIORS:
-            raise ConfigError(f"advantage.prior must be one of {PRIORS}, got {self.prior!r}.")
-        if self.base <= 0:
-            raise ConfigError(f"advantage.base must be > 0, got {self.base}.")
-        if self.variance_reduction not in ("brpo", "v2only"):
-            raise ConfigError(f'advantage.variance_reduction must be "brpo" or "v2only", got {self.variance_reduction!r}.')
-        if self.horizon is not None and self.horizon < 1:
-            raise ConfigError(f"advantage.horizon must be >= 1, got {self.horizon}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda budgets: len(budgets) > 0 and all(a < b for a, b in zip(budgets, budgets[1:])),
+             "{budgets} must be a non-empty increasing list"),
+    )
 
     def prefix_budgets(self) -> list[int]:
         """Cut points in tokens: the paper's budgets scaled to the horizon (distinct, at least 1 token)."""
@@ -117,7 +109,7 @@ class BRPOAdvantage:
         pos = torch.arange(T, device=mask.device)
         seg = torch.searchsorted(torch.tensor(cuts, device=mask.device), pos, right=True).clamp_max(len(cuts) - 1)
         per_token = adv.float().to(mask.device)[:, seg]
-        return torch.where(mask, per_token, torch.zeros((), dtype=torch.float32, device=mask.device))
+        return ops.zero_outside(per_token, mask)
 
 
 PRESETS = {

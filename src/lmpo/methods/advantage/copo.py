@@ -36,7 +36,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 from lmpo.rewards.builtin import extract_tag
 
@@ -75,18 +75,10 @@ class COPOAdvantage:
         eps: added to every std.
     """
 
-    kappa: float = 10.0
-    h0: float = 0.5
-    eps: float = 1e-6
+    kappa: float = hp(10.0, gt=0)
+    h0: float = hp(0.5, ge=0, le=1)
+    eps: float = hp(1e-6, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if not self.kappa > 0:
-            raise ConfigError(f"advantage.kappa must be > 0, got {self.kappa}.")
-        if not 0 <= self.h0 <= 1:
-            raise ConfigError(f"advantage.h0 must be in [0, 1], got {self.h0}.")
-        if self.eps < 0:
-            raise ConfigError(f"advantage.eps must be >= 0, got {self.eps}.")
 
     def gate(self, batch: RolloutBatch) -> Tensor:
         """w_q per row (B,)."""
@@ -116,7 +108,7 @@ class COPOAdvantage:
         a_loc, a_glob = self.local_global(batch)
         w = self.gate(batch)
         adv = w * a_loc + (1 - w) * a_glob
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # The released README trains in a DAPO-based verl recipe: clip-higher 0.2 / 0.28, token-level mean, no KL.

@@ -28,7 +28,7 @@ per-token entropy in ``batch.extras["entropy"]`` because ``needs`` lists "entrop
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,8 @@ from torch import Tensor
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -67,8 +69,8 @@ def ramp(start: float, step: int, anneal_steps: int) -> float:
 
 @ADVANTAGES.register("d3s", paper="Learning More with Less: Dynamic Dual-Level Down-Sampling (D3S)",
                      arxiv="2509.22115", fidelity="reconstructed")
-@dataclass(frozen=True)
-class D3SAdvantage:
+@dataclass
+class D3SAdvantage(Stateful):
     """GRPO advantages plus D3S sample-level (max Var(A)) and token-level (top |A|*H) down-sampling.
 
     Args:
@@ -79,31 +81,23 @@ class D3SAdvantage:
         scale_by_std, eps: as in ``grpo``.
     """
 
-    sample_ratio: float = 0.5
-    token_ratio: float = 0.5
-    anneal_steps: int = 100
-    level: str = "cross"
+    sample_ratio: float = hp(0.5, gt=0, le=1)
+    token_ratio: float = hp(0.5, gt=0, le=1)
+    anneal_steps: int = hp(100, ge=0)
+    level: str = hp("cross", choices=("cross", "intra"))
     scale_by_std: bool = True
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset({"entropy"})
-    _state: dict[str, Any] = field(default_factory=lambda: {"step": 0}, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.sample_ratio <= 1.0:
-            raise ConfigError(f"advantage.sample_ratio must be in (0, 1], got {self.sample_ratio}.")
-        if not 0.0 < self.token_ratio <= 1.0:
-            raise ConfigError(f"advantage.token_ratio must be in (0, 1], got {self.token_ratio}.")
-        if self.anneal_steps < 0:
-            raise ConfigError(f"advantage.anneal_steps must be >= 0, got {self.anneal_steps}.")
-        if self.level not in ("cross", "intra"):
-            raise ConfigError(f'advantage.level must be "cross" or "intra", got {self.level!r}.')
+    def initial_state(self) -> dict[str, Any]:
+        return {"step": 0}
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         return GRPOAdvantage(scale_by_std=self.scale_by_std, eps=self.eps)(batch)
 
     # ---------------------------------------------------------------- down-sampling (called after the advantages)
     def ratios(self) -> tuple[float, float]:
-        t = self._state["step"]
+        t = self.state["step"]
         return ramp(self.sample_ratio, t, self.anneal_steps), ramp(self.token_ratio, t, self.anneal_steps)
 
     def sample_mask(self, seq_adv: Tensor, group_ids: Tensor, ratio: float) -> Tensor:
@@ -122,7 +116,7 @@ class D3SAdvantage:
         """(B, T) bool: the tokens D3S trains on at the current schedule step; advances the schedule by one step."""
         s_ratio, t_ratio = self.ratios()
         if advance:
-            self._state["step"] += 1
+            self.state["step"] += 1
         mask = batch.response_mask
         adv = batch.advantages if batch.advantages is not None else self(batch)
         seq_adv = (adv * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # A_i (constant over a row's tokens)
@@ -137,11 +131,7 @@ class D3SAdvantage:
         threshold = score[keep].sort(descending=True).values[n_keep - 1]
         return keep & (score >= threshold)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": int(self._state["step"])}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._state["step"] = int(state["step"])
 
 
 PRESETS = {

@@ -41,6 +41,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -49,9 +50,8 @@ def group_softmax(logits: Tensor, keep: Tensor, group_ids: Tensor) -> Tensor:
     inv, n = ops.group_index(group_ids)
     x = torch.where(keep, logits, torch.full_like(logits, float("-inf")))
     mx = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(0, inv, x, reduce="amax")
-    shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))[inv]
-    zero = torch.zeros_like(logits)
-    e = torch.where(keep, torch.exp(torch.where(keep, logits - shift, zero)), zero)
+    shift = ops.zero_outside(mx, torch.isfinite(mx))[inv]
+    e = ops.zero_outside(torch.exp(ops.zero_outside(logits - shift, keep)), keep)
     z = torch.zeros(n, dtype=e.dtype, device=e.device).index_add(0, inv, e)[inv]
     return e / torch.where(z > 0, z, torch.ones_like(z))
 
@@ -69,19 +69,11 @@ class DRPOAdvantage:
         reward_threshold: a response is correct when R > this.
     """
 
-    tau: float = 10.0
-    lam: float = 0.1
-    horizon: int | None = None
+    tau: float = hp(10.0, gt=0)
+    lam: float = hp(0.1, gt=0)
+    horizon: int | None = hp(None, ge=1)
     reward_threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"sampler_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ConfigError(f"advantage.tau must be > 0, got {self.tau}.")
-        if not self.lam > 0:
-            raise ConfigError(f"advantage.lam must be > 0, got {self.lam}.")
-        if self.horizon is not None and self.horizon < 1:
-            raise ConfigError(f"advantage.horizon must be >= 1, got {self.horizon}.")
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         if self.horizon is None:
@@ -97,8 +89,8 @@ class DRPOAdvantage:
         w_pos = group_softmax(r_len / self.lam, correct, batch.group_ids)
         score = ops.masked_mean(batch.sampler_logprobs.detach(), mask, dim=-1)  # s_theta_old(o)
         w_neg = group_softmax(score / self.tau, ~correct, batch.group_ids)
-        adv = torch.where(mixed, torch.where(correct, w_pos, -w_neg), torch.zeros_like(w_pos))
-        return torch.where(mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        adv = ops.zero_outside(torch.where(correct, w_pos, -w_neg), mixed)
+        return ops.zero_outside(adv[:, None], mask)
 
 
 # 1.5B script: tau = 10, lambda = 0.1, G = 8, one PPO epoch, no reference KL, no entropy bonus. The per-sequence token

@@ -32,9 +32,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import ADVANTAGES
 
 
@@ -65,21 +66,20 @@ class EMPGAdvantage:
         scale_by_std: GRPO's std normalisation of A(i).
     """
 
-    k: float = 1.0
-    k_future: float = 1.0
-    zeta: float = 0.05
+    k: float = hp(1.0, ge=0)
+    k_future: float = hp(1.0, ge=0)
+    zeta: float = hp(0.05, ge=0)
     recenter: bool = True
-    newline_ids: tuple[int, ...] = ()
+    newline_ids: tuple[int, ...] = hp((), ge=0)
     scale_by_std: bool = True
     eps: float = 1e-8
     needs: ClassVar[frozenset[str]] = frozenset({"entropy"})
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda newline_ids: all(isinstance(i, int) for i in newline_ids),
+             "{newline_ids} must be token ids (integers)"),
+    )
 
     def __post_init__(self) -> None:
-        for key in ("k", "k_future", "zeta"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"advantage.{key} must be >= 0, got {getattr(self, key)}.")
-        if any(not isinstance(i, int) or i < 0 for i in self.newline_ids):
-            raise ConfigError(f"advantage.newline_ids must be non-negative token ids, got {self.newline_ids!r}.")
         object.__setattr__(self, "newline_ids", tuple(self.newline_ids))
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
@@ -106,12 +106,12 @@ class EMPGAdvantage:
         # future clarity: the next *real* step of the same row (steps are consecutive indices within a row)
         Hn2, real2 = Hn.view(B, S), real.view(B, S)
         nxt = torch.zeros(B, S, dtype=torch.float64, device=mask.device)
-        nxt[:, :-1] = torch.where(real2[:, 1:], torch.exp(-self.k_future * Hn2[:, 1:]), 0.0)
+        nxt[:, :-1] = ops.zero_outside(torch.exp(-self.k_future * Hn2[:, 1:]), real2[:, 1:])
         a_mod = g.view(B, S) * seq_adv[:, None] + self.zeta * nxt
         if self.recenter:
             a_mod = a_mod - a_mod[real2].mean()
         out = a_mod.reshape(-1)[(torch.arange(B, device=sid.device)[:, None] * S + sid).clamp_max(B * S - 1)]
-        return torch.where(mask, out.to(torch.float32), torch.zeros((), dtype=torch.float32))
+        return ops.zero_outside(out.to(torch.float32), mask)
 
 
 # ARLArena port defaults (k = k' = 1, zeta = 0.05) on GRPO advantages; the loss is GRPO's.

@@ -36,6 +36,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import ADVANTAGES
 
 
@@ -61,15 +62,12 @@ class GDPOAdvantage:
 
     weights: list[float] | None = None
     batch_norm: bool = True
-    eps: float = 1e-6
+    eps: float = hp(1e-6, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ConfigError(f"advantage.eps must be >= 0, got {self.eps}.")
-        w = self.weights
-        if w is not None and (len(w) == 0 or not all(isinstance(x, (int, float)) for x in w)):
-            raise ConfigError(f"advantage.weights must be a non-empty list of numbers or null, got {self.weights!r}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda weights: weights is None or len(weights) > 0,
+             "{weights} must be a non-empty list of numbers or null"),
+    )
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = reward_columns(batch)
@@ -88,7 +86,7 @@ class GDPOAdvantage:
         if self.batch_norm:
             every = torch.ones_like(a_sum, dtype=torch.bool)
             adv = ops.masked_whiten(a_sum, every, eps=self.eps)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # The paper feeds A into the usual GRPO/DAPO clipped surrogate; the card gives no loss settings, so (gap) we use

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -36,7 +36,7 @@ def outcome_returns(batch: RolloutBatch) -> Tensor:
 
 def broadcast(adv: Tensor, mask: Tensor) -> Tensor:
     """(B,) -> (B, T), zero on masked tokens."""
-    return torch.where(mask, adv[:, None].to(torch.float32), torch.zeros((), dtype=torch.float32))
+    return ops.zero_outside(adv[:, None].to(torch.float32), mask)
 
 
 @ADVANTAGES.register("grpo", paper="DeepSeekMath (GRPO); Dr. GRPO", arxiv="2402.03300")
@@ -51,13 +51,9 @@ class GRPOAdvantage:
     """
 
     scale_by_std: bool = True
-    std_level: str = "group"
+    std_level: str = hp("group", choices=("group", "batch"))
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.std_level not in ("group", "batch"):
-            raise ConfigError(f'advantage.std_level must be "group" or "batch", got {self.std_level!r}.')
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import broadcast, outcome_returns
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import ADVANTAGES, SHAPERS
 
 
@@ -42,6 +42,15 @@ def budget_subgroups(group_ids: Tensor, budget: Tensor | None) -> Tensor:
         return group_ids
     b = budget.round().long().to(group_ids.device)
     return group_ids * (int(b.max()) + 1) + b
+
+
+def formats_with_budget(hint: str) -> bool:
+    """True when ``hint.format(budget=...)`` works: ``{budget}`` is the only field the hint uses."""
+    try:
+        hint.format(budget=1)
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 @ADVANTAGES.register("hbpo", paper="Hierarchical Budget Policy Optimization for Adaptive Reasoning",
@@ -59,25 +68,17 @@ class HBPOAdvantage:
         horizon: generation budget; filled from rollout.max_new_tokens.
     """
 
-    budgets: tuple[int, ...] = (512, 1024, 2048, 2560)
+    budgets: tuple[int, ...] = hp((512, 1024, 2048, 2560), gt=0)
     hint: str = "\nI will answer the question within {budget} tokens.\n"
-    limit_factor: float | None = 1.0
+    limit_factor: float | None = hp(1.0, gt=0)
     scale_by_std: bool = True
-    eps: float = 1e-6
+    eps: float = hp(1e-6, ge=0)
     horizon: int | None = None
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if not self.budgets or any(b <= 0 for b in self.budgets):
-            raise ConfigError(f"advantage.budgets must be positive token counts, got {self.budgets}.")
-        if self.limit_factor is not None and self.limit_factor <= 0:
-            raise ConfigError(f"advantage.limit_factor must be > 0 or null, got {self.limit_factor}.")
-        if self.eps < 0:
-            raise ConfigError(f"advantage.eps must be >= 0, got {self.eps}.")
-        try:
-            self.hint.format(budget=1)
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"advantage.hint may only use the {{budget}} field, got {self.hint!r}.") from None
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda budgets: len(budgets) > 0, "{budgets} must be a non-empty list of token counts"),
+        rule(formats_with_budget, "{hint} may only use the {{budget}} field"),
+    )
 
     def scaled_budgets(self) -> list[int]:
         if self.horizon is None:
@@ -116,12 +117,8 @@ class HBPOBudgetReward:
     Reads ``extras["budget"]`` (set by the hbpo advantage's plan); rows without a budget keep their reward.
     """
 
-    alpha: float = 1.0
+    alpha: float = hp(1.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise ConfigError(f"shapers.hbpo_budget.alpha must be >= 0, got {self.alpha}.")
 
     def factor(self, lengths: Tensor, budget: Tensor) -> Tensor:
         over = (lengths - budget).clamp_min(0.0) / budget

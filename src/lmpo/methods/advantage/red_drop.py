@@ -79,7 +79,7 @@ class REDDropAdvantage:
         if self.scale_by_std:
             var = ops.group_sum((r - mean) ** 2 * k, batch.group_ids) / n_keep.clamp(min=1)
             adv = adv / torch.where(single, torch.ones_like(var), var.sqrt() + self.eps)
-        return broadcast(torch.where(keep, adv, torch.zeros_like(adv)), batch.response_mask)
+        return broadcast(ops.zero_outside(adv, keep), batch.response_mask)
 
 
 # arXiv:2509.24203 / released RED-Drop config: no clipping, no IS weight, no regulariser, no std normalisation.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES
 
 
@@ -30,9 +30,9 @@ def returns_to_go(batch: RolloutBatch, outcome: Tensor) -> Tensor:
     mask = batch.response_mask
     g = outcome[:, None].to(torch.float32).expand(mask.shape).clone()
     if batch.token_rewards is not None:
-        tr = torch.where(mask, batch.token_rewards.float(), torch.zeros((), dtype=torch.float32))
+        tr = ops.zero_outside(batch.token_rewards.float(), mask)
         g = g + tr.flip(-1).cumsum(-1).flip(-1)
-    return torch.where(mask, g, torch.zeros((), dtype=torch.float32))
+    return ops.zero_outside(g, mask)
 
 
 @ADVANTAGES.register("reinforce_pp", paper="REINFORCE++", arxiv="2501.03262")
@@ -45,13 +45,9 @@ class ReinforcePPAdvantage:
         eps: added to the batch std.
     """
 
-    baseline: str = "none"
+    baseline: str = hp("none", choices=("none", "group_mean"))
     eps: float = 1e-8
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.baseline not in ("none", "group_mean"):
-            raise ConfigError(f'advantage.baseline must be "none" or "group_mean", got {self.baseline!r}.')
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = batch.rewards.float()

@@ -31,15 +31,16 @@ Gaps filled (ours):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 
@@ -52,8 +53,8 @@ def pairing_rank(batch: RolloutBatch) -> Tensor:
 
 @ADVANTAGES.register("riskpo", paper="RiskPO: Risk-based Policy Optimization via Verifiable Reward", arxiv="2510.00911",
                      fidelity="reconstructed")
-@dataclass(frozen=True)
-class RiskPOAdvantage:
+@dataclass
+class RiskPOAdvantage(Stateful):
     """Mixed-VaR (RVaR + CVaR) advantage of bundle "paper" scores (arXiv:2510.00911).
 
     Args:
@@ -66,49 +67,31 @@ class RiskPOAdvantage:
         eps: added to the std of the paper scores.
     """
 
-    alpha: float = 0.2
-    beta: float = 0.9
-    bundle_size: int = 5
-    mix_weight: float = 1.5
-    quantile_mode: str = "tracked"
-    quantile_lr: float = 0.1
-    credit: str = "std"
+    alpha: float = hp(0.2, gt=0, lt=1)
+    beta: float = hp(0.9, gt=0, le=1)
+    bundle_size: int = hp(5, ge=1)
+    mix_weight: float = hp(1.5, ge=0)
+    quantile_mode: str = hp("tracked", choices=("batch", "tracked", "average"))
+    quantile_lr: float = hp(0.1, gt=0)
+    credit: str = hp("std", choices=("std", "uniform"))
     eps: float = 1e-6
     needs: ClassVar[frozenset[str]] = frozenset()
-    _tracked: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("alpha", "beta", strict=True),)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < self.beta <= 1:
-            raise ConfigError("advantage.alpha and advantage.beta must satisfy 0 < alpha < beta <= 1, "
-                              f"got {self.alpha}, {self.beta}.")
-        if self.bundle_size < 1:
-            raise ConfigError(f"advantage.bundle_size must be >= 1, got {self.bundle_size}.")
-        if self.mix_weight < 0:
-            raise ConfigError(f"advantage.mix_weight must be >= 0, got {self.mix_weight}.")
-        if self.quantile_mode not in ("batch", "tracked", "average"):
-            raise ConfigError('advantage.quantile_mode must be "batch", "tracked" or "average", '
-                              f"got {self.quantile_mode!r}.")
-        if not self.quantile_lr > 0:
-            raise ConfigError(f"advantage.quantile_lr must be > 0, got {self.quantile_lr}.")
-        if self.credit not in ("std", "uniform"):
-            raise ConfigError(f'advantage.credit must be "std" or "uniform", got {self.credit!r}.')
+    def initial_state(self) -> dict[str, Any]:
+        return {}
 
     # ------------------------------------------------------------------ state (tracked quantiles)
-    def state_dict(self) -> dict:
-        return {k: float(v) for k, v in self._tracked.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._tracked.clear()
-        self._tracked.update({k: float(v) for k, v in state.items()})
 
     def _track(self, scores: Tensor, qa: Tensor, qb: Tensor) -> tuple[Tensor, Tensor]:
         s = scores.detach().double()
-        if not self._tracked:
-            self._tracked.update(qa=float(qa), qb=float(qb))
+        if not self.state:
+            self.state.update(qa=float(qa), qb=float(qb))
         for key, level in (("qa", self.alpha), ("qb", self.beta)):
-            q = self._tracked[key]
-            self._tracked[key] = q + self.quantile_lr * (level - float((s <= q).double().mean()))
-        return tuple(torch.tensor(self._tracked[k], dtype=scores.dtype) for k in ("qa", "qb"))
+            q = self.state[key]
+            self.state[key] = q + self.quantile_lr * (level - float((s <= q).double().mean()))
+        return tuple(torch.tensor(self.state[k], dtype=scores.dtype) for k in ("qa", "qb"))
 
     # ------------------------------------------------------------------ maths
     def paper_advantage(self, S: Tensor, qa: Tensor, qb: Tensor) -> Tensor:
@@ -147,7 +130,7 @@ class RiskPOAdvantage:
         if self.credit == "std":
             sq = ops.group_std(r, batch.group_ids)
             adv = adv / torch.where(sq < 1e-3, torch.ones_like(sq), sq)
-        return torch.where(batch.response_mask, adv[:, None], torch.zeros((), dtype=adv.dtype))
+        return ops.zero_outside(adv[:, None], batch.response_mask)
 
 
 # Released script (Qwen2.5-1.5B): alpha 0.2, beta 0.9, bundles of 5, w = 1.5, lr_q 0.1; GRPO clip, no KL, no entropy

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
@@ -32,5 +31,5 @@ class RLOOAdvantage:
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)
         n = ops.group_count(batch.group_ids, r.dtype)
-        adv = torch.where(n > 1, (r.double() - ops.group_loo_mean(r.double(), batch.group_ids)).float(), torch.zeros_like(r))
+        adv = ops.zero_outside((r.double() - ops.group_loo_mean(r.double(), batch.group_ids)).float(), n > 1)
         return broadcast(adv, batch.response_mask)

@@ -23,7 +23,7 @@ Prompt identity is ``meta["prompt_key"]`` (the prompt's token ids when a batch c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -31,8 +31,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import broadcast, outcome_returns
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import ADVANTAGES
 
 PRIOR = 0.5  # alpha_0 = beta_0 without offline estimates (N_eff = 0)
@@ -52,8 +53,8 @@ def forgetting(d: Tensor, d_half: float, rho_min: float, rho_max: float) -> Tens
 
 
 @ADVANTAGES.register("spo", paper="Single-stream Policy Optimization", arxiv="2509.13232", fidelity="reconstructed")
-@dataclass(frozen=True)
-class SPOAdvantage:
+@dataclass
+class SPOAdvantage(Stateful):
     """A = batch-whiten(r - v_x) with v_x a KL-adaptive Beta tracker per prompt (arXiv:2509.13232 Eq. 4-7).
 
     Args:
@@ -65,28 +66,24 @@ class SPOAdvantage:
         eps: added to the batch std.
     """
 
-    d_half: float = 0.06
-    rho_min: float = 0.875
-    rho_max: float = 0.96
+    d_half: float = hp(0.06, gt=0)
+    rho_min: float = hp(0.875, gt=0, le=1)
+    rho_max: float = hp(0.96, gt=0, le=1)
     adaptive: bool = True
     prioritize: bool = True
-    explore: float = 0.05
-    eps: float = 1e-8
-    tracker: dict[str, list] = field(default_factory=dict, init=False, compare=False, repr=False)
+    explore: float = hp(0.05, ge=0)
+    eps: float = hp(1e-8, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("rho_min", "rho_max"),)
 
-    def __post_init__(self) -> None:
-        if self.d_half <= 0:
-            raise ConfigError(f"advantage.d_half must be > 0, got {self.d_half}.")
-        if not 0.0 < self.rho_min <= self.rho_max <= 1.0:
-            raise ConfigError(f"advantage.rho_min and advantage.rho_max need 0 < rho_min <= rho_max <= 1, got "
-                              f"{self.rho_min}, {self.rho_max}.")
-        if self.explore < 0 or self.eps < 0:
-            raise ConfigError(f"advantage.explore and advantage.eps must be >= 0, got {self.explore}, {self.eps}.")
+    def initial_state(self) -> dict[str, Any]:
+        # prompt key -> [alpha, beta, prompt ids, last response ids, its sampler log-probs] (Beta tracker, Eq. 4-5)
+        return {"tracker": {}}
+
 
     def value(self, key: str) -> float:
         """v_x = alpha / (alpha + beta) (0.5 for an unseen prompt)."""
-        a, b = self.tracker.get(key, (PRIOR, PRIOR))[:2]
+        a, b = self.state["tracker"].get(key, (PRIOR, PRIOR))[:2]
         return a / (a + b)
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
@@ -106,7 +103,7 @@ class SPOAdvantage:
         rows: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             rows.setdefault(k, []).append(i)
-        stored = [k for k in rows if len(self.tracker.get(k, ())) > 2]
+        stored = [k for k in rows if len(self.state["tracker"].get(k, ())) > 2]
         rho = {k: self.rho_max for k in rows}
         if self.adaptive and stored and logprobs_fn is not None:
             old, cur, mask = self._replay(stored, logprobs_fn, batch.response_ids.device)
@@ -116,15 +113,15 @@ class SPOAdvantage:
         attn = batch.response_attn if batch.response_attn is not None else batch.response_mask
         pmask = batch.prompt_mask if batch.prompt_mask is not None else torch.ones_like(batch.prompt_ids, dtype=torch.bool)
         for k, idx in rows.items():
-            a, b = self.tracker.get(k, (PRIOR, PRIOR))[:2]
+            a, b = self.state["tracker"].get(k, (PRIOR, PRIOR))[:2]
             s = float(r[idx].sum())
             last = idx[-1]
-            self.tracker[k] = [rho[k] * a + s, rho[k] * b + (len(idx) - s), batch.prompt_ids[last][pmask[last]].tolist(),
+            self.state["tracker"][k] = [rho[k] * a + s, rho[k] * b + (len(idx) - s), batch.prompt_ids[last][pmask[last]].tolist(),
                                batch.response_ids[last][attn[last]].tolist(), batch.sampler_logprobs[last][attn[last]].tolist()]
 
     def _replay(self, keys: list[str], logprobs_fn: Callable, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Current-policy log-probs of the stored responses: (stored old log-probs, current, mask), each (K, T)."""
-        prompts, resps, lps = zip(*(self.tracker[k][2:] for k in keys))
+        prompts, resps, lps = zip(*(self.state["tracker"][k][2:] for k in keys))
         P, T = max(map(len, prompts)), max(1, max(map(len, resps)))
         pid = torch.tensor([[0] * (P - len(p)) + p for p in prompts], dtype=torch.long)
         pm = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts])
@@ -136,12 +133,7 @@ class SPOAdvantage:
         replay = replay.to(device)  # the policy's device
         return old, logprobs_fn(replay).float().cpu(), rm
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"tracker": {k: list(v) for k, v in self.tracker.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracker.clear()
-        self.tracker.update({k: list(v) for k, v in state["tracker"].items()})
 
 
 PRESETS = {

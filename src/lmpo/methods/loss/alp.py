@@ -31,14 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.models.logprobs import LayerNoise
 from lmpo.registry import LOSSES
 
@@ -58,26 +57,14 @@ class ALPLoss:
         noise_first_layer / noise_last_layer: perturbed decoder layers, inclusive (default: all).
     """
 
-    epsilon: float = 0.5
-    epsilon_high: float = 3.0
-    level: str = "sequence"
-    noise_std: float = 1e-6
-    noise_first_layer: int = 0
+    epsilon: float = hp(0.5, ge=0, le=1)
+    epsilon_high: float = hp(3.0, ge=0)
+    level: str = hp("sequence", choices=LEVELS)
+    noise_std: float = hp(1e-6, ge=0)
+    noise_first_layer: int = hp(0, ge=0)
     noise_last_layer: int | None = None
     needs: ClassVar[frozenset[str]] = frozenset({"sampler_logprobs", "layer_noise"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or self.epsilon > 1:
-            raise ConfigError(f"loss.epsilon must be in [0, 1], got {self.epsilon}.")
-        if self.epsilon_high < 0:
-            raise ConfigError(f"loss.epsilon_high must be >= 0, got {self.epsilon_high}.")
-        if self.level not in LEVELS:
-            raise ConfigError(f"loss.level must be one of {LEVELS}, got {self.level!r}.")
-        if self.noise_std < 0:
-            raise ConfigError(f"loss.noise_std must be >= 0, got {self.noise_std}.")
-        last = self.noise_last_layer
-        if self.noise_first_layer < 0 or (last is not None and last < self.noise_first_layer):
-            raise ConfigError("loss.noise_first_layer must be >= 0 and <= loss.noise_last_layer.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("noise_first_layer", "noise_last_layer"),)
 
     def layer_noise(self) -> LayerNoise | None:
         """The trainer's forward hook: which decoder layers get N(0, noise_std^2) added to their input."""
@@ -98,9 +85,9 @@ class ALPLoss:
         metrics = {
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
-            "loss/ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max().detach(),
+            "loss/ratio_max": ops.zero_outside(ratio, mask).max().detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 # README example: all layers, perturb_std 1e-6, sequence-level ratio, clip_ratio_low 0.5 / clip_ratio_high 3.0.

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import LOSSES
 
 
@@ -43,32 +43,17 @@ from lmpo.registry import LOSSES
 class BAPOLoss:
     """Clipped surrogate whose absolute clip bounds are searched per batch for a positive share >= rho0."""
 
-    target: float = 0.5
-    low_start: float = 0.6
-    low_max: float = 0.9
-    high_start: float = 1.2
-    high_max: float = 3.0
-    low_step: float = 0.05
-    high_step: float = 0.05
-    dual_clip: float | None = 3.0
-    contribution: str = "gradient"
+    target: float = hp(0.5, gt=0, lt=1)
+    low_start: float = hp(0.6, gt=0, le=1)
+    low_max: float = hp(0.9, gt=0, le=1)
+    high_start: float = hp(1.2, ge=1)
+    high_max: float = hp(3.0, ge=1)
+    low_step: float = hp(0.05, gt=0)
+    high_step: float = hp(0.05, gt=0)
+    dual_clip: float | None = hp(3.0, gt=1)
+    contribution: str = hp("gradient", choices=("gradient", "clamped"))
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not 0 < self.target < 1:
-            raise ConfigError(f"loss.target must be in (0, 1), got {self.target}.")
-        if not 0 < self.low_start <= self.low_max <= 1:
-            raise ConfigError(f"loss.low_start / loss.low_max must satisfy 0 < start <= max <= 1, got "
-                              f"{self.low_start}, {self.low_max}.")
-        if not 1 <= self.high_start <= self.high_max:
-            raise ConfigError(f"loss.high_start / loss.high_max must satisfy 1 <= start <= max, got "
-                              f"{self.high_start}, {self.high_max}.")
-        if not (self.low_step > 0 and self.high_step > 0):
-            raise ConfigError("loss.low_step and loss.high_step must be > 0.")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ConfigError(f"loss.dual_clip must be > 1 (typically 3.0), got {self.dual_clip}.")
-        if self.contribution not in ("gradient", "clamped"):
-            raise ConfigError(f"loss.contribution must be 'gradient' or 'clamped', got {self.contribution!r}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("low_start", "low_max"), ordered("high_start", "high_max"),)
 
     def candidates(self) -> list[tuple[float, float]]:
         """The search path: c_low rises first, then c_high (integer step counts avoid float drift)."""
@@ -83,11 +68,11 @@ class BAPOLoss:
         pos_tok, neg_tok = (mask & (adv > 0))[None], (mask & (adv < 0))[None]
         lo, hi = lows[:, None, None], highs[:, None, None]
         if self.contribution == "gradient":
-            pos = torch.where(pos_tok & (r <= hi), r * a, 0.0).sum((1, 2))
-            neg = torch.where(neg_tok & (r >= lo), -r * a, 0.0).sum((1, 2))
+            pos = ops.zero_outside(r * a, pos_tok & (r <= hi)).sum((1, 2))
+            neg = ops.zero_outside(-r * a, neg_tok & (r >= lo)).sum((1, 2))
         else:
-            pos = torch.where(pos_tok, torch.minimum(r, hi) * a, 0.0).sum((1, 2))
-            neg = torch.where(neg_tok, -torch.maximum(r, lo) * a, 0.0).sum((1, 2))
+            pos = ops.zero_outside(torch.minimum(r, hi) * a, pos_tok).sum((1, 2))
+            neg = ops.zero_outside(-torch.maximum(r, lo) * a, neg_tok).sum((1, 2))
         total = pos + neg
         return torch.where(total > 0, pos / total.clamp_min(1e-30), torch.ones_like(total))
 
@@ -107,7 +92,7 @@ class BAPOLoss:
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -42,9 +42,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -60,16 +60,10 @@ def curvature_score(logprobs: Tensor, coef: Tensor, hidden: Tensor) -> Tensor:
 class CAPOCurvatureLoss:
     """Clipped surrogate on tokens whose last-layer curvature score is <= threshold x the contributing tokens' mean."""
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    threshold: float = 4.0
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    threshold: float = hp(4.0, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "hidden_states"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ConfigError("loss.epsilon and loss.epsilon_high must be >= 0.")
-        if not self.threshold > 0:
-            raise ConfigError(f"loss.threshold must be > 0, got {self.threshold}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -85,7 +79,7 @@ class CAPOCurvatureLoss:
             keep = mask & (score <= self.threshold * mean)
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
                    "loss/capo_rejected": ops.masked_mean((mask & ~keep).float(), mask).detach()}
-        return LossOut(torch.where(keep, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, keep), metrics)
 
 
 # CAPO is GRPO (DeepSeekMath settings, as the "grpo" preset) plus the curvature mask; the paper's thresholds were not

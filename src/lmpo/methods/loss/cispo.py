@@ -18,13 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -39,16 +38,10 @@ class CISPOLoss:
         token_mask: the paper's unified form: drop tokens PPO's clip would drop.
     """
 
-    epsilon: float | None = None
-    epsilon_high: float = 3.0
+    epsilon: float | None = hp(None, ge=0, le=1)
+    epsilon_high: float = hp(3.0, ge=0)
     token_mask: bool = False
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon is not None and not 0 <= self.epsilon <= 1:
-            raise ConfigError(f"loss.epsilon must be in [0, 1] or null (no lower bound), got {self.epsilon}.")
-        if not self.epsilon_high >= 0:
-            raise ConfigError(f"loss.epsilon_high must be >= 0, got {self.epsilon_high}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -61,15 +54,14 @@ class CISPOLoss:
         keep = mask
         if self.token_mask:
             keep = mask & ~(((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low)))
-        zero = torch.zeros((), dtype=logprobs.dtype)
         # Masked-out log-probs can be -inf or garbage; zero them before they meet the weight (0 * inf = NaN).
-        loss = -weight * adv * torch.where(keep, logprobs, zero)
+        loss = -weight * adv * ops.zero_outside(logprobs, keep)
         metrics = {
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/is_weight_mean": ops.masked_mean(weight, mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(keep, loss, zero), metrics)
+        return LossOut(ops.zero_outside(loss, keep), metrics)
 
 
 PRESETS = {

@@ -27,8 +27,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError, DataError
+from lmpo.errors import DataError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -52,26 +53,14 @@ class DHPOLoss:
         combine: ``geometric`` (r^w s^(1-w)) or ``arithmetic`` (w r + (1-w) s).
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    seq_epsilon: float = 3e-4
-    seq_epsilon_high: float = 4e-4
-    mixing: str = "average"
-    weight: float = 0.5
-    combine: str = "geometric"
+    epsilon: float = hp(0.2, ge=0, lt=1)
+    epsilon_high: float | None = hp(None, ge=0)
+    seq_epsilon: float = hp(3e-4, ge=0, lt=1)
+    seq_epsilon_high: float = hp(4e-4, ge=0)
+    mixing: str = hp("average", choices=("average", "entropy"))
+    weight: float = hp(0.5, ge=0, le=1)
+    combine: str = hp("geometric", choices=("geometric", "arithmetic"))
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "current_entropy"})
-
-    def __post_init__(self) -> None:
-        for key in ("epsilon", "epsilon_high", "seq_epsilon", "seq_epsilon_high"):
-            v = getattr(self, key)
-            if v is not None and not 0 <= v < (1 if key in ("epsilon", "seq_epsilon") else float("inf")):
-                raise ConfigError(f"loss.{key} must be >= 0 (and < 1 for a lower range), got {v}.")
-        if self.mixing not in ("average", "entropy"):
-            raise ConfigError(f"loss.mixing must be 'average' or 'entropy', got {self.mixing!r}.")
-        if not 0.0 <= self.weight <= 1.0:
-            raise ConfigError(f"loss.weight must be in [0, 1], got {self.weight}.")
-        if self.combine not in ("geometric", "arithmetic"):
-            raise ConfigError(f"loss.combine must be 'geometric' or 'arithmetic', got {self.combine!r}.")
 
     def token_weight(self, batch: RolloutBatch) -> Tensor | float:
         if self.mixing == "average":
@@ -79,7 +68,7 @@ class DHPOLoss:
         ent = batch.extras.get("current_entropy")
         if ent is None:
             raise DataError("loss.mixing='entropy' needs RolloutBatch.extras['current_entropy'] (token entropies).")
-        ent = torch.where(batch.response_mask, ent.detach().clamp_min(0.0), torch.zeros((), dtype=ent.dtype))
+        ent = ops.zero_outside(ent.detach().clamp_min(0.0), batch.response_mask)
         return ent / ent.amax(-1, keepdim=True).clamp_min(1e-12)
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
@@ -99,7 +88,7 @@ class DHPOLoss:
             "loss/ratio_mean": ops.masked_mean(raw, mask).detach(),
             "loss/token_weight_mean": ops.masked_mean(torch.as_tensor(w, dtype=r.dtype).expand_as(r), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -35,9 +35,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.real import group_logsumexp
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 SCORES = ("logl", "lratio")
@@ -46,8 +46,7 @@ VARIANTS = ("disco", "balanced")
 
 def group_member_mean(v: Tensor, group_ids: Tensor, member: Tensor) -> Tensor:
     """Per-row mean of ``v`` over the members of the row's group (B,); 0 where the group has no member."""
-    zero = torch.zeros((), dtype=v.dtype)
-    total = ops.group_sum(torch.where(member, v, zero), group_ids)
+    total = ops.group_sum(ops.zero_outside(v, member), group_ids)
     return total / ops.group_sum(member.to(v.dtype), group_ids).clamp_min(1.0)
 
 
@@ -65,32 +64,21 @@ class DisCOLoss:
         threshold: a response is positive when its reward > threshold.
     """
 
-    score: str = "logl"
-    variant: str = "disco"
-    tau: float = 10.0
-    delta: float = 1e-4
-    beta: float = 1e3
+    score: str = hp("logl", choices=SCORES)
+    variant: str = hp("disco", choices=VARIANTS)
+    tau: float = hp(10.0, gt=0)
+    delta: float = hp(1e-4, ge=0)
+    beta: float = hp(1e3, ge=0)
     threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
 
-    def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ConfigError(f"loss.score must be one of {SCORES}, got {self.score!r}.")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"loss.variant must be one of {VARIANTS}, got {self.variant!r}.")
-        if self.tau <= 0:
-            raise ConfigError(f"loss.tau must be > 0, got {self.tau}.")
-        if self.delta < 0 or self.beta < 0:
-            raise ConfigError("loss.delta and loss.beta must be >= 0.")
-
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
-        zero = torch.zeros((), dtype=logprobs.dtype)
         log_r = ops.log_ratio(logprobs, batch.old_logprobs)
         if self.score == "logl":
-            s = ops.masked_mean(torch.where(mask, logprobs, zero), mask, dim=-1)
+            s = ops.masked_mean(ops.zero_outside(logprobs, mask), mask, dim=-1)
         else:
-            s = ops.masked_mean(torch.where(mask, log_r.exp(), zero), mask, dim=-1)
+            s = ops.masked_mean(ops.zero_outside(log_r.exp(), mask), mask, dim=-1)
         member = mask.any(-1)
         pos = member & (batch.rewards > self.threshold)
         neg = member & ~(batch.rewards > self.threshold)
@@ -103,12 +91,12 @@ class DisCOLoss:
             has_neg = ops.group_sum(neg.to(s.dtype), batch.group_ids) > 0
         has_pos = ops.group_sum(pos.to(s.dtype), batch.group_ids) > 0
         valid = member & has_pos & has_neg
-        row = torch.where(valid, neg_term - pos_mean, zero)  # -J_q on every row of a valid group
+        row = ops.zero_outside(neg_term - pos_mean, valid)  # -J_q on every row of a valid group
         # KL(pi_old || pi) estimate per token, r - 1 - log r >= 0; K = mean over rows of the token mean
-        k = torch.where(mask, torch.expm1(log_r) - log_r, zero)
+        k = ops.zero_outside(torch.expm1(log_r) - log_r, mask)
         K = ops.masked_mean(ops.masked_mean(k, mask, dim=-1), member).detach()
         hinge = self.beta * (K - self.delta).clamp_min(0.0)
-        per_token = torch.where(mask, row[:, None] + hinge * k, zero)
+        per_token = ops.zero_outside(row[:, None] + hinge * k, mask)
         metrics = {
             "loss/kl_old": K,
             "loss/kl_hinge": hinge,

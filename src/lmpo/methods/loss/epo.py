@@ -31,7 +31,7 @@ that entropy from the training forward itself because ``needs`` lists "current_e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -39,9 +39,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
-from lmpo.methods.base import LossOut
+from lmpo.methods.base import LossOut, Stateful
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import LOSSES
 
 
@@ -57,8 +57,8 @@ def phase_weight(n: int, total: int) -> float:
 
 @LOSSES.register("epo", paper="EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
                  arxiv="2509.22576", fidelity="reconstructed")
-@dataclass(frozen=True)
-class EPOLoss:
+@dataclass
+class EPOLoss(Stateful):
     """Clipped surrogate + entropy bonus + differentiable entropy-band penalty against the per-turn history.
 
     Args:
@@ -70,37 +70,29 @@ class EPOLoss:
         smooth_min_turn: smooth only turns with index >= this.
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    entropy_coef: float = 0.001
-    smooth_coef: float = 1.0
-    kappa_low: float = 0.0
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    entropy_coef: float = hp(0.001, ge=0)
+    smooth_coef: float = hp(1.0, ge=0)
+    kappa_low: float = hp(0.0, ge=0)
     kappa_high: float = 2.0
-    out_penalty: float = 0.05
-    schedule_iters: int = 150
-    smooth_min_turn: int = 0
-    _state: dict[str, Any] = field(default_factory=lambda: {"sum": {}, "count": {}, "pending": {}, "iters": 0},
-                                   repr=False, compare=False)
+    out_penalty: float = hp(0.05, ge=0)
+    schedule_iters: int = hp(150, ge=0)
+    smooth_min_turn: int = hp(0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "current_entropy"})
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("kappa_low", "kappa_high", strict=True),)
 
-    def __post_init__(self) -> None:
-        for key in ("epsilon", "entropy_coef", "smooth_coef", "kappa_low", "out_penalty"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}.")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ConfigError(f"loss.epsilon_high must be >= 0, got {self.epsilon_high}.")
-        if not self.kappa_high > self.kappa_low:
-            raise ConfigError(f"loss.kappa_high must be > loss.kappa_low, got {self.kappa_high} <= {self.kappa_low}.")
-        if self.schedule_iters < 0 or self.smooth_min_turn < 0:
-            raise ConfigError("loss.schedule_iters and loss.smooth_min_turn must be >= 0.")
+    def initial_state(self) -> dict[str, Any]:
+        return {"sum": {}, "count": {}, "pending": {}, "iters": 0}
+
 
     def history_mean(self, turns: Tensor) -> tuple[Tensor, Tensor]:
         """(Hbar per token, known per token) from the committed history."""
         hbar = torch.zeros(turns.shape, dtype=torch.float64, device=turns.device)
         known = torch.zeros(turns.shape, dtype=torch.bool, device=turns.device)
-        for k, s in self._state["sum"].items():
+        for k, s in self.state["sum"].items():
             at = turns == k
-            hbar = torch.where(at, s / self._state["count"][k], hbar)
+            hbar = torch.where(at, s / self.state["count"][k], hbar)
             known |= at
         return hbar, known
 
@@ -112,23 +104,23 @@ class EPOLoss:
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach()}
         ent = batch.extras.get("current_entropy")
         if ent is not None:
-            ent = torch.where(mask, ent.to(loss.dtype), torch.zeros((), dtype=loss.dtype, device=loss.device))
+            ent = ops.zero_outside(ent.to(loss.dtype), mask)
             turns = batch.turn_ids if batch.turn_ids is not None else torch.zeros_like(mask, dtype=torch.long)
             hbar, known = self.history_mean(turns)
             hbar = hbar.to(loss.dtype)
             upper = hbar * self.kappa_high if math.isfinite(self.kappa_high) else torch.full_like(hbar, math.inf)
             hinge = torch.relu(self.kappa_low * hbar - ent) + torch.relu(ent - upper)
             active = mask & known & (turns >= self.smooth_min_turn)
-            penalty = torch.where(active, self.out_penalty * hinge, torch.zeros_like(hinge))
-            w = phase_weight(self._state["iters"], self.schedule_iters)
+            penalty = ops.zero_outside(self.out_penalty * hinge, active)
+            w = phase_weight(self.state["iters"], self.schedule_iters)
             loss = loss - self.entropy_coef * ent + self.entropy_coef * self.smooth_coef * w * penalty
             self._accumulate(ent.detach(), turns, mask)
             metrics["loss/epo_out_of_band"] = ops.masked_mean((active & (hinge > 0)).float(), mask).detach()
             metrics["loss/epo_penalty"] = ops.masked_mean(penalty, mask).detach()
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
     def _accumulate(self, ent: Tensor, turns: Tensor, mask: Tensor) -> None:
-        pend = self._state["pending"]
+        pend = self.state["pending"]
         for k in torch.unique(turns[mask]).tolist():
             at = mask & (turns == k)
             s, c = pend.get(k, (0.0, 0))
@@ -136,19 +128,13 @@ class EPOLoss:
 
     def after_optimizer_step(self) -> None:
         """Commit this step's per-turn entropies into the cumulative history (one iteration)."""
-        for k, (s, c) in self._state["pending"].items():
-            self._state["sum"][k] = self._state["sum"].get(k, 0.0) + s
-            self._state["count"][k] = self._state["count"].get(k, 0) + c
-        self._state["pending"] = {}
-        self._state["iters"] += 1
+        for k, (s, c) in self.state["pending"].items():
+            self.state["sum"][k] = self.state["sum"].get(k, 0.0) + s
+            self.state["count"][k] = self.state["count"].get(k, 0) + c
+        self.state["pending"] = {}
+        self.state["iters"] += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sum": dict(self._state["sum"]), "count": dict(self._state["count"]), "iters": self._state["iters"]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update(sum={int(k): float(v) for k, v in state["sum"].items()},
-                           count={int(k): int(v) for k, v in state["count"].items()},
-                           iters=int(state["iters"]), pending={})
 
 
 # Code defaults (entropy_coeff 0.001, smooth coeff 1.0) with the README band (0, 2) and the ScienceWorld penalty 0.05.

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -45,17 +45,11 @@ class FiberPOLoss:
         fiber_epsilon / fiber_epsilon_high: trust region of the residual ratio v_t = r_t / s_i.
     """
 
-    base_epsilon: float = 3e-4
-    base_epsilon_high: float = 4e-4
-    fiber_epsilon: float = 0.2
-    fiber_epsilon_high: float = 0.2
+    base_epsilon: float = hp(3e-4, ge=0, lt=1)
+    base_epsilon_high: float = hp(4e-4, ge=0)
+    fiber_epsilon: float = hp(0.2, ge=0, lt=1)
+    fiber_epsilon_high: float = hp(0.2, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        for key in ("base_epsilon", "base_epsilon_high", "fiber_epsilon", "fiber_epsilon_high"):
-            v = getattr(self, key)
-            if not (v >= 0 and (key.endswith("_high") or v < 1)):
-                raise ConfigError(f"loss.{key} must be >= 0 (and < 1 for a lower range), got {v}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask, adv = batch.response_mask, batch.advantages
@@ -76,7 +70,7 @@ class FiberPOLoss:
             "loss/base_ratio_mean": ops.masked_mean(base.exp(), rows).detach(),
             "loss/ratio_mean": ops.masked_mean(log_r.exp(), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lmpo import ops
@@ -44,4 +43,4 @@ class GSPOLoss:
             "loss/clip_frac": ops.masked_mean((clipped & mask).any(-1).float(), rows).detach(),
             "loss/ratio_mean": ops.masked_mean(seq_log_ratio.exp(), rows).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -50,16 +50,10 @@ class MinPROLoss:
         cap: optional upper bound on the prefix weight (``None`` = uncapped).
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    cap: float | None = None
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    cap: float | None = hp(None, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ConfigError("loss.epsilon and loss.epsilon_high must be >= 0.")
-        if self.cap is not None and not self.cap > 0:
-            raise ConfigError(f"loss.cap must be > 0 or null, got {self.cap}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -74,7 +68,7 @@ class MinPROLoss:
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
             "loss/prefix_weight_mean": ops.masked_mean(weight, mask),
         }
-        return LossOut(torch.where(mask, weight * loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(weight * loss, mask), metrics)
 
 
 PRESETS = {

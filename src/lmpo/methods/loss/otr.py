@@ -37,8 +37,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -58,28 +58,23 @@ class OTRLoss:
         beta: reward of a sampled token that differs from the reference token (<= 0; small negative).
     """
 
-    beta: float = -0.1
+    beta: float = hp(-0.1, ge=-1, le=0)
     needs: ClassVar[frozenset[str]] = frozenset({"candidate_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not -1.0 <= self.beta <= 0.0:
-            raise ConfigError(f"loss.beta must be in [-1, 0] (a small negative reward), got {self.beta}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
-        zero = torch.zeros((), dtype=logprobs.dtype)
         cand = batch.extras.get("candidate_ids")
         cand_lp = batch.extras.get("candidate_logprobs")
         if cand is None or cand_lp is None:
             loss = -logprobs.detach().exp() * logprobs
-            return LossOut(torch.where(mask, loss, zero), {})
+            return LossOut(ops.zero_outside(loss, mask), {})
         R = candidate_rewards(cand, batch.response_ids, self.beta).to(cand_lp.dtype)
-        cand_lp = torch.where(mask.unsqueeze(-1), cand_lp, 0.0)
+        cand_lp = ops.zero_outside(cand_lp, mask.unsqueeze(-1))
         loss = -(R * cand_lp).mean(-1)
         hit = (cand == batch.response_ids.unsqueeze(-1)).to(logprobs.dtype).mean(-1)
         metrics = {"loss/candidate_hit_rate": ops.masked_mean(hit, mask).detach(),
                    "loss/ref_logprob": ops.masked_mean(logprobs, mask).detach()}
-        return LossOut(torch.where(mask, loss, zero), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

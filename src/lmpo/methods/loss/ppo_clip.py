@@ -19,8 +19,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -47,16 +47,10 @@ class PPOClipLoss:
         dual_clip: the dual-clip constant c (> 1) bounding the loss of negative-advantage tokens; ``None`` = off.
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    dual_clip: float | None = None
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    dual_clip: float | None = hp(None, gt=1)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ConfigError("loss.epsilon and loss.epsilon_high must be >= 0.")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ConfigError(f"loss.dual_clip must be > 1 (typically 3.0), got {self.dual_clip}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -67,4 +61,4 @@ class PPOClipLoss:
             "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)

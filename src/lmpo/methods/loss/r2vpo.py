@@ -26,7 +26,7 @@ eta_nu = 10, nu_0 = 0; E over tokens (token mean, also the preset's aggregator);
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
-from lmpo.methods.base import LossOut
+from lmpo.methods.base import LossOut, Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -45,8 +45,8 @@ def _fresh(nu: float) -> dict[str, float]:
 
 @LOSSES.register("r2vpo", paper="Ratio-Variance Regularized Policy Optimization for Efficient LLM Fine-tuning",
                  arxiv="2601.03320", fidelity="reconstructed")
-@dataclass(frozen=True)
-class R2VPOLoss:
+@dataclass
+class R2VPOLoss(Stateful):
     """l_t = -r_t A_t + nu (r_t - 1)^2 with nu updated by dual ascent once per optimizer step.
 
     Args:
@@ -55,24 +55,17 @@ class R2VPOLoss:
         nu_init: the initial multiplier nu_0 (>= 0).
     """
 
-    delta: float = 0.01
-    dual_lr: float = 10.0
-    nu_init: float = 0.0
+    delta: float = hp(0.01, gt=0)
+    dual_lr: float = hp(10.0, ge=0)
+    nu_init: float = hp(0.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-    _state: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.delta <= 0:
-            raise ConfigError(f"loss.delta must be > 0, got {self.delta}.")
-        if self.dual_lr < 0:
-            raise ConfigError(f"loss.dual_lr must be >= 0, got {self.dual_lr}.")
-        if self.nu_init < 0:
-            raise ConfigError(f"loss.nu_init must be >= 0, got {self.nu_init}.")
-        self._state.update(_fresh(self.nu_init))
+    def initial_state(self) -> dict[str, Any]:
+        return _fresh(self.nu_init)
 
     @property
     def nu(self) -> float:
-        return self._state["nu"]
+        return self.state["nu"]
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -80,28 +73,21 @@ class R2VPOLoss:
         dev = ratio - 1.0
         loss = -batch.advantages * ratio + self.nu * dev * dev
         sq = ops.masked_sum(dev.detach() ** 2, mask)
-        self._state["pending_sq"] += float(sq)
-        self._state["pending_n"] += float(mask.sum())
+        self.state["pending_sq"] += float(sq)
+        self.state["pending_n"] += float(mask.sum())
         metrics = {
             "loss/ratio_var": ops.masked_mean(dev.detach() ** 2, mask),
             "loss/nu": torch.tensor(self.nu),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
     def after_optimizer_step(self) -> None:
         """Dual ascent nu <- max(0, nu + eta (E[(r-1)^2] - delta)) over the step's trained tokens; clears them."""
-        s = self._state
+        s = self.state
         if s["pending_n"] > 0:
             var = s["pending_sq"] / s["pending_n"]
             s["nu"] = max(0.0, s["nu"] + self.dual_lr * (var - self.delta))
         s["pending_sq"], s["pending_n"] = 0.0, 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.clear()
-        self._state.update({k: float(state[k]) for k in ("nu", "pending_sq", "pending_n")})
 
 
 PRESETS = {

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 VARIANTS = ("anchor", "bce")
@@ -43,11 +43,10 @@ VARIANTS = ("anchor", "bce")
 def group_logsumexp(v: Tensor, group_ids: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row log sum_{j in group(i), member j} exp(v_j) (B,) and whether that set is non-empty (B,); stable."""
     inv, n = ops.group_index(group_ids)
-    zero = torch.zeros((), dtype=v.dtype, device=v.device)
     m = torch.zeros(n, dtype=v.dtype, device=v.device).scatter_reduce(
         0, inv[member], v.detach()[member], "amax", include_self=False)
-    shifted = torch.where(member, v - m[inv], zero)  # <= 0 for members; 0 elsewhere (no inf reaches backward)
-    e = torch.where(member, shifted.exp(), zero)
+    shifted = ops.zero_outside(v - m[inv], member)  # <= 0 for members; 0 elsewhere (no inf reaches backward)
+    e = ops.zero_outside(shifted.exp(), member)
     sums = torch.zeros(n, dtype=v.dtype, device=v.device).index_add(0, inv, e)
     has = torch.zeros(n, dtype=v.dtype, device=v.device).index_add(0, inv, member.to(v.dtype)) > 0
     lse = torch.where(has, sums, torch.ones_like(sums)).log() + m
@@ -56,7 +55,7 @@ def group_logsumexp(v: Tensor, group_ids: Tensor, member: Tensor) -> tuple[Tenso
 
 def seq_score(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """s_i = token-mean log(pi / pi_old) over trained tokens (B,); no gradient into ``old_logprobs``."""
-    diff = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros((), dtype=logprobs.dtype))
+    diff = ops.zero_outside(logprobs - old_logprobs.detach(), mask)
     return ops.masked_mean(diff, mask, dim=-1)
 
 
@@ -72,16 +71,10 @@ class REALLoss:
         threshold: a rollout is a positive when its reward > threshold.
     """
 
-    tau: float = 0.5
-    variant: str = "anchor"
+    tau: float = hp(0.5, gt=0)
+    variant: str = hp("anchor", choices=VARIANTS)
     threshold: float = 0.5
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ConfigError(f"loss.tau must be > 0, got {self.tau}.")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"loss.variant must be one of {VARIANTS}, got {self.variant!r}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -96,12 +89,11 @@ class REALLoss:
             lse_pos, _ = group_logsumexp(-s, batch.group_ids, pos)
             lse_neg, _ = group_logsumexp(s, batch.group_ids, neg)
             # log(1 + sum exp(x)) = softplus(logsumexp(x)); an empty set contributes log(1 + 0) = 0
-            zero = torch.zeros((), dtype=s.dtype)
-            row = torch.where(has_pos, F.softplus(lse_pos), zero) + torch.where(has_neg, F.softplus(lse_neg), zero)
+            row = ops.zero_outside(F.softplus(lse_pos), has_pos) + ops.zero_outside(F.softplus(lse_neg), has_neg)
         else:
             row = F.softplus(torch.where(pos, -s, s))
-        row = torch.where(valid, row, torch.zeros((), dtype=row.dtype))
-        per_token = torch.where(mask, row[:, None].expand_as(logprobs), torch.zeros((), dtype=row.dtype))
+        row = ops.zero_outside(row, valid)
+        per_token = ops.zero_outside(row[:, None].expand_as(logprobs), mask)
         metrics = {
             "loss/valid_frac": ops.masked_mean(valid.float(), member).detach(),
             "loss/score_pos": ops.masked_mean(s.detach() * self.tau, pos),

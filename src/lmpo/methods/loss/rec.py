@@ -33,8 +33,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 CLIP_MODES = ("none", "one_side", "two_side", "ring", "gspo_one_side")
@@ -55,30 +55,16 @@ class RECLoss:
         regularizer_coef: c of the REP penalty. temp: RED-Weight temperature.
     """
 
-    clip_mode: str = "one_side"
-    weight: str = "none"
-    regularizer: str = "none"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    epsilon_low_prime: float = 0.6
-    epsilon_high_prime: float = 2.0
-    regularizer_coef: float = 0.0
-    temp: float = 1.0
+    clip_mode: str = hp("one_side", choices=CLIP_MODES)
+    weight: str = hp("none", choices=WEIGHTS)
+    regularizer: str = hp("none", choices=REGULARIZERS)
+    epsilon: float = hp(0.2, gt=0, le=1)
+    epsilon_high: float | None = hp(None, gt=0)
+    epsilon_low_prime: float = hp(0.6, gt=0, le=1)
+    epsilon_high_prime: float = hp(2.0, gt=0)
+    regularizer_coef: float = hp(0.0, ge=0)
+    temp: float = hp(1.0, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        for key, val, allowed in (("clip_mode", self.clip_mode, CLIP_MODES), ("weight", self.weight, WEIGHTS),
-                                  ("regularizer", self.regularizer, REGULARIZERS)):
-            if val not in allowed:
-                raise ConfigError(f"loss.{key} must be one of {allowed}, got {val!r}.")
-        if not 0 < self.epsilon <= 1 or not 0 < self.epsilon_low_prime <= 1:
-            raise ConfigError("loss.epsilon and loss.epsilon_low_prime must be in (0, 1].")
-        if (self.epsilon_high is not None and self.epsilon_high <= 0) or self.epsilon_high_prime <= 0:
-            raise ConfigError("loss.epsilon_high and loss.epsilon_high_prime must be > 0.")
-        if self.regularizer_coef < 0:
-            raise ConfigError(f"loss.regularizer_coef must be >= 0, got {self.regularizer_coef}.")
-        if self.temp <= 0:
-            raise ConfigError(f"loss.temp must be > 0, got {self.temp}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask, adv = batch.response_mask, batch.advantages
@@ -109,18 +95,18 @@ class RECLoss:
             w = seq_rho
         else:  # advantage (RED-Weight)
             w = torch.exp(adv.detach() / self.temp)
-        lp = torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype))
+        lp = ops.zero_outside(logprobs, mask)
         loss = -(w * adv * keep) * lp
         if self.regularizer == "forward_kl":
             loss = loss - self.regularizer_coef * lp
         elif self.regularizer == "k2":
-            d = torch.where(mask, logprobs - batch.old_logprobs.detach(), torch.zeros((), dtype=lp.dtype))
+            d = ops.zero_outside(logprobs - batch.old_logprobs.detach(), mask)
             loss = loss + self.regularizer_coef * d * d
         metrics = {
             "loss/clip_frac": ops.masked_mean((~keep).float(), mask).detach(),
             "loss/ratio_mean": ops.masked_mean(rho, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 def _preset(**loss) -> dict:

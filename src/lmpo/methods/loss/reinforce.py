@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
+from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.methods.base import LossOut
 from lmpo.registry import LOSSES
@@ -30,4 +30,4 @@ class ReinforceLoss:
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
         loss = -batch.advantages * logprobs
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), {})
+        return LossOut(ops.zero_outside(loss, mask), {})

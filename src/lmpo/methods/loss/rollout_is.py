@@ -27,9 +27,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered, rule
 from lmpo.registry import LOSSES
 
 
@@ -47,30 +47,18 @@ class PPOClipISLoss:
         lower: mask mode only: lower threshold (``None`` = none).
     """
 
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    dual_clip: float | None = None
-    level: str = "token"
-    mode: str = "truncate"
-    cap: float = 2.0
-    lower: float | None = None
+    epsilon: float = hp(0.2, ge=0)
+    epsilon_high: float | None = hp(None, ge=0)
+    dual_clip: float | None = hp(None, gt=1)
+    level: str = hp("token", choices=("token", "sequence"))
+    mode: str = hp("truncate", choices=("truncate", "mask"))
+    cap: float = hp(2.0, gt=0)
+    lower: float | None = hp(None, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "sampler_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ConfigError("loss.epsilon and loss.epsilon_high must be >= 0.")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ConfigError(f"loss.dual_clip must be > 1 (typically 3.0), got {self.dual_clip}.")
-        if self.level not in ("token", "sequence"):
-            raise ConfigError(f"loss.level must be 'token' or 'sequence', got {self.level!r}.")
-        if self.mode not in ("truncate", "mask"):
-            raise ConfigError(f"loss.mode must be 'truncate' or 'mask', got {self.mode!r}.")
-        if not self.cap > 0:
-            raise ConfigError(f"loss.cap must be > 0, got {self.cap}.")
-        if self.lower is not None and not 0 <= self.lower < self.cap:
-            raise ConfigError(f"loss.lower must be in [0, loss.cap), got {self.lower}.")
-        if self.lower is not None and self.mode != "mask":
-            raise ConfigError("loss.lower is only used with loss.mode='mask'.")
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        ordered("lower", "cap", strict=True),
+        rule(lambda lower, mode: lower is None or mode == "mask", '{lower} is only used with {mode}="mask"'),
+    )
 
     def weights(self, old: Tensor, sampler: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(weight, raw rho, rejected-or-truncated indicator), all (B, T) and detached."""
@@ -100,7 +88,7 @@ class PPOClipISLoss:
             "loss/mismatch_k3": ops.masked_mean(
                 ops.kl_estimate(batch.sampler_logprobs.detach(), batch.old_logprobs.detach(), "k3"), mask),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 _GRPO = {"advantage": {"name": "grpo"}, "aggregator": {"name": "seq_mean_token_mean"},

@@ -44,8 +44,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -56,10 +56,10 @@ def next_state_term(batch: RolloutBatch, rho: float) -> Tensor:
     mask = batch.response_mask
     if vm is None or ovm is None:
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    diff = torch.where(mask, rho * (vm - ovm).detach(), 0.0)
+    diff = ops.zero_outside(rho * (vm - ovm).detach(), mask)
     nxt = torch.nn.functional.pad(diff[:, 1:], (0, 1))
     has_next = torch.nn.functional.pad(mask[:, 1:], (0, 1), value=False) & mask
-    return torch.where(has_next, nxt, 0.0)
+    return ops.zero_outside(nxt, has_next)
 
 
 @LOSSES.register("rover", paper="Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards",
@@ -74,22 +74,16 @@ class RoverLoss:
             the target_adv_only ablation.
     """
 
-    rho: float = 1.0
-    next_q_scale: float = 1.0
+    rho: float = hp(1.0, gt=0)
+    next_q_scale: float = hp(1.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "vocab_mean_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.rho > 0:
-            raise ConfigError(f"loss.rho must be > 0, got {self.rho}.")
-        if self.next_q_scale < 0:
-            raise ConfigError(f"loss.next_q_scale must be >= 0, got {self.next_q_scale}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
         q = self.rho * ops.log_ratio(logprobs, batch.old_logprobs)
         nxt = next_state_term(batch, self.rho)
         target = (batch.advantages + self.next_q_scale * nxt).detach()
-        loss = torch.where(mask, (q - target) ** 2, torch.zeros((), dtype=q.dtype))
+        loss = ops.zero_outside((q - target) ** 2, mask)
         metrics = {
             "loss/q_mean": ops.masked_mean(q, mask).detach(),
             "loss/next_q_mean": ops.masked_mean(nxt, mask).detach(),

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 
@@ -39,15 +39,9 @@ class SAPOLoss:
         tau_neg: gate temperature for non-positive-advantage tokens (larger = faster decay off-policy).
     """
 
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
+    tau_pos: float = hp(1.0, gt=0)
+    tau_neg: float = hp(1.05, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.tau_pos > 0:
-            raise ConfigError(f"loss.tau_pos must be > 0, got {self.tau_pos}.")
-        if not self.tau_neg > 0:
-            raise ConfigError(f"loss.tau_neg must be > 0, got {self.tau_neg}.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -61,7 +55,7 @@ class SAPOLoss:
             "loss/gate_weight_mean": ops.masked_mean(weight, mask).detach(),
             "loss/ratio_mean": ops.masked_mean(ratio, mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -36,9 +36,9 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
 from lmpo.methods.loss.ppo_clip import clipped_surrogate
+from lmpo.methods.params import Rule, hp, ordered
 from lmpo.registry import LOSSES
 from lmpo.rollout.soft import gumbel_loglik
 
@@ -63,16 +63,11 @@ class SoftGRPOLoss:
         gumbel_min / gumbel_max: clamp of the implied noise (paper: -1.5, 3; must match the rollout's).
     """
 
-    epsilon: float = 0.2
+    epsilon: float = hp(0.2, gt=0)
     gumbel_min: float = -1.5
     gumbel_max: float = 3.0
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs", "candidate_logprobs"})
-
-    def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise ConfigError(f"loss.epsilon must be > 0, got {self.epsilon}.")
-        if not self.gumbel_min < self.gumbel_max:
-            raise ConfigError("loss.gumbel_min must be < loss.gumbel_max.")
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("gumbel_min", "gumbel_max", strict=True),)
 
     def loglik(self, logprobs: Tensor, old_logprobs: Tensor, batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(ell(theta), ell(theta_old), soft mask), each (B, T)."""
@@ -92,7 +87,7 @@ class SoftGRPOLoss:
         loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, self.epsilon, None)
         metrics = {"loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),
                    "loss/soft_frac": ops.masked_mean(soft.float(), mask).detach()}
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

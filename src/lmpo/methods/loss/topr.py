@@ -35,8 +35,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
 from lmpo.methods.base import LossOut
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 LEVELS = ("sequence", "token")
@@ -53,16 +53,10 @@ class TOPRLoss:
         positive_weight / negative_weight: extra coefficients on the two sets (paper: 1, 1).
     """
 
-    level: str = "sequence"
-    positive_weight: float = 1.0
-    negative_weight: float = 1.0
+    level: str = hp("sequence", choices=LEVELS)
+    positive_weight: float = hp(1.0, ge=0)
+    negative_weight: float = hp(1.0, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(f"loss.level must be one of {LEVELS}, got {self.level!r}.")
-        if self.positive_weight < 0 or self.negative_weight < 0:
-            raise ConfigError("loss.positive_weight and loss.negative_weight must be >= 0.")
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
@@ -76,13 +70,13 @@ class TOPRLoss:
         taper = log_ratio.clamp(max=0.0).exp()
         neg = adv < 0
         w = torch.where(neg, self.negative_weight * taper, torch.full_like(taper, self.positive_weight))
-        lp = torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype))
+        lp = ops.zero_outside(logprobs, mask)
         loss = -w * adv * lp
         metrics = {
             "loss/neg_weight_mean": ops.masked_mean(taper, mask & neg).detach(),
             "loss/neg_frac": ops.masked_mean(neg.float(), mask).detach(),
         }
-        return LossOut(torch.where(mask, loss, torch.zeros((), dtype=loss.dtype)), metrics)
+        return LossOut(ops.zero_outside(loss, mask), metrics)
 
 
 PRESETS = {

@@ -26,16 +26,16 @@ baseline couples a group's rows: keep each group within one micro-batch. Outcome
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
-from lmpo.methods.base import LossOut
+from lmpo.methods.base import LossOut, Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import LOSSES
 
 GRAD_NORMS = ("tokens", "equal")
@@ -45,8 +45,8 @@ BEHAVIOURS = ("sampler", "old")
 
 @LOSSES.register("vcpo", paper="Stable Asynchrony: Variance-Controlled Off-Policy RL for LLMs", arxiv="2602.17616",
                  fidelity="reconstructed")
-@dataclass(frozen=True)
-class VCPOLoss:
+@dataclass
+class VCPOLoss(Stateful):
     """-sg(min(w, c)) (R - b*) log pi with the w^2 ||g||^2-weighted baseline, plus ESS step scaling (arXiv:2602.17616).
 
     Args:
@@ -57,36 +57,27 @@ class VCPOLoss:
         behaviour: "sampler" (mu = rollout engine log-probs) or "old" (pi_old).
     """
 
-    is_threshold: float = 8.0
-    ess_rule: str = "sqrt"
-    ess_base: float = 1.0
-    grad_norm: str = "tokens"
+    is_threshold: float = hp(8.0, gt=0)
+    ess_rule: str = hp("sqrt", choices=ESS_RULES)
+    ess_base: float = hp(1.0, gt=0, le=1)
+    grad_norm: str = hp("tokens", choices=GRAD_NORMS)
     norm_by_std: bool = True
-    eps: float = 1e-6
-    behaviour: str = "sampler"
-    needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    eps: float = hp(1e-6, ge=0)
+    behaviour: str = hp("sampler", choices=BEHAVIOURS)
 
-    def __post_init__(self) -> None:
-        if self.is_threshold <= 0:
-            raise ConfigError(f"loss.is_threshold must be > 0, got {self.is_threshold}.")
-        for key, val, allowed in (("ess_rule", self.ess_rule, ESS_RULES), ("grad_norm", self.grad_norm, GRAD_NORMS),
-                                  ("behaviour", self.behaviour, BEHAVIOURS)):
-            if val not in allowed:
-                raise ConfigError(f"loss.{key} must be one of {allowed}, got {val!r}.")
-        if not 0 < self.ess_base <= 1:
-            raise ConfigError(f"loss.ess_base must be in (0, 1], got {self.ess_base}.")
-        if self.eps < 0:
-            raise ConfigError(f"loss.eps must be >= 0, got {self.eps}.")
-        object.__setattr__(self, "needs", frozenset({"old_logprobs"}) if self.behaviour == "old" else frozenset())
-        self._state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
+    def initial_state(self) -> dict[str, Any]:
+        return dict(sum_w=0.0, sum_w2=0.0, rows=0.0)  # importance weights of the rows since the last optimizer step
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """pi_old's log-probs only when they are the behaviour policy (``behaviour="old"``)."""
+        return frozenset({"old_logprobs"}) if self.behaviour == "old" else frozenset()
 
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
         member = mask.any(-1)
         mu = batch.sampler_logprobs if self.behaviour == "sampler" else batch.old_logprobs
-        zero = torch.zeros((), dtype=logprobs.dtype)
-        log_w = ops.masked_sum(torch.where(mask, logprobs - mu, zero), mask, dim=-1).detach()
+        log_w = ops.masked_sum(logprobs - mu, mask, dim=-1).detach()
         w = log_w.clamp(-ops.LOG_RATIO_CLAMP, ops.LOG_RATIO_CLAMP).double().exp()  # (B,) float64
         wt = w.clamp(max=self.is_threshold)
         if "grad_sq_norm" in batch.extras:
@@ -95,18 +86,18 @@ class VCPOLoss:
             gsq = mask.double().sum(-1)
         else:
             gsq = torch.ones_like(w)
-        lam = torch.where(member, wt * wt * gsq, torch.zeros_like(w))
+        lam = ops.zero_outside(wt * wt * gsq, member)
         r = batch.rewards.double()
         num, den = ops.group_sum(lam * r, batch.group_ids), ops.group_sum(lam, batch.group_ids)
         base = torch.where(den > 0, num / den.clamp_min(1e-300), ops.group_mean(r, batch.group_ids))
         adv = r - base
         if self.norm_by_std:
             adv = adv / (ops.group_std(r, batch.group_ids) + self.eps)
-        coef = torch.where(member, wt * adv, torch.zeros_like(adv)).to(logprobs.dtype)
-        lp = torch.where(mask, logprobs, zero)
-        per_token = torch.where(mask, -coef[:, None] * lp, zero)
+        coef = ops.zero_outside(wt * adv, member).to(logprobs.dtype)
+        lp = ops.zero_outside(logprobs, mask)
+        per_token = ops.zero_outside(-coef[:, None] * lp, mask)
         wm = w[member]
-        s = self._state
+        s = self.state
         s["sum_w"] += float(wm.sum())
         s["sum_w2"] += float((wm * wm).sum())
         s["rows"] += float(wm.numel())
@@ -120,20 +111,14 @@ class VCPOLoss:
 
     def lr_scale(self) -> float:
         """sqrt (or linear) of min(1, (ESS / B) / rho_base) over every row seen since the last optimizer step."""
-        s = self._state
+        s = self.state
         if self.ess_rule == "none" or s["rows"] == 0 or s["sum_w2"] <= 0:
             return 1.0
         rho = min(1.0, s["sum_w"] ** 2 / s["sum_w2"] / s["rows"] / self.ess_base)
         return rho ** 0.5 if self.ess_rule == "sqrt" else rho
 
     def after_optimizer_step(self) -> None:
-        self._state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update({k: float(state[k]) for k in ("sum_w", "sum_w2", "rows")})
+        self.state.update(sum_w=0.0, sum_w2=0.0, rows=0.0)
 
 
 PRESETS = {

@@ -32,7 +32,7 @@ Gaps filled (fidelity "reconstructed"):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +40,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, ordered, rule
 from lmpo.registry import SELECTORS
 
 SIMPLIFY = ("Rewrite the problem below as a simpler problem that has exactly the same final answer. "
@@ -52,8 +53,8 @@ MODE_KEY = "clpo_mode"  # column marking a rewritten row (its value: "simplify" 
 
 @SELECTORS.register("clpo", paper="CLPO: Curriculum Learning meets Policy Optimization for LLM Reasoning",
                     arxiv="2509.25004", fidelity="reconstructed")
-@dataclass(frozen=True)
-class CLPO:
+@dataclass
+class CLPO(Stateful):
     """Bucket prompts by group accuracy; queue policy-written simplifications (hard) and variants (medium).
 
     Args:
@@ -67,33 +68,27 @@ class CLPO:
         max_queue: rewrites kept waiting (oldest dropped first).
     """
 
-    tau_hard: float = 0.25
-    tau_med: float = 0.75
+    tau_hard: float = hp(0.25, ge=0, le=1)
+    tau_med: float = hp(0.75, ge=0, le=1)
     simplify_template: str = SIMPLIFY
     diversify_template: str = DIVERSIFY
-    rewrites_per_prompt: int = 1
-    verify_samples: int = 4
-    rewrite_max_new_tokens: int | None = None
+    rewrites_per_prompt: int = hp(1, ge=1)
+    verify_samples: int = hp(4, ge=0)
+    rewrite_max_new_tokens: int | None = hp(None, ge=1)
     correct_threshold: float = 1.0
-    inject_frac: float = 0.5
-    max_queue: int = 256
+    inject_frac: float = hp(0.5, ge=0, le=1)
+    max_queue: int = hp(256, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, Any] = field(default_factory=lambda: {"queue": [], "made": 0, "proposed": 0}, init=False,
-                                   repr=False, compare=False)
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        ordered("tau_hard", "tau_med"),
+        rule(lambda simplify_template: "{prompt}" in simplify_template,
+             "{simplify_template} must contain '{{prompt}}'"),
+        rule(lambda diversify_template: "{prompt}" in diversify_template,
+             "{diversify_template} must contain '{{prompt}}'"),
+    )
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.tau_hard <= self.tau_med <= 1:
-            raise ConfigError("selector clpo: tau_hard and tau_med must satisfy 0 <= tau_hard <= tau_med <= 1, "
-                              f"got {self.tau_hard}, {self.tau_med}.")
-        for key in ("simplify_template", "diversify_template"):
-            if "{prompt}" not in getattr(self, key):
-                raise ConfigError(f"selector clpo: {key} must contain '{{prompt}}'.")
-        if self.rewrites_per_prompt < 1 or self.verify_samples < 0 or self.max_queue < 0:
-            raise ConfigError("selector clpo: rewrites_per_prompt must be >= 1, verify_samples and max_queue >= 0.")
-        if self.rewrite_max_new_tokens is not None and self.rewrite_max_new_tokens < 1:
-            raise ConfigError(f"selector clpo: rewrite_max_new_tokens must be >= 1, got {self.rewrite_max_new_tokens}.")
-        if not 0 <= self.inject_frac <= 1:
-            raise ConfigError(f"selector clpo: inject_frac must be in [0, 1], got {self.inject_frac}.")
+    def initial_state(self) -> dict[str, Any]:
+        return {"queue": [], "made": 0, "proposed": 0}
 
     def accuracy(self, batch: RolloutBatch) -> Tensor:
         """(B,) float64: Acc(q) of each row's group, the fraction of its rollouts that are correct."""
@@ -129,8 +124,8 @@ class CLPO:
             return None
         new = {**row, "prompt": text, MODE_KEY: mode}
         if row.get("id") is not None:  # a new identity for per-prompt trackers
-            new["id"] = f"{row['id']}/clpo{self._state['made']}"
-        self._state["made"] += 1
+            new["id"] = f"{row['id']}/clpo{self.state['made']}"
+        self.state["made"] += 1
         return new
 
     def after_collect(self, ctx, batch: RolloutBatch) -> None:
@@ -146,7 +141,7 @@ class CLPO:
         tmpl = {"simplify": self.simplify_template, "diversify": self.diversify_template}
         asks = [format_prompt(ctx.tokenizer, tmpl[m].format(prompt=r["prompt"]), ctx.system_prompt) for r, m in reqs]
         out = ctx.generator.generate(asks, params)
-        self._state["proposed"] += len(reqs)
+        self.state["proposed"] += len(reqs)
         rows = [new for (r, m), t in zip(reqs, out.completions) if (new := self.rewrite_row(r, m, t)) is not None]
         if rows and self.verify_samples:
             k = self.verify_samples
@@ -156,21 +151,15 @@ class CLPO:
             comps = ctx.reward_set(texts, ans.completions, columns_of(exp))[1]
             ok = (comps[:, 0] >= self.correct_threshold).view(len(rows), k).any(1)
             rows = [r for r, o in zip(rows, ok.tolist()) if o]
-        self._state["queue"] = (self._state["queue"] + rows)[-self.max_queue:] if rows else self._state["queue"]
+        self.state["queue"] = (self.state["queue"] + rows)[-self.max_queue:] if rows else self.state["queue"]
 
     def inject_prompts(self, n: int) -> list[dict[str, Any]]:
         """Rollout hook: up to floor(inject_frac * n) queued rewrites, oldest first (removed from the queue)."""
-        m = min(len(self._state["queue"]), math.floor(self.inject_frac * n + 1e-9))
-        out, self._state["queue"] = self._state["queue"][:m], self._state["queue"][m:]
+        m = min(len(self.state["queue"]), math.floor(self.inject_frac * n + 1e-9))
+        out, self.state["queue"] = self.state["queue"][:m], self.state["queue"][m:]
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"queue": [dict(r) for r in self._state["queue"]], "made": int(self._state["made"]),
-                "proposed": int(self._state["proposed"])}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update(queue=[dict(r) for r in state["queue"]], made=int(state["made"]),
-                           proposed=int(state["proposed"]))
 
 
 PRESETS = {

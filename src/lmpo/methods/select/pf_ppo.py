@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.params import hp
 from lmpo.registry import SELECTORS
 
 STRATEGIES = ("best_worst", "best_random", "best_of_n")
@@ -60,12 +60,8 @@ class PolicyFiltration:
         strategy: "best_worst" (BW), "best_random" (BR) or "best_of_n" (BoN).
     """
 
-    strategy: str = "best_worst"
+    strategy: str = hp("best_worst", choices=STRATEGIES)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"selectors[].strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         gid = batch.group_ids

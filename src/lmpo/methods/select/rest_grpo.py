@@ -21,7 +21,7 @@ of the script (symbol reward 1e-3, trailing penalty 1e-6) are not used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -29,7 +29,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import hp
 from lmpo.registry import SELECTORS
 
 
@@ -40,8 +41,8 @@ def prefix_probs(n_lines: int, alpha: float) -> Tensor:
 
 
 @SELECTORS.register("rest_grpo", paper="ReST-RL (ReST-GRPO)", arxiv="2508.19576")
-@dataclass(frozen=True)
-class ReSTGRPO:
+@dataclass
+class ReSTGRPO(Stateful):
     """Keep groups with reward std >= ``min_std``; queue partial-solution prompts from high-reward groups.
 
     Args:
@@ -53,25 +54,16 @@ class ReSTGRPO:
         seed: seed of the prefix sampler.
     """
 
-    min_std: float = 0.05
+    min_std: float = hp(0.05, ge=0)
     accept_reward: float = 0.9
-    sample_ratio: float = 0.5
-    alpha: float = 0.95
-    max_queue: int = 256
+    sample_ratio: float = hp(0.5, gt=0, le=1)
+    alpha: float = hp(0.95, gt=0, le=1)
+    max_queue: int = hp(256, ge=0)
     seed: int = 0
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, Any] = field(default_factory=lambda: {"queue": [], "draws": 0}, init=False, repr=False,
-                                   compare=False)
 
-    def __post_init__(self) -> None:
-        if self.min_std < 0:
-            raise ConfigError(f"selector rest_grpo: min_std must be >= 0, got {self.min_std}.")
-        if not 0 < self.sample_ratio <= 1:
-            raise ConfigError(f"selector rest_grpo: sample_ratio must be in (0, 1], got {self.sample_ratio}.")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"selector rest_grpo: alpha must be in (0, 1], got {self.alpha}.")
-        if self.max_queue < 0:
-            raise ConfigError(f"selector rest_grpo: max_queue must be >= 0, got {self.max_queue}.")
+    def initial_state(self) -> dict[str, Any]:
+        return {"queue": [], "draws": 0}
 
     def keep(self, batch: RolloutBatch) -> Tensor:
         """(B,) bool: rows of groups whose population reward std is >= min_std."""
@@ -83,8 +75,8 @@ class ReSTGRPO:
         lines = solution.splitlines(keepends=True)
         if not lines:
             return []
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._state["draws"])
-        self._state["draws"] += 1
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state["draws"])
+        self.state["draws"] += 1
         m = math.ceil(self.sample_ratio * len(lines))
         ks = torch.multinomial(prefix_probs(len(lines), self.alpha), m, replacement=True, generator=g) + 1
         return ["".join(lines[:k]) for k in ks.tolist()]
@@ -106,19 +98,15 @@ class ReSTGRPO:
     def __call__(self, batch: RolloutBatch) -> Tensor:
         new = self.assemble(batch)
         if new and self.max_queue:
-            self._state["queue"] = (self._state["queue"] + new)[-self.max_queue:]
+            self.state["queue"] = (self.state["queue"] + new)[-self.max_queue:]
         return self.keep(batch)
 
     def inject_prompts(self, n: int) -> list[dict[str, Any]]:
         """Rollout hook: up to ``n`` assembled prompts, oldest first (removed from the queue)."""
-        out, self._state["queue"] = self._state["queue"][:n], self._state["queue"][n:]
+        out, self.state["queue"] = self.state["queue"][:n], self.state["queue"][n:]
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"queue": list(self._state["queue"]), "draws": int(self._state["draws"])}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update(queue=list(state["queue"]), draws=int(state["draws"]))
 
 
 PRESETS = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +34,8 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, rule
 from lmpo.registry import SHAPERS
 
 _SPLIT = re.compile(r"\n|(?<=\.)\s")
@@ -57,8 +58,8 @@ def objective(precision: float, idk_rate: float, lam: float) -> float:
 
 @SHAPERS.register("auto_cei", paper="Automatic Curriculum Expert Iteration for Reliable LLM Reasoning",
                   arxiv="2410.07627", fidelity="reconstructed")
-@dataclass(frozen=True)
-class AutoCEI:
+@dataclass
+class AutoCEI(Stateful):
     """+1 correct / -1 wrong / tanh(c2 (n - c1) / 2) for "I don't know", with c1 hill-climbed on f.
 
     Args:
@@ -71,29 +72,23 @@ class AutoCEI:
 
     idk_phrase: str = "I don't know"
     correct_threshold: float = 1.0
-    lam: float = 0.5
-    update_every: int = 3
+    lam: float = hp(0.5, ge=0, le=1)
+    update_every: int = hp(3, ge=1)
     c1: float | None = None
-    c2: float | None = None
+    c2: float | None = hp(None, gt=0)
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda idk_phrase: bool(idk_phrase), "{idk_phrase} must be a non-empty string"),
+    )
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"shaper auto_cei: lam must be in [0, 1], got {self.lam}.")
-        if self.update_every < 1:
-            raise ConfigError(f"shaper auto_cei: update_every must be >= 1, got {self.update_every}.")
-        if self.c2 is not None and self.c2 <= 0:
-            raise ConfigError(f"shaper auto_cei: c2 must be > 0, got {self.c2}.")
-        if not self.idk_phrase:
-            raise ConfigError("shaper auto_cei: idk_phrase must be a non-empty string.")
-        self._state.update(c1=self.c1, c2=self.c2, delta=None, direction=1.0, prev_f=None, calls=0, counts=[0, 0, 0])
+    def initial_state(self) -> dict[str, Any]:
+        return dict(c1=self.c1, c2=self.c2, delta=None, direction=1.0, prev_f=None, calls=0, counts=[0, 0, 0])
 
     def _init_curriculum(self, steps: Tensor, idk: Tensor) -> None:
         sigma = float(steps.std()) if steps.numel() > 1 else 0.0
         sigma = sigma if sigma > 0 else 1.0  # all responses equally long: unit scale
         delta = min(0.2 * sigma, 0.5)
-        s = self._state
+        s = self.state
         s["delta"] = delta
         if s["c1"] is None:
             base = steps[idk] if idk.any() else steps
@@ -102,7 +97,7 @@ class AutoCEI:
             s["c2"] = math.log(10.0) / (4.0 * sigma)
 
     def _advance(self, correct: Tensor, idk: Tensor) -> None:
-        s = self._state
+        s = self.state
         c = s["counts"]
         c[0] += int(correct.sum())
         c[1] += int((~correct & ~idk).sum())
@@ -125,19 +120,13 @@ class AutoCEI:
         else:  # no text: no IDK detection possible; steps = response tokens
             idk = torch.zeros(batch.batch_size, dtype=torch.bool)
             steps = ops.response_lengths(batch.response_mask)
-        if self._state["c1"] is None or self._state["c2"] is None or self._state["delta"] is None:
+        if self.state["c1"] is None or self.state["c2"] is None or self.state["delta"] is None:
             self._init_curriculum(steps, idk)
         correct = (batch.rewards >= self.correct_threshold) & ~idk
         r = torch.where(correct, 1.0, -1.0).to(batch.rewards.dtype)
-        r = torch.where(idk, idk_reward(steps, self._state["c1"], self._state["c2"]).to(r.dtype), r)
+        r = torch.where(idk, idk_reward(steps, self.state["c1"], self.state["c2"]).to(r.dtype), r)
         self._advance(correct, idk)
         return batch.replace(rewards=r)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.update({k: (list(v) if isinstance(v, list) else v) for k, v in state.items()})
 
 
 PRESETS = {

@@ -36,6 +36,7 @@ from torch import Tensor
 from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
+from lmpo.methods.params import Rule, hp, is_regex, rule
 from lmpo.registry import SHAPERS
 
 
@@ -56,7 +57,7 @@ def contrastive_mask(acc: Tensor, aux: Tensor, group_ids: Tensor, eps: float) ->
     a_no = ops.group_sum(acc * (1 - aux), group_ids) / n_no.clamp_min(1)
     diff = a_aux - a_no
     m = torch.where(diff > eps, 1.0, torch.where(diff < -eps, -1.0, 0.0)).to(acc.dtype)
-    return torch.where((n_aux > 0) & (n_no > 0), m, torch.zeros_like(m))
+    return ops.zero_outside(m, (n_aux > 0) & (n_no > 0))
 
 
 @SHAPERS.register("gcpo", paper="GeometryZero: Group Contrastive Policy Optimization (GCPO)", arxiv="2506.07160",
@@ -75,27 +76,17 @@ class GroupContrastiveShaper:
         horizon: L for the length reward; ``None`` uses ``rollout.max_new_tokens``.
     """
 
-    eps: float = 0.1
-    aux_weight: float = 1.0
+    eps: float = hp(0.1, ge=0)
+    aux_weight: float = hp(1.0, ge=0)
     aux_pattern: str = r"<aux>.*?</aux>"
     accuracy_index: int | None = 0
     correct_threshold: float = 0.5
-    length_weight: float = 0.1
-    horizon: int | None = None
+    length_weight: float = hp(0.1, ge=0)
+    horizon: int | None = hp(None, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ConfigError(f"shapers[].eps must be >= 0, got {self.eps}.")
-        if self.length_weight < 0 or self.aux_weight < 0:
-            raise ConfigError("shapers[].length_weight and aux_weight must be >= 0, "
-                              f"got {self.length_weight}, {self.aux_weight}.")
-        try:
-            re.compile(self.aux_pattern)
-        except re.error as exc:
-            raise ConfigError(f"shapers[].aux_pattern is not a valid regular expression: {exc}.") from None
-        if self.horizon is not None and self.horizon < 1:
-            raise ConfigError(f"shapers[].horizon must be >= 1, got {self.horizon}.")
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda aux_pattern: is_regex(aux_pattern), "{aux_pattern} must be a valid regular expression"),
+    )
 
     def accuracy(self, batch: RolloutBatch) -> Tensor:
         c = batch.reward_components
@@ -116,7 +107,7 @@ class GroupContrastiveShaper:
                 raise ConfigError("shaper gcpo needs horizon (L) for its length reward; the trainer fills it "
                                   "from rollout.max_new_tokens.")
             frac = (ops.response_lengths(batch.response_mask).to(r.dtype) / float(self.horizon)).clamp(max=1.0)
-            r = r + torch.where(acc > self.correct_threshold, self.length_weight * frac, torch.zeros_like(frac))
+            r = r + ops.zero_outside(self.length_weight * frac, acc > self.correct_threshold)
         return batch.replace(rewards=r)
 
 

@@ -24,14 +24,15 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
+from lmpo.methods.base import Stateful
+from lmpo.methods.params import Rule, hp, is_regex, rule
 from lmpo.registry import SHAPERS
 
 
@@ -70,8 +71,8 @@ def select(scores: Tensor, ratio: float, threshold: float) -> Tensor:
 
 @SHAPERS.register("trapo", paper="TraPO: Semi-Supervised RL for LLM Reasoning", arxiv="2512.13106",
                   fidelity="reconstructed")
-@dataclass(frozen=True)
-class TraPO:
+@dataclass
+class TraPO(Stateful):
     """Majority-vote pseudo-rewards for unlabeled prompts, kept only if their pass-rate trajectory matches.
 
     Args:
@@ -81,23 +82,18 @@ class TraPO:
         answer_regex: the answer of a completion is the last match (None if none).
     """
 
-    warmup: int = 8
-    topk_ratio: float = 0.1
+    warmup: int = hp(8, ge=0)
+    topk_ratio: float = hp(0.1, gt=0, le=1)
     threshold: float = 0.4
-    unlabeled_fraction: float = 0.75
+    unlabeled_fraction: float = hp(0.75, ge=0, le=1)
     answer_regex: str = r"-?\d+(?:\.\d+)?"
     needs: ClassVar[frozenset[str]] = frozenset()
-    _state: dict[str, Any] = field(default_factory=lambda: {"history": {}, "labeled": {}}, init=False,
-                                   repr=False, compare=False)
+    constraints: ClassVar[tuple[Rule, ...]] = (
+        rule(lambda answer_regex: is_regex(answer_regex), "{answer_regex} must be a valid regular expression"),
+    )
 
-    def __post_init__(self) -> None:
-        if self.warmup < 0:
-            raise ConfigError(f"shaper trapo: warmup must be >= 0, got {self.warmup}.")
-        if not 0 < self.topk_ratio <= 1:
-            raise ConfigError(f"shaper trapo: topk_ratio must be in (0, 1], got {self.topk_ratio}.")
-        if not 0 <= self.unlabeled_fraction <= 1:
-            raise ConfigError(f"shaper trapo: unlabeled_fraction must be in [0, 1], got {self.unlabeled_fraction}.")
-        re.compile(self.answer_regex)
+    def initial_state(self) -> dict[str, Any]:
+        return {"history": {}, "labeled": {}}
 
     def answer(self, text: str) -> str | None:
         found = re.findall(self.answer_regex, text)
@@ -111,7 +107,7 @@ class TraPO:
 
     def trusted(self) -> set[str]:
         """Unlabeled prompt keys currently selected (past warm-up and chosen by trajectory similarity)."""
-        hist, lab = self._state["history"], self._state["labeled"]
+        hist, lab = self.state["history"], self.state["labeled"]
         db = [h for k, h in hist.items() if lab[k]]
         keys = [k for k, h in hist.items() if not lab[k] and len(h) >= max(self.warmup, 1)]
         keep = select(reliability(db, [hist[k] for k in keys]), self.topk_ratio, self.threshold)
@@ -138,20 +134,15 @@ class TraPO:
                 rate = top[0][1] / len(idx) if top else 0.0
                 rewards[idx] = torch.tensor([float(maj is not None and a == maj) for a in answers], dtype=rewards.dtype)
                 unlabeled_rows[key] = idx
-            self._state["labeled"][key] = labeled
-            self._state["history"].setdefault(key, []).append(rate)
+            self.state["labeled"][key] = labeled
+            self.state["history"].setdefault(key, []).append(rate)
         trusted = self.trusted()
         for key, idx in unlabeled_rows.items():
             if key not in trusted:
                 mask[idx] = False
         return batch.replace(rewards=rewards, response_mask=mask)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: list(v) for k, v in self._state["history"].items()}, "labeled": dict(self._state["labeled"])}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state["history"] = {k: list(v) for k, v in state["history"].items()}
-        self._state["labeled"] = dict(state["labeled"])
 
 
 PRESETS = {

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.adora import ADORAAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 # Hand case (card test a): rewards [2, 2, 0, 0] with tau_R = 1, so P = {0, 1}, N = {2, 3}.
@@ -76,11 +76,11 @@ def test_stage_window_and_state():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="advantage.attenuation"):
-        ADORAAdvantage(attenuation=-0.1)
+        from_config(ADORAAdvantage, attenuation=-0.1)
     with pytest.raises(ConfigError, match="advantage.difficulty_p"):
-        ADORAAdvantage(difficulty_p=0.7)
+        from_config(ADORAAdvantage, difficulty_p=0.7)
     with pytest.raises(ConfigError, match="advantage.start_step"):
-        ADORAAdvantage(start_step=5, end_step=2)
+        from_config(ADORAAdvantage, start_step=5, end_step=2)
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.bnpo import BNPOAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def beta_pdf(p, a, b):
@@ -81,9 +81,9 @@ def test_rescaling_and_decomposition():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="advantage.alpha"):
-        BNPOAdvantage(alpha=0.0)
+        from_config(BNPOAdvantage, alpha=0.0)
     with pytest.raises(ConfigError, match="advantage.r_max"):
-        BNPOAdvantage(r_min=1.0, r_max=1.0)
+        from_config(BNPOAdvantage, r_min=1.0, r_max=1.0)
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.brpo import BRPOAdvantage, brpo_segment_advantages, budget_prior
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 
 F64 = torch.float64
 
@@ -100,7 +100,7 @@ def test_v2only_and_validation():
     for kw, key in (({"budgets": (4, 2)}, "budgets"), ({"prior": "flat"}, "prior"), ({"base": 0.0}, "base"),
                     ({"variance_reduction": "x"}, "variance_reduction")):
         with pytest.raises(ConfigError, match=key):
-            BRPOAdvantage(**kw)
+            from_config(BRPOAdvantage, **kw)
     b = make_batch([0.0], T=2)
     b.extras["prefix_rewards"] = torch.zeros(1, 3)
     with pytest.raises(ConfigError, match="prefix_rewards"):

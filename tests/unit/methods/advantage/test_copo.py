@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.copo import COPOAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def sig(x):
@@ -67,9 +67,9 @@ def test_single_prompt_and_equal_rewards_finite():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="advantage.kappa"):
-        COPOAdvantage(kappa=0.0)
+        from_config(COPOAdvantage, kappa=0.0)
     with pytest.raises(ConfigError, match="advantage.h0"):
-        COPOAdvantage(h0=1.5)
+        from_config(COPOAdvantage, h0=1.5)
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -13,7 +13,7 @@ from lmpo.methods.advantage.d3s import D3SAdvantage, max_variance_subset, ramp
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def with_entropy(batch, ent):
@@ -95,7 +95,7 @@ def test_config_errors():
     for kw, key in (({"sample_ratio": 0.0}, "sample_ratio"), ({"token_ratio": 1.5}, "token_ratio"),
                     ({"anneal_steps": -1}, "anneal_steps"), ({"level": "x"}, "level")):
         with pytest.raises(ConfigError, match=f"advantage.{key}"):
-            D3SAdvantage(**kw)
+            from_config(D3SAdvantage, **kw)
 
 
 # --------------------------------------------------------------------------- slow references

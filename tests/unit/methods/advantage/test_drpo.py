@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.drpo import DRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def batch_with_logprobs(R, groups, lengths, T, lp, dtype=torch.float32):
@@ -67,9 +67,9 @@ def test_large_lambda_uniform_positive_weights():
 
 def test_bad_config_and_missing_horizon():
     with pytest.raises(ConfigError, match="advantage.tau"):
-        DRPOAdvantage(tau=0.0)
+        from_config(DRPOAdvantage, tau=0.0)
     with pytest.raises(ConfigError, match="advantage.lam"):
-        DRPOAdvantage(lam=-1.0)
+        from_config(DRPOAdvantage, lam=-1.0)
     with pytest.raises(ConfigError, match="horizon"):
         DRPOAdvantage()(make_batch([1.0, 0.0], None, T=2))
 

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.empg import EMPGAdvantage, step_ids
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def with_steps(b, ent, turns=None, ids=None):
@@ -131,6 +131,6 @@ def test_without_entropy_returns_grpo_and_config_errors():
     assert_close(EMPGAdvantage()(b), GRPOAdvantage()(b))
     for kw, key in (({"k": -1.0}, "advantage.k"), ({"zeta": -0.1}, "zeta"), ({"newline_ids": (-1,)}, "newline_ids")):
         with pytest.raises(ConfigError, match=key):
-            EMPGAdvantage(**kw)
+            from_config(EMPGAdvantage, **kw)
     assert EMPGAdvantage(newline_ids=[10]).newline_ids == (10,)
     assert EMPGAdvantage.needs == frozenset({"entropy"})

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.gdpo import GDPOAdvantage
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def with_components(comps, groups, T=1, dtype=torch.float32, mask=None):
@@ -74,9 +74,9 @@ def test_all_equal_rewards_zero():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="advantage.eps"):
-        GDPOAdvantage(eps=-1.0)
+        from_config(GDPOAdvantage, eps=-1.0)
     with pytest.raises(ConfigError, match="advantage.weights"):
-        GDPOAdvantage(weights=[])
+        from_config(GDPOAdvantage, weights=[])
     with pytest.raises(ConfigError, match="advantage.weights"):
         GDPOAdvantage(weights=[1.0])(with_components(HAND, GROUPS))
 

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 # Hand case. R = [1, 0, 0.5, 3], groups [0, 0, 0, 1], lengths [3, 2, 1, 3] (T = 3).
 #   group 0: R = 1, 0, 0.5 -> mean 0.5, deviations 0.5, -0.5, 0; unbiased var (0.25 + 0.25 + 0)/2 = 0.25 -> std 0.5
@@ -125,7 +125,7 @@ def test_batch_std_single_row_is_zero():
 
 def test_bad_std_level():
     with pytest.raises(ConfigError, match="std_level"):
-        GRPOAdvantage(std_level="prompt")
+        from_config(GRPOAdvantage, std_level="prompt")
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -13,7 +13,7 @@ from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.hbpo import HBPOAdvantage, HBPOBudgetReward
 from lmpo.rollout import SamplingParams
 from lmpo.train.rollouts import score
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 from unit.test_rollout_budgets import ROWS, make_ctx
 
 F64 = torch.float64
@@ -124,6 +124,6 @@ def test_validation():
     for kw, key in (({"budgets": (0, 5)}, "budgets"), ({"limit_factor": 0.0}, "limit_factor"),
                     ({"hint": "{oops}"}, "hint"), ({"eps": -1.0}, "eps")):
         with pytest.raises(ConfigError, match=key):
-            HBPOAdvantage(**kw)
+            from_config(HBPOAdvantage, **kw)
     with pytest.raises(ConfigError, match="alpha"):
-        HBPOBudgetReward(alpha=-1.0)
+        from_config(HBPOBudgetReward, alpha=-1.0)

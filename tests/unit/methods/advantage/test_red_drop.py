@@ -12,7 +12,7 @@ from lmpo import ops
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.red_drop import REDDropAdvantage
 from lmpo.methods.presets import PRESETS
-from unit.methods._helpers import make_batch
+from factories import make_batch
 
 
 def with_ids(batch, ids):

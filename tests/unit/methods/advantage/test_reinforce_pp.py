@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo import ops
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.reinforce_pp import ReinforcePPAdvantage, returns_to_go
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def test_hand_outcome_only():
@@ -77,7 +77,7 @@ def test_property_group_mean_baseline_ignores_per_group_offsets(seed):
 
 def test_bad_baseline():
     with pytest.raises(ConfigError, match="baseline"):
-        ReinforcePPAdvantage(baseline="loo")
+        from_config(ReinforcePPAdvantage, baseline="loo")
 
 
 @pytest.mark.parametrize("value", [0.9, 0.1, 0.3])

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.riskpo import RiskPOAdvantage, pairing_rank
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def one_question(R, dtype=torch.float32):
@@ -81,11 +81,11 @@ def test_pairing_rank_properties():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="advantage.alpha"):
-        RiskPOAdvantage(alpha=0.9, beta=0.2)
+        from_config(RiskPOAdvantage, alpha=0.9, beta=0.2)
     with pytest.raises(ConfigError, match="advantage.quantile_mode"):
-        RiskPOAdvantage(quantile_mode="ema")
+        from_config(RiskPOAdvantage, quantile_mode="ema")
     with pytest.raises(ConfigError, match="advantage.bundle_size"):
-        RiskPOAdvantage(bundle_size=0)
+        from_config(RiskPOAdvantage, bundle_size=0)
 
 
 # --------------------------------------------------------------------------- loop reference

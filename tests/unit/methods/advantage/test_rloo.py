@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from lmpo.methods.advantage.rloo import RLOOAdvantage
-from unit.methods._helpers import make_batch, random_batch
+from factories import make_batch, random_batch
 
 
 def test_hand():

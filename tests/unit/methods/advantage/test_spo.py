@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.spo import SPOAdvantage, forgetting
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def with_keys(batch, keys):
@@ -24,7 +24,7 @@ def test_hand_advantage():
     # A_hat = r - v = [1 - 0.3, 0 - 0.3, 1 - 0.5, 0 - 0.5] = [0.7, -0.3, 0.5, -0.5]   (card test (a))
     # batch mean 0.1 -> deviations [0.6, -0.4, 0.4, -0.6]; unbiased var = (0.36+0.16+0.16+0.36)/3 = 1.04/3
     spo = SPOAdvantage(eps=0.0)
-    spo.tracker.update({"a": [0.3, 0.7], "b": [0.3, 0.7]})
+    spo.state["tracker"].update({"a": [0.3, 0.7], "b": [0.3, 0.7]})
     b = with_keys(make_batch([1.0, 0.0, 1.0, 0.0], [0, 1, 2, 3], [2, 1, 2, 2], T=2), ["a", "b", "c", "d"])
     std = math.sqrt(1.04 / 3)
     want = torch.tensor([[0.6, 0.6], [-0.4, 0.0], [0.4, 0.4], [-0.6, -0.6]]) / std
@@ -34,9 +34,9 @@ def test_hand_advantage():
 def test_tracker_update_constant_rho():
     # card test (b): rho = 0.9, alpha = beta = 1, r = 1 -> alpha = 1.9, beta = 0.9, v = 1.9/2.8 = 0.6786
     spo = SPOAdvantage(adaptive=False, rho_min=0.5, rho_max=0.9)
-    spo.tracker["x"] = [1.0, 1.0]
+    spo.state["tracker"]["x"] = [1.0, 1.0]
     spo.observe(with_keys(make_batch([1.0]), ["x"]))
-    a, b = spo.tracker["x"][:2]
+    a, b = spo.state["tracker"]["x"][:2]
     assert (a, b) == pytest.approx((1.9, 0.9), abs=1e-12)
     assert spo.value("x") == pytest.approx(0.678571, abs=1e-6)
 
@@ -53,7 +53,7 @@ def test_kl_adaptive_update_uses_the_stored_response():
     first = with_keys(make_batch([1.0], T=2), ["x"])
     first.sampler_logprobs = torch.tensor([[-1.0, -2.0]])
     spo.observe(first)  # first visit: rho_max -> alpha = 0.96*0.5 + 1 = 1.48, beta = 0.48
-    assert spo.tracker["x"][:2] == pytest.approx([1.48, 0.48])
+    assert spo.state["tracker"]["x"][:2] == pytest.approx([1.48, 0.48])
     seen = {}
 
     def current(replay):  # the policy moved: |dlogp| = 0.03 and 0.09 -> D = 0.06 = D_half -> rho = 0.5
@@ -62,7 +62,7 @@ def test_kl_adaptive_update_uses_the_stored_response():
 
     spo.observe(with_keys(make_batch([0.0], T=2), ["x"]), current)
     assert seen["ids"].tolist() == [[0, 0]]  # the replayed response is the stored one
-    assert spo.tracker["x"][:2] == pytest.approx([0.5 * 1.48, 0.5 * 0.48 + 1.0])
+    assert spo.state["tracker"]["x"][:2] == pytest.approx([0.5 * 1.48, 0.5 * 0.48 + 1.0])
 
 
 def test_property_agreeing_samples_still_learn():
@@ -70,7 +70,7 @@ def test_property_agreeing_samples_still_learn():
     b = with_keys(make_batch([1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1]), ["a", "a", "b", "b"])
     assert (GRPOAdvantage()(b) == 0).all()
     spo = SPOAdvantage()
-    spo.tracker.update({"a": [1.0, 3.0], "b": [3.0, 1.0]})
+    spo.state["tracker"].update({"a": [1.0, 3.0], "b": [3.0, 1.0]})
     adv = spo(b)
     assert (adv != 0).all() and (adv[:2] > 0).all() and (adv[2:] < 0).all()
 
@@ -84,11 +84,11 @@ def test_matches_loop_reference(seed):
     lengths = torch.randint(1, 5, (B,), generator=g)
     spo = SPOAdvantage()
     for k in ("k0", "k2"):
-        spo.tracker[k] = [float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1]
+        spo.state["tracker"][k] = [float(torch.rand(1, generator=g)) + 0.1, float(torch.rand(1, generator=g)) + 0.1]
     got = spo(with_keys(make_batch(r, list(range(B)), lengths, T=4), keys))
     a_hat = []
     for i in range(B):
-        al, be = spo.tracker.get(keys[i], [0.5, 0.5])[:2]
+        al, be = spo.state["tracker"].get(keys[i], [0.5, 0.5])[:2]
         a_hat.append(float(r[i]) - al / (al + be))
     mean = sum(a_hat) / B
     std = math.sqrt(sum((x - mean) ** 2 for x in a_hat) / (B - 1))
@@ -102,7 +102,7 @@ def test_matches_loop_reference(seed):
 def test_gradient_of_advantage_in_rewards():
     # A = (d - mean d) / std(d), d = r - v: dA_i/dr_j = (delta_ij - 1/B)/s - (d_i - m)(d_j - m)/((B-1) s^3)
     spo = SPOAdvantage(eps=0.0)
-    spo.tracker.update({"a": [0.2, 0.6]})
+    spo.state["tracker"].update({"a": [0.2, 0.6]})
     keys = ["a", "b", "a", "c"]
     r0 = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=torch.float64)
     J = torch.autograd.functional.jacobian(
@@ -116,13 +116,13 @@ def test_gradient_of_advantage_in_rewards():
 
 def test_prioritised_weights_and_validation():
     spo = SPOAdvantage(explore=0.05)
-    spo.tracker.update({"easy": [9.0, 1.0], "mid": [1.0, 1.0]})
+    spo.state["tracker"].update({"easy": [9.0, 1.0], "mid": [1.0, 1.0]})
     w = spo.prompt_weights(["easy", "mid", "new"])
     assert w == pytest.approx([math.sqrt(0.9 * 0.1) + 0.05, 0.55, 0.55])
     assert SPOAdvantage(prioritize=False).prompt_weights(["x"]) is None
     for kw, key in (({"d_half": 0.0}, "d_half"), ({"rho_min": 0.99}, "rho_min"), ({"explore": -1.0}, "explore")):
         with pytest.raises(ConfigError, match=key):
-            SPOAdvantage(**kw)
+            from_config(SPOAdvantage, **kw)
 
 
 def test_tracker_survives_checkpoint_resume(tmp_path):

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lmpo.batch import RolloutBatch
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.alp import ALPLoss
@@ -22,7 +21,7 @@ from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.models import build_tiny_model, response_logprobs
 from lmpo.models.logprobs import LayerNoise, layer_noise
 from lmpo.train.step import PolicyRunner, UpdateSettings, minibatch_loss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch, policy_batch
 
 F64 = torch.float64
 
@@ -136,12 +135,12 @@ def tiny_batch(seed=0, B=4, P=3, T=5):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 3:] = False
-    return RolloutBatch(prompt_ids=torch.randint(3, 16, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.bool),
-                        response_ids=torch.randint(3, 16, (B, T), generator=g), response_mask=mask,
-                        response_attn=mask.clone(), group_ids=torch.zeros(B, dtype=torch.long), rewards=torch.zeros(B),
-                        sampler_logprobs=-torch.rand(B, T, generator=g) * 3 * mask,
-                        advantages=torch.randn(B, generator=g)[:, None] * mask,
-                        extras={"noise_seed": torch.arange(B) + 100})
+    prompt_ids = torch.randint(3, 16, (B, P), generator=g)
+    response_ids = torch.randint(3, 16, (B, T), generator=g)
+    sampler = -torch.rand(B, T, generator=g) * 3 * mask
+    adv = torch.randn(B, generator=g)[:, None] * mask
+    return policy_batch(prompt_ids, torch.ones(B, P, dtype=torch.bool), response_ids, mask, advantages=adv,
+                        sampler_logprobs=sampler, extras={"noise_seed": torch.arange(B) + 100})
 
 
 def test_trainer_loss_uses_the_perturbed_numerator():
@@ -183,5 +182,5 @@ def test_config_errors():
                     ({"noise_std": -1.0}, "noise_std"), ({"noise_first_layer": 2, "noise_last_layer": 1},
                                                           "noise_first_layer")):
         with pytest.raises(ConfigError, match=key):
-            ALPLoss(**kw)
+            from_config(ALPLoss, **kw)
     assert ALPLoss.needs == frozenset({"sampler_logprobs", "layer_noise"})

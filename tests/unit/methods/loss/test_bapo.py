@@ -16,7 +16,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.bapo import BAPOLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 
@@ -66,7 +66,7 @@ def test_search_path_and_config_errors():
                     ({"high_start": 0.9}, "loss.high_start"), ({"low_step": 0.0}, "loss.low_step"),
                     ({"dual_clip": 1.0}, "loss.dual_clip"), ({"contribution": "x"}, "loss.contribution")]:
         with pytest.raises(ConfigError, match=key):
-            BAPOLoss(**kw)
+            from_config(BAPOLoss, **kw)
 
 
 def loop_bapo(ratios, adv, mask, target=0.5, dual=3.0):

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.capo_curvature import CAPOCurvatureLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -150,7 +150,7 @@ def test_gradcheck_kept_tokens_are_ppo():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="threshold"):
-        CAPOCurvatureLoss(threshold=0.0)
+        from_config(CAPOCurvatureLoss, threshold=0.0)
     with pytest.raises(ConfigError, match="epsilon"):
-        CAPOCurvatureLoss(epsilon=-1.0)
+        from_config(CAPOCurvatureLoss, epsilon=-1.0)
     assert "hidden_states" in CAPOCurvatureLoss.needs

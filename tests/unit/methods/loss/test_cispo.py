@@ -15,7 +15,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.cispo import CISPOLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -71,9 +71,9 @@ def test_card_property_no_token_loses_its_gradient():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.epsilon "):
-        CISPOLoss(epsilon=1.5)
+        from_config(CISPOLoss, epsilon=1.5)
     with pytest.raises(ConfigError, match="loss.epsilon_high"):
-        CISPOLoss(epsilon_high=-0.1)
+        from_config(CISPOLoss, epsilon_high=-0.1)
 
 
 def loop_cispo(lp, old, adv, mask, eps_low, eps_high, token_mask):

@@ -20,7 +20,7 @@ from lmpo.errors import ConfigError, DataError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.dhpo import DHPOLoss
 from lmpo.registry import LOSSES
-from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config, make_batch, random_full_batch, run_token_loss
 
 F64 = torch.float64
 
@@ -49,9 +49,7 @@ def test_hand_average_geometric_and_arithmetic():
 
 
 def _inputs(seed):
-    from contracts._batch import random_batch
-
-    b = random_batch(seed=seed)
+    b = random_full_batch(seed=seed)
     g = torch.Generator().manual_seed(seed)
     lp = (b.old_logprobs + 0.3 * torch.randn(b.old_logprobs.shape, generator=g)) * b.response_mask
     return b, lp
@@ -105,7 +103,7 @@ def test_config_errors():
                     ({"combine": "harmonic"}, "loss.combine"), ({"epsilon": -0.1}, "loss.epsilon"),
                     ({"seq_epsilon": 1.0}, "loss.seq_epsilon")]:
         with pytest.raises(ConfigError, match=key):
-            DHPOLoss(**kw)
+            from_config(DHPOLoss, **kw)
 
 
 def loop_dhpo(logr, adv, mask, w, combine, et, eth, es, esh):

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.disco import DisCOLoss
-from unit.methods._helpers import make_batch, random_groups, random_mask
+from factories import from_config, make_batch, random_groups, random_mask
 
 F64 = torch.float64
 
@@ -165,10 +165,12 @@ def test_groupwise_microbatch_invariance_without_penalty():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.score"):
-        DisCOLoss(score="logp")
+        from_config(DisCOLoss, score="logp")
     with pytest.raises(ConfigError, match="loss.variant"):
-        DisCOLoss(variant="b")
+        from_config(DisCOLoss, variant="b")
     with pytest.raises(ConfigError, match="loss.tau"):
-        DisCOLoss(tau=0.0)
+        from_config(DisCOLoss, tau=0.0)
     with pytest.raises(ConfigError, match="loss.delta"):
-        DisCOLoss(beta=-1.0)
+        from_config(DisCOLoss, delta=-1.0)
+    with pytest.raises(ConfigError, match="loss.beta"):
+        from_config(DisCOLoss, beta=-1.0)

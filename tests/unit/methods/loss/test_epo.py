@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.epo import EPOLoss, phase_weight
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -34,9 +34,9 @@ def batch_with(ent, adv, mask=None, turns=None, old=None):
 def seed_history(loss, turn_means):
     """Commit a history where turn k has mean entropy turn_means[k] (one token each, one optimizer step)."""
     for k, h in turn_means.items():
-        loss._state["pending"][k] = (h, 1)
+        loss.state["pending"][k] = (h, 1)
     loss.after_optimizer_step()
-    loss._state["iters"] = 0  # keep the phase weight at w(0) = 1 for the hand cases
+    loss.state["iters"] = 0  # keep the phase weight at w(0) = 1 for the hand cases
 
 
 def test_card_example_hinge_penalty_and_gradient():
@@ -86,7 +86,7 @@ def test_history_is_cumulative_per_turn_and_excludes_the_current_step():
     # state round trip
     other = EPOLoss()
     other.load_state_dict(loss.state_dict())
-    assert_close(other.history_mean(torch.tensor([0, 1]))[0], hbar[:2]) and other._state["iters"] == 2
+    assert_close(other.history_mean(torch.tensor([0, 1]))[0], hbar[:2]) and other.state["iters"] == 2
 
 
 def test_phase_weight_matches_code_schedule():
@@ -131,7 +131,7 @@ def test_matches_loop_reference(seed):
                    schedule_iters=10, smooth_min_turn=1)
     hist = {0: 0.8, 2: 1.1}  # turn 1 has no history
     seed_history(loss, hist)
-    loss._state["iters"] = 3
+    loss.state["iters"] = 3
     b, _ = batch_with(ent, adv, mask=mask, turns=turns, old=old)
     ref = loop_epo(lp.tolist(), old.tolist(), (adv * mask).tolist(), ent.tolist(), mask.tolist(), turns.tolist(), hist,
                    0.5, 0.7, phase_weight(3, 10), 0.6, 1.3, 0.2, 1, 0.2)
@@ -168,5 +168,5 @@ def test_config_errors():
     for kw, key in (({"entropy_coef": -1}, "entropy_coef"), ({"kappa_low": 2.0, "kappa_high": 1.0}, "kappa_high"),
                     ({"out_penalty": -0.1}, "out_penalty"), ({"schedule_iters": -1}, "schedule_iters")):
         with pytest.raises(ConfigError, match=key):
-            EPOLoss(**kw)
+            from_config(EPOLoss, **kw)
     assert "current_entropy" in EPOLoss.needs

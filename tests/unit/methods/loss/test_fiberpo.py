@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.fiberpo import FiberPOLoss
-from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 
@@ -69,7 +69,7 @@ def test_config_errors():
     for kw, key in [({"base_epsilon": 1.0}, "loss.base_epsilon"), ({"fiber_epsilon_high": -1.0},
                                                                    "loss.fiber_epsilon_high")]:
         with pytest.raises(ConfigError, match=key):
-            FiberPOLoss(**kw)
+            from_config(FiberPOLoss, **kw)
 
 
 def loop_fiberpo(logr, adv, mask, eb, ebh, ef, efh):

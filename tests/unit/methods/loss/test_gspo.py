@@ -19,7 +19,7 @@ from torch.testing import assert_close
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.gspo import GSPOLoss
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import make_batch
 
 F64 = torch.float64
 AGG = SeqMeanTokenMean()

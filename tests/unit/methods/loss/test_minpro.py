@@ -15,7 +15,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.minpro import MinPROLoss, prefix_min_ratio
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 
@@ -65,9 +65,9 @@ def test_card_properties_on_policy_is_grpo_and_weight_is_stop_gradient():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.epsilon"):
-        MinPROLoss(epsilon=-0.1)
+        from_config(MinPROLoss, epsilon=-0.1)
     with pytest.raises(ConfigError, match="loss.cap"):
-        MinPROLoss(cap=0.0)
+        from_config(MinPROLoss, cap=0.0)
 
 
 def loop_minpro(logr, adv, mask, eps):

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.otr import OTRLoss
-from unit.methods._helpers import make_batch, random_mask
+from factories import from_config, make_batch, random_mask
 
 F64 = torch.float64
 
@@ -120,4 +120,4 @@ def test_without_candidates_is_probability_weighted_sft():
 @pytest.mark.parametrize("beta", [0.1, -1.5])
 def test_validation(beta):
     with pytest.raises(ConfigError, match="loss.beta"):
-        OTRLoss(beta=beta)
+        from_config(OTRLoss, beta=beta)

@@ -18,7 +18,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -86,11 +86,11 @@ def test_hand_dual_clip():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="epsilon"):
-        PPOClipLoss(epsilon=-0.1)
+        from_config(PPOClipLoss, epsilon=-0.1)
     with pytest.raises(ConfigError, match="epsilon"):
-        PPOClipLoss(epsilon_high=-0.1)
+        from_config(PPOClipLoss, epsilon_high=-0.1)
     with pytest.raises(ConfigError, match="dual_clip"):
-        PPOClipLoss(dual_clip=1.0)
+        from_config(PPOClipLoss, dual_clip=1.0)
     assert PPOClipLoss.needs == frozenset({"old_logprobs"})
 
 

@@ -16,7 +16,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.r2vpo import R2VPOLoss
-from unit.methods._helpers import make_batch, random_mask, token_loss_inputs
+from factories import from_config, make_batch, random_mask, token_loss_inputs
 
 F64 = torch.float64
 
@@ -117,11 +117,11 @@ def test_state_dict_round_trip():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.delta"):
-        R2VPOLoss(delta=0.0)
+        from_config(R2VPOLoss, delta=0.0)
     with pytest.raises(ConfigError, match="loss.dual_lr"):
-        R2VPOLoss(dual_lr=-1.0)
+        from_config(R2VPOLoss, dual_lr=-1.0)
     with pytest.raises(ConfigError, match="loss.nu_init"):
-        R2VPOLoss(nu_init=-0.1)
+        from_config(R2VPOLoss, nu_init=-0.1)
 
 
 def loop_r2vpo(logr, adv, mask, nu):
@@ -174,6 +174,8 @@ class _FakeRunner:
 
 def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
     from lmpo.methods.aggregate import TokenMean as Agg
+    from lmpo.pipeline import Pipeline
+    from lmpo.engine.optim import TrainOptimizer
     from lmpo.train.step import UpdateSettings, policy_update
     g = torch.Generator().manual_seed(0)
     B, T = 8, 3
@@ -185,7 +187,9 @@ def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
     runner = _FakeRunner()
     opt = opt_cls(runner.model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = policy_update(runner, opt, sched, b, loss_fn, Agg(), UpdateSettings(max_grad_norm=None, **settings), 1)
+    p = Pipeline.assemble(loss=loss_fn)  # the extension points as the trainer resolves them
+    metrics = policy_update(runner, TrainOptimizer(opt, sched, None), b, loss_fn, Agg(), UpdateSettings(**settings), 1,
+                            p.hook("lr_scale"), p.calls("after_optimizer_step"))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # a scaled step never leaks into later steps
     return runner.model.theta.detach().item(), metrics
 
@@ -193,13 +197,13 @@ def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
 def test_trainer_calls_dual_update_once_per_optimizer_step():
     class Counting(R2VPOLoss):
         def after_optimizer_step(self):
-            self._state["calls"] = self._state.get("calls", 0) + 1
+            self.state["calls"] = self.state.get("calls", 0) + 1
             super().after_optimizer_step()
 
     fn = Counting(delta=0.01, dual_lr=10.0)
     # 2 epochs x 2 mini-batches = 4 optimizer steps, each split into 4 micro-batches of 1 row: 16 loss calls
     _update(fn, ppo_epochs=2, num_minibatches=2, micro_batch_size=1)
-    assert fn._state["calls"] == 4 and fn._state["pending_n"] == 0.0
+    assert fn.state["calls"] == 4 and fn.state["pending_n"] == 0.0
 
 
 def test_trainer_applies_lr_scale_to_one_step():

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.real import REALLoss
-from unit.methods._helpers import make_batch, random_groups, random_mask
+from factories import from_config, make_batch, random_groups, random_mask
 
 F64 = torch.float64
 
@@ -142,6 +142,6 @@ def test_groupwise_microbatch_invariance():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.tau"):
-        REALLoss(tau=0.0)
+        from_config(REALLoss, tau=0.0)
     with pytest.raises(ConfigError, match="loss.variant"):
-        REALLoss(variant="circle")
+        from_config(REALLoss, variant="circle")

@@ -17,7 +17,7 @@ from lmpo.methods.aggregate import TokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.rec import CLIP_MODES, WEIGHTS, RECLoss
 from lmpo.methods.loss.reinforce import ReinforceLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -121,17 +121,17 @@ def test_card_properties():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.clip_mode"):
-        RECLoss(clip_mode="one-side")
+        from_config(RECLoss, clip_mode="one-side")
     with pytest.raises(ConfigError, match="loss.weight"):
-        RECLoss(weight="is")
+        from_config(RECLoss, weight="is")
     with pytest.raises(ConfigError, match="loss.regularizer"):
-        RECLoss(regularizer="kl")
+        from_config(RECLoss, regularizer="kl")
     with pytest.raises(ConfigError, match="loss.epsilon"):
-        RECLoss(epsilon=0.0)
+        from_config(RECLoss, epsilon=0.0)
     with pytest.raises(ConfigError, match="loss.regularizer_coef"):
-        RECLoss(regularizer_coef=-1.0)
+        from_config(RECLoss, regularizer_coef=-1.0)
     with pytest.raises(ConfigError, match="loss.temp"):
-        RECLoss(temp=0.0)
+        from_config(RECLoss, temp=0.0)
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from lmpo.methods.aggregate import SeqMeanTokenSum
 from lmpo.methods.loss.reinforce import ReinforceLoss
-from unit.methods._helpers import make_batch
+from factories import make_batch
 
 F64 = torch.float64
 

@@ -18,7 +18,7 @@ from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.rollout_is import PPOClipISLoss
 from lmpo.train.step import UpdateSettings, minibatch_loss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -87,7 +87,7 @@ def test_config_errors():
                     ({"mode": "mask", "lower": 3.0}, "loss.lower"), ({"lower": 0.5}, "loss.lower"),
                     ({"epsilon": -1.0}, "loss.epsilon"), ({"dual_clip": 0.5}, "loss.dual_clip")]:
         with pytest.raises(ConfigError, match=key):
-            PPOClipISLoss(**kw)
+            from_config(PPOClipISLoss, **kw)
     assert PPOClipISLoss.needs == frozenset({"old_logprobs", "sampler_logprobs"})
 
 

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.loss.rover import RoverLoss
-from unit.methods._helpers import make_batch, random_mask
+from factories import from_config, make_batch, random_mask
 
 F64 = torch.float64
 
@@ -113,4 +113,4 @@ def test_without_statistics_target_is_advantage():
 @pytest.mark.parametrize("kw", [{"rho": 0.0}, {"rho": -1.0}, {"next_q_scale": -0.1}])
 def test_validation(kw):
     with pytest.raises(ConfigError, match="loss\\."):
-        RoverLoss(**kw)
+        from_config(RoverLoss, **kw)

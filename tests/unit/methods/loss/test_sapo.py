@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.sapo import SAPOLoss
-from unit.methods._helpers import make_batch, run_token_loss
+from factories import from_config, make_batch, run_token_loss
 
 F64 = torch.float64
 
@@ -59,9 +59,9 @@ def test_card_property_weight_is_one_on_policy_and_tau_to_zero_is_unclipped_is()
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.tau_pos"):
-        SAPOLoss(tau_pos=0.0)
+        from_config(SAPOLoss, tau_pos=0.0)
     with pytest.raises(ConfigError, match="loss.tau_neg"):
-        SAPOLoss(tau_neg=-1.0)
+        from_config(SAPOLoss, tau_neg=-1.0)
 
 
 def loop_sapo(logr, adv, mask, tp, tn):

@@ -13,7 +13,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
 from lmpo.methods.loss.soft_grpo import SoftGRPOLoss, soft_step_loglik
 from lmpo.rollout.soft import gumbel_loglik
-from unit.methods._helpers import make_batch, random_mask
+from factories import from_config, make_batch, random_mask
 
 F64 = torch.float64
 
@@ -105,4 +105,4 @@ def test_card_a_discrete_steps_are_ppo_clip():
 @pytest.mark.parametrize("kw", [{"epsilon": 0.0}, {"gumbel_min": 3.0}])
 def test_validation(kw):
     with pytest.raises(ConfigError, match="loss\\."):
-        SoftGRPOLoss(**kw)
+        from_config(SoftGRPOLoss, **kw)

@@ -15,7 +15,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenSum
 from lmpo.methods.loss.reinforce import ReinforceLoss
 from lmpo.methods.loss.topr import TOPRLoss
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -85,9 +85,9 @@ def test_card_properties():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="loss.level"):
-        TOPRLoss(level="sentence")
+        from_config(TOPRLoss, level="sentence")
     with pytest.raises(ConfigError, match="negative_weight"):
-        TOPRLoss(negative_weight=-1.0)
+        from_config(TOPRLoss, negative_weight=-1.0)
     assert TOPRLoss.needs == frozenset({"old_logprobs"})
 
 

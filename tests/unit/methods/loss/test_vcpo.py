@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.vcpo import VCPOLoss
-from unit.methods._helpers import make_batch, random_groups, random_mask
+from factories import from_config, make_batch, random_groups, random_mask
 
 F64 = torch.float64
 
@@ -164,13 +164,13 @@ def test_extras_grad_norms_override_proxy():
 
 def test_config_errors_and_needs():
     with pytest.raises(ConfigError, match="loss.is_threshold"):
-        VCPOLoss(is_threshold=0.0)
+        from_config(VCPOLoss, is_threshold=0.0)
     with pytest.raises(ConfigError, match="loss.ess_rule"):
-        VCPOLoss(ess_rule="cbrt")
+        from_config(VCPOLoss, ess_rule="cbrt")
     with pytest.raises(ConfigError, match="loss.grad_norm"):
-        VCPOLoss(grad_norm="exact")
+        from_config(VCPOLoss, grad_norm="exact")
     with pytest.raises(ConfigError, match="loss.ess_base"):
-        VCPOLoss(ess_base=0.0)
+        from_config(VCPOLoss, ess_base=0.0)
     with pytest.raises(ConfigError, match="loss.behaviour"):
-        VCPOLoss(behaviour="ref")
+        from_config(VCPOLoss, behaviour="ref")
     assert VCPOLoss().needs == frozenset() and VCPOLoss(behaviour="old").needs == frozenset({"old_logprobs"})

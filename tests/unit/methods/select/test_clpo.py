@@ -7,13 +7,15 @@ The policy is replaced by a stub rewriter (string templates) so every queued row
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.clpo import CLPO, MODE_KEY
 from lmpo.rollout.base import GenerationOutput, SamplingParams
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 
 
 def with_rows(rewards, group_ids, rows_per_group, components=None):
@@ -148,12 +150,14 @@ def test_max_queue_keeps_newest():
     assert [r["prompt"] for r in sel.inject_prompts(10)] == ["sb", "dc"]
 
 
-@pytest.mark.parametrize("kw", [dict(tau_hard=0.8, tau_med=0.5), dict(tau_hard=-0.1), dict(tau_med=1.5),
-                                dict(simplify_template="no slot"), dict(rewrites_per_prompt=0), dict(inject_frac=1.5),
-                                dict(verify_samples=-1), dict(rewrite_max_new_tokens=0)])
-def test_bad_config(kw):
-    with pytest.raises(ConfigError, match="clpo"):
-        CLPO(**kw)
+@pytest.mark.parametrize("kw, key", [
+    (dict(tau_hard=0.8, tau_med=0.5), "tau_hard"), (dict(tau_hard=-0.1), "tau_hard"), (dict(tau_med=1.5), "tau_med"),
+    (dict(simplify_template="no slot"), "simplify_template"), (dict(rewrites_per_prompt=0), "rewrites_per_prompt"),
+    (dict(inject_frac=1.5), "inject_frac"), (dict(verify_samples=-1), "verify_samples"),
+    (dict(rewrite_max_new_tokens=0), "rewrite_max_new_tokens")])
+def test_bad_config(kw, key):
+    with pytest.raises(ConfigError, match=re.escape(f"selectors[0].{key} must")):
+        from_config(CLPO, **kw)
 
 
 # --------------------------------------------------------------------------- loop reference

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.dapo import DynamicSampling, OverlongMask, OverlongPenalty
-from unit.methods._helpers import make_batch, random_groups
+from factories import make_batch, random_groups
 
 F64 = torch.float64
 

@@ -11,7 +11,7 @@ import torch
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.pf_ppo import PolicyFiltration, r_squared
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 
 
 def batch(R, groups=None, seed=0):
@@ -66,7 +66,7 @@ def test_property_best_always_kept_counts_and_equal_rewards():
 
 def test_bad_strategy():
     with pytest.raises(ConfigError, match="strategy"):
-        PolicyFiltration("best_median")
+        from_config(PolicyFiltration, strategy="best_median")
 
 
 # --------------------------------------------------------------------------- loop reference (distinct rewards)

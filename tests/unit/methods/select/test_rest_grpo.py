@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.select.rest_grpo import ReSTGRPO, prefix_probs
-from unit.methods._helpers import make_batch, random_batch
+from factories import from_config, make_batch, random_batch
 
 
 def with_meta(batch, completions, rows):
@@ -81,7 +81,7 @@ def test_config_errors():
     for kw, key in (({"min_std": -1}, "min_std"), ({"sample_ratio": 0}, "sample_ratio"), ({"alpha": 1.5}, "alpha"),
                     ({"max_queue": -1}, "max_queue")):
         with pytest.raises(ConfigError, match=key):
-            ReSTGRPO(**kw)
+            from_config(ReSTGRPO, **kw)
 
 
 # --------------------------------------------------------------------------- slow references

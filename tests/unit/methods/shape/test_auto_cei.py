@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.auto_cei import AutoCEI, count_steps, idk_reward, objective
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def batch_of(rewards, completions):
@@ -67,7 +67,7 @@ def test_idk_reward_bounded():
 
 def test_hill_climbing_flips_direction_when_f_drops():
     sh = AutoCEI(c1=10.0, c2=1.0, lam=0.0, update_every=1)
-    sh._state["delta"] = 1.0
+    sh.state["delta"] = 1.0
     good = batch_of([1, 1, 0], ["a", "b", "c"])     # precision 2/3
     bad = batch_of([1, 0, 0], ["a", "b", "c"])      # precision 1/3
     sh(good)
@@ -86,7 +86,7 @@ def test_config_errors():
     for kw, key in (({"lam": 2.0}, "lam"), ({"update_every": 0}, "update_every"), ({"c2": 0.0}, "c2"),
                     ({"idk_phrase": ""}, "idk_phrase")):
         with pytest.raises(ConfigError, match=key):
-            AutoCEI(**kw)
+            from_config(AutoCEI, **kw)
 
 
 # --------------------------------------------------------------------------- slow reference

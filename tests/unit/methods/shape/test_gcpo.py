@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.gcpo import GroupContrastiveShaper
-from unit.methods._helpers import make_batch, random_groups
+from factories import from_config, make_batch, random_groups
 
 AUX = "<aux>draw AD</aux> so x=3"
 PLAIN = "x=3"
@@ -62,9 +62,9 @@ def test_no_text_means_no_construction_reward():
 
 def test_bad_config():
     with pytest.raises(ConfigError, match="eps"):
-        GroupContrastiveShaper(eps=-1)
+        from_config(GroupContrastiveShaper, eps=-1)
     with pytest.raises(ConfigError, match="aux_pattern"):
-        GroupContrastiveShaper(aux_pattern="(")
+        from_config(GroupContrastiveShaper, aux_pattern="(")
     with pytest.raises(ConfigError, match="horizon"):
         GroupContrastiveShaper()(batch([1.0], [0]))
     with pytest.raises(ConfigError, match="accuracy_index"):

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
 from lmpo.methods.shape.trapo import TraPO, majority, reliability, select, znorm
-from unit.methods._helpers import make_batch
+from factories import from_config, make_batch
 
 
 def batch_of(rewards, group_ids, completions, rows):
@@ -77,7 +77,7 @@ def test_config_errors():
     for kw, key in (({"warmup": -1}, "warmup"), ({"topk_ratio": 0}, "topk_ratio"),
                     ({"unlabeled_fraction": 2}, "unlabeled_fraction")):
         with pytest.raises(ConfigError, match=key):
-            TraPO(**kw)
+            from_config(TraPO, **kw)
 
 
 # --------------------------------------------------------------------------- slow reference

@@ -9,8 +9,10 @@ import torch
 from torch.testing import assert_close
 
 from lmpo.errors import ConfigError
-from lmpo.methods.select.knapsack import KnapsackAllocation, knapsack_value, solve_knapsack
-from unit.methods._helpers import make_batch
+from lmpo.pipeline import Pipeline
+from lmpo.methods.plan.knapsack import KnapsackAllocation, knapsack_value, solve_knapsack
+
+from factories import from_config, make_batch
 
 F64 = torch.float64
 
@@ -68,7 +70,7 @@ def test_allocation_rules_and_budget():
     k = KnapsackAllocation(min_n=2)
     # unvisited prompts all get the nominal N
     assert k.allocate(["a", "b"], 4) == [4, 4]
-    k.success.update({"mix": 0.5, "zero": 0.0, "one": 1.0})
+    k.state["success"].update({"mix": 0.5, "zero": 0.0, "one": 1.0})
     # budget 4 x 4 = 16; solved/unsolved get 2, the unvisited 4; "mix" takes the DP's N_up = 4; the leftover
     # 16 - (4 + 2 + 2 + 4) = 4 moves to the unsolved prompt (fallback)
     assert k.allocate(["mix", "zero", "one", "new"], 4) == [4, 6, 2, 4]
@@ -76,17 +78,18 @@ def test_allocation_rules_and_budget():
     assert k.allocate(["mix", "one"], 4) == [4, 2]
     # a larger N_up lets the DP move the budget of the solved prompt to the mixed one
     big = KnapsackAllocation(max_n=8)
-    big.success.update({"mix": 0.5, "one": 1.0})
+    big.state["success"].update({"mix": 0.5, "one": 1.0})
     assert big.allocate(["mix", "one"], 4) == [6, 2]
 
 
-def test_selector_keeps_every_row_and_memory_round_trips():
+def test_planner_provides_allocation_and_memory_round_trips():
     k = KnapsackAllocation()
+    p = Pipeline.assemble(planners=[k])  # a planner: budget allocator + step observer + state, never a selector
+    assert p.hook("allocate") == k.allocate and p.calls("observe") == [k.observe] and p.stateful() == {"planner0": k}
     batch = make_batch([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])
-    assert k(batch).all()
     batch.meta = [{"prompt_key": key} for key in ("a", "a", "b", "b")]
     k.observe(batch)
-    assert k.success == {"a": 0.5, "b": 1.0}
+    assert k.state["success"] == {"a": 0.5, "b": 1.0}
     fresh = KnapsackAllocation()
     fresh.load_state_dict(k.state_dict())
     assert fresh.allocate(["a", "b"], 3) == k.allocate(["a", "b"], 3) == [3, 2]
@@ -94,6 +97,6 @@ def test_selector_keeps_every_row_and_memory_round_trips():
 
 def test_validation():
     with pytest.raises(ConfigError, match="min_n"):
-        KnapsackAllocation(min_n=0)
+        from_config(KnapsackAllocation, min_n=0)
     with pytest.raises(ConfigError, match="max_n"):
-        KnapsackAllocation(min_n=3, max_n=2)
+        from_config(KnapsackAllocation, min_n=3, max_n=2)

@@ -17,21 +17,23 @@ What differs from GRPO: only how many rollouts each prompt gets (groups of unequ
 GRPO's (``knapsack_grpo`` preset). Gaps filled: the paper's optional cost model (alpha = 0.9 probability-based
 cost) is not used (cost = number of rollouts); ``max_n = None`` means N_up = the nominal N (the released code's
 default), so the DP never gives a mixed prompt more than N and the surplus moves to unsolved (p = 0) prompts.
-This component is a selector that keeps every row: its work happens in ``allocate`` (the rollout-collection hook)
-and ``observe`` (success-rate memory, saved in checkpoints through ``state_dict``).
+This component is a planner (``planners: [{name: knapsack}]``): it provides the ``allocate`` extension point
+(:class:`~lmpo.methods.base.BudgetAllocator`) and ``observe`` (:class:`~lmpo.methods.base.StepObserver`, the
+success-rate memory, saved in checkpoints as its :class:`~lmpo.methods.base.Stateful` state).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import ConfigError
-from lmpo.registry import SELECTORS
+from lmpo.methods.base import Stateful
+from lmpo.registry import PLANNERS
+from lmpo.methods.params import Rule, hp, ordered
 
 
 def knapsack_value(n: Tensor | float, p: Tensor | float) -> Tensor:
@@ -68,11 +70,11 @@ def solve_knapsack(p: list[float], budget: int, lo: int, hi: int) -> list[int]:
     return out
 
 
-@SELECTORS.register("knapsack", paper="Knapsack RL: Unlocking Exploration of LLMs via Optimizing Budget Allocation",
+@PLANNERS.register("knapsack", paper="Knapsack RL: Unlocking Exploration of LLMs via Optimizing Budget Allocation",
                     arxiv="2509.25849")
-@dataclass(frozen=True)
-class KnapsackAllocation:
-    """Allocate each prompt's rollouts by a knapsack over Value(N, p) (arXiv:2509.25849 Eq. 5-7); keeps all rows.
+@dataclass
+class KnapsackAllocation(Stateful):
+    """Allocate each prompt's rollouts by a knapsack over Value(N, p) (arXiv:2509.25849 Eq. 5-7).
 
     Args:
         min_n: N_low, the fewest rollouts a prompt gets (2 in the released code).
@@ -80,26 +82,19 @@ class KnapsackAllocation:
         success_threshold: a rollout counts as a success when its reward >= this.
     """
 
-    min_n: int = 2
+    min_n: int = hp(2, ge=1)
     max_n: int | None = None
     success_threshold: float = 1.0
-    success: dict[str, float] = field(default_factory=dict, init=False, compare=False, repr=False)  # prompt key -> last rate
-    needs: ClassVar[frozenset[str]] = frozenset()
+    constraints: ClassVar[tuple[Rule, ...]] = (ordered("min_n", "max_n"),)
 
-    def __post_init__(self) -> None:
-        if self.min_n < 1:
-            raise ConfigError(f"selectors.knapsack.min_n must be >= 1, got {self.min_n}.")
-        if self.max_n is not None and self.max_n < self.min_n:
-            raise ConfigError(f"selectors.knapsack.max_n must be >= min_n ({self.min_n}), got {self.max_n}.")
-
-    def __call__(self, batch: RolloutBatch) -> Tensor:
-        return torch.ones(batch.batch_size, dtype=torch.bool)
+    def initial_state(self) -> dict[str, Any]:
+        return {"success": {}}  # prompt key -> success rate of its last visit
 
     def allocate(self, keys: list[str], n: int) -> list[int]:
         """Rollouts per prompt for one batch of prompt ``keys``; ``n`` is the nominal per-prompt count."""
         total, lo = n * len(keys), min(self.min_n, n)
         hi = n if self.max_n is None else self.max_n
-        rates = [self.success.get(k) for k in keys]
+        rates = [self.state["success"].get(k) for k in keys]
         counts = [n if r is None else lo for r in rates]
         mixed = [i for i, r in enumerate(rates) if r is not None and 0.0 < r < 1.0]
         rest = total - sum(c for i, c in enumerate(counts) if i not in mixed)
@@ -117,14 +112,7 @@ class KnapsackAllocation:
         hits: dict[str, list[float]] = {}
         for m, r in zip(batch.meta, batch.rewards.tolist()):
             hits.setdefault(m["prompt_key"], []).append(float(r >= self.success_threshold))
-        self.success.update({k: sum(v) / len(v) for k, v in hits.items()})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"success": dict(self.success)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.success.clear()
-        self.success.update(state["success"])
+        self.state["success"].update({k: sum(v) / len(v) for k, v in hits.items()})
 
 
 PRESETS = {
@@ -133,7 +121,7 @@ PRESETS = {
         "advantage": {"name": "grpo"},
         "loss": {"name": "ppo_clip", "epsilon": 0.2},
         "aggregator": {"name": "seq_mean_token_mean"},
-        "selectors": [{"name": "knapsack", "min_n": 2}],
+        "planners": [{"name": "knapsack", "min_n": 2}],
         "kl": {"beta": 0.0},
     },
 }

@@ -1,5 +1,5 @@
 """Fused autograd nodes of a Llama-family decoder layer that keep less for backward than the chain of operations
-they replace (used by :mod:`lmpo.models.packed`).
+they replace (used by :mod:`lmpo.engine.packed`).
 
 - :class:`NormLinears`: ``y = w * x * rsqrt(mean(x^2) + eps)`` (Hugging Face's RMSNorm in float32) followed by any
   number of projections ``y @ W_i^T + b_i``; keeps ``x`` and the rsqrt, recomputes ``y`` in backward.

@@ -1,14 +1,14 @@
 """Few-row float32 linear layers for KV-cached decoding on x86 CPUs (the C source is ``rowdot.c`` beside this file).
 
 One decode step multiplies a handful of rows (the batch) by every weight of the model, so its cost is the time to
-read the weights from memory. On the 2-core AVX2 machine we measured, MKL's matrix multiply at 8 rows passes 2.8-4.3
-weight GB per CPU second against 9-12 GB/s for a plain read (it packs the weights into a blocked copy on each call);
-``rowdot.c`` streams each weight row once for all rows with a software prefetch and reaches 6.4-8.1 GB/s at 8 rows
-(`benchmarks/levers.py decode_matmul`). Beyond ~16 rows the BLAS is faster again, so :func:`rowdot_linears` routes
-only products of at most :data:`MAX_ROWS` rows through the kernel. The same library holds the two other pieces of a
-decode step that a framework dispatches as many small operations: :func:`decode_attention` (rotary embedding, cache
-write and masked softmax attention of one new position, for every row and head) and Llama's :func:`rms_norm`; the
-lean decode step (:mod:`lmpo.rollout.lean`) uses them.
+read the weights from memory. At a few rows MKL's matrix multiply passes the weights far below the speed of a
+plain read (it packs the weights into a blocked copy on each call); ``rowdot.c`` streams each weight row once for all
+rows with a software prefetch and gets much closer to it (`benchmarks/levers.py decode_matmul`; figures in
+docs/results/performance.md). With more rows the BLAS's blocking pays off and it is faster again, so
+:func:`rowdot_linears` routes only products of at most :data:`MAX_ROWS` rows through the kernel. The same library
+holds the two other pieces of a decode step that a framework dispatches as many small operations:
+:func:`decode_attention` (rotary embedding, cache write and masked softmax attention of one new position, for every
+row and head) and Llama's :func:`rms_norm`; the lean decode step (:mod:`lmpo.engine.lean`) uses them.
 
 The library is compiled once per source version with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 ``$LMPO_KERNEL_DIR`` (default ``~/.cache/lmpo/kernels``), written atomically, and checked against a float64 product
@@ -41,7 +41,8 @@ SOURCE = Path(__file__).with_name("rowdot.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 MAX_ROWS = 16
-"""Products with more rows than this go to the BLAS (measured crossover: 16-24 rows of the default model)."""
+"""Products with more rows than this go to the BLAS (set at the crossover measured on the default model:
+docs/results/performance.md)."""
 MIN_PARAMS = 10_000_000
 """``decode_kernel="auto"`` uses the kernel only for models at least this large (smaller ones sit in the caches)."""
 

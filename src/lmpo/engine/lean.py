@@ -6,7 +6,7 @@ layer through generic hooks and dispatch. :class:`LeanDecoder` takes the cache t
 copies it once into preallocated buffers long enough for the whole reply, and then runs each decode step as the
 plain sequence of the model's own submodules (norms, projections, MLP, rotary embedding) with attention computed
 directly over the filled part of the buffers. The projections stay the model's modules, so LoRA adapters, the
-few-row kernel (:mod:`lmpo.kernels.rowdot`) and CPU autocast apply unchanged; the result equals the Hugging Face
+few-row kernel (:mod:`lmpo.engine.kernels.rowdot`) and CPU autocast apply unchanged; the result equals the Hugging Face
 step up to float rounding (tests compare sampled tokens and log-probs with the plain path). Under bf16 autocast the
 keys and values are kept and attended in float32 (Hugging Face's step attends in bf16); the projections and the
 MLP are the same bf16 products, whose weights autocast casts once per generation, so a decode step reads half
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmpo.kernels import rowdot
-from lmpo.models.packed import PLAIN_RMS_NORMS, family_unsupported
+from lmpo.engine.kernels import rowdot
+from lmpo.engine.packed import PLAIN_RMS_NORMS, family_unsupported
 
 def lean_unsupported(body: nn.Module, total_length: int) -> str:
     """Why the lean step cannot run ``body`` (the decoder without LM head) for sequences of ``total_length``

@@ -9,35 +9,35 @@ is complete before the very end of backward. :func:`packed_hidden` runs the same
 - **Packed positions.** The U distinct prompts (U x P positions) and the B responses (B x T positions) travel as one
   (U P + B T, H) matrix through every position-wise part of a layer (norms, projections, MLP), so each weight is
   used once per layer and its gradient is complete as soon as backward leaves that layer (what lets
-  :mod:`lmpo.train.inbackward` free it at once). Only attention sees the two parts apart: the prompt positions attend
+  :mod:`lmpo.engine.inbackward` free it at once). Only attention sees the two parts apart: the prompt positions attend
   causally within their prompt; each response row attends to its prompt's keys and values (indexed by ``inverse``)
   and causally to itself.
-- **Fused autograd nodes that save less** (:mod:`lmpo.models.fused`). ``RMSNorm -> projections`` is one node
+- **Fused autograd nodes that save less** (:mod:`lmpo.engine.fused`). ``RMSNorm -> projections`` is one node
   saving the norm's input and its ``rsqrt`` (the normalised input is recomputed in backward, an element-wise pass);
   ``RMSNorm -> gate/up -> SiLU(gate) * up -> down`` is one node saving the norm's input, ``rsqrt``, ``gate`` and
   ``up`` (the SiLU product is recomputed); attention is one node over the CPU flash kernel that keeps the
   un-repeated (grouped-query) keys and values. A layer then keeps about 10 hidden-sized tensors per position instead
   of about 20, and no matrix product is redone.
 - **Recompute by choice** (``recompute``; ``model.gradient_checkpointing`` in the trainer): ``"attention"`` keeps
-  only each attention block's input and recomputes its projections and attention in backward (about a third less
-  activation memory for ~5% more update time); ``"layers"`` recomputes whole layers (activation checkpointing, one
-  hidden-sized tensor per position and layer kept, the prompt still run once).
+  only each attention block's input and recomputes its projections and attention in backward (less activation
+  memory for a little more update time); ``"layers"`` recomputes whole layers (activation checkpointing, one
+  hidden-sized tensor per position and layer kept, the prompt still run once: the least memory, for the most
+  recomputation).
 - **The heap trimmed** (``trim``): glibc keeps freed blocks below its mmap threshold in the heap, and a long forward
-  or backward fragments it (free space grew ~7 MB per layer here), so the packed forward hands its free pages back
+  or backward fragments it (its free space grows layer by layer), so the packed forward hands its free pages back
   to the system at the end of the forward and every :data:`TRIM_EVERY` layers in backward
-  (:func:`lmpo.perf.trim_heap`).
+  (:func:`lmpo.engine.tuning.trim_heap`).
 
-Measured on the default model (SmolLM2-135M, full fp32 fine-tuning, one prompt x 8 rows of 64 tokens, 1 thread;
-docs/results/performance.md): update peak 3.16 GB with Hugging Face's forward, 2.50 packed (with the optimizer
-folded into backward, which the packed forward turns on by itself), 2.40 with attention recomputed; update CPU time
-9.2-10.5 -> 7.9-8.5 s (larger products: the prompt and the rows share every matrix multiply).
+Against Hugging Face's forward, on the default model, the packed forward (with the optimizer folded into backward,
+which it turns on by itself) lowers the update's peak memory, further with attention recomputed, and its CPU time
+(larger products: the prompt and the rows share every matrix multiply); figures in docs/results/performance.md.
 
 The numbers equal the Hugging Face forward up to float rounding (tests compare log-probs, entropies and every
 weight's gradient with the plain path, for Llama and Qwen2, tied and untied embeddings, every recompute choice).
 :func:`packed_unsupported` names what rules a model out (another architecture, device or parameter dtype than float32,
 adapters or forward hooks on any submodule, biases in the MLP, another activation, a sliding window shorter than the
 sequence, autocast to another dtype than bf16); the caller then keeps the Hugging Face forward. Under CPU bf16
-autocast the layers run with autocast off and cast explicitly where autocast would (:mod:`lmpo.models.fused`):
+autocast the layers run with autocast off and cast explicitly where autocast would (:mod:`lmpo.engine.fused`):
 the forward then equals Hugging Face's under autocast, and gradients differ from its only in bf16 rounding.
 """
 
@@ -50,23 +50,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lmpo.models.fused import NormLinears, NormSwiGLU, cast_to
-from lmpo.perf import trim_heap
+from lmpo.engine.fused import NormLinears, NormSwiGLU, cast_to
+from lmpo.engine.tuning import trim_heap
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 RECOMPUTE = ("none", "attention", "layers")
 TRIM_EVERY = 5
-"""Backward returns the heap's free pages to the system every this many layers (:func:`lmpo.perf.trim_heap`), and
-forward once at its end. On the default model (full fine-tuning, folded optimizer, 1 thread) the peak was 2.79-2.87
-GB untrimmed, 2.49 trimmed every layer, 2.50 every 5 and 2.52 every 10 layers; trimming every layer cost ~1 CPU-s
-per update in pages faulted back in (8.7 vs 7.6), every 5 layers ~0.2."""
+"""Backward returns the heap's free pages to the system every this many layers (:func:`lmpo.engine.tuning.trim_heap`), and
+forward once at its end. Trimming more often lowers the peak hardly more but costs CPU time in pages faulted back
+in; trimming less often leaves more of the peak. On the default model this interval kept almost all of the saving
+of trimming every layer at a small fraction of its cost (figures: docs/results/performance.md)."""
 PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 """RMSNorm classes of the form ``weight * x * rsqrt(mean(x^2) + eps)`` (what the fast paths recompute or fuse)."""
 
 
 def family_unsupported(body: nn.Module, total_length: int) -> str:
     """Why ``body`` (the decoder without LM head) is not a Llama-family decoder that lmpo's fast paths (this packed
-    forward, :mod:`lmpo.rollout.lean`) can run on sequences of ``total_length`` positions; "" when it is."""
+    forward, :mod:`lmpo.engine.lean`) can run on sequences of ``total_length`` positions; "" when it is."""
     cfg = getattr(body, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in ARCHITECTURES:
@@ -240,7 +240,7 @@ class _PackedAttention(torch.autograd.Function):
 
 
 class _TrimInBackward(torch.autograd.Function):
-    """Identity; in backward, hands the heap's free pages back to the system (:func:`lmpo.perf.trim_heap`) before
+    """Identity; in backward, hands the heap's free pages back to the system (:func:`lmpo.engine.tuning.trim_heap`) before
     passing the gradient on. Placed at each layer's output, it runs once per layer as backward leaves the layer."""
 
     @staticmethod
@@ -296,15 +296,15 @@ def packed_hidden(body: nn.Module, prompt_in: dict[str, Tensor], response_in: di
         prompt_pos / response_pos: (U, P) / (B, T) long position ids.
         inverse: (B,) long, the prompt of each response row.
         recompute: Under autograd, what backward recomputes instead of keeping: ``"none"``; ``"attention"``, the
-            attention block of every layer (its input is kept: about a third less activation memory for about 5%
-            more compute); ``"layers"``, whole layers (activation checkpointing: one hidden-sized tensor per
-            position and layer is kept; the prompt still runs once).
+            attention block of every layer (its input is kept: less activation memory for a little more compute);
+            ``"layers"``, whole layers (activation checkpointing: one hidden-sized tensor per position and layer is
+            kept; the prompt still runs once).
         trim: Under autograd, return the heap's free pages to the system at the end of the forward and every
-            :data:`TRIM_EVERY` layers in backward (:func:`lmpo.perf.trim_heap`).
+            :data:`TRIM_EVERY` layers in backward (:func:`lmpo.engine.tuning.trim_heap`).
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
-    # under CPU bf16 autocast the layers cast explicitly (what autocast would do, see lmpo.models.fused) with
+    # under CPU bf16 autocast the layers cast explicitly (what autocast would do, see lmpo.engine.fused) with
     # autocast off inside; the final norm's float32 output then meets the LM head under the caller's autocast
     cd = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     with torch.autocast("cpu", enabled=False):

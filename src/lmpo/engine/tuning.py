@@ -1,8 +1,8 @@
 """Machine-dependent speed choices, measured rather than assumed.
 
 ``model.autocast: auto`` runs the forward passes in bfloat16 only when this CPU multiplies bf16 matrices faster
-than fp32 ones. On CPUs with AVX512-BF16/AMX bf16 is ~3x faster; on AVX2-only CPUs PyTorch emulates it and it is
-10-40x *slower*, so a fixed choice is wrong on one of the two.
+than fp32 ones. On CPUs with AVX512-BF16/AMX bf16 is several times faster; on AVX2-only CPUs PyTorch emulates it and
+it is many times *slower*, so a fixed choice is wrong on one of the two (figures: docs/results/performance.md).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def set_mmap_threshold(kib: int | None) -> bool:
 
     glibc serves a block above the threshold with its own ``mmap`` and unmaps it on free, but by default it raises the
     threshold to the size of every such block freed (up to 32 MiB), so after the first step the activations of the
-    update (1-30 MB tensors) come from the heap, whose freed space stays resident: peak memory then follows the
-    allocator's history rather than what is alive. A fixed threshold turns that dynamic rule off (and sets the trim
-    threshold beside it, as glibc does), so freed tensors go back to the system at once. Measured on the default
-    model, full fine-tuning, 8 x 64 tokens, 1 thread (docs/results/performance.md): peak RSS 3.16 -> 2.83 GB, but
-    each fresh block is page-faulted in again: +3 CPU-s of system time per update (11.5 -> 14.5). So it is opt-in
-    (``train.mmap_threshold_kb``), part of the low-memory recipe. No effect where the C library is not glibc.
+    update come from the heap, whose freed space stays resident: peak memory then follows the allocator's history
+    rather than what is alive. A fixed threshold turns that dynamic rule off (and sets the trim threshold beside it,
+    as glibc does), so freed tensors go back to the system at once. The trade, measured on the default model
+    (docs/results/performance.md): a lower peak RSS, but each fresh block is page-faulted in again, which costs
+    system CPU time in every update. So it is opt-in (``train.mmap_threshold_kb``), part of the low-memory recipe.
+    No effect where the C library is not glibc.
     """
     if kib is None:
         return False
@@ -79,11 +79,12 @@ def trim_heap() -> bool:
 
     glibc keeps freed blocks below its mmap threshold in the heap. A long backward pass frees and allocates blocks of
     a few MB in an order that leaves free chunks the next request cannot use (a small long-lived allocation splits a
-    large free chunk), so the heap grows while what is alive does not: on the default model, full fine-tuning with
-    the optimizer folded into backward, its free part grew by ~7 MB per layer, 0.2 GB per update. ``malloc_trim(0)``
-    releases every whole free page with ``madvise`` (the chunks stay where they are, so nothing moves) for ~4 ms
-    on that heap; a page that is used again is faulted back in. :mod:`lmpo.models.packed` calls it at the end of its
-    forward and every ``TRIM_EVERY`` layers of backward. No effect where the C library is not glibc.
+    large free chunk), so the heap grows while what is alive does not (on the default model, full fine-tuning with
+    the optimizer folded into backward, its free part grew with every layer). ``malloc_trim(0)`` releases every
+    whole free page with ``madvise`` (the chunks stay where they are, so nothing moves) for a few milliseconds per
+    call; a page that is used again is faulted back in (figures: docs/results/performance.md).
+    :mod:`lmpo.engine.packed` calls it at the end of its forward and every ``TRIM_EVERY`` layers of backward. No
+    effect where the C library is not glibc.
     """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:

@@ -1,5 +1,6 @@
 """AdamW applied during backward: every gradient is folded into the optimizer's moments as soon as autograd has
-produced it, then freed, so the gradients of all weights never exist at once (0.54 GB on the 135M default model).
+produced it, then freed, so the gradients of all weights never exist at once (under full fine-tuning a buffer the
+size of the weights).
 
 The update is ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.AdamW.step()``, the trainer's normal path:
 
@@ -34,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-from lmpo.kernels import rowdot
+from lmpo.engine.kernels import rowdot
 
 MIN_TRAINABLE = 10_000_000
 """``train.optimizer_in_backward: auto`` needs this many trainable parameters (full fine-tuning of real models; LoRA
@@ -45,14 +46,14 @@ def wanted(setting, params, single_use: bool) -> bool:
     """Whether ``train.optimizer_in_backward`` (auto|true|false) applies.
 
     ``auto``: with 10M+ trainable parameters when the training forward uses every weight once per pass
-    (``single_use``): the packed forward of :mod:`lmpo.models.packed` (the default for Llama-family models), or
+    (``single_use``): the packed forward of :mod:`lmpo.engine.packed` (the default for Llama-family models), or
     Hugging Face's under activation checkpointing. Only there does it pay: a weight's gradient can be freed at once
     only when its single use has run backward. Hugging Face's forward with the group's prompt run once
     (``lmpo.models.logprobs.shared_prompt_rows``) gives every weight two uses, the prompt pass's backward running
     last, so autograd holds each gradient until the end anyway, while the replay-ready retained graph keeps the
-    activations the plain path frees as it goes (measured with the glibc threshold fixed: peak 2.84 GB plain,
-    3.23 GB folded). On the default model with the packed forward (heap trimmed, lmpo.perf.trim_heap) the peak goes
-    2.67 -> 2.50 GB; under Hugging Face's checkpointing it went 2.51 -> 2.17 GB.
+    activations the plain path frees as it goes, so folding there raised the measured peak. With the packed forward
+    (heap trimmed, lmpo.engine.tuning.trim_heap) and under Hugging Face's checkpointing folding lowers it (figures:
+    docs/results/performance.md).
     """
     if setting is True or setting is False:
         return setting
@@ -90,7 +91,7 @@ class BackwardAdamW:
         self.coef: Tensor | None = None
         self.guess = 1.0  # the clip factor the first pass assumes: 1, or the last step's when that one clipped
         self.replays = 0  # backward passes repeated because the clip factor was not the guess (a metric)
-        # the weight update in one pass over memory (lmpo.kernels.rowdot.adam_apply) for float32 CPU weights; the
+        # the weight update in one pass over memory (lmpo.engine.kernels.rowdot.adam_apply) for float32 CPU weights; the
         # moments keep torch's operations, whose rounding the replay's recovery undoes exactly
         self.kernel = rowdot.available()
 

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 256
-"""LM-head chunk (tokens whose logits exist at once) unless configured: benchmarks/levers.py ``chunk`` measured 256
-as fast as 1024 with 0.8 GB less peak memory at 2048 reply tokens."""
+"""LM-head chunk (tokens whose logits exist at once) unless configured: smaller chunks hold less memory in logits,
+larger ones make larger products; benchmarks/levers.py ``chunk`` measured this size as fast as larger ones with
+less peak memory (docs/results/performance.md)."""
 
 
 def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
@@ -58,9 +59,9 @@ class _HeadStats(torch.autograd.Function):
     + g_ent p (E_p[z] - z)`` (divided by the temperature), from which one product gives the hidden-state gradient and
     one accumulates the weight gradient into a single buffer. The chunk's logits live in one or two buffers reused by
     every chunk, so no operation allocates a (vocab, chunk) temporary. Logits are vocabulary-major, ``W @ h^T``:
-    on the default model the logits product is 1.7x and the weight-gradient product 1.2x faster that way, the
-    hidden-state product the same (benchmarks/levers.py ``head``). Mixed precision: the products run in ``mm_dtype``
-    (the autocast dtype the caller saw), everything else in float32.
+    on the default model the logits and weight-gradient products are faster that way and the hidden-state product
+    no slower (benchmarks/levers.py ``head``; docs/results/performance.md). Mixed precision: the products run in
+    ``mm_dtype`` (the autocast dtype the caller saw), everything else in float32.
     """
 
     @staticmethod

@@ -1,14 +1,13 @@
 """Decode-time linear layers through oneDNN with weights pre-packed for the batch (CPU, float32; opt-in).
 
 A KV-cached decode step multiplies a few rows by every weight of the model; MKL's general matrix multiply passes the
-weights at about a third of the memory-read bandwidth on the CPU we measured (`benchmarks/levers.py decode_matmul`).
-oneDNN with the weights packed once per generation for the batch's row count (the layout PyTorch's Inductor uses for
-frozen CPU models) makes one decode step of the default model 8-23% cheaper (`benchmarks/levers.py decode_prepacked`,
-two measurements: 170 -> 157 and 224 -> 172 CPU-ms for 8 rows), but packing all weights costs 0.7-0.8 CPU-s after
-every weight update, and in the training loop at 64-token replies generation was not faster (A/B in
-docs/results/performance.md). Hence off by default (``rollout.prepack: true`` or ``auto`` to use it; it can pay for
-long replies, not measured). The products round differently from MKL's (logits differ by ~1e-4), so sampled streams
-are not bit-identical to the unpacked path.
+weights well below the memory-read bandwidth (`benchmarks/levers.py decode_matmul`). oneDNN with the weights packed
+once per generation for the batch's row count (the layout PyTorch's Inductor uses for frozen CPU models) makes each
+decode step cheaper (`benchmarks/levers.py decode_prepacked`), but packing all weights has to be redone after every
+weight update, and in the training loop with short replies that cost ate the per-step saving: generation was not
+faster. Hence off by default (``rollout.prepack: true`` or ``auto`` to use it; it can pay for long replies, not
+measured). The products round differently from MKL's (logits differ at float-rounding level), so sampled streams
+are not bit-identical to the unpacked path. Figures: docs/results/performance.md.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lmpo.kernels.rowdot import float32_cpu_linears, large_model
+from lmpo.engine.kernels.rowdot import float32_cpu_linears, large_model
 
 def prepack_available() -> bool:
     """Whether this torch build has the oneDNN packed-linear operators."""
@@ -29,7 +28,7 @@ def prepack_available() -> bool:
 
 
 def should_prepack(model: nn.Module, mode: str | bool, autocast: str | None) -> bool:
-    """``mode``: ``"auto"`` (float32 CPU models of 10M+ parameters, :func:`lmpo.kernels.rowdot.large_model`, no
+    """``mode``: ``"auto"`` (float32 CPU models of 10M+ parameters, :func:`lmpo.engine.kernels.rowdot.large_model`, no
     autocast), ``True`` (wherever the operators exist and the weights are float32 on the CPU) or ``False``."""
     if mode is False or autocast or not prepack_available() or not float32_cpu_linears(model):
         return False

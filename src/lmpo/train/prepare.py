@@ -1,0 +1,62 @@
+"""Batch preparation: what the update needs beyond the rollouts, in one place and in this order.
+
+    old pass (pi_old log-probs / entropies / full-distribution statistics)  -> reference log-probs
+    -> KL penalty in the rewards (kl.mode=reward)  -> advantages  -> token mask (down-sampling)
+
+What is computed follows the pipeline's data plan (:class:`lmpo.pipeline.DataPlan`), derived from the components'
+declared ``needs``; nothing is computed that no component reads, and a component never runs without a field it
+declared (:func:`lmpo.pipeline.require`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.pipeline import Pipeline, require
+from lmpo.train.step import PolicyRunner
+
+
+@dataclass
+class ReferencePolicy:
+    """pi_ref: a frozen copy of the initial weights, or the LoRA policy with its adapters disabled."""
+
+    runner: PolicyRunner
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def logprobs(self, batch: RolloutBatch, micro_batch_size: int | None) -> Tensor:
+        with self.context() if self.context else contextlib.nullcontext():
+            return self.runner.logprobs_nograd(batch, micro_batch_size)
+
+
+def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: ReferencePolicy | None,
+            micro_batch_size: int | None) -> tuple[RolloutBatch, dict[str, Tensor]]:
+    """The training batch with old/ref log-probs, KL rewards, advantages and token mask; plus its metrics."""
+    plan, metrics = p.plan, {}
+    if plan.old_pass:  # one no-grad pass under the pre-update weights serves the log-probs and the entropies
+        lp_old, ent = runner.logprobs_entropy_nograd(batch, micro_batch_size, with_entropy=plan.entropy)
+        batch = batch.replace(old_logprobs=lp_old)
+        if plan.entropy:
+            batch = batch.replace(extras={**batch.extras, "entropy": ent})
+    if plan.old_stats:  # pi_old's full-distribution statistics (ROVER, OTR, SofT-GRPO) under several steps
+        batch = batch.replace(extras={**batch.extras, **runner.old_stats_nograd(batch, micro_batch_size,
+                                                                                plan.old_stats)})
+    if plan.ref_logprobs:
+        batch = batch.replace(ref_logprobs=ref.logprobs(batch, micro_batch_size))
+    if p.kl is not None and p.kl.in_reward:
+        batch = batch.replace(token_rewards=p.kl.token_rewards(batch))
+        metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
+    if plan.on_policy:  # the update reads pi_old from its own forward (DataPlan.old_from_forward)
+        batch = batch.replace(old_logprobs=None)
+    require(batch, p.advantage, "advantage")
+    batch = batch.replace(advantages=p.advantage(batch))
+    token_mask = p.hook("token_mask")
+    if token_mask is not None:  # post-advantage down-sampling: train on a subset of tokens
+        keep = token_mask(batch)
+        batch = batch.replace(response_mask=batch.response_mask & keep, advantages=batch.advantages * keep)
+    return batch, metrics
