@@ -146,9 +146,9 @@ def cmd_compare(args) -> int:
     except ValueError:
         raise LmpoError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
     out = Path(args.out)
-    run_compare(config, methods, seeds, overrides, out, target=args.target, reuse=args.reuse)
+    run_compare(config, methods, seeds, overrides, out, target=args.target)
     print((out / "results.md").read_text())
-    print(f"figure: {out / 'reward_curves.png'}")
+    print(f"figure: {out / 'curves.png'}\nresults: {out / 'results.json'}")
     return 0
 
 
@@ -170,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a policy: lmpo train [CONFIG.yaml] [key=value ...]")
     t.add_argument("args", nargs="*", help="optional YAML config, then dotted overrides like train.steps=10")
     t.add_argument("--resume", nargs="?", const="__config__", default=None,
-                   help="continue from the latest checkpoint (of RUN_DIR if given, else of the configured run)")
-    t.add_argument("--overwrite", action="store_true", help="start over even if the run folder has checkpoints")
+                   help="continue from the latest checkpoint (of RUN_DIR if given, else of the configured run); a "
+                        "finished run is left as it is unless train.steps grew")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over even if the run folder holds a run (its checkpoints and metrics are deleted)")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="evaluate a run folder (latest checkpoint) or a config's base model")
     e.add_argument("args", nargs="*")
@@ -187,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", required=True, help="comma-separated presets, e.g. grpo,dapo,gspo")
     c.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     c.add_argument("--out", default="runs/compare")
-    c.add_argument("--reuse", action="store_true", help="read back runs this command already finished in --out")
-    c.add_argument("--target", type=float, default=None, help="training reward whose first crossing is reported")
+    c.add_argument("--reuse", action="store_true",
+                   help="accepted for old scripts: runs already in --out are always resumed or read back, never retrained")
+    c.add_argument("--target", type=float, default=None,
+                   help="training reward (reward/mean) whose first crossing is reported as steps to target; default: "
+                        "halfway from the runs' mean first-step reward to the highest reward any run logged")
     c.set_defaults(fn=cmd_compare)
     # `lmpo bench ...` is handed to benchmarks/bench.py whole (see main); listed here for `lmpo --help`.
     sub.add_parser("bench", help="benchmark lmpo against TRL's GRPOTrainer: lmpo bench [--quick] (--help for more)")

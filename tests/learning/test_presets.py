@@ -33,7 +33,8 @@ def tweak(method: str) -> dict:
 
 def run(tmp_path, *overrides, steps=STEPS):
     cfg = load_config("configs/tiny.yaml", [f"output.dir={tmp_path}", f"train.steps={steps}", "eval.every=0",
-                                             "output.checkpoint_every=0", *overrides])
+                                             "output.checkpoint_every=0", "output.progress=false",
+                                             "output.plot=false", *overrides])
     return train(cfg)
 
 

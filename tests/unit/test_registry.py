@@ -155,7 +155,7 @@ def test_real_entries_params():
     assert ADVANTAGES.entry("reinforce_pp").params == {"baseline": "none", "eps": 1e-8}
     assert AGGREGATORS.entry("seq_mean_token_sum_norm").params == {"horizon": None}
     assert SHAPERS.entry("overlong_penalty").params == {"horizon": None, "cache_length": None, "factor": 1.0}
-    assert SELECTORS.entry("dynamic_sampling").params == {"min_std": 0.0}
+    assert SELECTORS.entry("dynamic_sampling").params == {"min_std": 0.0, "on": "task"}
     assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "planner", "reward", "task"}
     for reg in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS):
         for e in reg.entries():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
-from lmpo.config import Config, save_config
+from lmpo.config import Config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
 from lmpo.engine import setup_process
@@ -43,6 +42,7 @@ from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.engine.optim import TrainOptimizer, build_optimizer
 from lmpo.train.prepare import ReferencePolicy, prepare
 from lmpo.train.rollouts import RolloutContext, collect
+from lmpo.train.rundir import Plan, RunFolder
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
 
 
@@ -129,7 +129,7 @@ class Run:
     """One training run, everything built and validated before its folder is written (:func:`open_run`)."""
 
     cfg: Config
-    dir: Path
+    folder: RunFolder
     pipeline: Pipeline
     rewards: RewardSet
     model: torch.nn.Module
@@ -142,6 +142,10 @@ class Run:
     start: int = 0
     eval_before: dict[str, float] = field(default_factory=dict)
     log: MetricsLog | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.folder.path
 
     def stateful(self) -> dict[str, Any]:
         """Checkpoint entry -> object with state: the pipeline's stateful components and the folded optimizer."""
@@ -178,18 +182,9 @@ class Run:
                               horizon=self.cfg.rollout.max_new_tokens)
 
 
-def open_run(cfg: Config, resume: bool, overwrite: bool) -> Run:
+def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
     """Build and validate everything a run needs (pipeline, task, rewards, model, optimizer, checkpoint), then
-    write its folder: a run that cannot start leaves nothing behind and changes nothing."""
-    run_dir = Path(cfg.output.dir) / run_name(cfg)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise LmpoError(f"--resume: no checkpoint found under {str(run_dir)!r}; start the run without --resume.")
-    if not resume and latest_checkpoint(run_dir) is not None and not overwrite:
-        raise LmpoError(
-            f"Run folder {str(run_dir)!r} already holds checkpoints. Continue it with --resume, pick another "
-            "output.run_name, or pass --overwrite to start over (its checkpoints will be replaced)."
-        )
+    write its folder (:meth:`RunFolder.begin`): a run that cannot start leaves nothing behind and changes nothing."""
     # the order below fixes which random numbers each part draws (runs are reproducible from the seed)
     seed_everything(cfg.train.seed)
     setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
@@ -210,12 +205,11 @@ def open_run(cfg: Config, resume: bool, overwrite: bool) -> Run:
         ref = (ReferencePolicy(PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast,
                                             packed=runner.packed)) if ref_model is not None
                else ReferencePolicy(runner, model.disable_adapter))
-    run = Run(cfg, run_dir, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts])
-    if ckpt is not None:
-        run.restore(ckpt)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    run.log = MetricsLog(run_dir / "metrics.jsonl", resume_step=run.start if ckpt is not None else None)
+    run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts])
+    if plan.checkpoint is not None:
+        run.restore(plan.checkpoint)
+    folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
+    run.log = MetricsLog(folder.path / "metrics.jsonl", resume_step=run.start if plan.checkpoint is not None else None)
     return run
 
 
@@ -258,11 +252,20 @@ def due(every: int, step: int, last: int) -> bool:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
-    run = open_run(cfg, resume, overwrite)
+    with RunFolder(Path(cfg.output.dir) / run_name(cfg), cfg) as folder:  # one writer; a failed start leaves nothing
+        plan = folder.plan(resume, overwrite, cfg.train.steps)  # read-only checks, before anything is built
+        if plan.finished:  # says so and changes nothing
+            return RunResult(folder.path, plan.step, **folder.finished_run(plan))
+        return run_steps(open_run(cfg, folder, plan))
+
+
+def run_steps(run: Run) -> RunResult:
+    """The training steps of an opened run: collect -> prepare -> update -> observe -> evaluate -> checkpoint."""
+    cfg, steps = run.cfg, run.cfg.train.steps
     if run.start == 0 and cfg.eval.at_start and run.eval_rows:
         run.eval_before = run.evaluate()
         run.log.write(0, run.eval_before)
-    eval_after, last_good, steps = dict(run.eval_before), run.start, cfg.train.steps
+    eval_after, last_good = dict(run.eval_before), run.start
     with progress_bar(cfg, run.start) as progress:
         try:
             for step in range(run.start + 1, steps + 1):
@@ -309,9 +312,9 @@ def finish(run: Run, eval_after: dict[str, float]) -> RunResult:
     history = read_metrics(run.dir / "metrics.jsonl")
     if cfg.output.plot and history:
         plot_run(history, run.dir / "curves.png", run_name(cfg))
-    (run.dir / "summary.json").write_text(json.dumps(
+    run.folder.write_summary(  # atomically; "steps" is the latest checkpoint's step
         {"eval_before": run.eval_before, "eval_after": eval_after, "steps": cfg.train.steps,
          "peak_rss_gb": peak_rss_gb(),
          # what model.autocast resolved to on this machine ("auto" measures at start), null = float32
-         "autocast": cfg.model.autocast}, indent=2))
+         "autocast": cfg.model.autocast})
     return RunResult(run.dir, cfg.train.steps, run.eval_before, eval_after, history)

@@ -1,8 +1,12 @@
 """DAPO's rollout selection and length shaping.
 
 Paper: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv:2503.14476.
-- Dynamic sampling (Sec. 3.2, Eq. 11 constraint 0 < |{o_i : correct}| < G): drop groups whose rewards are all
-  equal, since their GRPO advantages are all zero; the loop refills with new prompts (``rollout.refill_rounds``).
+- Dynamic sampling (Sec. 3.2, Eq. 11 constraint 0 < |{o_i : correct}| < G): drop groups whose task rewards are
+  all equal (all correct or all wrong), since their GRPO advantages would be zero but for the length penalty; the
+  loop refills with new prompts (``rollout.refill_rounds``). The condition is on correctness, i.e. the rewards
+  *before* shaping (``reward_components``), not on the reward after the overlong penalty: judged after the penalty,
+  a group of wrong replies of different lengths is kept and teaches length alone (on the 4-token copy task a random
+  model is truncated ~80% of the time, and the policy then learned to stop at once instead of to copy).
 - Overlong filtering (Sec. 3.4): truncated samples are masked out of the loss.
 - Soft overlong punishment (Eq. 13): with L_max the budget and L_cache the punishment interval,
       R_length(y) = 0                              if |y| <= L_max - L_cache
@@ -29,14 +33,33 @@ from lmpo.registry import SELECTORS, SHAPERS
 @SELECTORS.register("dynamic_sampling", paper="DAPO (dynamic sampling)", arxiv="2503.14476")
 @dataclass(frozen=True)
 class DynamicSampling:
-    """Keep groups whose reward std exceeds ``min_std`` (DAPO Sec. 3.2, Eq. 11)."""
+    """Keep groups whose reward std exceeds ``min_std`` (DAPO Sec. 3.2, Eq. 11).
+
+    Args:
+        min_std: a group is kept when its (population) reward std is above this.
+        on: ``"task"`` (default, Eq. 11): the rewards before shaping, i.e. each reward function's score
+            (``batch.reward_components``; a group is kept when any of them varies within it), so shapers such as
+            the overlong penalty do not decide which groups are trained on; ``"reward"``: the shaped reward the
+            advantage sees. Without ``reward_components`` both use ``batch.rewards``.
+    """
 
     min_std: float = 0.0
+    on: str = "task"
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    def __post_init__(self) -> None:
+        if self.on not in ("task", "reward"):
+            raise ConfigError(f'selector dynamic_sampling: on must be "task" or "reward", got {self.on!r}.')
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        std = ops.group_std(batch.rewards.float(), batch.group_ids, unbiased=False)
-        return std > self.min_std
+        if self.on == "task" and batch.reward_components is not None:
+            cols = batch.reward_components.float()
+        else:
+            cols = batch.rewards.float()[:, None]
+        keep = torch.zeros(batch.batch_size, dtype=torch.bool, device=cols.device)
+        for k in range(cols.shape[1]):
+            keep |= ops.group_std(cols[:, k], batch.group_ids, unbiased=False) > self.min_std
+        return keep
 
 
 @SHAPERS.register("overlong_penalty", paper="DAPO (soft overlong punishment)", arxiv="2503.14476")

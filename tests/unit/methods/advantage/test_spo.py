@@ -133,7 +133,8 @@ def test_tracker_survives_checkpoint_resume(tmp_path):
     def cfg(steps):
         return load_config("configs/tiny.yaml", [
             "method=spo", f"output.dir={tmp_path}", f"train.steps={steps}", "eval.every=0", "eval.at_start=false",
-            "eval.num_prompts=0", "output.checkpoint_every=1", "rollout.num_generations=1", "rollout.prompts_per_step=4"])
+            "eval.num_prompts=0", "output.checkpoint_every=1", "rollout.num_generations=1", "rollout.prompts_per_step=4",
+            "output.progress=false", "output.plot=false"])
 
     train(cfg(2))
     state = torch.load(latest_checkpoint(tmp_path / "spo-copy-seed0") / "state.pt", weights_only=False)

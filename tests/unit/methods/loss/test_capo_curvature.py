@@ -125,7 +125,7 @@ def test_mask_off_trains_exactly_like_grpo(tmp_path):
 
     def run(name, *extra):
         cfg = load_config("configs/tiny.yaml", [f"output.dir={tmp_path / name}", "train.steps=3", "eval.every=0",
-                                                 "output.checkpoint_every=0", *extra])
+                                                 "output.checkpoint_every=0", "output.progress=false", "output.plot=false", *extra])
         return train(cfg)
 
     a = run("grpo", "method=grpo")

@@ -53,6 +53,21 @@ def test_dynamic_sampling_drops_all_equal_non_dyadic_group():
             assert DynamicSampling()(b).tolist() == [False] * n + [True, True], (value, n)
 
 
+def test_dynamic_sampling_judges_task_rewards_before_shaping():
+    # Eq. 11 counts correct replies: a group of wrong replies whose shaped rewards differ only by the overlong
+    # penalty (group 0) is dropped; a group with one correct reply (group 1) is kept whatever the penalty did.
+    b = make_batch([-1.0, 0.0, -0.5, 1.0, 0.0, 0.0], [0, 0, 0, 1, 1, 1], T=1)
+    b = b.replace(reward_components=torch.tensor([[0.0], [0.0], [0.0], [1.0], [0.0], [0.0]]))
+    assert DynamicSampling()(b).tolist() == [False, False, False, True, True, True]
+    assert DynamicSampling(on="reward")(b).tolist() == [True] * 6  # the shaped reward varies in both groups
+    # several reward functions: kept when any of them varies within the group
+    two = make_batch([1.0, 1.0, 1.0, 1.0], [0, 0, 1, 1], T=1)
+    two = two.replace(reward_components=torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5]]))
+    assert DynamicSampling()(two).tolist() == [True, True, False, False]
+    with pytest.raises(ConfigError, match='"task" or "reward"'):
+        DynamicSampling(on="accuracy")
+
+
 # =========================================================================== overlong penalty
 def test_overlong_penalty_hand():
     # L_max 10, L_cache 4 -> start 6
