@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmpo.errors import LmpoError
+from lmpo.errors import LmpoError, did_you_mean
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -22,8 +22,8 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from lmpo.config import load_config
-    from lmpo.train.loop import train
+    from lmpo.config import check_output_dir, load_config
+    from lmpo.train.loop import run_name, train
 
     config, overrides = _split_args(args.args)
     if args.resume and args.resume != "__config__":  # resume a run folder: its saved config, plus overrides
@@ -33,6 +33,7 @@ def cmd_train(args) -> int:
         config = str(run_dir / "config.yaml")
         overrides += [f"output.dir={run_dir.parent}", f"output.run_name={run_dir.name}"]
     cfg = load_config(config, overrides)
+    check_output_dir(cfg, run_name(cfg))
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print_summary(result)
     return 0
@@ -110,6 +111,10 @@ def cmd_list(args) -> int:
     from lmpo.methods.presets import PRESETS
     from lmpo.registry import ALL_REGISTRIES
 
+    kinds = [*ALL_REGISTRIES, "preset"]
+    if args.kind is not None and args.kind not in kinds:
+        raise LmpoError(f"lmpo list --kind {args.kind!r}: unknown kind.{did_you_mean(args.kind, kinds)} "
+                        f"Valid kinds: {', '.join(kinds)}.")
     for kind, reg in ALL_REGISTRIES.items():
         if args.kind and kind != args.kind:
             continue

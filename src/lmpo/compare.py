@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lmpo.config import load_config
+from lmpo.config import check_writable_folder, load_config
 from lmpo.errors import LmpoError
 from lmpo.train.checkpoint import latest_checkpoint
 from lmpo.train.metrics import read_metrics, series
@@ -136,6 +136,7 @@ def run_compare(config: str | None, methods: list[str], seeds: list[int], overri
     del reuse
     for m in methods:  # fail fast, before any run starts, on a misspelt method or a bad override
         load_config(config, [*overrides, f"method={m}"])
+    check_writable_folder(out, "--out")
     jobs, refused = [], []
     for m in methods:
         for s in seeds:

@@ -2,15 +2,19 @@
 
 Precedence (lowest to highest): field defaults < the ``method`` preset < the YAML file < ``key=value`` overrides.
 Component sections (``advantage``, ``loss``, ``aggregator``, ``selectors``, ``shapers``) are dicts holding ``name``
-plus that component's hyper-parameters; if the user names a different component than the preset, the preset's
-hyper-parameters for that section are dropped. Every key and type is checked, and errors name the key, the file,
-what was expected and the nearest valid key. The resolved config is saved with every run.
+plus that component's hyper-parameters; naming a different component (or ``task``) than the layer below drops that
+layer's hyper-parameters for the section. The overrides are applied together, so their order never matters. Every
+key and type is checked, every numeric setting against the range declared on its field, and errors name the
+key, what was expected, the nearest valid key and where the value came from (the file, or the override as typed).
+The resolved config is saved with every run.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,14 +24,27 @@ from typing import Any
 import yaml
 
 from lmpo.errors import ConfigError, did_you_mean
+from lmpo.methods.params import hp, range_of
+
+# Numeric settings are declared with their valid range (``hp(default, ge=..., gt=..., le=..., lt=...)``, the form
+# of the components' hyper-parameters) and checked by :func:`check_ranges`. What a boundary value means, for the
+# error message:
+RANGE_NOTES = {
+    "rollout.top_k": "0 turns top-k off",
+    "train.max_grad_norm": "a negative norm reverses every update and 0 cancels it; null turns clipping off",
+    "train.threads": "0 or null: torch's default",
+    "eval.every": "0 evaluates only at the start and the end",
+    "eval.pass_k": "0 turns pass@k off",
+    "output.checkpoint_every": "0 checkpoints only at the end",
+}
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = hp(16, ge=1)
+    alpha: int = hp(32, gt=0)
+    dropout: float = hp(0.0, ge=0, lt=1)
     target_modules: Any = "all-linear"
 
 
@@ -37,7 +54,8 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"  # parameter dtype
     autocast: str | None = None  # "bfloat16": bf16 matmuls (params and optimizer stay fp32); "auto": bf16 only if faster here
-    chunk_size: int = 256  # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
+    # tokens per LM-head chunk in log-prob computation (= models.logprobs.DEFAULT_CHUNK_SIZE)
+    chunk_size: int = hp(256, ge=1)
     # recompute in backward instead of keeping: false (keep everything) | attention (the default: the attention
     # blocks of the packed forward; a little less peak memory for a little more update time) | true (whole layers:
     # less memory still, for clearly more update time); figures in docs/results/performance.md
@@ -55,14 +73,16 @@ class TaskConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    prompts_per_step: int = 8
-    num_generations: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    batch_size: int | None = None  # generation sub-batch (rows); None = all at once
-    refill_rounds: int = 0  # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
+    prompts_per_step: int = hp(8, ge=1)
+    num_generations: int = hp(8, ge=1)
+    max_new_tokens: int = hp(64, ge=1)
+    temperature: float = hp(1.0, gt=0)
+    top_p: float = hp(1.0, gt=0, le=1)
+    top_k: int = hp(0, ge=0)
+    # generation sub-batch (rows); None = all at once
+    batch_size: int | None = hp(None, ge=1)
+    # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
+    refill_rounds: int = hp(0, ge=0)
     mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
@@ -73,41 +93,46 @@ class RolloutConfig:
 
 @dataclass
 class KLConfig:
-    beta: float = 0.0
+    beta: float = hp(0.0, ge=0)
     estimator: str = "k3"
     mode: str = "loss"  # "loss": beta*KL added to the per-token loss; "reward": -beta*KL added to token rewards
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float | None = 1.0
+    steps: int = hp(20, ge=0)
+    learning_rate: float = hp(1e-6, gt=0)
+    weight_decay: float = hp(0.0, ge=0)
+    adam_beta1: float = hp(0.9, ge=0, lt=1)
+    adam_beta2: float = hp(0.999, ge=0, lt=1)
+    max_grad_norm: float | None = hp(1.0, gt=0)
     lr_scheduler: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    ppo_epochs: int = 1  # TRL's num_iterations
-    num_minibatches: int = 1  # optimizer steps per epoch
-    micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = whole minibatch
+    warmup_steps: int = hp(0, ge=0)
+    ppo_epochs: int = hp(1, ge=1)  # TRL's num_iterations
+    num_minibatches: int = hp(1, ge=1)  # optimizer steps per epoch
+    # rows per forward/backward (gradient accumulation); None = whole minibatch
+    micro_batch_size: int | None = hp(None, ge=1)
     entropy_coef: float = 0.0
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None = torch default
+    # torch intra-op threads; None = torch default
+    threads: int | None = hp(None, ge=0)
     optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.engine.inbackward.wanted
-    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.engine.tuning.set_mmap_threshold):
+    # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process
+    # (lmpo.engine.tuning.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
-    mmap_threshold_kb: int | None = None
+    mmap_threshold_kb: int | None = hp(None, ge=1, le=32768)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 10  # steps between held-out evaluations (0 = only at start and end)
-    num_prompts: int = 64
-    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
-    pass_k: int = 0  # >0: also sample k completions per prompt and report pass@k
+    # steps between held-out evaluations
+    every: int = hp(10, ge=0)
+    num_prompts: int = hp(64, ge=0)
+    max_new_tokens: int | None = hp(None, ge=1)  # None = rollout.max_new_tokens
+    # >0: also sample k completions per prompt and report pass@k
+    pass_k: int = hp(0, ge=0)
     correct_threshold: float = 1.0  # a completion is correct when its first reward component >= this
-    batch_size: int | None = None
+    batch_size: int | None = hp(None, ge=1)
     at_start: bool = True
 
 
@@ -115,8 +140,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs"
     run_name: str | None = None
-    checkpoint_every: int = 10  # 0 = only at the end
-    keep_checkpoints: int = 1
+    checkpoint_every: int = hp(10, ge=0)
+    keep_checkpoints: int = hp(1, ge=1)
     progress: bool = True
     plot: bool = True
     # trackers that also get every metrics row (TRL's name): tensorboard, mlflow, trackio, wandb, all or none
@@ -153,6 +178,7 @@ class Config:
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
 COMPONENT_LISTS = ("selectors", "shapers", "planners")
+NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task")  # a new name replaces the section whole
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -189,15 +215,16 @@ def _set_path(d: dict, path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """Merge ``over`` into a copy of ``base``; component sections with a new ``name`` replace the old args."""
+def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
+    """Merge ``over`` into a copy of ``base``. A top-level named section (a component, or ``task``) whose ``name``
+    changes is replaced whole: the new component or task does not inherit the old one's hyper-parameters."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            if k in COMPONENT_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
+            if top and k in NAMED_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
                 out[k] = copy.deepcopy(v)
             else:
-                out[k] = deep_merge(out[k], v)
+                out[k] = deep_merge(out[k], v, top=False)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -216,13 +243,54 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class Origin:
+    """Where each setting came from, for error messages: the command-line override that set it, else the file.
+
+    ``origin(key)`` is a suffix like `` (in configs/tiny.yaml)`` or `` (from the command-line override
+    "train.steps=x")``; ``str(origin)`` is the file's suffix (or "").
+    """
+
+    def __init__(self, path: str | Path | None = None, overrides: dict[str, str] | None = None):
+        self.path, self.overrides = path, dict(overrides or {})
+
+    def override_for(self, key: str) -> str | None:
+        """The override that set ``key`` or a section holding it (``rewards[0].name`` -> ``rewards=...``)."""
+        k = re.sub(r"\[\d+\]", "", key)
+        while k:
+            if k in self.overrides:
+                return self.overrides[k]
+            k = k.rpartition(".")[0]
+        return None
+
+    def __call__(self, key: str = "") -> str:
+        ov = self.override_for(key) if key else None
+        return f' (from the command-line override "{ov}")' if ov else str(self)
+
+    def __str__(self) -> str:
+        return f" (in {self.path})" if self.path else ""
+
+    def of_message(self, msg: str) -> str:
+        """The suffix for an error raised deeper down: the override whose key or quoted value the message names."""
+        for key, text in self.overrides.items():
+            value = text.partition("=")[2].strip()
+            if key in msg or (value and f'"{value}"' in msg):
+                return self(key)
+        return str(self)
+
+
 # --------------------------------------------------------------------------- typed conversion
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def coerce(value: Any, tp: Any, where: str, src: str = "") -> Any:
-    """Check ``value`` against the type hint ``tp`` (converting YAML-ish strings like "1e-6"); error names ``where``."""
+def coerce(value: Any, tp: Any, where: str, src: str | Origin = "") -> Any:
+    """Check ``value`` against the type hint ``tp`` (converting YAML-ish strings like "1e-6"); error names ``where``
+    and ``src`` (where the value came from; an :class:`Origin` only for a config section)."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{src(where) if isinstance(src, Origin) else src} must be a mapping of keys, "
+                              f"got {value!r}.")
+        return _build_dataclass(tp, value, where, src)
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -239,10 +307,6 @@ def coerce(value: Any, tp: Any, where: str, src: str = "") -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise ConfigError(f"{where}{src} expects {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__}).")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}{src} must be a mapping of keys, got {value!r}.")
-        return _build_dataclass(tp, value, where, src)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}{src} expects a list, got {value!r} ({type(value).__name__}).")
@@ -275,40 +339,52 @@ def coerce(value: Any, tp: Any, where: str, src: str = "") -> Any:
     return value
 
 
-def _build_dataclass(cls: type, data: dict, where: str, src: str) -> Any:
+def _build_dataclass(cls: type, data: dict, where: str, src: str | Origin) -> Any:
+    origin = src if isinstance(src, Origin) else None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        here = (origin if dataclasses.is_dataclass(hints.get(key)) else origin(path)) if origin else src
         if key not in names:
-            prefix = f"{where}." if where else ""
             raise ConfigError(
-                f'Unknown config key "{prefix}{key}"{src}.{did_you_mean(str(key), names)} '
+                f'Unknown config key "{path}"{here}.{did_you_mean(str(key), names)} '
                 f"Valid keys{' under ' + where if where else ''}: {', '.join(names)}."
             )
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}" if where else key, src)
+        kwargs[key] = coerce(value, hints[key], path, here)
     return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- public API
+def read_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``key=value`` overrides -> one nested dict (applied together, so their order never matters) and, per dotted
+    key, the override as typed (for error messages)."""
+    tree: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_path(tree, keys, value)
+        texts[".".join(keys)] = ov
+    return tree, texts
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Resolve a :class:`Config` from an optional YAML file and ``key=value`` overrides (see module docstring)."""
     from lmpo.methods.presets import PRESETS
 
-    user: dict[str, Any] = load_yaml(path) if path else {}
-    src = f" (in {path})" if path else ""
-    for ov in overrides or []:
-        keys, value = parse_override(ov)
-        _set_path(user, keys, value)
+    tree, texts = read_overrides(overrides or [])
+    origin = Origin(path, texts)
+    user = deep_merge(load_yaml(path) if path else {}, tree)
     method = user.get("method", Config.method)
     if not isinstance(method, str) or method not in PRESETS:
         raise ConfigError(
-            f'Unknown method "{method}"{src}.{did_you_mean(str(method), PRESETS)} '
+            f'Unknown method "{method}"{origin("method")}.{did_you_mean(str(method), PRESETS)} '
             f"Valid methods: {', '.join(sorted(PRESETS))}. Run `lmpo list` to see them with their papers."
         )
     merged = deep_merge(deep_merge(Config().to_dict(), PRESETS[method]), user)
-    cfg = _build_dataclass(Config, merged, "", src)
-    validate(cfg, src)
+    cfg = _build_dataclass(Config, merged, "", origin)
+    validate(cfg, origin)
     from lmpo.engine import apply_perf
 
     apply_perf(cfg)
@@ -351,73 +427,182 @@ def build_components(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def validate(cfg: Config, src: str = "") -> None:
-    """Range and choice checks that types alone cannot express."""
+def validate(cfg: Config, origin: Origin | None = None) -> None:
+    """Range and choice checks that types alone cannot express; errors name the key, the value and the valid range
+    or choices, and where the value came from (``origin``)."""
+    origin = origin or Origin()
+    check_ranges(cfg, origin)
+    _check_choices(cfg, origin)
+    pipeline = _checked_components(cfg, origin)
+    check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
+
+
+def check_ranges(obj: Any, origin: Origin, where: str = "") -> None:
+    """Every numeric setting against the range declared on its field (recursively through the config sections)."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{where}.{f.name}" if where else f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, origin, key)
+            continue
+        rng = range_of(f)
+        if rng is None or isinstance(value, bool) or not isinstance(value, (int, float)) or rng.admits(value):
+            continue  # None and non-numbers (e.g. "auto") are the type's business
+        nullable = " or null" if type(None) in typing.get_args(typing.get_type_hints(type(obj))[f.name]) else ""
+        note = f" ({RANGE_NOTES[key]})" if key in RANGE_NOTES else ""
+        raise ConfigError(f"{key} must be {rng.describe()}{nullable}, got {value!r}{note}{origin(key)}.")
+
+
+def _check_choices(cfg: Config, origin: Origin) -> None:
     from lmpo.ops import KL_ESTIMATORS
 
-    def need(cond: bool, msg: str) -> None:
+    def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ConfigError(msg + src + ".")
+            raise ConfigError(msg + origin(key) + ".")
 
     r, t = cfg.rollout, cfg.train
-    need(r.num_generations >= 1, f"rollout.num_generations must be >= 1, got {r.num_generations}")
-    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
-    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
-    need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
-    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    need(r.backend == "hf", f'rollout.backend must be "hf" (the in-process HuggingFace sampler), got {r.backend!r}')
+    need(r.backend == "hf", "rollout.backend",
+         f'rollout.backend must be "hf" (the in-process HuggingFace sampler), got {r.backend!r}')
     try:
         from lmpo.rollout.modes import mode_options
 
         mode_options(r.mode, r.mode_params)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}{src}") from None
-    need(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
-    need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
-    need(t.ppo_epochs >= 1 and t.num_minibatches >= 1, "train.ppo_epochs and train.num_minibatches must be >= 1")
-    need(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
-    need(t.mmap_threshold_kb is None or 0 < t.mmap_threshold_kb <= 32768,
-         f"train.mmap_threshold_kb must be in 1..32768 (KiB) or null, got {t.mmap_threshold_kb}")
-    need(t.optimizer_in_backward in ("auto", True, False),
+        raise ConfigError(f"{exc}{origin.of_message(str(exc))}") from None
+    need(t.optimizer_in_backward in ("auto", True, False), "train.optimizer_in_backward",
          f"train.optimizer_in_backward must be auto, true or false, got {t.optimizer_in_backward!r}")
     rows = -(-r.prompts_per_step * r.num_generations // t.num_minibatches)
     need(t.optimizer_in_backward is not True or t.micro_batch_size is None or t.micro_batch_size >= rows,
+         "train.micro_batch_size",
          f"train.optimizer_in_backward=true needs each optimizer step's rows ({rows}) in one backward, but "
          f"train.micro_batch_size={t.micro_batch_size} splits them; unset train.micro_batch_size or set "
          "train.optimizer_in_backward=false")
-    need(t.lr_scheduler in ("constant", "linear", "cosine"),
-         f'train.lr_scheduler must be constant, linear or cosine, got {t.lr_scheduler!r}{did_you_mean(t.lr_scheduler, ["constant", "linear", "cosine"])}')
-    need(cfg.kl.estimator in KL_ESTIMATORS, f"kl.estimator must be one of {KL_ESTIMATORS}, got {cfg.kl.estimator!r}")
-    need(cfg.kl.mode in ("loss", "reward"), f'kl.mode must be "loss" or "reward", got {cfg.kl.mode!r}')
-    need(cfg.kl.beta >= 0, f"kl.beta must be >= 0, got {cfg.kl.beta}")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"),
+    schedulers = ["constant", "linear", "cosine"]
+    need(t.lr_scheduler in schedulers, "train.lr_scheduler", f"train.lr_scheduler must be constant, linear or "
+         f"cosine, got {t.lr_scheduler!r}{did_you_mean(t.lr_scheduler, schedulers)}")
+    need(cfg.kl.estimator in KL_ESTIMATORS, "kl.estimator",
+         f"kl.estimator must be one of {KL_ESTIMATORS}, got {cfg.kl.estimator!r}")
+    need(cfg.kl.mode in ("loss", "reward"), "kl.mode", f'kl.mode must be "loss" or "reward", got {cfg.kl.mode!r}')
+    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
          f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    need(cfg.rollout.prepack in ("auto", True, False),
-         f"rollout.prepack must be auto, true or false, got {cfg.rollout.prepack!r}")
-    need(cfg.rollout.decode_kernel in ("auto", True, False),
-         f"rollout.decode_kernel must be auto, true or false, got {cfg.rollout.decode_kernel!r}")
-    need(cfg.rollout.sampler in ("auto", "multinomial", "inverse_cdf"),
-         f"rollout.sampler must be auto, multinomial or inverse_cdf, got {cfg.rollout.sampler!r}"
-         f"{did_you_mean(str(cfg.rollout.sampler), ['auto', 'multinomial', 'inverse_cdf'])}")
-    need(cfg.rollout.lean_decode in ("auto", True, False),
-         f"rollout.lean_decode must be auto, true or false, got {cfg.rollout.lean_decode!r}")
-    need(cfg.model.gradient_checkpointing in (True, False, "attention"),
-         f"model.gradient_checkpointing must be true, false or attention, got {cfg.model.gradient_checkpointing!r}")
-    need(cfg.model.packed_forward in ("auto", True, False),
-         f"model.packed_forward must be auto, true or false, got {cfg.model.packed_forward!r}")
+    for key in ("prepack", "decode_kernel", "lean_decode"):
+        value = getattr(r, key)
+        need(value in ("auto", True, False), f"rollout.{key}",
+             f"rollout.{key} must be auto, true or false, got {value!r}")
+    samplers = ["auto", "multinomial", "inverse_cdf"]
+    need(r.sampler in samplers, "rollout.sampler", f"rollout.sampler must be auto, multinomial or inverse_cdf, "
+         f"got {r.sampler!r}{did_you_mean(str(r.sampler), samplers)}")
+    m = cfg.model
+    need(m.gradient_checkpointing in (True, False, "attention"), "model.gradient_checkpointing",
+         f"model.gradient_checkpointing must be true, false or attention, got {m.gradient_checkpointing!r}")
+    need(m.packed_forward in ("auto", True, False), "model.packed_forward",
+         f"model.packed_forward must be auto, true or false, got {m.packed_forward!r}")
     from lmpo.engine import PERF_MODES
 
-    need(cfg.perf in PERF_MODES, f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")
-    need(cfg.model.autocast in (None, "auto", "float32", "bfloat16", "float16"),
-         f"model.autocast must be auto, float32, bfloat16, float16 or null, got {cfg.model.autocast!r}")
-    try:
-        from lmpo.pipeline import build_pipeline
+    need(cfg.perf in PERF_MODES, "perf",
+         f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")
+    need(m.autocast in (None, "auto", "float32", "bfloat16", "float16"), "model.autocast",
+         f"model.autocast must be auto, float32, bfloat16, float16 or null, got {m.autocast!r}")
 
-        build_pipeline(cfg)  # components, their needs and the extension points
+
+def _checked_components(cfg: Config, origin: Origin) -> Any:
+    """The pipeline (components, their needs and the extension points); its errors say where the value came from."""
+    from lmpo.pipeline import build_pipeline
+
+    try:
+        return build_pipeline(cfg)
     except ConfigError as exc:
-        if src and src.strip() not in str(exc):
-            raise ConfigError(f"{exc}{src}") from None
+        where = origin.of_message(str(exc))
+        if where and where.strip() not in str(exc):
+            raise ConfigError(f"{exc}{where}") from None
         raise
+
+
+def group_of_one_batch(prompts: int = 4):
+    """``prompts`` prompts with one sample each and different rewards: a batch of ``num_generations=1``."""
+    import torch
+
+    from lmpo.batch import RolloutBatch
+
+    b, t = prompts, 3
+    mask = torch.ones(b, t, dtype=torch.bool)
+    logprobs = torch.full((b, t), -1.0)
+    return RolloutBatch(
+        prompt_ids=torch.arange(b * 2).view(b, 2), prompt_mask=torch.ones(b, 2, dtype=torch.bool),
+        response_ids=torch.arange(b * t).view(b, t), response_mask=mask, response_attn=mask.clone(),
+        group_ids=torch.arange(b), rewards=torch.linspace(0.0, 1.0, b), sampler_logprobs=logprobs,
+        old_logprobs=logprobs.clone(), ref_logprobs=logprobs.clone(), truncated=torch.zeros(b, dtype=torch.bool),
+        extras={"entropy": torch.ones(b, t)},
+    )
+
+
+def learns_from_groups_of_one(advantage: Any, loss: Any, prompts: int = 4) -> bool | None:
+    """Does a step whose prompts have one sample each (``num_generations=1``) give the policy any gradient?
+
+    Decided by behaviour, never by name: copies of the built advantage and loss (their state untouched) run on
+    :func:`group_of_one_batch` (``prompts`` rows), and the loss's gradient with respect to the log-probs is checked
+    for a non-zero entry. Group-relative methods (GRPO, RLOO, VCPO, ...) centre each reward on its group's mean and
+    give exactly zero; batch- or tracker-baselined ones (REINFORCE++, SPO) and losses that need no baseline (OTR)
+    do not.
+    ``None`` when the probe cannot tell (a component needs inputs the probe batch lacks).
+    """
+    import torch
+
+    batch = group_of_one_batch(prompts)
+    logprobs = (batch.old_logprobs + torch.linspace(-0.1, 0.1, batch.old_logprobs.numel()).view_as(batch.old_logprobs))
+    logprobs.requires_grad_(True)
+    try:
+        batch = batch.replace(advantages=copy.deepcopy(advantage)(batch))
+        per_token = copy.deepcopy(loss)(logprobs, batch).per_token
+        (grad,) = torch.autograd.grad(per_token.sum(), logprobs, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a probe that cannot run decides nothing; the run itself reports real errors
+        return None
+    return grad is not None and bool(torch.isfinite(grad).all() and (grad != 0).any())
+
+
+def check_group_of_one(cfg: Config, advantage: Any, loss: Any, origin: Origin) -> None:
+    """``rollout.num_generations=1`` is an error when the method learns nothing from groups of one sample."""
+    if cfg.rollout.num_generations != 1:
+        return
+    prompts = max(2, min(cfg.rollout.prompts_per_step, 64))  # the step's batch (a batch of one row never learns)
+    if learns_from_groups_of_one(advantage, loss, prompts) is not False:
+        return
+    from lmpo.methods.presets import PRESETS
+
+    single = sorted(n for n, p in PRESETS.items() if p.get("rollout", {}).get("num_generations") == 1)
+    hint = f", or use a method built for one sample per prompt ({', '.join(f'method={n}' for n in single)})" \
+        if single else ""
+    raise ConfigError(
+        f"rollout.num_generations=1 gives each prompt a group of one sample, and advantage "
+        f'"{cfg.advantage["name"]}" with loss "{cfg.loss["name"]}" compares each sample with the others of its '
+        f"group: a group of one has no learning signal (its gradient is 0) and training would change nothing. "
+        f"Set rollout.num_generations to 2 or more (e.g. 8){hint}{origin('rollout.num_generations')}."
+    )
+
+
+def check_writable_folder(path: str | Path, key: str, shown: str | None = None) -> None:
+    """``path`` is, or can be created as, a folder this process can write in; else a :class:`ConfigError` naming
+    ``key`` and its value ``shown`` (default: ``path``). Nothing is created: the nearest existing folder is probed
+    with a nameless temporary file."""
+    path = Path(path)
+    there = path
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    head = f"{key}={shown if shown is not None else path}"
+    inside = f", so {str(path)!r} cannot be created" if there != path else ""
+    if not there.is_dir():
+        raise ConfigError(f"{head}: {str(there)!r} is a file, not a folder{inside}. Set {key} to a folder.")
+    try:
+        tempfile.TemporaryFile(dir=there).close()
+    except OSError as exc:
+        raise ConfigError(f"{head}: cannot write in {str(there)!r} ({exc.strerror or exc}){inside}. Set {key} to "
+                          "a folder you can write to.") from None
+
+
+def check_output_dir(cfg: Config, run: str | None = None) -> None:
+    """``output.dir`` and the run folder ``run`` inside it must be writable folders (a config error, not a crash)."""
+    check_writable_folder(cfg.output.dir, "output.dir")
+    if run:
+        check_writable_folder(Path(cfg.output.dir) / run, "output.run_name", run)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

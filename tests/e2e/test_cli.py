@@ -1,4 +1,5 @@
-"""The CLI as a user runs it, in a subprocess: train, kill, resume, eval, compare, list, and bad inputs."""
+"""The CLI as a user runs it, in a subprocess: train, kill, resume, eval, compare, list (bad inputs:
+test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 def lmpo(*args, cwd=None, check=True, timeout=300):
     proc = subprocess.run([sys.executable, "-m", "lmpo.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+                              [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     if check and proc.returncode != 0:
         raise AssertionError(f"lmpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -128,70 +129,4 @@ def test_compare_resumes_or_refuses_and_never_clobbers(tmp_path):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
 
 
-# --------------------------------------------------------------------------- bad input
-def bad(tmp_path, *args) -> str:
-    proc = lmpo(*args, check=False)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "lmpo: error:" in proc.stderr, proc.stderr
-    return proc.stderr
-
-
-def test_unknown_method_names_nearest(tmp_path):
-    assert 'Did you mean "grpo"' in bad(tmp_path, "train", TINY, "method=grop")
-
-
-def test_unknown_key_names_nearest(tmp_path):
-    err = bad(tmp_path, "train", TINY, "train.learnin_rate=0.1")
-    assert "train.learnin_rate" in err and "learning_rate" in err
-
-
-def test_wrong_yaml_type_names_key_and_file(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  steps: many\n")
-    err = bad(tmp_path, "train", str(cfg))
-    assert "train.steps" in err and str(cfg) in err and "integer" in err
-
-
-def test_missing_model_file(tmp_path):
-    err = bad(tmp_path, "train", TINY, f"model.name={tmp_path}/nope.gguf", f"output.dir={tmp_path}")
-    assert "nope.gguf" in err
-
-
-def test_dataset_without_named_column(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "1=", "answer": "1"}\n' * 4)
-    err = bad(tmp_path, "train", TINY, "task.name=local", f"task.params={{path: {data}}}", f"output.dir={tmp_path}")
-    assert "prompt" in err and "question" in err
-
-
-def test_empty_dataset(tmp_path):
-    data = tmp_path / "empty.jsonl"
-    data.write_text("")
-    err = bad(tmp_path, "train", TINY, "task.name=local", f"task.params={{path: {data}}}", f"output.dir={tmp_path}")
-    assert "empty" in err.lower() and "empty.jsonl" in err
-
-
-def test_reward_function_raising(tmp_path):
-    err = bad(tmp_path, "train", TINY, "rewards=[{name: 'e2e.bad_rewards:raises'}]", f"output.dir={tmp_path}")
-    assert "e2e.bad_rewards:raises" in err and "sample" in err.lower()
-
-
-def test_reward_function_wrong_length(tmp_path):
-    err = bad(tmp_path, "train", TINY, "rewards=[{name: 'e2e.bad_rewards:wrong_length'}]", f"output.dir={tmp_path}")
-    assert "wrong_length" in err and "1" in err
-
-
-def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
-    err = bad(tmp_path, "train", TINY, "train.learning_rate=1e30", "train.max_grad_norm=null", "train.steps=6",
-              "output.checkpoint_every=1", f"output.dir={tmp_path}", "output.run_name=nan", "eval.every=0")
-    assert "last good checkpoint" in err.lower()
-    ckpts = sorted((tmp_path / "nan" / "checkpoints").glob("step_*"))
-    assert ckpts, "a checkpoint must survive"
-    assert (ckpts[-1] / "model.pt").exists()
-
-
-def test_existing_run_is_not_overwritten(tmp_path):
-    lmpo("train", TINY, "train.steps=1", f"output.dir={tmp_path}", "output.run_name=r")
-    err = bad(tmp_path, "train", TINY, "train.steps=1", f"output.dir={tmp_path}", "output.run_name=r")
-    assert "--resume" in err
+# Bad input (config, data, rewards, damaged run folders): tests/e2e/test_bad_inputs.py

@@ -192,5 +192,5 @@ def test_mmap_threshold_setting():
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
     assert load_config(overrides=[]).train.mmap_threshold_kb is None
     assert load_config(overrides=["train.mmap_threshold_kb=128"]).train.mmap_threshold_kb == 128
-    with pytest.raises(ConfigError, match="mmap_threshold_kb must be in 1..32768"):
+    with pytest.raises(ConfigError, match="mmap_threshold_kb must be in \\[1, 32768\\]"):
         load_config(overrides=["train.mmap_threshold_kb=0"])

@@ -173,7 +173,7 @@ def test_local_errors(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl.*row 1 \\(0-based\\).*empty string"):
         build_task("local", path=bad)
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a"\n')
-    with pytest.raises(DataError, match="broken.jsonl.*could not be read"):
+    with pytest.raises(DataError, match="broken.jsonl.* line 1 is not valid JSON"):
         build_task("local", path=str(tmp_path / "broken.jsonl"))
     with pytest.raises(ConfigError, match="answer_column is null"):
         build_task("local", path=good, prompt_column="question", answer_column=None)

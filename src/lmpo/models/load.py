@@ -273,6 +273,10 @@ def _load_gguf(file: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
     except Exception as err:  # the GGUF reader raises many types (struct, KeyError, NotImplementedError...)
+        short = gguf_shortfall(file)
+        if short:
+            raise ModelError(f'GGUF file "{file}" is truncated: {short}. It was probably cut short by an interrupted '
+                             "download or copy; download or copy it again.") from None
         raise ModelError(f'Could not load GGUF file "{file}": {type(err).__name__}: {err}') from err
     # The weights are fully de-quantised plain tensors; dropping the quantizer marker makes the model
     # serialisable (checkpoints) and trainable like any float model.
@@ -283,6 +287,39 @@ def _load_gguf(file: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         del model.config.quantization_config
     _write_cache(model, tok, cache)
     return model.to(dtype), tok
+
+
+class _PastEnd(Exception):
+    def __init__(self, needed: int):
+        self.needed = needed
+
+
+def gguf_shortfall(file: Path) -> str | None:
+    """Why ``file`` is a truncated GGUF file ("it has N bytes but its header and tensors need at least M"), or
+    ``None`` when nothing the GGUF reader needs lies past its end (or it cannot tell: not a GGUF file at all)."""
+    size = file.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    try:
+        import numpy as np
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+
+    class EndProbe(GGUFReader):  # every read of the GGUF reader goes through _get: catch the first past the end
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+            if end > len(self.data):
+                raise _PastEnd(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    try:
+        EndProbe(str(file))
+    except _PastEnd as cut:
+        return f"it has {size:,} bytes but its header and tensors need at least {cut.needed:,}"
+    except Exception:  # noqa: BLE001 - not readable as GGUF for another reason: the caller reports that
+        return None
+    return None
 
 
 def _write_cache(model: nn.Module, tok, cache: Path) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,14 +49,35 @@ class RewardSpec:
         raise ConfigError(f"Reward spec at {where} must be a name or a mapping with a name, got {spec!r}.")
 
 
+def import_user_module(name: str):
+    """Import a user's module (a reward ``"module:function"``) from ``sys.path`` or, after it, the current folder.
+
+    The current folder is searched however lmpo was started: ``python -m lmpo.cli`` puts it on ``sys.path`` but the
+    ``lmpo`` console script does not, so without this a reward module next to the config would load for
+    ``lmpo compare`` (whose runs are ``python -m`` subprocesses) and not for ``lmpo train``.
+    """
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
 def _import_path(path: str, kwargs: dict) -> RewardFn:
     module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name)
     except ImportError as exc:
         raise ConfigError(
-            f'Cannot load reward "{path}": module "{module_name}" could not be imported ({exc}). Use '
-            f'"package.module:function" with the module importable from the current directory or PYTHONPATH.'
+            f'Cannot load reward "{path}": module "{module_name}" could not be imported ({exc}). lmpo looks for '
+            f"it on PYTHONPATH and in the current folder ({os.getcwd()}): write \"package.module:function\" with "
+            "the module's file there (package/module.py)."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a bug in the user's module (SyntaxError, NameError, ...) at import
+        where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise ConfigError(
+            f'Cannot load reward "{path}": importing module "{module_name}" raised {type(exc).__name__}: '
+            f"{exc}{where}. Fix the module (run `python -c \"import {module_name}\"` to see the full error)."
         ) from None
     if not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_")]

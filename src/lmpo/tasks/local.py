@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -35,11 +36,30 @@ def _load(path: str, what: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(_FORMATS[ext], data_files=path, split="train")
     except Exception as exc:  # noqa: BLE001 - parse errors come from several layers (arrow, json, datasets)
+        bad_line = _first_bad_jsonl_line(path) if ext == ".jsonl" else None
+        if bad_line:
+            raise DataError(f'{what} "{path}" {bad_line}; every line must be one JSON object (a row).') from None
         cause = exc.__cause__ or exc
         raise DataError(
             f'{what} "{path}" could not be read as {ext[1:]}: {type(cause).__name__}: {str(cause)[:300]}'
         ) from None
     return ds.to_list()
+
+
+def _first_bad_jsonl_line(path: str) -> str | None:
+    """Where a JSONL file breaks ("line 3 is not valid JSON (...): ..."), or ``None`` if every line is an object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {i} is not valid JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}"
+            if not isinstance(row, dict):
+                return f"line {i} is a JSON {type(row).__name__}, not an object: {line[:80]!r}"
+    return None
 
 
 @TASKS.register("local", paper="", arxiv="")

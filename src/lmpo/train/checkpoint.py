@@ -76,25 +76,79 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Restore weights (and optimizer/scheduler if given); returns the saved state dict (step, rng, extras)."""
+def _way_out(path: Path) -> str:
+    """What to do about an unreadable checkpoint: the truth depends on whether an older one is kept."""
+    older = sorted(p for p in path.parent.glob("step_*") if p.is_dir() and p.name < path.name)
+    if older:
+        return (f"Delete the folder {str(path)!r} to resume from the one before ({older[-1].name}), or pass "
+                "--overwrite to start the run over.")
+    return ("It is the run's only checkpoint, so the run cannot be resumed: start it over with --overwrite (its "
+            "checkpoints and metrics are replaced) or train into another output.run_name.")
+
+
+class CorruptCheckpoint(LmpoError):
+    """A checkpoint file is missing, truncated or not what lmpo wrote."""
+
+    def __init__(self, path: Path, name: str, why: str):
+        super().__init__(f"Checkpoint file {str(path / name)!r} cannot be read ({why}): it is missing, empty, cut "
+                         f"short or damaged. {_way_out(path)}")
+
+
+def _read(path: Path, name: str, weights_only: bool) -> Any:
+    """``torch.load`` of one checkpoint file; any failure (EOFError, UnpicklingError, ...) names the file."""
     try:
-        weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as exc:
-        raise LmpoError(f"Checkpoint {str(path)!r} cannot be read ({exc}). Delete it to resume from the one before.") from None
-    params = dict(model.named_parameters())
+        return torch.load(path / name, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no data"
+        raise CorruptCheckpoint(path, name, f"{type(exc).__name__}: {detail}") from None
+
+
+def _restore(path: Path, name: str, fn, value) -> None:
+    """``fn(value)`` (a ``load_state_dict``); an error means the file is not what this run wrote."""
+    try:
+        fn(value)
+    except Exception as exc:  # noqa: BLE001
+        why = f"it does not fit this run: {type(exc).__name__}: {str(exc)[:200]}"
+        raise CorruptCheckpoint(path, name, why) from None
+
+
+def _check_weights(path: Path, weights: Any, params: dict[str, torch.Tensor]) -> None:
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise CorruptCheckpoint(path, "model.pt", f"it holds a {type(weights).__name__}, not named tensors")
     missing = [n for n in weights if n not in params]
     if missing:
         raise LmpoError(
             f"Checkpoint {str(path)!r} does not match the model: {len(missing)} saved tensors (e.g. {missing[0]!r}) "
             "have no parameter of that name. Resume with the same model and LoRA settings the run was started with."
         )
+    wrong = [n for n, t in weights.items() if t.shape != params[n].shape]
+    if wrong:
+        n = wrong[0]
+        raise LmpoError(
+            f"Checkpoint {str(path)!r} does not match the model: {n!r} was saved with shape {tuple(weights[n].shape)} "
+            f"but the model's is {tuple(params[n].shape)}. Resume with the same model and LoRA settings the run was "
+            "started with."
+        )
+
+
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Restore weights (and optimizer/scheduler if given); returns the saved state dict (step, rng, extras).
+
+    A missing, empty, truncated or foreign file raises :class:`CorruptCheckpoint` naming it and the way out.
+    """
+    path = Path(path)
+    weights = _read(path, "model.pt", weights_only=True)  # every file is read before anything is restored
+    state = _read(path, "state.pt", weights_only=False)
+    if not isinstance(state, dict) or not {"step", "scheduler", "rng"} <= set(state):
+        raise CorruptCheckpoint(path, "state.pt", "it lacks the step, scheduler and RNG states lmpo saves")
+    optim_state = _read(path, "optimizer.pt", weights_only=False) if optimizer is not None else None
+    params = dict(model.named_parameters())
+    _check_weights(path, weights, params)
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        _restore(path, "optimizer.pt", optimizer.load_state_dict, optim_state)
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        _restore(path, "state.pt", scheduler.load_state_dict, state["scheduler"])
     return state

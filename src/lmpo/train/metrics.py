@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def to_float(v: Any) -> Any:
@@ -21,14 +24,37 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _parse(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """The (line, row) pairs of a ``metrics.jsonl`` and the (1-based) numbers of lines that are not a JSON row with
+    a step (a line torn by a kill during its write)."""
+    rows, bad = [], []
+    for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append((line, row))
+        else:
+            bad.append(i)
+    return rows, bad
+
+
 class MetricsLog:
-    """``metrics.jsonl`` writer; on resume, lines after the checkpoint's step are dropped (they will be redone)."""
+    """``metrics.jsonl`` writer; on resume, lines after the checkpoint's step are dropped (they will be redone), and
+    so are unreadable lines (a kill can tear the last one), with a warning: the checkpoint is the truth."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            rows, bad = _parse(self.path)
+            if bad:
+                logger.warning("%s: dropped %d unreadable line(s) (line %s; a run killed while writing tears "
+                               "its last line); the metrics go on from the checkpoint's step %d.", self.path, len(bad),
+                               ", ".join(map(str, bad)), resume_step)
+            self.path.write_text("".join(line + "\n" for line, row in rows if row["step"] <= resume_step))
         elif resume_step is None:
             self.path.write_text("")
 
@@ -40,8 +66,9 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The readable rows of a ``metrics.jsonl`` (a torn line is skipped)."""
     p = Path(path)
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    return [row for _, row in _parse(p)[0]] if p.exists() else []
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
