@@ -174,6 +174,9 @@ class _LinearRunner:
         lp = batch.sampler_logprobs + self.theta
         return lp, torch.zeros_like(lp)
 
+    def forward(self, batch, with_entropy=False, entropy_grad=True, hidden=False):
+        return (*self.logprobs(batch, with_entropy, entropy_grad), None)
+
 
 def test_missing_old_logprobs_off_policy_is_an_error_not_a_ratio_of_one():
     b = random_batch(seed=0).replace(old_logprobs=None)

@@ -171,6 +171,9 @@ class _FakeRunner:
         lp = batch.sampler_logprobs + self.model.theta * batch.response_ids.float() / 10
         return lp, torch.zeros_like(lp)
 
+    def forward(self, batch, with_entropy=False, entropy_grad=True, hidden=False):
+        return (*self.logprobs(batch, with_entropy, entropy_grad), None)
+
 
 def _update(loss_fn, opt_cls=torch.optim.SGD, **settings):
     from lmpo.methods.aggregate import TokenMean as Agg

@@ -162,6 +162,9 @@ class _Runner:
     def logprobs(self, mb, with_entropy=False, entropy_grad=True):
         return self.lp, torch.zeros_like(self.lp)
 
+    def forward(self, batch, with_entropy=False, entropy_grad=True, hidden=False):
+        return (*self.logprobs(batch, with_entropy, entropy_grad), None)
+
 
 def test_trainer_on_policy_uses_detached_current_logprobs_against_sampler():
     # On-policy (old_logprobs None), minibatch_loss sets old = lp.detach(): r = 1 and rho = exp(lp - sampler).
