@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmpo.config import Config, save_config
+from lmpo.config import Config, check_writable_folder, save_config
 from lmpo.errors import ConfigError, LmpoError
 from lmpo.train.checkpoint import latest_checkpoint
 from lmpo.train.metrics import read_metrics
@@ -187,14 +187,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------ checks (read-only)
     def _check_output_dir(self) -> None:
-        p = self.path
-        while not p.exists() and p != p.parent:
-            p = p.parent
-        if not p.is_dir():
-            raise ConfigError(f"output.dir: {str(p)!r} is a file, not a folder; run folder {str(self.path)!r} "
-                              "cannot be created there.")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"output.dir: {str(p)!r} is not writable; pick another output.dir.")
+        check_writable_folder(self.path, "output.dir", str(self.path.parent))
 
     def plan(self, resume: bool, overwrite: bool, steps: int) -> Plan:
         """Decide what to do in the folder, refusing anything that would lose a run; writes nothing but the lock
