@@ -273,3 +273,17 @@ def exact_reward(prompts, completions, columns):
     """1 where the completion equals the ``answer`` column, else 0; (rewards (B,), components (B, 1))."""
     r = torch.tensor([float(c == a) for c, a in zip(completions, columns["answer"])])
     return r, r[:, None]
+
+
+def write_small_gguf(path) -> None:
+    """A one-tensor GGUF file (a 64 x 32 embedding of ones) at ``path``, for tests of damaged model files."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -20,6 +20,8 @@ import pytest
 
 from lmpo.cli import main
 
+from factories import write_small_gguf
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUICK = ["eval.num_prompts=4", "eval.every=0"]
@@ -184,17 +186,9 @@ def test_missing_model_file(tmp_path, capsys):
 
 
 def test_truncated_gguf_says_truncated(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-
+    pytest.importorskip("gguf")
     path = tmp_path / "model.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_small_gguf(path)
     path.write_bytes(path.read_bytes()[:-1000])
     err = fails(lmpo("train", TINY, f"model.name={path}", f"output.dir={tmp_path / 'runs'}"),
                 str(path), "is truncated", "again")

@@ -7,13 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from lmpo.errors import ConfigError, DataError, LmpoError, ModelError
 from lmpo.models.load import gguf_shortfall, load_model
 from lmpo.models.tiny import build_tiny_model
+
+from factories import write_small_gguf
 from lmpo.rewards.reward_set import resolve_reward
 from lmpo.tasks.local import _load
 from lmpo.train.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
@@ -120,15 +121,9 @@ def test_metrics_after_the_checkpoint_are_dropped_silently(tmp_path, caplog):
 # --------------------------------------------------------------------------- GGUF
 @pytest.fixture
 def gguf_file(tmp_path) -> Path:
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_small_gguf(path)
     return path
 
 
