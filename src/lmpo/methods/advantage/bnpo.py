@@ -23,7 +23,10 @@ Differences from GRPO: the normaliser is a Beta density whose shape follows the 
 instead of the group std.
 
 Gaps filled (stated here, not in the paper):
-- R_min / R_max: ``r_min`` / ``r_max`` fields; ``None`` (default) uses the batch min / max (a constant batch gives 0).
+- R_min / R_max: ``r_min`` / ``r_max`` fields, fixed at [0, 1] by default as in the released code (issue 21: lmpo
+  used to take the batch min / max, which a reward-bounded paper does not; on a batch whose rewards are {0, 0.5} that
+  doubled R~ and gave advantages ~3.5x the official ones). Set them to the reward function's own bounds when those
+  are not [0, 1]; rewards outside the range are not clipped.
 - fewer than two prompts, or v = 0 (all prompts with the same success rate): the moment fit is undefined or a point
   mass; we use alpha = beta = 1 (no normalisation).
 - summed token rewards (KL-in-reward), when present, are added to the outcome reward before rescaling.
@@ -69,13 +72,13 @@ class BNPOAdvantage:
     """A = (R~ - p_q) / Beta_{alpha,beta}(p_q) with batch-adaptive alpha, beta (arXiv:2506.02864 Eq. 9-10).
 
     Args:
-        r_min, r_max: reward range used to rescale to [0, 1] (``None``: the batch min / max).
+        r_min, r_max: the reward function's range, used to rescale to [0, 1] (released code: fixed 0 and 1).
         alpha, beta: fix the Beta parameters instead of fitting them (``None``: adaptive, the paper's method).
         decompose: average the BNPO advantages of each column of ``reward_components`` (advantage decomposition).
     """
 
-    r_min: float | None = None
-    r_max: float | None = None
+    r_min: float = 0.0
+    r_max: float = 1.0
     alpha: float | None = hp(None, gt=0)
     beta: float | None = hp(None, gt=0)
     decompose: bool = False
@@ -84,10 +87,7 @@ class BNPOAdvantage:
 
     def single(self, r: Tensor, group_ids: Tensor) -> Tensor:
         """BNPO advantage (B,) of one reward column (B,)."""
-        lo = r.min() if self.r_min is None else torch.tensor(self.r_min, dtype=r.dtype)
-        hi = r.max() if self.r_max is None else torch.tensor(self.r_max, dtype=r.dtype)
-        span = hi - lo
-        r01 = (r - lo) / torch.where(span > 0, span, torch.ones_like(span))  # constant batch -> all 0 -> A = 0
+        r01 = (r - self.r_min) / (self.r_max - self.r_min)  # r_min < r_max is a declared constraint
         p = ops.group_mean(r01, group_ids)
         if self.alpha is None or self.beta is None:
             inv, n = ops.group_index(group_ids)

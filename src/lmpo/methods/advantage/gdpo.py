@@ -19,6 +19,10 @@ instead of on the summed reward, and a batch-level normalisation follows.
 
 Gaps filled:
 - std is Bessel-corrected (``torch.std``), the convention of the released TRL/verl code; singleton groups give 0.
+- eps = 1e-4 on every std, the authors' value (lmpo used 1e-6 until issue 21).
+- the batch normalisation runs over the rows that have trainable tokens only, as the released code's masked
+  whitening does: a row whose tokens were all masked (e.g. by overlong masking) keeps its group statistics but
+  neither shifts the batch mean nor widens the batch std (until issue 21 lmpo whitened over every row).
 - ``batch.rewards`` is used as the single column when ``reward_components`` is absent (K = 1).
 - summed token rewards (KL-in-reward, process rewards), when present, enter as one more column.
 - The reward weights of the config's reward set are not carried in the batch; ``weights`` (w_k) is this component's
@@ -57,12 +61,12 @@ class GDPOAdvantage:
     Args:
         weights: w_k per reward column (``None`` = 1 for every column); length must match K at call time.
         batch_norm: apply the batch-level re-normalisation of the summed advantage (the paper's default).
-        eps: added to every std.
+        eps: added to every std (authors: 1e-4).
     """
 
     weights: list[float] | None = None
     batch_norm: bool = True
-    eps: float = hp(1e-6, ge=0)
+    eps: float = hp(1e-4, ge=0)
     needs: ClassVar[frozenset[str]] = frozenset()
     constraints: ClassVar[tuple[Rule, ...]] = (
         rule(lambda weights: weights is None or len(weights) > 0,
@@ -84,8 +88,8 @@ class GDPOAdvantage:
             a_sum = a_sum + w[k] * a_k
         adv = a_sum
         if self.batch_norm:
-            every = torch.ones_like(a_sum, dtype=torch.bool)
-            adv = ops.masked_whiten(a_sum, every, eps=self.eps)
+            trained = batch.response_mask.any(-1)  # rows with trainable tokens (released code: masked whitening)
+            adv = ops.masked_whiten(a_sum, trained, eps=self.eps)
         return ops.zero_outside(adv[:, None], batch.response_mask)
 
 

@@ -10,6 +10,14 @@ Papers:
 
 R is the outcome return: ``batch.rewards`` plus the sum of ``batch.token_rewards`` when present (KL-in-reward or
 process rewards). std uses Bessel's correction, as ``torch.std`` in TRL and verl.
+
+Singleton groups (a prompt with one scored response, e.g. after filtering or with uneven planners): by default the
+advantage is 0. The formula itself gives it: the group mean of one reward is that reward, so R - mean = 0 (and the
+std of one value is taken as 0, not NaN); a group of one has no baseline, so it carries no group-relative signal, and
+passing R through would mix an uncentred REINFORCE term of another scale into a centred batch. verl's
+``compute_grpo_outcome_advantage`` instead sets mean 0 and std 1 for a group of one, so the raw score passes through
+(R / (1 + eps) with the std division); ``singleton="raw"`` reproduces that for parity (with ``std_level="batch"``
+the singleton's R is divided by the batch std like every other row).
 """
 
 from __future__ import annotations
@@ -48,20 +56,28 @@ class GRPOAdvantage:
         scale_by_std: divide by the std (False gives Dr. GRPO, arXiv:2503.20783 Eq. 3).
         std_level: "group" (std within each prompt's group) or "batch" (one std over the batch).
         eps: added to the std so an all-equal group gives A = 0 rather than 0/0.
+        singleton: "zero" (a group of one gets A = 0, the group-relative formula) or "raw" (verl: mean 0, std 1).
     """
 
     scale_by_std: bool = True
     std_level: str = hp("group", choices=("group", "batch"))
     eps: float = 1e-6
+    singleton: str = hp("zero", choices=("zero", "raw"))
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
         r = outcome_returns(batch)
         adv = ops.group_centered(r, batch.group_ids)
+        alone = ops.group_count(batch.group_ids, r.dtype) == 1 if self.singleton == "raw" else None
+        if alone is not None:  # verl: a group of one has mean 0 (and std 1 below)
+            adv = torch.where(alone, r, adv)
         if self.scale_by_std:
             if self.std_level == "group":
                 std = ops.group_std(r, batch.group_ids)
+                if alone is not None:
+                    std = torch.where(alone, torch.ones_like(std), std)
             else:  # one std over the batch (0, not NaN, for a single row)
                 std = ops.masked_var(r, torch.ones_like(r, dtype=torch.bool)).sqrt().expand_as(r)
-            adv = adv / (std + self.eps)
+            den = std + self.eps  # a zero std means zero deviations: / 1 keeps eps = 0 finite
+            adv = adv / torch.where(den > 0, den, torch.ones_like(den))
         return broadcast(adv, batch.response_mask)

@@ -10,15 +10,21 @@ Per question q with positives O+ and negatives O- (questions with no positive or
     DisCO   J_q = mean_{O+} s - tau log sum_{O-} exp(s / tau)     (distributionally-robust log-sum-exp)
     DisCO-b J_q = mean_{O+} s - mean_{O-} s                        (balanced)
 Trust region KL(pi_old || pi) <= delta via a squared-hinge penalty (the paper's constrained form):
-    loss = -(1/N_q) sum_q J_q + beta sg(max(0, K - delta)) K,   K = mean of k_t = r_t - 1 - log r_t, r = pi/pi_old,
-whose gradient is that of (beta/2) max(0, K - delta)^2.
+    loss = -(1/N_q) sum_q J_q + beta sg(max(0, K - delta)) K,   K = token mean over the batch of
+    k_t = r_t - 1 - log r_t, r = pi/pi_old, whose gradient is that of (beta/2) max(0, K - delta)^2.
+K is the mean over every trained token of the call (the released code's masked mean over the micro-batch), so a long
+response weighs more than a short one. Until issue 21 lmpo averaged per sequence and then over sequences, which
+changes when the hinge fires: a 1-token row with k = 0.0103 next to a 99-token row with k = 0 gave K = 0.00514 and a
+penalty coefficient 1e3 (K - 1e-4) = 5.04 where the official K = 1.03e-4 gives 0.0027. The paper does not define the
+sequence-mean form, so it is not kept as an option.
 
 Differs from GRPO: no advantage, no clip, no difficulty (p(1-p)) weighting of questions; the score gap between correct
 and incorrect answers of a question is maximised directly, and stability comes from the KL hinge, not from a clip.
 
 Per-token form: every trained token of row i carries -J_{q(i)} (a differentiable function of all scores of i's group)
-plus beta h k_it (h the detached hinge). With ``seq_mean_token_mean`` this is exactly the loss above for equal group
-sizes (the paper divides by the number of distinct questions), K being the mean over rows of their token-mean k.
+plus beta h k_it L_i / L_bar (h the detached hinge, L_i the row's trained tokens, L_bar their mean over the call's
+rows). With ``seq_mean_token_mean`` this is exactly the loss above for equal group sizes (the paper divides by the
+number of distinct questions): (1/N) sum_i (1/L_i) sum_t beta h k_it L_i / L_bar = beta h sum_it k_it / sum_i L_i.
 Gaps filled: labels are ``reward > threshold``; K is measured on the rows of the call, as the released code measures it
 per micro-batch, and a question couples its rows -- keep each group within one micro-batch (see REAL). The code's
 log-sum-exp term has value S/sg(S) (gradient only); we use the true value, which has the same gradient. The paper's
@@ -92,11 +98,13 @@ class DisCOLoss:
         has_pos = ops.group_sum(pos.to(s.dtype), batch.group_ids) > 0
         valid = member & has_pos & has_neg
         row = ops.zero_outside(neg_term - pos_mean, valid)  # -J_q on every row of a valid group
-        # KL(pi_old || pi) estimate per token, r - 1 - log r >= 0; K = mean over rows of the token mean
+        # KL(pi_old || pi) estimate per token, r - 1 - log r >= 0; K = token mean over the call (released code)
         k = ops.zero_outside(torch.expm1(log_r) - log_r, mask)
-        K = ops.masked_mean(ops.masked_mean(k, mask, dim=-1), member).detach()
+        K = ops.masked_mean(k, mask).detach()
         hinge = self.beta * (K - self.delta).clamp_min(0.0)
-        per_token = ops.zero_outside(row[:, None] + hinge * k, mask)
+        lengths = mask.sum(-1).to(k.dtype)  # L_i; weight L_i / L_bar turns the row-then-token mean into a token mean
+        weight = lengths / ops.masked_mean(lengths, member).clamp_min(1.0)
+        per_token = ops.zero_outside(row[:, None] + hinge * weight[:, None] * k, mask)
         metrics = {
             "loss/kl_old": K,
             "loss/kl_hinge": hinge,

@@ -7,6 +7,9 @@ Eq. 13 (GSPO-token): s_{i,t} = sg[s_i] * pi(y_t)/sg[pi(y_t)], which has the valu
 advantage per sequence, the same gradient as GSPO; it also admits token-level advantages. We implement this form,
 so per-token losses are constant within a sequence and the ``seq_mean_token_mean`` aggregator recovers Eq. 5.
 Differs from GRPO: clipping acts on whole responses, not tokens. Paper defaults eps_low = 3e-4, eps_high = 4e-4.
+Metric ``loss/clip_frac`` is the fraction of trained *tokens* whose (sequence) ratio is clipped, as verl's GSPO and
+lmpo's other losses count it (issue 21: it used to count sequences, which is not comparable across libraries; a long
+clipped response now weighs by its length).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class GSPOLoss:
         loss, clipped = clipped_surrogate(ratio, batch.advantages, self.epsilon, self.epsilon_high, None)
         rows = mask.any(-1)  # rows with no trained token are not sequences
         metrics = {
-            "loss/clip_frac": ops.masked_mean((clipped & mask).any(-1).float(), rows).detach(),
+            "loss/clip_frac": ops.masked_mean(clipped.float(), mask).detach(),  # token fraction, like the peers
             "loss/ratio_mean": ops.masked_mean(seq_log_ratio.exp(), rows).detach(),
         }
         return LossOut(ops.zero_outside(loss, mask), metrics)

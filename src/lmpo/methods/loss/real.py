@@ -9,7 +9,11 @@ positives O+ (reward 1) and negatives O- (reward 0):
 The "1 +" is the anchor logit 0: |dL_q/ds_k| = (1/tau) exp(-+s_k/tau) / (1 + sum ...) <= 1/tau, monotone in s_k, so a
 low-probability positive gets *more* push than a likely one and no single negative can dominate.
 Groups that are all-correct or all-wrong are dropped (L_q = 0). Variant "bce": per rollout
-BCE(s_i / tau, label_i) = softplus(-+s_i / tau), the pointwise form (the paper's vanilla-BCE ablation).
+BCE(s_i / tau, label_i) = softplus(-+s_i / tau), the pointwise form (the paper's vanilla-BCE ablation), averaged over
+the rollouts of valid groups only, as the released code does (issue 21: lmpo used to divide by every row, which
+shrank the loss by the fraction of valid rows). In per-token form a valid row carries BCE_i N_rows / N_valid, so
+``seq_mean_token_mean`` gives sum_{valid} BCE_i / N_valid; N_rows and N_valid are counted on the rows of the call
+(the released code's micro-batch).
 
 Differs from GRPO: no advantage, no ratio clip, no std; rewards are class labels and the loss is a softplus on a
 length-normalised sequence score, coupled across the group.
@@ -90,8 +94,9 @@ class REALLoss:
             lse_neg, _ = group_logsumexp(s, batch.group_ids, neg)
             # log(1 + sum exp(x)) = softplus(logsumexp(x)); an empty set contributes log(1 + 0) = 0
             row = ops.zero_outside(F.softplus(lse_pos), has_pos) + ops.zero_outside(F.softplus(lse_neg), has_neg)
-        else:
-            row = F.softplus(torch.where(pos, -s, s))
+        else:  # mean over the rollouts of valid groups (released code): rescale by N_rows / N_valid
+            n_valid = valid.sum().clamp_min(1).to(s.dtype)
+            row = F.softplus(torch.where(pos, -s, s)) * (member.sum().to(s.dtype) / n_valid)
         row = ops.zero_outside(row, valid)
         per_token = ops.zero_outside(row[:, None].expand_as(logprobs), mask)
         metrics = {

@@ -63,18 +63,35 @@ def test_all_equal_group_and_constant_batch_zero():
     assert torch.equal(BNPOAdvantage()(make_batch([0.7] * 4, [0, 0, 1, 1], T=2)), torch.zeros(4, 2))
 
 
+# Issue 21 example (released code: the reward range is fixed to [0, 1], not the batch's min / max).
+# Rewards in {0, 0.5}: groups [0.5, 0, 0, 0] (p = 0.125) and [0.5, 0.5, 0, 0] (p = 0.25); R~ = R.
+#   m = 0.1875, unbiased v = 2 * 0.0625^2 = 0.0078125, m (1 - m) = 0.15234375 -> c = 19.5 - 1 = 18.5
+#   alpha = 1 + 18.5 * 0.1875 / 3 = 2.15625, beta = 1 + 18.5 * 0.8125 / 3 = 6.0104...
+#   row 0: (0.5 - 0.125) / f(0.125), row 1: -0.125 / f(0.125), row 4: 0.25 / f(0.25), row 6: -0.25 / f(0.25)
+# (The old batch min/max rescaling doubled R~ and refitted alpha/beta: ~3.5x these advantages.)
+def test_hand_issue21_fixed_unit_range():
+    R = [0.5, 0, 0, 0, 0.5, 0.5, 0, 0]
+    adv = BNPOAdvantage()(make_batch(R, [0] * 4 + [1] * 4, T=1))[:, 0]
+    al, be = 2.15625, 1 + 18.5 * 0.8125 / 3
+    f1, f2 = beta_pdf(0.125, al, be), beta_pdf(0.25, al, be)
+    exp = [0.375 / f1] + [-0.125 / f1] * 3 + [0.25 / f2] * 2 + [-0.25 / f2] * 2
+    assert_close(adv, torch.tensor(exp))
+    assert 0.15 < adv[0] < 0.152  # 0.1509 (the batch-range rescaling gave 0.5185)
+
+
 def test_rescaling_and_decomposition():
-    # rewards {0, 4}: R~ = R / 4, so BNPO(R) = BNPO(R / 4); decomposition of one component = plain BNPO
+    # rewards {0, 4} with the declared range [0, 4]: R~ = R / 4, so BNPO(R) = BNPO(R / 4) on [0, 1];
+    # decomposition of one component = plain BNPO
     R = torch.tensor([4.0, 0, 0, 4, 4, 4, 0, 0, 0])
     g = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     b4, b1 = make_batch(R, g, T=1), make_batch(R / 4, g, T=1)
-    assert_close(BNPOAdvantage()(b4), BNPOAdvantage()(b1))
     assert_close(BNPOAdvantage(r_min=0.0, r_max=4.0)(b4), BNPOAdvantage()(b1))
+    assert_close(BNPOAdvantage(r_min=-1.0, r_max=1.0)(make_batch(R / 2 - 1, g, T=1)), BNPOAdvantage()(b1))
     dec = BNPOAdvantage(decompose=True)
-    assert_close(dec(b4.replace(reward_components=R[:, None])), BNPOAdvantage()(b4))
+    assert_close(dec(b1.replace(reward_components=(R / 4)[:, None])), BNPOAdvantage()(b1))
     # two components: the mean of the per-component advantages
     c = torch.stack([R / 4, 1 - R / 4], 1)
-    b = b4.replace(reward_components=c)
+    b = b1.replace(reward_components=c)
     exp = (BNPOAdvantage()(make_batch(c[:, 0], g, T=1)) + BNPOAdvantage()(make_batch(c[:, 1], g, T=1))) / 2
     assert_close(dec(b), exp)
 
@@ -89,8 +106,8 @@ def test_bad_config():
 # --------------------------------------------------------------------------- loop reference
 def loop_bnpo(R, groups, mask):
     B = len(R)
-    lo, hi = min(R), max(R)
-    r = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in R]
+    lo, hi = 0.0, 1.0  # the released code's fixed reward range
+    r = [(x - lo) / (hi - lo) for x in R]
     gids = sorted(set(groups))
     pq = {q: sum(r[i] for i in range(B) if groups[i] == q) / groups.count(q) for q in gids}
     ps = [pq[q] for q in gids]
@@ -116,6 +133,7 @@ def loop_bnpo(R, groups, mask):
 @pytest.mark.parametrize("seed", range(10))
 def test_matches_loop_reference(seed):
     b = random_batch(seed, discrete_rewards=seed % 2 == 0)
+    b = b.replace(rewards=torch.sigmoid(b.rewards) if seed % 2 else b.rewards)  # rewards in the fixed range [0, 1]
     got = BNPOAdvantage()(b)
     exp = loop_bnpo(b.rewards.tolist(), b.group_ids.tolist(), b.response_mask.tolist())
     assert_close(got, exp, atol=1e-5, rtol=1e-5)
@@ -123,7 +141,7 @@ def test_matches_loop_reference(seed):
 
 # --------------------------------------------------------------------------- gradient
 def test_gradcheck_float64():
-    # gradient of A w.r.t. the rewards, through the rescaling, the group means and the fitted alpha/beta
+    # gradient of A w.r.t. the rewards, through the group means and the fitted alpha/beta
     R = torch.tensor([0.9, 0.1, 0.3, 0.6, 0.8, 0.45, 0.2, 0.0, 1.0], dtype=torch.float64)
     g = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     mask = torch.ones(9, 1, dtype=torch.bool)

@@ -91,8 +91,9 @@ def loop_gdpo(comps, groups, mask, weights, eps):
             m = sum(members) / len(members)
             s = math.sqrt(sum((x - m) ** 2 for x in members) / (len(members) - 1)) if len(members) > 1 else 0.0
             a_sum[i] += weights[k] * (comps[i][k] - m) / (s + eps)
-    m = sum(a_sum) / B
-    s = math.sqrt(sum((x - m) ** 2 for x in a_sum) / (B - 1)) if B > 1 else 0.0
+    rows = [i for i in range(B) if any(mask[i])]  # the batch stage whitens rows with trainable tokens only
+    m = sum(a_sum[i] for i in rows) / len(rows)
+    s = math.sqrt(sum((a_sum[i] - m) ** 2 for i in rows) / (len(rows) - 1)) if len(rows) > 1 else 0.0
     adv = [(x - m) / (s + eps) for x in a_sum]
     return torch.tensor([[adv[i] if mask[i][t] else 0.0 for t in range(len(mask[0]))] for i in range(B)])
 
@@ -106,8 +107,26 @@ def test_matches_loop_reference(seed):
     b = b.replace(reward_components=comps)
     w = [1.0, 0.5, 2.0][:K]
     got = GDPOAdvantage(weights=w)(b)
-    exp = loop_gdpo(comps.tolist(), b.group_ids.tolist(), b.response_mask.tolist(), w, 1e-6)
+    exp = loop_gdpo(comps.tolist(), b.group_ids.tolist(), b.response_mask.tolist(), w, 1e-4)
     assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_hand_issue21_whiten_trained_rows_only_eps_1e4():
+    # Released code: the batch whitening uses the rows with trainable tokens only, eps = 1e-4 on every std.
+    # K = 1; group 0 = [1, 0], group 1 = [1, 0, 0] whose last row was masked out (no trainable token).
+    #   group z-scores (unbiased std + 1e-4): g0 std sqrt(1/2): +-0.5 / (0.707107 + 1e-4)
+    #                                        g1 mean 1/3, std sqrt((4/9 + 1/9 + 1/9) / 2) = sqrt(1/3)
+    #   batch stage over rows 0..3 only (row 4 still has its group score but no say in mean / std)
+    eps = 1e-4
+    s0, s1 = math.sqrt(0.5), math.sqrt(1 / 3)
+    a = [0.5 / (s0 + eps), -0.5 / (s0 + eps), (2 / 3) / (s1 + eps), (-1 / 3) / (s1 + eps), (-1 / 3) / (s1 + eps)]
+    m = sum(a[:4]) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in a[:4]) / 3)
+    exp = [(x - m) / (sd + eps) for x in a[:4]] + [0.0]
+    b = make_batch([1.0, 0.0, 1.0, 0.0, 0.0], [0, 0, 1, 1, 1], [[1, 1], [1, 0], [1, 1], [1, 1], [0, 0]])
+    got = GDPOAdvantage()(b)
+    assert_close(got[:, 0], torch.tensor(exp), atol=1e-6, rtol=1e-6)
+    assert abs(sum(got[:4, 0].tolist())) < 1e-5  # zero mean over the trained rows
 
 
 def test_token_rewards_are_an_extra_column():

@@ -188,3 +188,19 @@ def test_jacobian_grpo_analytic():
     d = R - m
     exp = (torch.eye(4) - 1.0 / n) / s - d[:, None] * d[None, :] / ((n - 1) * s**3)
     assert_close(J, exp)
+
+
+def test_hand_singleton_groups_zero_or_verl_raw():
+    # groups [0, 0, 1], rewards [1, 0, 0.7], eps = 0.
+    #   pair: mean 0.5, unbiased std sqrt(0.5) -> +-0.5 / 0.707107 = +-0.707107
+    #   singleton, default: R - mean(R) = 0 (no baseline, no group-relative signal)
+    #   singleton, "raw" (verl's compute_grpo_outcome_advantage: mean 0, std 1 for a group of one): 0.7 / 1
+    #   Dr. GRPO (no std) "raw": 0.7 - 0 = 0.7
+    b = make_batch([1.0, 0.0, 0.7], [0, 0, 1], T=1)
+    h = 0.5 / math.sqrt(0.5)
+    assert_close(GRPOAdvantage(eps=0.0)(b)[:, 0], torch.tensor([h, -h, 0.0]))
+    assert_close(GRPOAdvantage(eps=0.0, singleton="raw")(b)[:, 0], torch.tensor([h, -h, 0.7]))
+    assert_close(GRPOAdvantage(eps=0.1, singleton="raw")(b)[2, 0], torch.tensor(0.7 / 1.1))  # verl: / (1 + eps)
+    assert_close(GRPOAdvantage(scale_by_std=False, singleton="raw")(b)[:, 0], torch.tensor([0.5, -0.5, 0.7]))
+    with pytest.raises(ConfigError, match="advantage.singleton"):
+        from_config(GRPOAdvantage, singleton="pass")

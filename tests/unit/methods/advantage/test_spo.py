@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -48,21 +49,47 @@ def test_forgetting_factor():
     assert_close(forgetting(d[:1], 0.06, 0.875, 0.96), torch.tensor([0.875], dtype=torch.float64))
 
 
-def test_kl_adaptive_update_uses_the_stored_response():
+def test_kl_adaptive_update_uses_actor_logprobs_after_previous_update():
+    # Released recipe (issue 21): D compares the stored response's actor log-probs recomputed right after the
+    # previous visit's update with the current policy's, not the sampler's log-probs.
+    # Visit 1: response [5, 6], sampler log-probs [-1, -2]; after the update the actor gives [-1.1, -2.2] (stored).
+    #   no stored response yet -> rho_max: alpha = 0.96 * 0.5 + 1 = 1.48, beta = 0.96 * 0.5 = 0.48
+    # Visit 2: the policy now gives the stored response [-1.13, -2.29]: |d| = 0.03, 0.09 -> D = 0.06 = D_half
+    #   -> rho = 0.5: alpha = 0.74, beta = 0.24 + 1 = 1.24 (reward 0). The sampler-based D would be
+    #   (0.13 + 0.29) / 2 = 0.21 -> rho = 2^-3.5 = 0.088 -> rho_min 0.1.
     spo = SPOAdvantage(rho_min=0.1, rho_max=0.96)
+    calls = []
+
+    def policy(b):
+        first = int(b.response_ids[0, 0])
+        calls.append(first)
+        return {5: torch.tensor([[-1.1, -2.2]]) if len(calls) == 1 else torch.tensor([[-1.13, -2.29]]),
+                7: torch.tensor([[-0.5, -0.7]])}[first]
+
     first = with_keys(make_batch([1.0], T=2), ["x"])
-    first.sampler_logprobs = torch.tensor([[-1.0, -2.0]])
-    spo.observe(first)  # first visit: rho_max -> alpha = 0.96*0.5 + 1 = 1.48, beta = 0.48
+    first = first.replace(response_ids=torch.tensor([[5, 6]]), sampler_logprobs=torch.tensor([[-1.0, -2.0]]))
+    spo.observe(first, policy)
     assert spo.state["tracker"]["x"][:2] == pytest.approx([1.48, 0.48])
-    seen = {}
-
-    def current(replay):  # the policy moved: |dlogp| = 0.03 and 0.09 -> D = 0.06 = D_half -> rho = 0.5
-        seen["ids"] = replay.response_ids.clone()
-        return torch.tensor([[-1.03, -2.09]])
-
-    spo.observe(with_keys(make_batch([0.0], T=2), ["x"]), current)
-    assert seen["ids"].tolist() == [[0, 0]]  # the replayed response is the stored one
+    assert spo.state["tracker"]["x"][3:] == [[5, 6], pytest.approx([-1.1, -2.2])]  # actor's, not the sampler's
+    second = with_keys(make_batch([0.0], T=2), ["x"]).replace(response_ids=torch.tensor([[7, 8]]))
+    spo.observe(second, policy)
+    assert calls == [5, 5, 7]  # the stored response replayed, then the new one scored for the next visit
     assert spo.state["tracker"]["x"][:2] == pytest.approx([0.5 * 1.48, 0.5 * 0.48 + 1.0])
+    assert spo.state["tracker"]["x"][3:] == [[7, 8], pytest.approx([-0.5, -0.7])]
+
+
+def test_offline_initialisation(tmp_path):
+    # Released recipe: alpha_0 = N_init (s + 0.5) / (N_eff + 1), beta_0 = N_init (N_eff - s + 0.5) / (N_eff + 1),
+    # N_init = 1 / (1 - rho_min) = 8. Scores [1, 1, 0, 0, 0, 0, 0, 1]: s = 3, N_eff = 8
+    #   -> alpha_0 = 8 * 3.5 / 9 = 3.1111, beta_0 = 8 * 5.5 / 9 = 4.8889, v_0 = 3.5 / 9 = 0.3889.
+    # A prompt missing from the file keeps the Jeffreys prior (0.5, 0.5): v = 0.5.
+    path = tmp_path / "offline.json"
+    path.write_text(json.dumps({"x": [1, 1, 0, 0, 0, 0, 0, 1], "y": [2.0, -1.0]}))
+    spo = SPOAdvantage(offline_values=str(path))
+    assert spo.state["tracker"]["x"] == pytest.approx([8 * 3.5 / 9, 8 * 5.5 / 9])
+    assert spo.value("x") == pytest.approx(3.5 / 9) and spo.value("new") == 0.5
+    # scores are clipped to [0, 1]: y = [1, 0] -> s = 1, N_eff = 2 -> (8 * 1.5 / 3, 8 * 1.5 / 3)
+    assert spo.state["tracker"]["y"] == pytest.approx([4.0, 4.0])
 
 
 def test_property_agreeing_samples_still_learn():

@@ -1,5 +1,5 @@
 """DisCO (arXiv:2505.12366): every trained token of a valid group's row carries -J_q, plus beta * sg(hinge) * k_t,
-k_t = r_t - 1 - log r_t, hinge = max(0, K - delta), K = mean over rows of the token mean of k."""
+k_t = r_t - 1 - log r_t, hinge = max(0, K - delta), K = token mean of k over the batch (released code)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,35 @@ def test_hinge_penalty():
         assert out.metrics["loss/kl_hinge"].item() == pytest.approx(h)
 
 
+def test_hand_issue21_kl_is_token_mean_over_batch():
+    # Issue 21 example: a 1-token row with k = 0.0103 next to a 99-token row with k = 0 (no valid group).
+    #   log r = 0.14: k = e^0.14 - 1 - 0.14 = 0.0102736
+    #   official K = k / 100 tokens = 1.02736e-4 -> coefficient 1e3 (K - 1e-4) = 0.00274
+    #   (lmpo's old per-sequence mean K = k / 2 = 5.137e-3 -> 5.04)
+    # Aggregate (seq_mean_token_mean): beta h sum k / 100 tokens = h K; gradient on the 1-token row's token:
+    #   h (r - 1) / 100; on the 99-token row: 0 (k' = r - 1 = 0).
+    k = math.exp(0.14) - 1 - 0.14
+    K = k / 100
+    h = 1e3 * (K - 1e-4)
+    assert h == pytest.approx(0.0027, abs=1e-4) and k == pytest.approx(0.0103, abs=1e-4)
+    mask = torch.zeros(2, 99, dtype=torch.bool)
+    mask[0, 0] = True
+    mask[1] = True
+    old = torch.full((2, 99), -1.0, dtype=F64)
+    lp = old.clone()
+    lp[0, 0] += 0.14
+    b = batch([1.0, 1.0], [0, 1], mask, old)
+    x = lp.clone().requires_grad_(True)
+    out = DisCOLoss()(x, b)
+    assert out.metrics["loss/kl_old"].item() == pytest.approx(K, rel=1e-12)
+    assert out.metrics["loss/kl_hinge"].item() == pytest.approx(h, rel=1e-9)
+    total = agg_loss(DisCOLoss(), x, b)
+    total.backward()
+    assert total.item() == pytest.approx(h * K, rel=1e-9)
+    assert x.grad[0, 0].item() == pytest.approx(h * math.expm1(0.14) / 100, rel=1e-9)
+    assert torch.all(x.grad[1] == 0)
+
+
 def random_case(seed, spread=0.3):
     g = torch.Generator().manual_seed(seed)
     groups = random_groups(g)
@@ -102,12 +131,13 @@ def reference_objective(lp, b, score, variant, tau, delta, beta):
     mask, old = b.response_mask, b.old_logprobs
     B, T = mask.shape
     g, rw = b.group_ids.tolist(), b.rewards.tolist()
-    s, kbar = [], []
+    s, ksum, ntok = [], 0.0, 0
     for i in range(B):
         toks = [t for t in range(T) if mask[i, t]]
         vals = [lp[i, t] if score == "logl" else torch.exp(lp[i, t] - old[i, t]) for t in toks]
         s.append(sum(vals) / len(toks))
-        kbar.append(sum(torch.exp(lp[i, t] - old[i, t]) - 1 - (lp[i, t] - old[i, t]) for t in toks) / len(toks))
+        ksum = ksum + sum(torch.exp(lp[i, t] - old[i, t]) - 1 - (lp[i, t] - old[i, t]) for t in toks)
+        ntok += len(toks)
     total = lp.new_zeros(())
     for i in range(B):
         pos = [j for j in range(B) if g[j] == g[i] and rw[j] > 0.5]
@@ -117,7 +147,7 @@ def reference_objective(lp, b, score, variant, tau, delta, beta):
             jn = (tau * torch.log(sum(torch.exp(s[j] / tau) for j in neg)) if variant == "disco"
                   else sum(s[j] for j in neg) / len(neg))
             total = total - (jp - jn)  # row i carries -J_q
-    K = sum(kbar) / B
+    K = ksum / ntok  # token mean over the batch (released code)
     return total / B + 0.5 * beta * torch.clamp(K - delta, min=0.0) ** 2
 
 

@@ -57,8 +57,9 @@ def test_hand():
     assert_close(out.per_token.detach(), torch.tensor([[-s0, -s0, 0.0], [-2.56, -2.56, -2.56]], dtype=F64))
     assert_close(total, torch.tensor((-s0 - 2.56) / 2, dtype=F64))
     assert_close(grad, torch.tensor([[-s0 / 4, -s0 / 4, 0.0], [0.0, 0.0, 0.0]], dtype=F64))
-    # metrics: one of two sequences clipped; mean sequence ratio (e^0.05 + e^0.3)/2
-    assert_close(out.metrics["loss/clip_frac"], torch.tensor(0.5))
+    # metrics (issue 21: clip_frac counts tokens, as verl's GSPO and the peers do): 3 of 5 trained tokens sit in
+    # the clipped sequence -> 0.6 (a sequence count would say 0.5); mean sequence ratio (e^0.05 + e^0.3)/2
+    assert_close(out.metrics["loss/clip_frac"], torch.tensor(0.6, dtype=out.metrics["loss/clip_frac"].dtype))
     assert_close(out.metrics["loss/ratio_mean"], torch.tensor((s0 + math.exp(0.3)) / 2, dtype=F64))
 
 

@@ -60,6 +60,22 @@ def test_hand_bce_variant():
     assert_close(out.per_token, torch.tensor([[math.log(1.5)], [math.log(2)]], dtype=F64))
 
 
+def test_hand_bce_mean_over_valid_rollouts_issue21():
+    # Issue 21: the released BCE variant averages over the rollouts of valid groups only.
+    # Group 0 = [pos s = ln 2, neg s = 0] (valid); group 1 = [pos, pos] (dropped); tau = 1.
+    #   official loss = (ln 1.5 + ln 2) / 2 valid rollouts = ln(3) / 2 = 0.549306 (old: / 4 rows = 0.274653)
+    #   gradient on the pos row: d softplus(-s)/ds / 2 = -sigmoid(-ln 2) / 2 = -(1/3)/2 = -1/6;
+    #   neg row: sigmoid(0) / 2 = 1/4; dropped rows 0.
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    old = torch.zeros(4, 1, dtype=F64)
+    lp = torch.tensor([[math.log(2)], [0.0], [0.3], [-0.2]], dtype=F64).requires_grad_(True)
+    b = batch([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1], mask, old)
+    loss = agg_loss(REALLoss(tau=1.0, variant="bce"), lp, b)
+    assert loss.item() == pytest.approx(math.log(3) / 2, rel=1e-12)
+    loss.backward()
+    assert_close(lp.grad, torch.tensor([[-1 / 6], [1 / 4], [0.0], [0.0]], dtype=F64))
+
+
 def random_case(seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     groups = random_groups(g)
@@ -81,6 +97,8 @@ def loop_real(b, lp, tau, variant):
         s.append(sum(lp[i][t] - old[i][t] for t in toks) / len(toks))
     g, r = b.group_ids.tolist(), b.rewards.tolist()
     out = [[0.0] * T for _ in range(B)]
+    valid = [any(g[j] == g[i] and r[j] > 0.5 for j in range(B)) and any(g[j] == g[i] and r[j] <= 0.5
+                                                                          for j in range(B)) for i in range(B)]
     for i in range(B):
         pos = [j for j in range(B) if g[j] == g[i] and r[j] > 0.5]
         neg = [j for j in range(B) if g[j] == g[i] and r[j] <= 0.5]
@@ -90,7 +108,8 @@ def loop_real(b, lp, tau, variant):
             L = (math.log(1 + sum(math.exp(-s[j] / tau) for j in pos))
                  + math.log(1 + sum(math.exp(s[j] / tau) for j in neg)))
         else:
-            L = math.log(1 + math.exp(-s[i] / tau if r[i] > 0.5 else s[i] / tau))
+            # mean over valid rollouts: B / N_valid under the row mean of the aggregator
+            L = math.log(1 + math.exp(-s[i] / tau if r[i] > 0.5 else s[i] / tau)) * B / sum(valid)
         for t in range(T):
             if mask[i][t]:
                 out[i][t] = L
