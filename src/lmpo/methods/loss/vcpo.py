@@ -80,6 +80,8 @@ def row_grad_sq_norms(unit: Tensor, rows: Tensor) -> Tensor:
         grads = torch.autograd.grad(unit[i], leaves, retain_graph=True, allow_unused=True)
         out[i] = sum(float((g.double() ** 2).sum()) for g in grads if g is not None)
     return out
+
+
 ESS_RULES = ("sqrt", "linear", "none")
 BEHAVIOURS = ("sampler", "old")
 
