@@ -167,7 +167,7 @@ def test_frozenlake_random_map_is_a_function_of_the_seed():
 def test_gymnasium_adapter_wraps_any_discrete_env():
     env = build_env("gymnasium", env_id="CliffWalking-v1", action_words=["up", "right", "down", "left"])
     assert isinstance(env, GymnasiumEnv) and env.reset(0) == "36"
-    obs, reward, done, info = env.step("right")  # stepping off the start along the bottom row is the cliff
+    _, reward, _, info = env.step("right")  # stepping off the start along the bottom row is the cliff
     assert reward == -100.0 and not info["invalid_action"]
     assert env.step("sideways").info["invalid_action"]
     plain = build_env("gymnasium", env_id="FrozenLake-v1", make_kwargs={"is_slippery": False})

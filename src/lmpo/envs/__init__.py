@@ -41,7 +41,8 @@ def import_object(path: str, what: str) -> Any:
     if not attr or not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ConfigError(
-            f'Cannot load {what} "{path}": module "{module_name}" has no attribute "{attr}".{did_you_mean(attr, public)}'
+            f'Cannot load {what} "{path}": module "{module_name}" has no attribute "{attr}".'
+            f"{did_you_mean(attr, public)}"
         )
     return getattr(module, attr)
 

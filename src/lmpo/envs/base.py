@@ -67,7 +67,9 @@ def checked_reset(env: Any, seed: int | None = None, *, max_chars: int = MAX_OBS
     try:
         obs = env.reset(seed)
     except Exception as exc:  # noqa: BLE001 - any user error becomes one clear message
-        raise EnvError(f"Environment {env_name(env)} raised in reset(seed={seed}): {type(exc).__name__}: {exc}") from exc
+        raise EnvError(
+            f"Environment {env_name(env)} raised in reset(seed={seed}): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(obs, str):
         raise EnvError(
             f"Environment {env_name(env)}.reset(seed={seed}) returned a {type(obs).__name__} ({str(obs)[:80]!r}); "

@@ -121,7 +121,9 @@ class GymnasiumEnv(GymTextEnv):
         try:
             env = gym.make(self.env_id, **self.make_kwargs)
         except Exception as exc:  # noqa: BLE001 - unknown ids and bad kwargs are config errors
-            raise ConfigError(f'Cannot make Gymnasium environment "{self.env_id}" with {self.make_kwargs}: {exc}') from None
+            raise ConfigError(
+                f'Cannot make Gymnasium environment "{self.env_id}" with {self.make_kwargs}: {exc}'
+            ) from None
         if not hasattr(env.action_space, "n"):
             raise ConfigError(f'GymnasiumEnv handles discrete action spaces; "{self.env_id}" has {env.action_space}.')
         if self.action_words and len(self.action_words) != env.action_space.n:
