@@ -15,13 +15,16 @@ from lmpo.envs import (  # noqa: E402
     EnvError,
     FrozenLakeEnv,
     GymnasiumEnv,
+    ToolEnv,
     build_env,
     checked_reset,
     checked_step,
+    contains_answer,
     observation_messages,
     run_episode,
 )
 from lmpo.errors import ConfigError  # noqa: E402
+from lmpo.tools import build_tools  # noqa: E402
 
 
 class Counter:
@@ -177,3 +180,43 @@ def test_gymnasium_adapter_wraps_any_discrete_env():
         build_env("gymnasium", env_id="NoSuchEnv-v9")
     with pytest.raises(ConfigError, match="4 actions but action_words has 2"):
         build_env("gymnasium", env_id="FrozenLake-v1", action_words=["a", "b"])
+
+
+# ---- tool environments -------------------------------------------------------------------------------------------
+
+
+class Multiply(ToolEnv):
+    """What is a * b? (a, b drawn from the seed.)"""
+
+    def problem(self, seed):
+        a, b = 1000 + seed, 37 + seed
+        return f"What is {a} * {b}?", str(a * b)
+
+
+def test_tool_env_answers_calls_with_tool_messages_and_scores_the_final_answer():
+    env = Multiply(build_tools(["calculator"]))
+    assert "<tool_call>" in env.system_prompt and '"calculator"' in env.system_prompt
+    replies = iter([
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "1002 * 39"}}</tool_call>',
+        '<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>',
+        "Answer: 39,078",
+    ])
+    episode = run_episode(env, lambda msgs: next(replies), seed=2, max_turns=5)
+    assert episode.done and episode.rewards == [0.0, 0.0, 1.0]
+    roles = [m["role"] for m in episode.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert episode.messages[3] == {"role": "tool", "name": "calculator", "content": "39078"}
+    assert episode.messages[5]["content"].startswith("invalid call: calculator: missing required argument")
+    first, second, last = episode.infos
+    assert first["assistant_message"]["tool_calls"][0]["function"]["name"] == "calculator"
+    assert first["tool_metrics"]["valid"] == 1 and second["tool_metrics"]["bad_arguments"] == 1
+    assert last["target"] == "39078"
+
+
+@pytest.mark.parametrize(
+    "answer, reward",
+    [("Answer: 39078", 1.0), ("the result is 39,078.", 1.0), ("Answer: 390780", 0.0), ("39078.5", 0.0),
+     ("I think 39078 but Answer: 12", 0.0), ("", 0.0)],
+)
+def test_contains_answer(answer, reward):
+    assert contains_answer(answer, "39078") == reward

@@ -343,3 +343,38 @@ def test_search_without_matches_and_a_custom_corpus():
     corpus = Corpus([Passage("a", "Apples", "Apples are red fruit."), Passage("b", "Sky", "The sky is blue.")])
     assert make_search_tool(corpus)("what colour is the sky", k=1) == "[1] Sky: The sky is blue."
     assert len(Corpus.shipped().passages) >= 30
+
+
+def test_the_network_namespace_alone_blocks_connections():
+    """The kernel layer under the audit hook: a plain child in the sandbox's namespaces cannot reach the host."""
+    import subprocess
+
+    from lmpo.tools.sandbox import _namespace_prefix
+
+    if not _namespace_prefix():
+        pytest.skip("unshare cannot create namespaces here; the audit hook is the only network barrier")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    code = f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)"
+    try:
+        proc = subprocess.run([*_namespace_prefix(), sys.executable, "-c", code], capture_output=True, timeout=20)
+    finally:
+        server.close()
+    assert proc.returncode != 0 and b"Network is unreachable" in proc.stderr, proc.stderr[-300:]
+
+
+def test_tools_prompt_for_templates_without_tool_support():
+    from lmpo.models.tiny import build_tiny_tokenizer
+    from lmpo.tools import template_renders_tools, tools_system_prompt
+
+    tools = build_tools(["calculator", "search"])
+    prompt = tools_system_prompt(tools.schemas, "Be brief.")
+    assert prompt.startswith("Be brief.\n\n") and "<tool_call>" in prompt
+    listed = prompt.split("<tools>\n")[1].split("\n</tools>")[0].splitlines()
+    assert [json.loads(line)["name"] for line in listed] == ["calculator", "search"]
+    tok = build_tiny_tokenizer()
+    assert not template_renders_tools(tok)
+    tok.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}"
+    tok.chat_template += "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert template_renders_tools(tok)

@@ -2,8 +2,9 @@
 
 ``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``) or a user's own class
 given as ``"package.module:Class"`` (constructed with ``params``; it must have ``reset`` and ``step``, see
-:class:`lmpo.envs.base.Env`). Importing this package registers the built-ins; Gymnasium is imported only when a
-Gymnasium-backed environment is built.
+:class:`lmpo.envs.base.Env`). :class:`ToolEnv` is the base of question-answering environments with tools.
+Importing this package registers the built-ins; Gymnasium is imported only when a Gymnasium-backed environment is
+built.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lmpo.envs.base import (
 )
 from lmpo.envs.frozenlake import FrozenLakeEnv
 from lmpo.envs.gym_adapter import GymnasiumEnv, GymTextEnv, TextCodec, WordCodec
+from lmpo.envs.tool_env import ToolEnv, contains_answer
 from lmpo.errors import ConfigError, did_you_mean
 from lmpo.registry import ENVS
 
@@ -74,10 +76,12 @@ __all__ = [
     "GymnasiumEnv",
     "Step",
     "TextCodec",
+    "ToolEnv",
     "WordCodec",
     "build_env",
     "checked_reset",
     "checked_step",
+    "contains_answer",
     "import_object",
     "observation_messages",
     "run_episode",

@@ -7,8 +7,12 @@ An environment is any object with
 
 Text in, text out: the policy's reply is the action, the observation is the next message the policy sees. By
 default an observation becomes one ``user`` message; an environment that answers with other roles (tool results)
-puts the chat messages in ``info["messages"]`` (see :func:`observation_messages`). An environment may also define
-``system_prompt`` (a string) and ``tools`` (a list of Python functions, see :mod:`lmpo.tools`); both are optional.
+puts the chat messages in ``info["messages"]`` (see :func:`observation_messages`) and may give the reply as a
+structured assistant message in ``info["assistant_message"]`` (with ``tool_calls``; for transcripts, never
+re-rendered into tokens). An environment may also define ``system_prompt`` (a string) and ``tools`` (a
+:class:`lmpo.tools.ToolSet`, whose ``schemas`` go to ``apply_chat_template(tools=...)``); both are optional.
+Seeds: ``reset(seed)`` with the same seed must give the same episode start, so that a group's episodes share their
+initial state.
 
 The multi-turn rollout calls environments only through :func:`checked_reset` and :func:`checked_step`, which turn an
 environment that raises or returns the wrong types into an :class:`EnvError` naming the environment and what was

@@ -15,7 +15,17 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lmpo.errors import ConfigError, did_you_mean
-from lmpo.tools.base import COUNTERS, ToolSet, ToolTurn, assistant_message, call_with_timeout, tool_message, tool_schema
+from lmpo.tools.base import (
+    COUNTERS,
+    ToolSet,
+    ToolTurn,
+    assistant_message,
+    call_with_timeout,
+    template_renders_tools,
+    tool_message,
+    tool_schema,
+    tools_system_prompt,
+)
 from lmpo.tools.calculator import calculator
 from lmpo.tools.parse import InvalidCall, ToolCall, check_arguments, parse_tool_calls
 from lmpo.tools.sandbox import Sandbox, SandboxResult, python, sandbox_isolation
@@ -69,6 +79,8 @@ __all__ = [
     "resolve_tool",
     "sandbox_isolation",
     "search",
+    "template_renders_tools",
     "tool_message",
     "tool_schema",
+    "tools_system_prompt",
 ]

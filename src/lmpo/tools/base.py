@@ -9,7 +9,12 @@ which takes one model reply and returns a :class:`ToolTurn`: the ``tool`` messag
 order; invalid calls are answered with an "invalid call: ..." message), the parsed calls, and counters. Nothing in
 a reply or a tool can raise out of ``respond``: a tool that raises answers "error: ...", one that runs past
 ``timeout`` answers "error: timed out" (its thread is abandoned; tools that can hang should enforce their own
-limits, as the ``python`` sandbox does), a result that is not a string is JSON-encoded, long results are cut.
+limits, as the ``python`` sandbox does: its 10 s wall limit is under the default 20 s timeout, so its own message
+wins), a result that is not a string is JSON-encoded, long results are cut. ``respond`` is thread-safe as long as the
+tools are (the built-ins are), so a batched rollout may answer several episodes at once from a thread pool.
+
+For chat templates that do not render ``tools`` themselves (SmolLM2's, for one), :func:`tools_system_prompt`
+writes the schemas and the ``<tool_call>`` format into a system prompt; :func:`template_renders_tools` tells which.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def call_with_timeout(fn: Callable, kwargs: dict, timeout: float) -> tuple[str, 
 class ToolSet:
     """Named tools, their schemas, and :meth:`respond` (parse, run, format) for model replies."""
 
-    def __init__(self, tools: list[Callable], *, timeout: float = 10.0, max_result_chars: int = 2000):
+    def __init__(self, tools: list[Callable], *, timeout: float = 20.0, max_result_chars: int = 2000):
         self.functions: dict[str, Callable] = {}
         self.schemas: list[dict] = []
         for fn in tools:
@@ -136,9 +141,10 @@ def tool_message(name: str, content: str) -> dict:
 
 
 def assistant_message(text: str, calls: list[ToolCall | InvalidCall]) -> dict:
-    """The assistant message for a reply, with its valid calls as ``tool_calls`` for chat templates that render them.
+    """The assistant message for a reply, with its valid calls as ``tool_calls`` (transcripts, dataset export).
 
-    The reply's text is kept as ``content`` so that re-rendering the conversation reproduces the model's tokens."""
+    A rollout keeps the reply's generated tokens and does not re-render it: a template that renders ``tool_calls``
+    would write the calls a second time after ``content`` (which keeps the reply's text as generated)."""
     msg: dict = {"role": "assistant", "content": text}
     valid = [c for c in calls if isinstance(c, ToolCall)]
     if valid:
@@ -146,3 +152,22 @@ def assistant_message(text: str, calls: list[ToolCall | InvalidCall]) -> dict:
             {"type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in valid
         ]
     return msg
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template uses the ``tools`` argument of ``apply_chat_template``."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates: the default one, or a "tool_use" one
+        return "tool_use" in template or "tools" in str(template.get("default", ""))
+    return "tools" in template
+
+
+def tools_system_prompt(schemas: list[dict], preamble: str = "") -> str:
+    """A system prompt listing the tools (their JSON schemas) and the ``<tool_call>`` format, Hermes style."""
+    listed = "\n".join(json.dumps(s["function"]) for s in schemas)
+    return (
+        (preamble + "\n\n" if preamble else "")
+        + "You can call these tools:\n<tools>\n" + listed + "\n</tools>\n"
+        + 'To call a tool, write <tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}</tool_call>. '
+        + "The results come back in the next message. When you know the answer, reply without a tool call."
+    )
