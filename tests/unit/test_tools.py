@@ -298,7 +298,7 @@ def test_sandbox_has_no_network():
         assert "connected" not in result.stdout and "socket" in result.stderr
     finally:
         server.close()
-    assert sandbox_isolation() in ("namespaces", "audit-hook")
+    assert sandbox_isolation() in ("namespaces+readonly", "namespaces", "audit-hook")
 
 
 def test_sandbox_truncates_a_flood_of_output():
@@ -378,3 +378,29 @@ def test_tools_prompt_for_templates_without_tool_support():
     tok.chat_template = "{% if tools %}{{ tools | tojson }}{% endif %}"
     tok.chat_template += "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert template_renders_tools(tok)
+
+
+def test_the_mount_namespace_alone_blocks_writes_outside_the_work_dir(tmp_path):
+    """The kernel layer under the audit hook: outside its working directory the file system is read-only."""
+    import subprocess
+
+    from lmpo.tools.sandbox import _namespace_prefix
+
+    if sandbox_isolation() != "namespaces+readonly":
+        pytest.skip("no read-only mount namespace here; the audit hook is the only write barrier")
+    work = tmp_path / "work"
+    work.mkdir()
+    code = f"open('inside.txt', 'w').write('x')\nopen({str(tmp_path / 'outside.txt')!r}, 'w')"
+    cmd = [*_namespace_prefix(str(work)), sys.executable, "-c", code]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, timeout=20)
+    assert b"Read-only file system" in proc.stderr, proc.stderr[-300:]
+    assert (work / "inside.txt").read_text() == "x" and not (tmp_path / "outside.txt").exists()
+
+
+def test_sandboxed_code_cannot_reach_the_hook_or_raise_its_limits():
+    result = run("import __main__\nprint(sorted(k for k in vars(__main__) if not k.startswith('__')))")
+    assert result.stdout.strip() == "[]"  # the user's own __main__, not the bootstrap's
+    result = run("import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))")
+    assert "resource.setrlimit is not allowed" in result.stderr
+    result = run("import gc\nprint(len(gc.get_objects()))")
+    assert "gc.get_objects is not allowed" in result.stderr

@@ -6,10 +6,11 @@ Each run gets a fresh temporary working directory (deleted afterwards) and these
   **output** (``RLIMIT_FSIZE`` on the files that catch stdout/stderr; the model sees at most ``max_output_chars``),
   **open files** (``RLIMIT_NOFILE``), and **processes** (``RLIMIT_NPROC``); the child sets them on itself first thing;
 - **wall clock**: the parent kills the whole process group after ``wall_seconds``;
-- **no network, no stray processes**: where ``unshare`` can create namespaces (as root, or unprivileged user
-  namespaces), the child runs in a new network namespace (only a down loopback) and PID namespace (everything in it
-  dies with it). Without ``unshare`` only the audit hook below keeps it off the network (``sandbox_isolation()``
-  says which); run lmpo in a container for untrusted code at scale;
+- **no network, no stray processes, no writes elsewhere**: where ``unshare`` can create namespaces (as root, or
+  unprivileged user namespaces), the child runs in a new network namespace (only a down loopback), PID namespace
+  (everything in it dies with it) and mount namespace in which every mount but the working directory is read-only.
+  Without ``unshare`` only the audit hook below does this (``sandbox_isolation()`` says which layers are active);
+  run lmpo in a container for untrusted code at scale;
 - **an audit hook** inside the child (``_sandbox_child.py``) refuses sockets, process creation (fork, exec,
   subprocess: this is what stops a fork bomb when running as root, where the kernel ignores ``RLIMIT_NPROC``),
   ctypes/cffi, and writes, deletes or renames outside the working directory.
@@ -38,25 +39,67 @@ del _r, _k, _v
 """
 
 
+# Run inside the new mount namespace: keep the working directory writable (its own bind mount), make every other
+# mount read-only (per mount point; a private namespace, so nothing changes outside), then exec the command.
+_READONLY = """mount --bind "$1" "$1" && cd "$1" || exit 97
+while read -r _ m _; do
+  [ "$m" = "$1" ] || mount -o remount,bind,ro "$m" 2>/dev/null || true
+done < /proc/self/mounts
+shift
+exec "$@"
+"""
+
+
+def _probe(prefix: list[str], readonly: bool) -> bool:
+    """Whether ``prefix`` runs here (and, with ``readonly``, leaves only the working directory writable)."""
+    workdir = tempfile.mkdtemp(prefix="lmpo-sandbox-probe-")
+    escape = workdir + ".escape"
+    check = ["sh", "-c", f'touch "{workdir}/ok" && ! touch "{escape}" 2>/dev/null'] if readonly else ["true"]
+    cmd = [*prefix, "sh", "-c", _READONLY, "sh", workdir, *check] if readonly else [*prefix, *check]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.exists(escape):
+            os.remove(escape)
+
+
 @functools.lru_cache(maxsize=1)
-def _namespace_prefix() -> tuple[str, ...]:
-    """The ``unshare`` command that works here (new network + PID namespace), or () if none does."""
+def _isolation() -> tuple[tuple[str, ...], bool]:
+    """The ``unshare`` prefix that works here and whether it includes the read-only mount namespace."""
     exe = shutil.which("unshare")
     if exe is None:
-        return ()
-    base = [exe, "--net", "--pid", "--fork", "--kill-child"]
-    for prefix in (base, [exe, "--user", "--map-root-user", *base[1:]]):
-        try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-                return tuple(prefix)
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return ()
+        return (), False
+    base = ["--net", "--pid", "--fork", "--kill-child"]
+    for user in ([], ["--user", "--map-root-user"]):
+        for readonly in (True, False):
+            prefix = [exe, *user, *(["--mount"] if readonly else []), *base]
+            if _probe(prefix, readonly):
+                return tuple(prefix), readonly
+    return (), False
+
+
+def _namespace_prefix(workdir: str | None = None) -> tuple[str, ...]:
+    """The command prefix that puts a run in its namespaces (``()`` if none can be created here)."""
+    prefix, readonly = _isolation()
+    if readonly:
+        return (*prefix, "sh", "-c", _READONLY, "sh", workdir or tempfile.gettempdir())
+    return prefix
 
 
 def sandbox_isolation() -> str:
-    """``"namespaces"`` if runs get their own network and PID namespaces, else ``"audit-hook"``."""
-    return "namespaces" if _namespace_prefix() else "audit-hook"
+    """What isolates runs here: ``"namespaces+readonly"`` (network, PID and a read-only mount namespace),
+    ``"namespaces"`` (network and PID), or ``"audit-hook"`` (only the hook inside the child)."""
+    prefix, readonly = _isolation()
+    return ("namespaces+readonly" if readonly else "namespaces") if prefix else "audit-hook"
+
+
+@functools.lru_cache(maxsize=1)
+def _child_source() -> str:
+    with open(CHILD, encoding="utf-8") as f:
+        return f.read()
 
 
 @dataclass
@@ -120,7 +163,7 @@ class Sandbox:
                 f.write(code)
             out_path, err_path = os.path.join(workdir, ".stdout"), os.path.join(workdir, ".stderr")
             prelude = _LIMITS_PRELUDE.format(limits=self._limits())
-            cmd = [*_namespace_prefix(), sys.executable, "-I", "-c", prelude + open(CHILD).read()]
+            cmd = [*_namespace_prefix(workdir), sys.executable, "-I", "-c", prelude + _child_source()]
             env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                    "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
