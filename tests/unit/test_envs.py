@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 
 import pytest
 
-pytest.importorskip("gymnasium")
-
-from lmpo.envs import (  # noqa: E402
+from lmpo.envs import (
     ENVS,
     Env,
     EnvError,
@@ -23,8 +22,10 @@ from lmpo.envs import (  # noqa: E402
     observation_messages,
     run_episode,
 )
-from lmpo.errors import ConfigError  # noqa: E402
-from lmpo.tools import build_tools  # noqa: E402
+from lmpo.errors import ConfigError
+from lmpo.tools import build_tools
+
+needs_gym = pytest.mark.skipif(importlib.util.find_spec("gymnasium") is None, reason="needs lmpo[agents] (gymnasium)")
 
 
 class Counter:
@@ -53,6 +54,7 @@ def user_module(monkeypatch):
     return mod
 
 
+@needs_gym
 def test_registry_lists_builtins_and_rejects_unknown_names_and_keys():
     assert {"frozenlake", "gymnasium"} <= set(ENVS.names())
     with pytest.raises(ConfigError, match='Did you mean "frozenlake"'):
@@ -128,6 +130,7 @@ def scripted(env, actions, seed=0):
     return first, steps
 
 
+@needs_gym
 def test_frozenlake_scripted_path_reaches_the_goal():
     env = build_env("frozenlake")
     first, steps = scripted(env, ["down", "Down.", "I go right", "<action>down</action>", "right", "right"])
@@ -138,12 +141,14 @@ def test_frozenlake_scripted_path_reaches_the_goal():
     assert last.observation.splitlines()[3] == "H F F P"
 
 
+@needs_gym
 def test_frozenlake_hole_ends_the_episode_with_no_reward():
     _, steps = scripted(build_env("frozenlake"), ["right", "down"])
     assert steps[-1].done and steps[-1].reward == 0.0 and "fell into a hole" in steps[-1].observation
     assert steps[-1].observation.splitlines()[1] == "F P F H"
 
 
+@needs_gym
 def test_frozenlake_invalid_action_is_an_observation_not_a_crash():
     env = build_env("frozenlake")
     env.reset(0)
@@ -155,18 +160,21 @@ def test_frozenlake_invalid_action_is_an_observation_not_a_crash():
     assert env.step("not left but down").observation.splitlines()[1] == "P H F H"  # the last action word wins
 
 
+@needs_gym
 def test_frozenlake_episode_through_the_checked_loop_and_turn_limit():
     moves = iter(["down", "down", "right", "down", "right", "right"])
     episode = run_episode(build_env("frozenlake"), lambda msgs: next(moves), seed=0, max_turns=10)
     assert episode.done and episode.total_reward == 1.0 and episode.turns == 6
 
 
+@needs_gym
 def test_frozenlake_random_map_is_a_function_of_the_seed():
     env = build_env("frozenlake", random_map=True, size=5)
     a, b, c = env.reset(1), env.reset(1), env.reset(2)
     assert a == b and a != c and len(a.splitlines()[-1].split()) == 5
 
 
+@needs_gym
 def test_gymnasium_adapter_wraps_any_discrete_env():
     env = build_env("gymnasium", env_id="CliffWalking-v1", action_words=["up", "right", "down", "left"])
     assert isinstance(env, GymnasiumEnv) and env.reset(0) == "36"
@@ -220,3 +228,34 @@ def test_tool_env_answers_calls_with_tool_messages_and_scores_the_final_answer()
 )
 def test_contains_answer(answer, reward):
     assert contains_answer(answer, "39078") == reward
+
+
+def test_the_documented_examples_work():
+    """docs/agents.md's environment and tool, executed as written."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "agents.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", doc, re.S):
+        exec(block, namespace)
+    env = namespace["GuessNumber"]()
+    assert isinstance(env, Env)
+    state = {"low": 1, "high": 20, "guess": None}
+
+    def bisect(messages):  # a policy: binary search on the environment's hints
+        hint = messages[-1]["content"]
+        if hint == "Higher.":
+            state["low"] = state["guess"] + 1
+        elif hint == "Lower.":
+            state["high"] = state["guess"] - 1
+        state["guess"] = (state["low"] + state["high"]) // 2
+        return f"My guess: {state['guess']}"
+
+    episode = run_episode(env, bisect, seed=6)
+    assert episode.done and episode.total_reward == 1.0 and episode.turns <= 5
+    tools = build_tools([namespace["convert"]])
+    turn = tools.respond('<tool_call>{"name": "convert", "arguments": {"amount": 10, "unit": "ft"}}</tool_call>')
+    assert float(turn.messages[0]["content"]) == pytest.approx(3.048)
+    bad = tools.respond('<tool_call>{"name": "convert", "arguments": {"amount": 10, "unit": "yd"}}</tool_call>')
+    assert bad.metrics["bad_arguments"] == 1
