@@ -404,3 +404,21 @@ def test_sandboxed_code_cannot_reach_the_hook_or_raise_its_limits():
     assert "resource.setrlimit is not allowed" in result.stderr
     result = run("import gc\nprint(len(gc.get_objects()))")
     assert "gc.get_objects is not allowed" in result.stderr
+
+
+def test_sandbox_runs_are_independent_when_run_concurrently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = "import os\nopen('n.txt', 'w').write('{i}')\nprint(open('n.txt').read(), len(os.listdir()))"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: SANDBOX.run(code.format(i=i)), range(4)))
+    assert [r.stdout.split() for r in results] == [[str(i), "4"] for i in range(4)]  # main.py, 2 logs, n.txt
+
+
+def test_a_result_that_is_not_json_is_shown_as_text():
+    def thing() -> object:
+        """Return an object."""
+        return object()
+
+    (message,) = ToolSet([thing]).respond(call("thing")).messages
+    assert message["content"].startswith("<object object at")
