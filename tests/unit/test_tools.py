@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -422,3 +423,20 @@ def test_a_result_that_is_not_json_is_shown_as_text():
 
     (message,) = ToolSet([thing]).respond(call("thing")).messages
     assert message["content"].startswith("<object object at")
+
+
+def test_another_call_format_plugs_in_as_a_parser():
+    from lmpo.tools import check_arguments
+
+    def bracket_parser(text, schemas):  # e.g. "[calculator(expression=...)]"-style formats of other templates
+        calls = []
+        for name, arg in re.findall(r"\[(\w+)\((.*?)\)\]", text):
+            args = {"expression": arg}
+            problem = name in schemas and check_arguments(args, schemas[name]["parameters"])
+            calls.append(ToolCall(name, args) if name in schemas and not problem
+                         else InvalidCall("unknown_tool", f"invalid call: unknown tool {name!r}.", name))
+        return calls
+
+    tools = ToolSet([calculator], parser=bracket_parser)
+    turn = tools.respond("[calculator(6*7)] [weather(x)]")
+    assert [m["content"] for m in turn.messages] == ["42", "invalid call: unknown tool 'weather'."]

@@ -82,7 +82,14 @@ def call_with_timeout(fn: Callable, kwargs: dict, timeout: float) -> tuple[str, 
 class ToolSet:
     """Named tools, their schemas, and :meth:`respond` (parse, run, format) for model replies."""
 
-    def __init__(self, tools: list[Callable], *, timeout: float = 20.0, max_result_chars: int = 2000):
+    def __init__(
+        self,
+        tools: list[Callable],
+        *,
+        timeout: float = 20.0,
+        max_result_chars: int = 2000,
+        parser: Callable[[str, dict[str, dict]], list[ToolCall | InvalidCall]] = parse_tool_calls,
+    ):
         self.functions: dict[str, Callable] = {}
         self.schemas: list[dict] = []
         for fn in tools:
@@ -95,14 +102,15 @@ class ToolSet:
         self._by_name = {s["function"]["name"]: s["function"] for s in self.schemas}
         self.timeout = timeout
         self.max_result_chars = max_result_chars
+        self.parser = parser  # (reply, {name: function schema}) -> calls; another chat format plugs in here
 
     @property
     def names(self) -> list[str]:
         return list(self.functions)
 
     def parse(self, text: str) -> list[ToolCall | InvalidCall]:
-        """The calls in a reply (see :func:`lmpo.tools.parse.parse_tool_calls`)."""
-        return parse_tool_calls(text, self._by_name)
+        """The calls in a reply (by default :func:`lmpo.tools.parse.parse_tool_calls`, the Hermes format)."""
+        return self.parser(text, self._by_name)
 
     def run(self, call: ToolCall) -> tuple[str, str]:
         """Run one valid call: ``(status, text)`` with status ``ok``, ``error`` or ``timeout``."""
