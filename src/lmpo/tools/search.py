@@ -2,7 +2,9 @@
 
 The shipped corpus (``lmpo/tools/data/corpus.jsonl``, one ``{"id", "title", "text"}`` passage per line) is 32 short
 passages about an invented island, Teskar, written for lmpo: no model has seen these facts, so a search-QA
-environment over them measures retrieval, not memory. :class:`Corpus` indexes any such list of passages;
+environment over them measures retrieval, not memory. ``corpus_qa.jsonl`` holds one question per passage
+(``{"question", "answer", "passage"}``, :func:`shipped_questions`) for such an environment. :class:`Corpus` indexes
+any list of passages;
 ``Corpus.shipped()`` is built once and cached. Tokens are lower-cased words and numbers with a plural ``s`` stripped
 and English stop words dropped.
 """
@@ -18,7 +20,8 @@ from typing import Callable
 
 from lmpo.errors import ConfigError
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.jsonl")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SHIPPED = os.path.join(DATA, "corpus.jsonl")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to was were what when where which "
@@ -89,6 +92,12 @@ class Corpus:
         k = max(1, min(k, len(self.passages)))
         docs, scores = self._index.retrieve([ids], k=k, show_progress=False, n_threads=1)
         return [(self.passages[int(d)], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+def shipped_questions() -> list[dict]:
+    """The shipped questions: ``{"question", "answer", "passage"}`` with the id of the passage that answers it."""
+    with open(os.path.join(DATA, "corpus_qa.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def make_search_tool(corpus: Corpus | None = None, default_k: int = 3) -> Callable[..., str]:
