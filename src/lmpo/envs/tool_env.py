@@ -1,0 +1,71 @@
+"""Tool environments: a question the policy answers, calling tools on the way.
+
+:class:`ToolEnv` joins the environment protocol and :mod:`lmpo.tools`. Each reply is parsed for ``<tool_call>``s:
+
+- a reply with calls (valid or not) is answered by the tool results: ``info["messages"]`` holds one ``tool``
+  message per call (invalid ones say "invalid call: ..."), ``info["assistant_message"]`` the reply with its
+  ``tool_calls`` for templates that render them, ``info["tool_metrics"]`` the counters; reward 0, not done;
+- a reply without calls is the final answer: ``score(answer, target)`` is the reward and the episode ends.
+
+Subclasses define ``problem(seed) -> (question, target)`` and may override ``score``; the turn limit is the
+rollout's. ``system_prompt`` lists the tools in the ``<tool_call>`` format for chat templates that do not render
+``tools`` (see :func:`lmpo.tools.template_renders_tools`); ``tools.schemas`` is what ``apply_chat_template`` takes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lmpo.envs.base import Step
+from lmpo.tools import ToolSet, assistant_message, tools_system_prompt
+
+_ANSWER = re.compile(r"answer\s*[:=]\s*(.+)", re.I | re.S)
+
+
+def normalize(text: str) -> str:
+    """Lower case, thousands separators and surrounding punctuation removed, spaces collapsed."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    return " ".join(text.strip(" \t\n.!?\"'").split())
+
+
+def contains_answer(answer: str, target: str) -> float:
+    """1.0 if ``target`` appears as a whole word or number in the answer (after ``Answer:`` if present)."""
+    found = _ANSWER.findall(answer)
+    text, want = normalize(found[-1] if found else answer), normalize(target)
+    return float(bool(want) and re.search(rf"(?<![\w.]){re.escape(want)}(?![\w]|\.\d)", text) is not None)
+
+
+class ToolEnv:
+    """Base class of question-answering environments with tools (see the module docstring)."""
+
+    preamble = "Answer the question. Use the tools when they help, then give the final answer as 'Answer: ...'."
+
+    def __init__(self, tools: ToolSet):
+        self.tools = tools
+        self.target: str | None = None
+
+    @property
+    def system_prompt(self) -> str:
+        return tools_system_prompt(self.tools.schemas, self.preamble)
+
+    def problem(self, seed: int | None) -> tuple[str, str]:
+        """The question shown to the policy and the target answer for ``seed``."""
+        raise NotImplementedError
+
+    def score(self, answer: str, target: str) -> float:
+        """The reward of a final answer (default: the target appears in it)."""
+        return contains_answer(answer, target)
+
+    def reset(self, seed: int | None = None) -> str:
+        question, self.target = self.problem(seed)
+        return question
+
+    def step(self, action: str) -> Step:
+        turn = self.tools.respond(action)
+        if turn.calls:
+            observation = "\n\n".join(m["content"] for m in turn.messages)
+            info = {"messages": turn.messages, "assistant_message": assistant_message(action, turn.calls),
+                    "tool_metrics": turn.metrics}
+            return Step(observation, 0.0, False, info)
+        reward = float(self.score(action, self.target or ""))
+        return Step("", reward, True, {"target": self.target, "tool_metrics": turn.metrics})
