@@ -83,7 +83,7 @@ class RolloutConfig:
     batch_size: int | None = hp(None, ge=1)
     # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
     refill_rounds: int = hp(0, ge=0)
-    mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
+    mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO) | episodes (lmpo.envs); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
     decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.engine.kernels.rowdot): auto | true | false
