@@ -399,7 +399,8 @@ def component_args(section: dict[str, Any], where: str) -> tuple[str, dict[str, 
 
 
 def fill_horizon(args: dict[str, Any], obj: Any, horizon: int) -> dict[str, Any]:
-    """Components with a ``horizon`` hyper-parameter left unset get the generation budget (a length constant)."""
+    """Components with a ``horizon`` hyper-parameter left unset get the generation budget (a length constant; per
+    episode under ``rollout.mode: episodes``: ``max_new_tokens * max_turns``)."""
     if dataclasses.is_dataclass(obj) and "horizon" in {f.name for f in dataclasses.fields(obj)}:
         if args.get("horizon") is None:
             return {**args, "horizon": horizon}
@@ -411,7 +412,9 @@ def build_components(cfg: Config) -> dict[str, Any]:
     import lmpo.methods  # noqa: F401  (registers components)
     from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
-    horizon = cfg.rollout.max_new_tokens
+    from lmpo.rollout.modes import policy_horizon
+
+    horizon = policy_horizon(cfg.rollout.mode, cfg.rollout.mode_params, cfg.rollout.max_new_tokens)
     out: dict[str, Any] = {}
     for section, reg in (("advantage", ADVANTAGES), ("loss", LOSSES), ("aggregator", AGGREGATORS)):
         name, args = component_args(getattr(cfg, section), section)

@@ -164,3 +164,11 @@ def train_run(cfg):
     from lmpo.train.loop import train
 
     return train(cfg)
+
+
+def test_length_constants_count_every_policy_turn():
+    from lmpo.config import build_components
+
+    cfg = load_config(None, ["method=dr_grpo", "rollout.max_new_tokens=5", "rollout.mode=episodes",
+                             "rollout.mode_params={env: 'episode_envs:Echo', max_turns: 3}"])
+    assert build_components(cfg)["aggregator"].horizon == 15

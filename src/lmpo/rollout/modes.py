@@ -69,6 +69,14 @@ def mode_options(mode: str, params: dict[str, Any]):
     return opts_cls(**params)
 
 
+def policy_horizon(mode: str, params: dict[str, Any], max_new_tokens: int) -> int:
+    """The most policy (trained) tokens one row can hold: ``max_new_tokens``, times ``max_turns`` for episodes (the
+    constant length normaliser of aggregators such as Dr. GRPO's)."""
+    if mode == "episodes":
+        return max_new_tokens * mode_options(mode, params).max_turns
+    return max_new_tokens
+
+
 def build_train_generator(mode: str, params: dict[str, Any], model, tokenizer, batch_size=None, autocast=None):
     """The training generator of ``mode``, or ``None`` when the plain sampler is used."""
     options = mode_options(mode, params)
