@@ -172,3 +172,11 @@ def test_length_constants_count_every_policy_turn():
     cfg = load_config(None, ["method=dr_grpo", "rollout.max_new_tokens=5", "rollout.mode=episodes",
                              "rollout.mode_params={env: 'episode_envs:Echo', max_turns: 3}"])
     assert build_components(cfg)["aggregator"].horizon == 15
+
+
+def test_rows_without_an_episode_seed_are_refused():
+    from lmpo.errors import DataError
+
+    model, tok = build_tiny_model(seed=0, init_std=0.1), build_tiny_tokenizer()
+    with pytest.raises(DataError, match="integer episode seed"):
+        _batch(model, tok, [{"prompt": "1=", "answer": "1"}], 2)

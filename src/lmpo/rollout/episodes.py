@@ -55,7 +55,7 @@ class EpisodeOptions:
         max_turns: At most this many policy turns per episode.
         max_context_tokens: At most this many prompt + response tokens per episode; a turn never starts with less
             than one token of room, and an observation that does not fit ends the episode.
-        seed_column: Row key holding the episode seed (rows without it use seed 0).
+        seed_column: Row key holding the episode seed (an integer; every row needs one).
     """
 
     env: str = "frozenlake"
@@ -131,7 +131,11 @@ class EpisodeGenerator(HFGenerator):
         prompt_ids: list[list[int]] = []
         for env, row in zip(envs, rows):
             seed = row.get(o.seed_column)
-            obs = checked_reset(env, None if seed is None else int(seed))
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise DataError(f"rollout.mode=episodes: a task row has {o.seed_column}={seed!r}; every row needs an "
+                                f"integer episode seed in {o.seed_column!r} (the `env` task writes one; or set "
+                                "rollout.mode_params.seed_column).")
+            obs = checked_reset(env, seed)
             system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
             if schemas and not template_renders_tools(self.tokenizer):
