@@ -83,7 +83,7 @@ class RolloutConfig:
     batch_size: int | None = hp(None, ge=1)
     # extra generation rounds when selectors drop groups (DAPO dynamic sampling)
     refill_rounds: int = hp(0, ge=0)
-    mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO); lmpo.rollout.modes
+    mode: str = "sample"  # training rollouts: sample | reference (OTR) | soft_thinking (SofT-GRPO) | episodes (lmpo.envs); lmpo.rollout.modes
     mode_params: dict[str, Any] = field(default_factory=dict)  # options of the mode (e.g. num_candidates, tau_gumbel)
     prepack: str | bool = False  # decode via oneDNN, weights pre-packed: false | true | auto (fp32 CPU, 10M+ params)
     decode_kernel: str | bool = "auto"  # decode via lmpo's native kernels (lmpo.engine.kernels.rowdot): auto | true | false
@@ -399,7 +399,8 @@ def component_args(section: dict[str, Any], where: str) -> tuple[str, dict[str, 
 
 
 def fill_horizon(args: dict[str, Any], obj: Any, horizon: int) -> dict[str, Any]:
-    """Components with a ``horizon`` hyper-parameter left unset get the generation budget (a length constant)."""
+    """Components with a ``horizon`` hyper-parameter left unset get the generation budget (a length constant; per
+    episode under ``rollout.mode: episodes``: ``max_new_tokens * max_turns``)."""
     if dataclasses.is_dataclass(obj) and "horizon" in {f.name for f in dataclasses.fields(obj)}:
         if args.get("horizon") is None:
             return {**args, "horizon": horizon}
@@ -411,7 +412,9 @@ def build_components(cfg: Config) -> dict[str, Any]:
     import lmpo.methods  # noqa: F401  (registers components)
     from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
 
-    horizon = cfg.rollout.max_new_tokens
+    from lmpo.rollout.modes import policy_horizon
+
+    horizon = policy_horizon(cfg.rollout.mode, cfg.rollout.mode_params, cfg.rollout.max_new_tokens)
     out: dict[str, Any] = {}
     for section, reg in (("advantage", ADVANTAGES), ("loss", LOSSES), ("aggregator", AGGREGATORS)):
         name, args = component_args(getattr(cfg, section), section)

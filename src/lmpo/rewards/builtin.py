@@ -201,5 +201,18 @@ class ReasoningGymScore:
         return out
 
 
+@REWARDS.register("env_return", paper="", arxiv="")
+@dataclass(frozen=True)
+class EnvReturn:
+    """The episode's return (sum of the environment's per-turn rewards), from the ``env_return`` column that
+    ``rollout.mode: episodes`` records (:mod:`lmpo.rollout.episodes`)."""
+
+    def __call__(self, prompts: list, completions: list[str], env_return: list | None = None, **_: Any) -> list[float]:
+        if env_return is None or any(r is None for r in env_return):
+            raise ValueError("env_return reads the episode returns that rollout.mode: episodes records; set "
+                             "rollout.mode: episodes (with an environment in rollout.mode_params.env).")
+        return [float(r) for r in env_return]
+
+
 # Built-ins that read the "answer" column; tasks use this to reject configs that drop that column.
 NEEDS_ANSWER = frozenset({"final_number", "exact_match", "prefix_match", "math_verify"})

@@ -85,9 +85,10 @@ class HFGenerator:
     def sync_weights(self) -> None:
         """No-op: the generator samples from the trainer's own module."""
 
-    def generate(self, prompts: list[str], params: SamplingParams,
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None) -> GenerationOutput:
-        """Sample one completion per prompt string (already chat-formatted).
+        """Sample one completion per prompt string (already chat-formatted), or per list of token ids (taken as they
+        are, no re-tokenisation: how the multi-turn rollout continues an episode's exact tokens).
 
         ``max_new_tokens`` optionally gives each row its own length limit (e.g. budget sub-groups); a row that reaches
         its limit without EOS stops and is marked truncated. ``None`` uses ``params.max_new_tokens`` for every row.
@@ -113,8 +114,17 @@ class HFGenerator:
         return parts[0] if len(parts) == 1 else self._concat(parts)
 
     # ------------------------------------------------------------------ internals
-    def _encode(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    def _encode(self, prompts: list[str] | list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
         tok = self.tokenizer
+        if prompts and not isinstance(prompts[0], str):  # token ids, used as they are (multi-turn episodes)
+            width = max(len(ids) for ids in prompts)
+            pad = int(tok.pad_token_id)
+            empty = [i for i, ids in enumerate(prompts) if not len(ids)]
+            if empty:
+                raise DataError(f"Prompt(s) at index {empty} have zero tokens.")
+            ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in prompts], dtype=torch.long)
+            mask = torch.tensor([[False] * (width - len(x)) + [True] * len(x) for x in prompts], dtype=torch.bool)
+            return ids.to(device), mask.to(device)
         previous_side = tok.padding_side
         tok.padding_side = "left"
         try:

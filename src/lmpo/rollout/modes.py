@@ -5,9 +5,13 @@
   (:mod:`lmpo.rollout.reference`; OTR).
 - ``soft_thinking``: Gumbel-softmax soft-thinking steps, then discrete answer tokens (:mod:`lmpo.rollout.soft`;
   SofT-GRPO).
+- ``episodes``: multi-turn episodes of a text environment (:mod:`lmpo.rollout.episodes`; ``lmpo.envs``).
 
-Held-out evaluation always uses the plain sampler. A mode's generator may return extra per-row tensors (``extras``)
-that the rollout stage copies into ``batch.extras``, and may ask for the task rows (``wants_rows``).
+Held-out evaluation uses the plain sampler, except under ``episodes`` (``plays_episodes``: the task exists only
+through its environment), where it plays greedy episodes. A mode's generator may return extra per-row tensors
+(``extras``) that the rollout stage copies into ``batch.extras``, batch fields (``batch_fields``: ``response_mask``,
+``turn_ids``, ``token_rewards``) and reward columns (``columns``) (:class:`lmpo.rollout.reference.ModeOutput`), and
+may ask for the task rows (``wants_rows``).
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ def _mode_classes(mode: str) -> tuple[type, type] | None:
         from lmpo.rollout.soft import SoftThinkingGenerator, SoftThinkingOptions
 
         return SoftThinkingGenerator, SoftThinkingOptions
+    if mode == "episodes":
+        from lmpo.rollout.episodes import EpisodeGenerator, EpisodeOptions
+
+        return EpisodeGenerator, EpisodeOptions
     return None
 
 
-ROLLOUT_MODES = ("sample", "reference", "soft_thinking")
+ROLLOUT_MODES = ("sample", "reference", "soft_thinking", "episodes")
 _MODE_EXTRAS = {"sample": (), "reference": ("candidate_ids",),
-                "soft_thinking": ("soft_mask", "soft_ids", "soft_weights", "soft_valid", "soft_logits", "candidate_ids")}
+                "soft_thinking": ("soft_mask", "soft_ids", "soft_weights", "soft_valid", "soft_logits", "candidate_ids"),
+                "episodes": ("policy_mask", "env_return", "turn_rewards", "num_turns", "episode_done", "invalid_actions",
+                             "tool_calls", "invalid_tool_calls")}
 
 
 def mode_extras(mode: str) -> tuple[str, ...]:
@@ -57,6 +67,14 @@ def mode_options(mode: str, params: dict[str, Any]):
             raise ConfigError(f'Unknown key "rollout.mode_params.{k}" for rollout.mode={mode}.'
                               f"{did_you_mean(str(k), names)} Valid keys: {', '.join(names)}.")
     return opts_cls(**params)
+
+
+def policy_horizon(mode: str, params: dict[str, Any], max_new_tokens: int) -> int:
+    """The most policy (trained) tokens one row can hold: ``max_new_tokens``, times ``max_turns`` for episodes (the
+    constant length normaliser of aggregators such as Dr. GRPO's)."""
+    if mode == "episodes":
+        return max_new_tokens * mode_options(mode, params).max_turns
+    return max_new_tokens
 
 
 def build_train_generator(mode: str, params: dict[str, Any], model, tokenizer, batch_size=None, autocast=None):

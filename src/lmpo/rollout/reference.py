@@ -26,9 +26,18 @@ from lmpo.rollout.hf import HFGenerator
 
 @dataclass
 class ModeOutput(GenerationOutput):
-    """A :class:`GenerationOutput` plus named per-row tensors that the rollout stage copies into ``batch.extras``."""
+    """A :class:`GenerationOutput` plus what a rollout mode records per row for the rollout stage:
+
+    - ``extras``: named per-row tensors copied into ``batch.extras``;
+    - ``batch_fields``: :class:`lmpo.batch.RolloutBatch` fields the mode sets (``response_mask``, ``turn_ids``,
+      ``token_rewards``); ``response_mask`` is intersected with ``response_attn`` (e.g. multi-turn episodes train
+      on policy tokens only);
+    - ``columns``: per-row values added to the reward columns (e.g. ``env_return`` for the ``env_return`` reward).
+    """
 
     extras: dict[str, Tensor] | None = None
+    batch_fields: dict[str, Tensor] | None = None
+    columns: dict[str, list] | None = None
 
 
 @dataclass(frozen=True)

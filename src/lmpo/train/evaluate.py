@@ -27,6 +27,8 @@ def evaluate(ctx: RolloutContext, rows: list[dict], max_new_tokens: int, correct
     """
     if not rows:
         return {}
+    if getattr(ctx.train_generator, "plays_episodes", False):  # rollout.mode=episodes: the task is its environment
+        ctx = replace(ctx, generator=ctx.train_generator, train_generator=None)
     with torch.random.fork_rng(devices=[]):
         greedy = replace(ctx.params, greedy=True, max_new_tokens=max_new_tokens)
         batch = score(ctx, rows, 1, greedy)
@@ -37,6 +39,9 @@ def evaluate(ctx: RolloutContext, rows: list[dict], max_new_tokens: int, correct
             "eval/length": batch.response_attn.float().sum(-1).mean().item(),
             "eval/truncated": batch.truncated.float().mean().item(),
         }
+        if "num_turns" in batch.extras:  # multi-turn episodes
+            out["eval/turns"] = batch.extras["num_turns"].float().mean().item()
+            out["eval/invalid_actions"] = batch.extras["invalid_actions"].float().mean().item()
         if pass_k > 0:
             sampled = score(ctx, rows, pass_k, replace(ctx.params, max_new_tokens=max_new_tokens))
             c = (sampled.reward_components[:, 0] >= correct_threshold).view(len(rows), pass_k).sum(-1)

@@ -33,7 +33,7 @@ from lmpo.pipeline import Pipeline, build_pipeline
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator
-from lmpo.rollout.modes import build_train_generator
+from lmpo.rollout.modes import build_train_generator, policy_horizon
 from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
@@ -177,10 +177,10 @@ class Run:
                         e.correct_threshold, e.pass_k)
 
     def settings(self) -> UpdateSettings:
-        t = self.cfg.train
+        t, r = self.cfg.train, self.cfg.rollout
         return UpdateSettings(ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches,
                               micro_batch_size=t.micro_batch_size, kl=self.pipeline.kl, entropy_coef=t.entropy_coef,
-                              horizon=self.cfg.rollout.max_new_tokens)
+                              horizon=policy_horizon(r.mode, r.mode_params, r.max_new_tokens))
 
 
 def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
@@ -246,7 +246,7 @@ def rollout_metrics(raw: RolloutBatch, reward_names: list[str]) -> dict[str, Any
     lengths = ops.response_lengths(raw.response_attn)
     out = {"reward/mean": raw.rewards.mean(), "reward/std": raw.rewards.std() if raw.batch_size > 1 else 0.0,
            "rollout/length": lengths.mean(), "rollout/truncated": raw.truncated.float().mean(),
-           "_tokens": lengths.sum()}
+           "_tokens": raw.response_mask.sum()}  # generated tokens (not a multi-turn episode's observations)
     out.update({f"reward/{name}": raw.reward_components[:, k].mean() for k, name in enumerate(reward_names)})
     return out
 

@@ -85,6 +85,7 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
         out = ctx.generator.generate(expanded, params, max_new_tokens=limits)
     row_columns = columns_of(rows)
     columns = {k: [vals[i] for i in src] for k, vals in row_columns.items()}
+    columns.update(getattr(out, "columns", None) or {})  # per-row values recorded by the rollout mode (env_return)
     prefixes = columns.get("response_prefix")  # rewards score prefix + continuation (the whole solution)
     scored = [(p or "") + c for p, c in zip(prefixes, out.completions)] if prefixes else out.completions
     rewards, components = ctx.reward_set(expanded, scored, columns)
@@ -100,12 +101,28 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     extras.update(getattr(out, "extras", None) or {})  # per-row tensors recorded by the rollout mode
     for m, g in zip(meta, group_ids.tolist()):  # the source row (components that assemble new prompts read it)
         m["row"] = rows[g - group_offset]
+    fields = _mode_fields(out)
+    fields["response_mask"] = out.response_attn & fields["response_mask"] if "response_mask" in fields \
+        else out.response_attn.clone()
     return RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
-        response_attn=out.response_attn, response_mask=out.response_attn.clone(), group_ids=group_ids,
+        response_attn=out.response_attn, group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
-        truncated=out.truncated, extras=extras, meta=meta,
+        truncated=out.truncated, extras=extras, meta=meta, **fields,
     )
+
+
+_EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls")
+_MODE_FIELDS = ("response_mask", "turn_ids", "token_rewards")  # batch fields a rollout mode may set
+
+
+def _mode_fields(out) -> dict[str, torch.Tensor]:
+    """The :class:`RolloutBatch` fields a rollout mode set (``ModeOutput.batch_fields``)."""
+    fields = dict(getattr(out, "batch_fields", None) or {})
+    bad = sorted(set(fields) - set(_MODE_FIELDS))
+    if bad:
+        raise DataError(f"A rollout mode may set the batch fields {', '.join(_MODE_FIELDS)}; got {', '.join(bad)}.")
+    return fields
 
 
 class InjectingStream:
@@ -171,6 +188,11 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
             hook(plain_ctx, raw)
     stats = {"rollout/refill_rounds": float(rounds), "rollout/generated": float(generated),
              "rollout/kept_frac": float(sum(b.batch_size for b in kept)) / max(1, generated)}
+    if "num_turns" in first.extras:  # multi-turn episodes (rollout.mode=episodes): per-episode means
+        every = RolloutBatch.concat(raws) if len(raws) > 1 else first
+        for key in _EPISODE_STATS:
+            stats[f"rollout/{key}"] = every.extras[key].float().mean().item()
+        stats["rollout/policy_token_frac"] = float(every.response_mask.sum()) / max(1, int(every.response_attn.sum()))
     if allocate is not None:
         sizes = torch.unique(first.group_ids, return_counts=True)[1].float()
         stats.update({"rollout/group_size_min": float(sizes.min()), "rollout/group_size_max": float(sizes.max())})
