@@ -205,7 +205,7 @@ class EpisodeGenerator(HFGenerator):
     def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
-        n, pad = len(resp), int(self.tokenizer.pad_token_id)
+        pad = int(self.tokenizer.pad_token_id)
         T = max(1, max(len(r) for r in resp))
 
         def right(rows: list[list], value, dtype) -> torch.Tensor:
