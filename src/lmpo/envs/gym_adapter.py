@@ -16,6 +16,8 @@ action is named by one of ``action_words`` (or its index), the observation is Py
 
 from __future__ import annotations
 
+import abc
+
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +39,7 @@ def _gymnasium():
     return gymnasium
 
 
-class TextCodec:
+class TextCodec(abc.ABC):
     """How a Gymnasium environment reads and writes text; subclass and override what differs."""
 
     def describe(self, env: Any) -> str:
@@ -46,8 +48,9 @@ class TextCodec:
     def render(self, env: Any, obs: Any, info: dict) -> str:
         return repr(obs)
 
+    @abc.abstractmethod
     def parse(self, env: Any, text: str) -> Any | None:
-        raise NotImplementedError
+        ...
 
     def legal(self, env: Any) -> str:
         """The legal actions, as the invalid-action message lists them."""

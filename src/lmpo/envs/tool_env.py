@@ -14,6 +14,8 @@ rollout's. ``system_prompt`` lists the tools in the ``<tool_call>`` format for c
 
 from __future__ import annotations
 
+import abc
+
 import re
 
 from lmpo.envs.base import Step
@@ -35,7 +37,7 @@ def contains_answer(answer: str, target: str) -> float:
     return float(bool(want) and re.search(rf"(?<![\w.]){re.escape(want)}(?![\w]|\.\d)", text) is not None)
 
 
-class ToolEnv:
+class ToolEnv(abc.ABC):
     """Base class of question-answering environments with tools (see the module docstring)."""
 
     preamble = "Answer the question. Use the tools when they help, then give the final answer as 'Answer: ...'."
@@ -48,9 +50,10 @@ class ToolEnv:
     def system_prompt(self) -> str:
         return tools_system_prompt(self.tools.schemas, self.preamble)
 
+    @abc.abstractmethod
     def problem(self, seed: int | None) -> tuple[str, str]:
         """The question shown to the policy and the target answer for ``seed``."""
-        raise NotImplementedError
+        ...
 
     def score(self, answer: str, target: str) -> float:
         """The reward of a final answer (default: the target appears in it)."""
