@@ -93,7 +93,10 @@ class TrainConfig:
     micro_batch_size: int | None = None  # rows per forward/backward (gradient accumulation); None = whole minibatch
     entropy_coef: float = 0.0
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None = torch default
+    # torch's intra-op threads (lmpo's kernels follow them): auto = the cores this process may use, or 1 where a short
+    # probe (at start, and before each step after a long one) finds one thread faster (lmpo.engine.threads) | N |
+    # null (torch's default)
+    threads: int | str | None = "auto"
     optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.engine.inbackward.wanted
     # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process (lmpo.engine.tuning.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
@@ -376,6 +379,8 @@ def validate(cfg: Config, src: str = "") -> None:
     need(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     need(t.ppo_epochs >= 1 and t.num_minibatches >= 1, "train.ppo_epochs and train.num_minibatches must be >= 1")
     need(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1 or null")
+    need(t.threads is None or t.threads == "auto" or (isinstance(t.threads, int) and t.threads >= 1),
+         f"train.threads must be auto, an integer >= 1 or null, got {t.threads!r}")
     need(t.mmap_threshold_kb is None or 0 < t.mmap_threshold_kb <= 32768,
          f"train.mmap_threshold_kb must be in 1..32768 (KiB) or null, got {t.mmap_threshold_kb}")
     need(t.optimizer_in_backward in ("auto", True, False),
