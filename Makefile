@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench lint clean
+.PHONY: setup run test test-slow test-trackers bench bench-contention lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,13 @@ BENCH_ARGS ?=
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+## The main job's step time and the decode-shape matmul on the machine as it is and beside one busy process that
+## the script starts, old thread settings against the new default (about an hour on 2 cores, half of it the old
+## settings beside the busy process). Results: docs/results/contention.{md,json}.
+CONTENTION_ARGS ?=
+bench-contention: setup
+	$(BIN)/python benchmarks/contention.py $(CONTENTION_ARGS)
 
 ## The tracker tests (TensorBoard, MLflow, trackio, W&B offline; they skip when a package is missing): installs the
 ## optional `trackers` extra into .venv first.

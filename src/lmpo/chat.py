@@ -22,17 +22,18 @@ class ChatSession:
 
     def __init__(self, trained, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int | None = None,
                  system_prompt: str | None = None, history: bool = True):
-        from lmpo.engine.tuning import resolve_autocast
+        from lmpo.engine import setup_inference
         from lmpo.rollout.base import SamplingParams
         from lmpo.rollout.hf import HFGenerator
 
         cfg = trained.cfg
+        setup_inference(cfg)  # threads (train.threads: auto probes) and the measured autocast precision
         self.tokenizer = trained.tokenizer
         self.system_prompt = system_prompt
         self.history = history
         self.messages: list[dict[str, str]] = []
         r = cfg.rollout
-        self.generator = HFGenerator(trained.model, trained.tokenizer, autocast=resolve_autocast(cfg.model.autocast),
+        self.generator = HFGenerator(trained.model, trained.tokenizer, autocast=cfg.model.autocast,
                                      decode_kernel=r.decode_kernel, lean=r.lean_decode, sampler=r.sampler)
         limit = max_new_tokens or cfg.eval.max_new_tokens or r.max_new_tokens
         self.params = SamplingParams(temperature=temperature if temperature > 0 else 1.0, top_p=top_p,

@@ -114,8 +114,10 @@ class TrainConfig:
     micro_batch_size: int | None = hp(None, ge=1)
     entropy_coef: float = 0.0
     seed: int = 0
-    # torch intra-op threads; None = torch default
-    threads: int | None = hp(None, ge=0)
+    # torch's intra-op threads (lmpo's kernels follow them): auto = the cores this process may use, or 1 where a short
+    # probe (at start, and before each step after a long one) finds one thread faster (lmpo.engine.threads) | N |
+    # 0 or null (torch's default)
+    threads: int | str | None = hp("auto", ge=0)
     optimizer_in_backward: str | bool = "auto"  # AdamW folded into backward: lmpo.engine.inbackward.wanted
     # glibc malloc's mmap threshold in KiB, fixed so freed tensors leave the process
     # (lmpo.engine.tuning.set_mmap_threshold):
@@ -471,6 +473,9 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
         mode_options(r.mode, r.mode_params)
     except ConfigError as exc:
         raise ConfigError(f"{exc}{origin.of_message(str(exc))}") from None
+    need(t.threads is None or t.threads == "auto" or (isinstance(t.threads, int) and not isinstance(t.threads, bool)),
+         "train.threads", f"train.threads must be auto, an integer >= 1, or 0/null for torch's default, got "
+         f"{t.threads!r}")
     need(t.optimizer_in_backward in ("auto", True, False), "train.optimizer_in_backward",
          f"train.optimizer_in_backward must be auto, true or false, got {t.optimizer_in_backward!r}")
     rows = -(-r.prompts_per_step * r.num_generations // t.num_minibatches)

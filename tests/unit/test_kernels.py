@@ -358,3 +358,40 @@ def test_the_self_test_passes_when_first_loaded_inside_autocast():
             assert rowdot.available(), rowdot.unavailable_reason()
     finally:
         rowdot._load.cache_clear()
+
+
+@needs_kernel
+def test_kernels_share_torchs_openmp_runtime():
+    """The kernels' OpenMP regions run on the runtime torch loaded (one libgomp in the process), so the spin-wait
+    bound set at ``import lmpo`` (lmpo.engine.threads) applies to them as to torch's own regions."""
+    rowdot.rowdot(torch.randn(2, 8), torch.randn(3, 8))
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if any(n in line for n in ("libgomp", "libiomp", "libomp.so"))}
+    assert len(runtimes) == 1, runtimes
+
+
+class _ThreadSpy:
+    def __init__(self, lib):
+        self.lib, self.threads = lib, []
+
+    def lmpo_rowdot(self, x, w, b, y, m, k, n, threads):
+        self.threads.append(threads)
+        self.lib.lmpo_rowdot(x, w, b, y, m, k, n, threads)
+
+
+@needs_kernel
+def test_kernels_follow_the_chosen_thread_count(monkeypatch):
+    from lmpo.engine.threads import ThreadChoice, apply_threads
+
+    spy = _ThreadSpy(rowdot._load()[0])
+    monkeypatch.setattr(rowdot, "_load", lambda: (spy, ""))
+    lin, before = nn.Linear(8, 3), torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            apply_threads(ThreadChoice(n, "auto: probe", 2))
+            rowdot.rowdot(torch.randn(2, 8), lin.weight.detach())
+            with torch.no_grad(), rowdot.rowdot_linears(lin):
+                lin(torch.randn(2, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert spy.threads == [1, 1, 2, 2]

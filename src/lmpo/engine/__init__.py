@@ -9,7 +9,10 @@ What lives here (each fast path is tested equal to its reference path):
   ``torch.multinomial``);
 - ``inbackward``, ``optim``: AdamW folded into backward behind the trainer's one optimizer interface
   (reference: ``loss.backward()``, ``clip_grad_norm_``, ``AdamW.step()``);
-- ``tuning``: what is measured on the machine at start (bf16 or fp32 autocast) and allocator settings.
+- ``tuning``: what is measured on the machine at start (bf16 or fp32 autocast) and allocator settings;
+- ``threads``: the intra-op thread count (``train.threads: auto``: available cores, or one where a short probe finds
+  one faster) and OpenMP's spin-wait, bounded at ``import lmpo`` so that a busy machine slows a run down gracefully
+  (reference: torch's default thread count; the spin bound is process-wide and applies under both modes).
 
 ``perf: fast | reference`` (top-level config key) sets every knob below that is left at ``auto``: ``fast`` lets each
 choose by measurement or model size (the default), ``reference`` turns every fast path off (the plain PyTorch /
@@ -33,6 +36,7 @@ REFERENCE_KNOBS: dict[tuple[str, str], Any] = {
     ("rollout", "lean_decode"): False,
     ("rollout", "sampler"): "multinomial",
     ("train", "optimizer_in_backward"): False,
+    ("train", "threads"): None,
 }
 """Each speed knob and its value under ``perf: reference``."""
 
@@ -47,14 +51,31 @@ def apply_perf(cfg) -> None:
             setattr(part, key, value)
 
 
-def setup_process(cfg) -> None:
-    """Process-wide engine settings of a run, after seeding: intra-op threads, the allocator's mmap threshold, and
-    the autocast precision measured on this machine (``model.autocast: auto``; written back into ``cfg``)."""
-    import torch
-
+def setup_process(cfg):
+    """Process-wide engine settings of a run, after seeding: intra-op threads (``train.threads: auto`` measured
+    here), the allocator's mmap threshold, and the autocast precision measured on this machine (``model.autocast:
+    auto``). What ``auto`` resolved to is written back into ``cfg`` (``config.yaml`` keeps what the user asked for,
+    so a resumed run measures again). Returns the run's :class:`~lmpo.engine.threads.ThreadTuner` (``auto``
+    measures again before long steps; its ``summary()`` goes into ``summary.json``)."""
+    from lmpo.engine.threads import ThreadTuner
     from lmpo.engine.tuning import resolve_autocast, set_mmap_threshold
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    tuner = ThreadTuner(cfg.train.threads)
+    tuner.apply()
+    cfg.train.threads = tuner.threads
     set_mmap_threshold(cfg.train.mmap_threshold_kb)
+    cfg.model.autocast = resolve_autocast(cfg.model.autocast)
+    return tuner
+
+
+def setup_inference(cfg) -> None:
+    """What ``lmpo eval`` and ``lmpo chat`` share with a run's start: the intra-op thread count (``train.threads``,
+    ``auto`` probed once: no re-probing, a session is short) and the measured autocast precision, written back into
+    ``cfg``."""
+    from lmpo.engine.threads import ThreadTuner
+    from lmpo.engine.tuning import resolve_autocast
+
+    tuner = ThreadTuner(cfg.train.threads)
+    tuner.apply()
+    cfg.train.threads = tuner.threads
     cfg.model.autocast = resolve_autocast(cfg.model.autocast)

@@ -27,8 +27,8 @@ from lmpo.batch import RolloutBatch
 from lmpo.config import Config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
-from lmpo.engine import setup_process
-from lmpo.engine.tuning import resolve_autocast
+from lmpo.engine import setup_inference, setup_process
+from lmpo.engine.threads import ThreadTuner
 from lmpo.pipeline import Pipeline, build_pipeline
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
 from lmpo.rollout.base import SamplingParams
@@ -109,7 +109,7 @@ def rollout_context(cfg: Config, model, tokenizer, task, rewards, pipeline: Pipe
 
 def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | None = None) -> dict[str, float]:
     """Held-out metrics of a run's latest (or given) checkpoint, or of the configured base model."""
-    cfg.model.autocast = resolve_autocast(cfg.model.autocast)
+    setup_inference(cfg)  # threads and measured precision, as a run's start (lmpo.engine)
     pipeline = build_pipeline(cfg)
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)
@@ -143,6 +143,7 @@ class Run:
     start: int = 0
     eval_before: dict[str, float] = field(default_factory=dict)
     log: MetricsLog | None = None
+    threads: ThreadTuner | None = None  # train.threads over the run (lmpo.engine.threads)
 
     @property
     def dir(self) -> Path:
@@ -189,7 +190,7 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
     check_available(cfg.output.report_to)  # the trackers' packages (output.report_to)
     # the order below fixes which random numbers each part draws (runs are reproducible from the seed)
     seed_everything(cfg.train.seed)
-    setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
+    threads = setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
     pipeline = build_pipeline(cfg)
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)
@@ -207,7 +208,8 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
         ref = (ReferencePolicy(PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast,
                                             packed=runner.packed)) if ref_model is not None
                else ReferencePolicy(runner, model.disable_adapter))
-    run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts])
+    run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts],
+              threads=threads)
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
@@ -221,6 +223,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     """One step: collect -> prepare -> update -> observe; returns the step's metrics."""
     p, t = run.pipeline, run.cfg.train
     t0 = time.perf_counter()
+    threads = run.threads.before_step() if run.threads is not None else None  # auto: measured again (long steps)
     batch, raw, stats = collect(run.ctx, run.stream, run.cfg.rollout.prompts_per_step, run.cfg.rollout.refill_rounds,
                                 step)
     t_gen = time.perf_counter() - t0
@@ -236,7 +239,12 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             observe(batch, lambda b: run.runner.logprobs_nograd(b, t.micro_batch_size))
         metrics.update({"perf/logprob_s": t2 - t1, "perf/update_s": time.perf_counter() - t2})
     run.ctx.generator.sync_weights()
-    metrics.update({"perf/step_s": time.perf_counter() - t0, "perf/generate_s": t_gen,
+    if threads is not None:
+        metrics["perf/threads"] = threads
+    step_s = time.perf_counter() - t0
+    if run.threads is not None:
+        run.threads.after_step(step_s)
+    metrics.update({"perf/step_s": step_s, "perf/generate_s": t_gen,
                     "perf/tokens_per_s": float(metrics.pop("_tokens")) / max(t_gen, 1e-9),
                     "perf/peak_rss_gb": peak_rss_gb()})
     return metrics
@@ -324,5 +332,8 @@ def finish(run: Run, eval_after: dict[str, float]) -> RunResult:
         {"eval_before": run.eval_before, "eval_after": eval_after, "steps": cfg.train.steps,
          "peak_rss_gb": peak_rss_gb(),
          # what model.autocast resolved to on this machine ("auto" measures at start), null = float32
-         "autocast": cfg.model.autocast})
+         "autocast": cfg.model.autocast,
+         # the intra-op thread count, how it was chosen (config, or train.threads: auto's probe with its timings),
+         # the steps run at each count, and OpenMP's spin-wait setting (lmpo.engine.threads)
+         "threads": run.threads.summary() if run.threads is not None else None})
     return RunResult(run.dir, cfg.train.steps, run.eval_before, eval_after, history)

@@ -250,7 +250,8 @@ class RunFolder:
             eval_before = {}
         row = next((r for r in reversed(history) if r.get("step") == plan.step), {})
         return {"eval_before": eval_before, "eval_after": {k: v for k, v in row.items() if k.startswith("eval/")},
-                "steps": plan.step, "peak_rss_gb": None, "autocast": None, "rebuilt": True}
+                "steps": plan.step, "peak_rss_gb": None, "autocast": None, "threads": None,
+                "rebuilt": True}
 
     def read_summary(self) -> dict[str, Any] | None:
         try:

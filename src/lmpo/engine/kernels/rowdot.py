@@ -15,6 +15,10 @@ The library is compiled once per source version with the system C compiler (``$C
 before it is used. Where any of that is impossible (no compiler, no AVX2/FMA, not Linux/x86-64) :func:`available`
 is False, :func:`unavailable_reason` says why, and callers fall back to ``torch.nn.functional.linear``. Results
 agree with the BLAS to float rounding (each dot product is summed in eight interleaved partial sums), not bit for bit.
+
+Threads: the parallel kernels take ``torch.get_num_threads()`` at each call (so they follow ``train.threads``, auto
+included) and run on the OpenMP runtime torch already loaded (the library links ``libgomp.so.1``, which resolves to
+torch's copy), so the spin-wait bound lmpo sets at import applies to them too (:mod:`lmpo.engine.threads`).
 """
 
 from __future__ import annotations
