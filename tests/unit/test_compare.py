@@ -111,7 +111,7 @@ def test_existing_run_decisions(tmp_path):
     (run / "summary.json").unlink()  # finished but its summary missing: train --resume rebuilds it
     assert existing_run(run, wanted, 2)[0] == "resume"
     cfg = (run / "config.yaml").read_text()
-    assert "\n  threads: null" in cfg
+    assert "\n  threads: auto" in cfg
     (run / "config.yaml").write_text("\n".join(ln for ln in cfg.splitlines() if not ln.startswith("  threads:")))
     assert existing_run(run, wanted, 3)[0] == "resume"  # a setting missing from an older config reads as its default
     (run / "config.yaml").write_text(cfg.replace("  learning_rate:", "  learnin_rate:"))
