@@ -52,19 +52,29 @@ def dense_rewards(batch: RolloutBatch) -> Tensor:
     return r.index_put((rows, last[rows]), batch.rewards.float()[rows].to(r.dtype), accumulate=True)
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, actions: Tensor | None = None,
+        ) -> tuple[Tensor, Tensor]:
     """``(advantages, returns)`` (B, T) by the backward recursion of arXiv:1506.02438 Eq. 16, 0 off the mask.
 
-    Masked tokens are skipped (V and A carried through them); V = 0 after the last trained token."""
+    Masked tokens are skipped (V and A carried through them); V = 0 after the last trained token. ``actions`` (B, T)
+    ids (POAD's action decomposition, :mod:`lmpo.methods.advantage.poad`): gamma applies only where the next trained
+    token belongs to another action (or none follows); inside an action the discount is 1 and the trace decays by
+    lambda alone. ``None``: every token is its own action (token-level GAE)."""
     rewards, values = ops.zero_outside(rewards.float(), mask), ops.zero_outside(values.float(), mask)
     B, T = mask.shape
     next_v = torch.zeros(B, dtype=torch.float32, device=mask.device)
     last = torch.zeros_like(next_v)
+    next_action = torch.full((B,), -1, dtype=torch.long, device=mask.device)  # -1: no trained token follows
     adv = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
     for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
         here = mask[:, t]
-        last = torch.where(here, delta + gamma * lam * last, last)
+        if actions is None:
+            disc = torch.full_like(next_v, gamma)
+        else:  # across an action boundary (or at the end): gamma; inside an action: 1
+            disc = torch.where((next_action < 0) | (actions[:, t] != next_action), gamma, 1.0)
+            next_action = torch.where(here, actions[:, t].long(), next_action)
+        delta = rewards[:, t] + disc * next_v - values[:, t]
+        last = torch.where(here, delta + disc * lam * last, last)
         next_v = torch.where(here, values[:, t], next_v)
         adv[:, t] = last
     adv = ops.zero_outside(adv, mask)
