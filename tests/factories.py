@@ -199,6 +199,8 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     if "vocab_mean_logprobs" in needs:
         vm = -(2.8 + torch.rand(B, T, generator=g)) * m
         ex.update(vocab_mean_logprobs=leaf(vm), old_vocab_mean_logprobs=(vm - 0.1 * torch.rand(B, T, generator=g)) * m)
+    if "values" in needs:  # the pre-update critic's V(s_t), detached
+        ex["values"] = torch.randn(B, T, generator=g) * m
     if "layer_noise" in needs:
         ex["noise_seed"] = torch.randint(0, 2**31, (B,), generator=g)
     return batch.replace(extras=ex)

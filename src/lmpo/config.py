@@ -99,6 +99,19 @@ class KLConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model, built when a component needs ``values`` (advantage ``gae``; lmpo.train.critic)."""
+
+    # shared: a value head on the policy's last hidden state (its trunk, LoRA or full, also learns from vf_coef x the
+    # value loss) | separate: a copy of the policy model (same LoRA or full setting) plus a head, trained alone
+    model: str = "shared"
+    vf_coef: float = hp(0.1, ge=0)  # shared: weight of the value loss added to the policy's loss
+    cliprange_value: float | None = hp(0.2, gt=0)  # PPO's value clipping around the pre-update values; null: off
+    learning_rate: float | None = hp(None, gt=0)  # the critic's own AdamW; null: train.learning_rate
+    max_grad_norm: float | None = hp(1.0, gt=0)  # clipping of the critic's own gradient; null: off
+
+
+@dataclass
 class TrainConfig:
     steps: int = hp(20, ge=0)
     learning_rate: float = hp(1e-6, gt=0)
@@ -170,6 +183,7 @@ class Config:
     shapers: list[dict[str, Any]] = field(default_factory=list)
     planners: list[dict[str, Any]] = field(default_factory=list)  # collection planners (e.g. knapsack budgets)
     kl: KLConfig = field(default_factory=KLConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -439,6 +453,11 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
     check_ranges(cfg, origin)
     _check_choices(cfg, origin)
     pipeline = _checked_components(cfg, origin)
+    if pipeline.plan.values and cfg.critic.model == "shared" and cfg.train.optimizer_in_backward is True:
+        raise ConfigError("train.optimizer_in_backward=true cannot fold AdamW into backward beside a shared critic's "
+                          "value head (critic.model: shared, needed by the advantage); set "
+                          f"train.optimizer_in_backward to auto or false, or critic.model=separate"
+                          f"{origin('train.optimizer_in_backward')}.")
     check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
 
 
@@ -499,6 +518,8 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
     samplers = ["auto", "multinomial", "inverse_cdf"]
     need(r.sampler in samplers, "rollout.sampler", f"rollout.sampler must be auto, multinomial or inverse_cdf, "
          f"got {r.sampler!r}{did_you_mean(str(r.sampler), samplers)}")
+    need(cfg.critic.model in ("shared", "separate"), "critic.model",
+         f"critic.model must be shared or separate, got {cfg.critic.model!r}")
     m = cfg.model
     need(m.gradient_checkpointing in (True, False, "attention"), "model.gradient_checkpointing",
          f"model.gradient_checkpointing must be true, false or attention, got {m.gradient_checkpointing!r}")

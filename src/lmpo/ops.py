@@ -156,6 +156,30 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
+# --------------------------------------------------------------------------- critic
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
+                       ) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss per token and where the clipped branch is the larger one (both (B, T)).
+
+    ``0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)`` (PPO2's value clipping; verl's
+    ``compute_value_loss`` and TRL's PPOTrainer, both with the 0.5 factor); ``clip=None``: ``0.5 (V - R)^2``.
+    Gradient flows into ``values`` only. Mask and aggregate it outside."""
+    old_values, returns = old_values.detach(), returns.detach()
+    plain = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * plain, torch.zeros_like(plain, dtype=torch.bool)
+    clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
+    return 0.5 * torch.maximum(plain, clipped), clipped > plain
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the masked tokens (1: the critic predicts the returns; 0: no better than their
+    mean); 0 when the returns do not vary."""
+    var_r = masked_var(returns, mask)
+    out = 1.0 - masked_var(returns - values, mask) / var_r.clamp_min(1e-12)
+    return torch.where(var_r > 0, out, torch.zeros_like(out))
+
+
 def response_lengths(mask: Tensor) -> Tensor:
     """Number of trained tokens per row (B,) as float."""
     return mask.to(torch.float32).sum(-1)

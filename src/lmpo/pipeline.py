@@ -30,7 +30,7 @@ from lmpo.models.token_stats import STAT_NEEDS
 
 BATCH_FIELD_NEEDS = ("old_logprobs", "ref_logprobs", "sampler_logprobs")  # needs that are RolloutBatch fields
 EXTRAS_NEEDS = {"entropy": "entropy", "vocab_mean_logprobs": "vocab_mean_logprobs",
-                "candidate_logprobs": "candidate_ids"}  # need -> the extras key the component then reads
+                "candidate_logprobs": "candidate_ids", "values": "values"}  # need -> the extras key the component then reads
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class DataPlan:
     entropy: bool  # extras["entropy"] from the old pass
     old_stats: frozenset[str]  # pi_old's full-distribution statistics, as extras["old_<stat>"] (several steps)
     ref_logprobs: bool
+    values: bool = False  # a critic: its values before the advantages, its targets after (lmpo.train.critic)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def data_plan(needs: frozenset[str], kl: KLPenalty | None, ppo_epochs: int, num_
         on_policy=on_policy, old_pass=old or kl_reward or "entropy" in needs, old_logprobs=old,
         old_from_forward="old_logprobs" in needs and on_policy, entropy="entropy" in needs,
         old_stats=frozenset() if on_policy else STAT_NEEDS & needs,
-        ref_logprobs=kl is not None or "ref_logprobs" in needs,
+        ref_logprobs=kl is not None or "ref_logprobs" in needs, values="values" in needs,
     )
 
 
@@ -185,6 +186,14 @@ def build_pipeline(cfg, components: dict[str, Any] | None = None) -> Pipeline:
         raise ConfigError(f"{', '.join(who)} needs candidate_logprobs, which need candidate tokens from the rollout "
                           f"mode; rollout.mode={cfg.rollout.mode!r} provides none. Set rollout.mode to one of "
                           f"{', '.join(m for m in ('reference', 'soft_thinking'))}.")
+    has_targets = bool(p.providers.get("value_targets"))
+    if ("values" in p.needs) != has_targets:
+        who = [r for r, c in p.roles.items() if "values" in needs_of(c)] or \
+            [r for r, c in p.roles.items() if any(c is q for q in p.providers.get("value_targets", []))]
+        raise ConfigError(f"{', '.join(who)} " + (
+            "needs values (a critic), but no component provides value_targets (what the critic learns); use "
+            "advantage gae (e.g. method=ppo)." if not has_targets else
+            "provides value_targets for a critic, but no component needs values; nothing would use the critic."))
     p.plan = data_plan(p.needs, kl, cfg.train.ppo_epochs, cfg.train.num_minibatches)
     return p
 

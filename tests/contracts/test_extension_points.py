@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lmpo.methods  # noqa: F401  (registers components)
-from lmpo.methods.base import BudgetAllocator, LossOut, Stateful, StatefulComponent
+from lmpo.methods.base import BudgetAllocator, LossOut, Stateful, StatefulComponent, ValueTargets
 from lmpo.pipeline import Pipeline
 from lmpo.registry import ADVANTAGES, LOSSES, PLANNERS, SELECTORS, SHAPERS, Registry
 
@@ -80,6 +80,28 @@ def test_allocator_stays_within_its_budget(reg, name):
     check_allocator(reg, name)
 
 
+def check_value_targets(reg: Registry, name: str) -> None:
+    """The critic's targets: (B, T) float, 0 off the mask, unchanged by padding, equivariant to row permutations,
+    finite when every reward is equal."""
+    from factories import pad_columns, permute
+
+    comp = kinds.build(reg, name)
+    b = kinds.batch_for(reg, name, seed=4)
+    t = comp.value_targets(b)
+    assert t.shape == b.response_mask.shape and t.dtype == torch.float32, "value_targets must be (B, T) float32"
+    assert torch.all(t[~b.response_mask] == 0), "value_targets must be 0 off the mask"
+    padded = comp.value_targets(pad_columns(b, 2))
+    assert torch.allclose(padded[:, : t.shape[1]], t) and torch.all(padded[:, t.shape[1]:] == 0)
+    pb, perm = permute(b)
+    assert torch.allclose(comp.value_targets(pb), t[perm])
+    assert torch.isfinite(comp.value_targets(kinds.batch_for(reg, name, equal_rewards=True))).all()
+
+
+@pytest.mark.parametrize("reg,name", providers(ValueTargets), ids=lambda x: getattr(x, "kind", x))
+def test_value_targets(reg, name):
+    check_value_targets(reg, name)
+
+
 # --------------------------------------------------------------------------- the contracts can fail
 @contextlib.contextmanager
 def registered(reg: Registry, cls):
@@ -139,6 +161,17 @@ class LiveStateShaper(Stateful):  # hands out its live state instead of a snapsh
         return batch
 
 
+@dataclass(frozen=True)
+class PaddedTargetsAdvantage:  # critic targets on padding
+    needs: ClassVar[frozenset[str]] = frozenset({"values"})
+
+    def __call__(self, batch):
+        return torch.zeros(batch.response_mask.shape)
+
+    def value_targets(self, batch):
+        return batch.rewards[:, None].expand_as(batch.response_mask).float() + 1.0
+
+
 @dataclass
 class OverspendingPlanner:  # allocates more rollouts than the batch budget
     def allocate(self, keys, n):
@@ -158,4 +191,6 @@ def test_each_contract_catches_a_broken_component():
         check_state_round_trip(SHAPERS, name)
     with registered(PLANNERS, OverspendingPlanner) as name, pytest.raises(AssertionError, match="budget"):
         check_allocator(PLANNERS, name)
+    with registered(ADVANTAGES, PaddedTargetsAdvantage) as name, pytest.raises(AssertionError, match="off the mask"):
+        check_value_targets(ADVANTAGES, name)
     assert all("broken_" not in n for reg in KINDS for n in reg.names())  # nothing left behind

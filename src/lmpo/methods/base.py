@@ -84,6 +84,9 @@ NEEDS: dict[str, str] = {
                            "log-prob over the vocabulary, chunked (ROVER)",
     "candidate_logprobs": "extras['candidate_logprobs'] (B, T, K) log-probs of extras['candidate_ids'], which the "
                           "rollout mode provides (rollout.mode reference / soft_thinking)",
+    "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
+              "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
+              "pipeline's value_targets provider (one must exist)",
     "hidden_states": "extras['hidden'] (B, T, H): LM-head inputs of the training forward, with gradient (losses only)",
     "current_entropy": "extras['current_entropy'] (B, T): entropy of the policy being optimised, with gradient "
                        "(losses only)",
@@ -169,6 +172,15 @@ class TokenMask(Protocol):
 
 
 @runtime_checkable
+class ValueTargets(Protocol):
+    """The critic's regression targets (B, T) for a batch that carries ``extras['values']`` (e.g. GAE's returns
+    ``A_t + V(s_t)``), asked once per step after the advantages; the trainer stores them in ``extras['returns']``.
+    At most one provider; a pipeline that needs ``values`` must have one."""
+
+    def value_targets(self, batch: RolloutBatch) -> Tensor: ...
+
+
+@runtime_checkable
 class LRScaler(Protocol):
     """A factor on this optimizer step's learning rate (e.g. VCPO's ESS rule), asked once per optimizer step
     after backward. At most one provider."""
@@ -209,6 +221,7 @@ EXTENSION_POINTS: dict[str, ExtensionPoint] = {p.name: p for p in (
     ExtensionPoint("inject_prompts", PromptSource, False, "collect: prompts made by components"),
     ExtensionPoint("after_collect", CollectObserver, False, "collect: after the last scoring round"),
     ExtensionPoint("token_mask", TokenMask, True, "prepare: after the advantages"),
+    ExtensionPoint("value_targets", ValueTargets, True, "prepare: the critic's targets, after the advantages"),
     ExtensionPoint("lr_scale", LRScaler, True, "update: before each optimizer step"),
     ExtensionPoint("after_optimizer_step", OptimizerHook, False, "update: after each optimizer step"),
     ExtensionPoint("observe", StepObserver, False, "observe: after the step's update"),

@@ -35,6 +35,7 @@ from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator
 from lmpo.rollout.modes import build_train_generator, policy_horizon
 from lmpo.tasks import build_task
+from lmpo.train.critic import Critic, build_critic
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
 from lmpo.train.evaluate import evaluate
@@ -144,6 +145,7 @@ class Run:
     eval_before: dict[str, float] = field(default_factory=dict)
     log: MetricsLog | None = None
     threads: ThreadTuner | None = None  # train.threads over the run (lmpo.engine.threads)
+    critic: Critic | None = None  # the value model, when a component needs values (lmpo.train.critic)
 
     @property
     def dir(self) -> Path:
@@ -154,6 +156,8 @@ class Run:
         out = self.pipeline.stateful()
         if self.opt.folded is not None:  # its clip-factor guess, so a resumed run folds as the uninterrupted one
             out["optimizer_in_backward"] = self.opt
+        if self.critic is not None:  # its head (and separate model), and its optimizer
+            out["critic"] = self.critic
         return out
 
     def restore(self, ckpt: Path) -> None:
@@ -181,7 +185,7 @@ class Run:
         t, r = self.cfg.train, self.cfg.rollout
         return UpdateSettings(ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches,
                               micro_batch_size=t.micro_batch_size, kl=self.pipeline.kl, entropy_coef=t.entropy_coef,
-                              horizon=policy_horizon(r.mode, r.mode_params, r.max_new_tokens))
+                              horizon=policy_horizon(r.mode, r.mode_params, r.max_new_tokens), critic=self.critic)
 
 
 def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
@@ -201,15 +205,18 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
     stream = PromptStream(task.train, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    critic = build_critic(cfg, model, runner) if pipeline.plan.values else None
+    # a shared critic's head takes gradient from the policy's backward: AdamW is then not folded into it
     opt = build_optimizer(params, t, t.steps * t.ppo_epochs * t.num_minibatches,
-                          single_use=m.gradient_checkpointing is True or runner.packed_applies())
+                          single_use=(m.gradient_checkpointing is True or runner.packed_applies())
+                          and not (critic is not None and critic.shared))
     ref = None
     if pipeline.plan.ref_logprobs:  # the frozen copy, or the LoRA model with its adapters disabled
         ref = (ReferencePolicy(PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast,
                                             packed=runner.packed)) if ref_model is not None
                else ReferencePolicy(runner, model.disable_adapter))
     run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts],
-              threads=threads)
+              threads=threads, critic=critic)
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
@@ -230,7 +237,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {**stats, **rollout_metrics(raw, run.rewards.names)}
     if batch is not None:  # None: every group was filtered out (nothing to learn from this step)
         t1 = time.perf_counter()
-        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size)
+        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size, run.critic)
         t2 = time.perf_counter()
         metrics.update(prep)
         metrics.update(policy_update(run.runner, run.opt, batch, p.loss, p.aggregator, run.settings(), step,

@@ -35,8 +35,9 @@ class ReferencePolicy:
 
 
 def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: ReferencePolicy | None,
-            micro_batch_size: int | None) -> tuple[RolloutBatch, dict[str, Tensor]]:
-    """The training batch with old/ref log-probs, KL rewards, advantages and token mask; plus its metrics."""
+            micro_batch_size: int | None, critic=None) -> tuple[RolloutBatch, dict[str, Tensor]]:
+    """The training batch with old/ref log-probs, KL rewards, critic values, advantages, critic targets and token
+    mask; plus its metrics. ``critic``: the :class:`lmpo.train.critic.Critic` when the plan has values."""
     plan, metrics = p.plan, {}
     if plan.old_pass:  # one no-grad pass under the pre-update weights serves the log-probs and the entropies
         lp_old, ent = runner.logprobs_entropy_nograd(batch, micro_batch_size, with_entropy=plan.entropy)
@@ -53,8 +54,16 @@ def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: Referen
         metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
     if plan.on_policy:  # the update reads pi_old from its own forward (DataPlan.old_from_forward)
         batch = batch.replace(old_logprobs=None)
+    if plan.values:  # the pre-update critic's V(s_t), before the advantages that read them
+        batch = batch.replace(extras={**batch.extras, "values": critic.values_nograd(batch, micro_batch_size)})
     require(batch, p.advantage, "advantage")
     batch = batch.replace(advantages=p.advantage(batch))
+    if plan.values:  # the critic's regression targets (e.g. GAE returns), from the pipeline's value_targets provider
+        values, returns = batch.extras["values"], p.hook("value_targets")(batch)
+        batch = batch.replace(extras={**batch.extras, "returns": returns})
+        metrics.update({"critic/values_mean": ops.masked_mean(values, batch.response_mask),
+                        "critic/returns_mean": ops.masked_mean(returns, batch.response_mask),
+                        "critic/explained_variance": ops.explained_variance(values, returns, batch.response_mask)})
     token_mask = p.hook("token_mask")
     if token_mask is not None:  # post-advantage down-sampling: train on a subset of tokens
         keep = token_mask(batch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +116,7 @@ class UpdateSettings:
     kl: KLPenalty | None = None  # the pipeline's KL penalty (added to the loss unless it is in the rewards)
     entropy_coef: float = 0.0
     horizon: int = 64
+    critic: Any = None  # lmpo.train.critic.Critic when a component needs values
 
     @property
     def on_policy(self) -> bool:
@@ -124,9 +125,12 @@ class UpdateSettings:
 
 
 def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, s: UpdateSettings, normaliser: Tensor,
-                   ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss of one micro-batch, already divided by the mini-batch normaliser (ready for ``backward``)."""
+                   value_norm: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of one micro-batch, already divided by the mini-batch normaliser (ready for ``backward``); with a shared
+    critic, plus ``vf_coef`` x its value loss (divided by ``value_norm``, the mini-batch's token count)."""
     needs = needs_of(loss_fn)
+    shared_critic = s.critic is not None and s.critic.shared
+    hidden = None
     runner = runner.for_loss(mb, needs, loss_fn)
     stats = STAT_NEEDS & needs
     if stats:  # opt-in full-distribution statistics, and pi_old's: this forward's, detached, when on-policy
@@ -139,9 +143,9 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
         mb = mb.replace(extras={**mb.extras, **extra})
     else:
         # the entropy is always reported; it needs a gradient only for an entropy bonus or a loss that uses it
-        lp, ent, hidden = runner.forward(mb, with_entropy=True, hidden="hidden_states" in needs,
+        lp, ent, hidden = runner.forward(mb, with_entropy=True, hidden="hidden_states" in needs or shared_critic,
                                          entropy_grad=bool(s.entropy_coef) or "current_entropy" in needs)
-        if hidden is not None:  # the same forward's LM-head inputs, with gradient
+        if hidden is not None and "hidden_states" in needs:  # the same forward's LM-head inputs, with gradient
             mb = mb.replace(extras={**mb.extras, "hidden": hidden})
     if "hidden_states" in needs and "hidden" not in mb.extras:
         raise ModelError("hidden_states were requested but this forward path (full-distribution statistics) does not "
@@ -166,6 +170,13 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
         per_token = per_token - s.entropy_coef * ent
     metrics["loss/entropy"] = ops.masked_mean(ent.detach(), mask)
     loss = aggregator(per_token, mask, normaliser)
+    if shared_critic:  # the value head on this forward's LM-head inputs
+        if hidden is None:
+            raise ModelError("critic.model=shared reads the policy forward's hidden states, which this forward path "
+                             "(full-distribution statistics) does not return; set critic.model=separate.")
+        vloss, vmetrics = s.critic.shared_loss(hidden, mb, value_norm)
+        loss = loss + vloss
+        metrics.update(vmetrics)
     return loss, metrics
 
 
@@ -218,9 +229,15 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
             normaliser = aggregator.normaliser(mb.response_mask, s.horizon)
             n_micro = max(1, -(-mb.batch_size // s.micro_batch_size)) if s.micro_batch_size else 1
             opt.zero_grad()
+            value_norm = None
+            if s.critic is not None:
+                s.critic.zero_grad()
+                value_norm = mb.response_mask.sum().clamp_min(1).float()  # the value loss: a token mean per mini-batch
             total = torch.zeros(())
             for micro in mb.split(n_micro):
-                loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser)
+                loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser, value_norm)
+                if s.critic is not None and not s.critic.shared:
+                    metrics.update(s.critic.separate_backward(micro, value_norm))
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"The loss became {loss.item()} at step {step}; no update was applied. The last good "
@@ -245,6 +262,8 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
                 add("loss/lr_scale", float(scale))
             lr = opt.lr
             opt.step(scale)
+            if s.critic is not None:  # the critic's own AdamW, after the policy's
+                add("critic/grad_norm", s.critic.step())
             for hook in after_step:
                 hook()
             if not weights_finite(params):
