@@ -27,7 +27,7 @@ MIN_EVAL_GAIN = 0.2
 FALLBACK_SEEDS = (1, 2)
 """A preset whose seed 0 falls short is judged by its mean over seeds 0, 1, 2 (as in ``test_presets.py``)."""
 
-AGENT_PRESETS: list[str] = ["grpo"]
+AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo"]
 """Presets judged on the tiny multi-turn task (the turn-level methods add themselves here)."""
 AGENT_TWEAKS: dict[str, dict] = {}
 """Per-preset adjustments: ``overrides`` (dotted config keys), ``steps``, ``min_gain``, ``min_eval_gain``, each with
