@@ -29,7 +29,7 @@ MIN_EVAL_GAIN = 0.2
 FALLBACK_SEEDS = (1, 2)
 """A preset whose seed 0 falls short is judged by its mean over seeds 0, 1, 2 (as in ``test_presets.py``)."""
 
-AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra"]
+AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo"]
 """Presets judged on the tiny multi-turn task (the turn-level methods add themselves here)."""
 AGENT_TWEAKS: dict[str, dict] = {
     # G-RA gates the environment's per-turn rewards (immediate rewards) on a separate high-level reward; env_return
