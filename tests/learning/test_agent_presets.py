@@ -29,8 +29,12 @@ MIN_EVAL_GAIN = 0.2
 FALLBACK_SEEDS = (1, 2)
 """A preset whose seed 0 falls short is judged by its mean over seeds 0, 1, 2 (as in ``test_presets.py``)."""
 
-AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo"]
-"""Presets judged on the tiny multi-turn task (the turn-level methods add themselves here)."""
+AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo", "matchtir"]
+"""Presets judged on the tiny multi-turn task (the turn-level methods add themselves here). ``matchtir``: the tiny
+tokenizer cannot write tool calls, so its matched rewards (unit-tested in tests/unit/methods/advantage/
+test_matchtir.py) are not what it learns from here; its dual-level advantage learns from copy_turns' per-turn rewards,
+which equal 1/3 x the matching reward of a one-call turn (the reply's digit as the tool's name, the shown digit as the
+gold call's: similarity 1 when they are equal, 0 otherwise)."""
 AGENT_TWEAKS: dict[str, dict] = {
     # G-RA gates the environment's per-turn rewards (immediate rewards) on a separate high-level reward; env_return
     # is their sum, so the outcome here is env_success: at least one turn right (return >= 1/3 > 0.3). Then
