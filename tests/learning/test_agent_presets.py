@@ -29,7 +29,7 @@ MIN_EVAL_GAIN = 0.2
 FALLBACK_SEEDS = (1, 2)
 """A preset whose seed 0 falls short is judged by its mean over seeds 0, 1, 2 (as in ``test_presets.py``)."""
 
-AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo", "matchtir"]
+AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo", "matchtir", "igpo"]
 """Presets judged on the tiny multi-turn task (the turn-level methods add themselves here). ``matchtir``: the tiny
 tokenizer cannot write tool calls, so its matched rewards (unit-tested in tests/unit/methods/advantage/
 test_matchtir.py) are not what it learns from here; its dual-level advantage learns from copy_turns' per-turn rewards,
@@ -40,6 +40,9 @@ AGENT_TWEAKS: dict[str, dict] = {
     # is their sum, so the outcome here is env_success: at least one turn right (return >= 1/3 > 0.3). Then
     # R = 1 + sum of turn rewards when some turn is right, else 0 (Delta = 1, the preset's).
     "g_ra": {"overrides": ["rewards=[{name: env_success, threshold: 0.3}]"]},
+    # IGPO's information gain needs the policy's confidence in the gold answer at each turn start (one extra
+    # teacher-forced forward per turn, off by default); copy_turns' answer is the episode's digits.
+    "igpo": {"overrides": ["rollout.mode_params.answer_confidence=true"]},
 }
 """Per-preset adjustments: ``overrides`` (dotted config keys), ``steps``, ``min_gain``, ``min_eval_gain``, each with
 its reason in a comment."""
