@@ -21,7 +21,8 @@ policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fiel
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
 ``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
-``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,). Reward columns
+``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), and with ``answer_confidence``
+``turn_answer_confidence`` (B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
