@@ -20,7 +20,9 @@ One row per episode: ``response_ids`` are all tokens after the first prompt (pol
 policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fields``): ``response_mask`` (policy
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
-``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,). Reward columns
+``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
+``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), and with ``answer_confidence``
+``turn_answer_confidence`` (B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -31,7 +33,10 @@ trainer's passes) shares it; later turns' prompts differ per episode and are pre
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass, field
+
 import torch
 
 from lmpo.envs import build_env, checked_reset, checked_step, observation_messages
@@ -45,6 +50,17 @@ from lmpo.tools.base import template_renders_tools, tools_system_prompt
 _SENTINEL = "\u2063LMPO-ASSISTANT-TURN\u2063"  # stands for a reply when the template renders the turn after it
 
 
+def observation_key(messages: list[dict]) -> int:
+    """A stable positive 63-bit key of the observation a policy turn answers (the roles and contents of its chat
+    messages): equal observations, within a run and across runs, give equal keys; 0 is never a key.
+
+    ``extras["turn_observation_keys"][i, t]`` is the key of what episode i's turn t saw: the first observation
+    (without the task's instructions) for t = 0, the environment's answer to turn t - 1 after; 0 where episode i
+    has no turn t. Turn-level credit methods group steps by it (GiGPO's anchor states)."""
+    text = "\x1e".join(f"{m.get('role', '')}\x1f{m.get('content', '')}" for m in messages)
+    return (int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1) | 1
+
+
 @dataclass(frozen=True)
 class EpisodeOptions:
     """``rollout.mode_params`` of the episodes mode.
@@ -56,6 +72,10 @@ class EpisodeOptions:
         max_context_tokens: At most this many prompt + response tokens per episode; a turn never starts with less
             than one token of room, and an observation that does not fit ends the episode.
         seed_column: Row key holding the episode seed (an integer; every row needs one).
+        answer_confidence: Also record ``extras["turn_answer_confidence"]`` (B, max_turns): the policy's probability
+            of the episode's ground-truth answer at the start of each turn (IGPO's information gain; one
+            teacher-forced forward per turn, see :meth:`EpisodeGenerator.answer_confidence`). The answer is the
+            environment's ``answer`` attribute after ``reset`` or else the row's ``answer`` column.
     """
 
     env: str = "frozenlake"
@@ -63,6 +83,7 @@ class EpisodeOptions:
     max_turns: int = 8
     max_context_tokens: int = 2048
     seed_column: str = "env_seed"
+    answer_confidence: bool = False
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -129,13 +150,19 @@ class EpisodeGenerator(HFGenerator):
         tools: list[list[dict] | None] = []
         histories: list[list[dict]] = []
         prompt_ids: list[list[int]] = []
-        for env, row in zip(envs, rows):
+        keys: list[list[int]] = [[] for _ in range(n)]
+        answers: list[str | None] = []
+        for j, (env, row) in enumerate(zip(envs, rows)):
             seed = row.get(o.seed_column)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise DataError(f"rollout.mode=episodes: a task row has {o.seed_column}={seed!r}; every row needs an "
                                 f"integer episode seed in {o.seed_column!r} (the `env` task writes one; or set "
                                 "rollout.mode_params.seed_column).")
             obs = checked_reset(env, seed)
+            keys[j].append(observation_key(observation_messages(obs)))
+            answer = getattr(env, "answer", None)
+            answers.append(str(answer) if answer is not None else (str(row["answer"]) if row.get("answer") is not None
+                                                                  else None))
             system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
             if schemas and not template_renders_tools(self.tokenizer):
@@ -160,11 +187,14 @@ class EpisodeGenerator(HFGenerator):
         calls = [0.0] * n
         bad_calls = [0.0] * n
         running = list(range(n))
+        starts: list[list[int]] = [[] for _ in range(n)]  # response length at the start of each turn
         for t in range(o.max_turns):
             room = {i: min(limits[i], o.max_context_tokens - len(prompt_ids[i]) - len(resp[i])) for i in running}
             running = [i for i in running if room[i] >= 1]
             if not running:
                 break
+            for i in running:
+                starts[i].append(len(resp[i]))
             out = HFGenerator.generate(self, [prompt_ids[i] + resp[i] for i in running], params,
                                        max_new_tokens=[room[i] for i in running])
             ids, attn, lps = out.response_ids.cpu(), out.response_attn.cpu(), out.sampler_logprobs.cpu()
@@ -194,15 +224,57 @@ class EpisodeGenerator(HFGenerator):
                 if len(prompt_ids[i]) + len(resp[i]) + len(obs) >= o.max_context_tokens:
                     continue  # the context budget: no room for the observation and a reply
                 histories[i] += new
+                keys[i].append(observation_key(new))
                 resp[i] += obs
                 policy[i] += [False] * len(obs)
                 turn[i] += [t] * len(obs)
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls)
+        result = self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys)
+        if o.answer_confidence:
+            result.extras["turn_answer_confidence"] = self.answer_confidence(prompt_ids, resp, starts, answers)
+        return result
 
-    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls) -> ModeOutput:
+    def answer_confidence(self, prompt_ids: list[list[int]], resp: list[list[int]], starts: list[list[int]],
+                          answers: list[str | None]) -> torch.Tensor:
+        """(B, max_turns) float32: C_{i,t} = exp(mean_j log pi(a_j | context at the start of turn t, a_<j)), the
+        geometric-mean probability of episode i's answer tokens a teacher-forced after everything before its turn t
+        (the first prompt for t = 0; after turn t - 1's reply and observation otherwise); 0 for turns not played."""
+        o = self.options
+        missing = [i for i, a in enumerate(answers) if a is None or not str(a).strip()]
+        if missing:
+            raise DataError(f"rollout.mode_params.answer_confidence: episode(s) {missing[:5]} have no ground-truth "
+                            "answer; the environment must set an `answer` attribute in reset() or the task rows an "
+                            "`answer` column.")
+        ans = [self._encode_text(str(a)) for a in answers]
+        seqs, where = [], []
+        for i in range(len(resp)):
+            for t, start in enumerate(starts[i]):
+                seqs.append(prompt_ids[i] + resp[i][:start] + ans[i])
+                where.append((i, t, len(ans[i])))
+        conf = torch.zeros(len(resp), o.max_turns, dtype=torch.float32)
+        if not seqs:
+            return conf
+        model = self.model
+        device = split_body_and_head(model)[1].weight.device
+        width = max(len(q) for q in seqs)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
+        amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for row, (q, (i, t, L)) in enumerate(zip(seqs, where)):
+            end = len(q)
+            pos = torch.arange(end - L - 1, end - 1, device=device)  # logits that predict the answer tokens
+            lp = logp[row, pos, ids[row, end - L:end]]
+            conf[i, t] = float(torch.exp(lp.mean()))
+        return conf
+
+    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
+                keys) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -218,6 +290,9 @@ class EpisodeGenerator(HFGenerator):
         returns = [float(sum(r)) for r in rewards]
         max_turns = self.options.max_turns
         turn_rewards = torch.tensor([r + [0.0] * (max_turns - len(r)) for r in rewards], dtype=torch.float32)
+        # the key of turn t's observation; a turn that never happened has none (0)
+        obs_keys = torch.tensor([k[:len(r)] + [0] * (max_turns - len(k[:len(r)])) for k, r in zip(keys, rewards)],
+                                dtype=torch.long)
         completions = [self.tokenizer.decode(r, skip_special_tokens=True) for r in resp]
         f32 = dict(dtype=torch.float32)
         return ModeOutput(
@@ -225,6 +300,7 @@ class EpisodeGenerator(HFGenerator):
             sampler_logprobs=right(logp, 0.0, torch.float32), truncated=torch.tensor([not d for d in done]),
             completions=completions, num_generated_tokens=int(policy_mask.sum()),
             extras={"policy_mask": policy_mask, "env_return": torch.tensor(returns, **f32), "turn_rewards": turn_rewards,
+                    "turn_observation_keys": obs_keys,
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
