@@ -20,7 +20,8 @@ One row per episode: ``response_ids`` are all tokens after the first prompt (pol
 policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fields``): ``response_mask`` (policy
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
-``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,). Reward columns
+``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls``
+(B, max_turns: the tool calls each policy turn made, 0 after the episode's last turn). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -159,6 +160,7 @@ class EpisodeGenerator(HFGenerator):
         invalid = [0.0] * n
         calls = [0.0] * n
         bad_calls = [0.0] * n
+        turn_calls: list[list[float]] = [[] for _ in range(n)]
         running = list(range(n))
         for t in range(o.max_turns):
             room = {i: min(limits[i], o.max_context_tokens - len(prompt_ids[i]) - len(resp[i])) for i in running}
@@ -181,6 +183,7 @@ class EpisodeGenerator(HFGenerator):
                 invalid[i] += float(bool(step.info.get("invalid_action")))
                 tm = step.info.get("tool_metrics") or {}
                 calls[i] += float(tm.get("calls", 0))
+                turn_calls[i].append(float(tm.get("calls", 0)))
                 bad_calls[i] += float(tm.get("calls", 0)) - float(tm.get("valid", tm.get("calls", 0)))
                 histories[i].append(step.info.get("assistant_message") or {"role": "assistant", "content": reply})
                 if step.done:
@@ -200,9 +203,10 @@ class EpisodeGenerator(HFGenerator):
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls)
+        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, turn_calls)
 
-    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls) -> ModeOutput:
+    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
+                turn_calls) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -218,6 +222,7 @@ class EpisodeGenerator(HFGenerator):
         returns = [float(sum(r)) for r in rewards]
         max_turns = self.options.max_turns
         turn_rewards = torch.tensor([r + [0.0] * (max_turns - len(r)) for r in rewards], dtype=torch.float32)
+        turn_tool_calls = torch.tensor([c + [0.0] * (max_turns - len(c)) for c in turn_calls], dtype=torch.float32)
         completions = [self.tokenizer.decode(r, skip_special_tokens=True) for r in resp]
         f32 = dict(dtype=torch.float32)
         return ModeOutput(
@@ -228,7 +233,7 @@ class EpisodeGenerator(HFGenerator):
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
-                    "invalid_tool_calls": torch.tensor(bad_calls, **f32)},
+                    "invalid_tool_calls": torch.tensor(bad_calls, **f32), "turn_tool_calls": turn_tool_calls},
             batch_fields={"response_mask": policy_mask, "turn_ids": turn_ids},
             columns={"env_return": returns, "env_turns": [len(r) for r in rewards]},
         )
