@@ -290,7 +290,7 @@ def write_small_gguf(path) -> None:
 
 
 # --------------------------------------------------------------------------- multi-turn episode batches
-def episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None, turn_tool_calls=None,
+def tool_episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None, turn_tool_calls=None,
                   invalid_tool_calls=None, max_turns: int | None = None, T: int | None = None,
                   extras: dict[str, Tensor] | None = None, dtype=torch.float32) -> RolloutBatch:
     """A batch laid out as ``rollout.mode: episodes`` lays out its rows, built by hand.

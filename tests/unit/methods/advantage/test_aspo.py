@@ -12,7 +12,7 @@ from lmpo.errors import ConfigError, DataError
 from lmpo.methods.advantage.aspo import ASPOAdvantage, first_tool_position
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from factories import episode_batch, from_config, make_batch
+from factories import tool_episode_batch, from_config, make_batch
 
 
 def with_pos(b, pos):
@@ -35,7 +35,7 @@ def test_card_worked_example():
 def test_positions_from_episode_turns():
     # row 0: turn 0 (2 policy + 1 obs tokens) calls a tool -> last policy token of turn 0 at index 1, turn 0
     # row 1: turn 0 answers (no call), turn 1 (tokens 3..4) calls -> index 4, turn 1; row 2: never calls -> -1
-    b = episode_batch([[(2, 1), (1, 0)], [(2, 1), (2, 1), (1, 0)], [(3, 0)]],
+    b = tool_episode_batch([[(2, 1), (1, 0)], [(2, 1), (2, 1), (1, 0)], [(3, 0)]],
                       turn_tool_calls=[[1, 0], [0, 2, 0], [0]], rewards=[1.0, 1.0, 1.0])
     assert first_tool_position(b, "token").tolist() == [1.0, 4.0, -1.0]
     assert first_tool_position(b, "turn").tolist() == [0.0, 1.0, -1.0]
@@ -48,7 +48,7 @@ def test_episode_batch_end_to_end_by_hand():
     # z over rows 0-2 = (-1, 0, 1); delta -2 -> (2, 0, -2), clipped at 0.7 * 0.5 = 0.35 -> A' = (0.85, 0.5, 0.15)
     turns = [[(1, 1), (1, 1), (1, 0)]] * 4
     calls = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
-    b = episode_batch(turns, rewards=[1.0, 1.0, 1.0, 0.0], turn_tool_calls=calls)
+    b = tool_episode_batch(turns, rewards=[1.0, 1.0, 1.0, 0.0], turn_tool_calls=calls)
     adv = ASPOAdvantage(position="turn")(b)
     a = 0.5 / (1 + 2e-6)
     want = torch.tensor([a + 0.7 * a, a, a - 0.7 * a, -3 * a])
@@ -134,11 +134,11 @@ def test_config_errors_and_require_code_pass():
         with pytest.raises(ConfigError, match=key):
             from_config(ASPOAdvantage, **kw)
     turns = [[(1, 1), (1, 0)]] * 3
-    b = episode_batch(turns, rewards=[1.0, 1.0, 1.0], turn_tool_calls=[[1, 0], [0, 1], [1, 0]],
+    b = tool_episode_batch(turns, rewards=[1.0, 1.0, 1.0], turn_tool_calls=[[1, 0], [0, 1], [1, 0]],
                       invalid_tool_calls=[0, 0, 1])
     # without the gate rows 0, 2 (turn 0) and 1 (turn 1) are eligible but the group's rewards are equal (A = 0): the
     # bias is clipped to 0. Give the group a wrong member so A != 0:
-    b = episode_batch(turns + [[(1, 0)]], rewards=[1.0, 1.0, 1.0, 0.0], turn_tool_calls=[[1, 0], [0, 1], [1, 0], [0]],
+    b = tool_episode_batch(turns + [[(1, 0)]], rewards=[1.0, 1.0, 1.0, 0.0], turn_tool_calls=[[1, 0], [0, 1], [1, 0], [0]],
                       invalid_tool_calls=[0, 0, 1, 0])
     plain = ASPOAdvantage(position="turn")(b)[:, 0]
     gated = ASPOAdvantage(position="turn", require_code_pass=True)(b)[:, 0]

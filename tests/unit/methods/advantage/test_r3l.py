@@ -12,7 +12,7 @@ from lmpo.errors import ConfigError
 from lmpo.methods.advantage.grpo import GRPOAdvantage
 from lmpo.methods.advantage.r3l import R3LAdvantage, pivot_mask
 from lmpo.methods.loss.opmd import OPMDLoss
-from factories import episode_batch, from_config, make_batch, run_token_loss
+from factories import tool_episode_batch, from_config, make_batch, run_token_loss
 
 
 def test_card_worked_example():
@@ -39,7 +39,7 @@ def test_logavgexp_baseline_by_hand():
 def test_card_pivot_mask_and_alpha1_is_mean_baseline():
     # a 4-turn episode (each turn 2 policy + 1 observation tokens), pivot k = 2: exactly turns 2 and 3 are trained
     turns = [[(2, 1)] * 4, [(2, 1)] * 4]
-    b = episode_batch(turns, rewards=[0.0, 0.5], extras={"pivot_turn": torch.tensor([2.0, -1.0])})
+    b = tool_episode_batch(turns, rewards=[0.0, 0.5], extras={"pivot_turn": torch.tensor([2.0, -1.0])})
     keep = pivot_mask(b)
     trained = b.response_mask & keep
     assert b.turn_ids[0][trained[0]].unique().tolist() == [2, 3]
