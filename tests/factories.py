@@ -4,7 +4,8 @@
 - RolloutBatch builders, smallest first:
   :func:`make_batch` (a hand case from the few fields a maths test cares about), :func:`random_batch` (random group
   structure: sizes, singletons, non-contiguous ids), :func:`random_full_batch` (fixed groups, every field the trainer
-  fills: the contract tests' batch), :func:`tagged_batch` (every field set, each row recognisable: select / split /
+  fills: the contract tests' batch), :func:`episode_batch` (multi-turn episodes as ``rollout.mode: episodes`` lays
+  them out: turn ids, observation tokens, per-turn rewards and observation keys), :func:`tagged_batch` (every field set, each row recognisable: select / split /
   concat tests), :func:`policy_batch` (token ids for a real model forward).
 - Batch transforms for the contracts: :func:`with_extras`, :func:`grad_extras`, :func:`pad_columns`, :func:`permute`.
 - Policy-loss inputs: :func:`token_loss_inputs`, :func:`run_token_loss`.
@@ -133,6 +134,54 @@ def random_full_batch(seed: int = 0, groups: int = 3, group_size: int = 4, T: in
         group_ids=torch.arange(groups).repeat_interleave(group_size), rewards=rewards,
         sampler_logprobs=lp() * mask, old_logprobs=lp() * mask, ref_logprobs=lp() * mask,
         truncated=lengths == T, advantages=torch.randn(B, T, generator=g) * mask,
+    )
+
+
+def episode_batch(turn_rewards, group_ids=None, *, tokens=None, obs_tokens: int = 1, obs_keys=None,
+                  rewards=None, max_turns: int | None = None, pad: int = 0, seed: int = 0) -> RolloutBatch:
+    """A multi-turn batch laid out as ``rollout.mode: episodes`` lays it out (one row per episode).
+
+    Row i plays ``len(turn_rewards[i])`` policy turns; turn t has ``tokens[i][t]`` policy tokens (default 1), and
+    every turn but the last is followed by ``obs_tokens`` observation tokens (attended, never trained, same turn id);
+    then ``pad`` extra padding columns. Fields: ``response_mask`` = policy tokens, ``response_attn`` = all tokens,
+    ``turn_ids`` = t on turn t's policy and observation tokens (0 on padding), ``rewards`` = ``rewards`` or the sum
+    of the turn rewards; extras ``turn_rewards`` (B, max_turns), ``num_turns``, ``env_return``, ``policy_mask`` and,
+    given ``obs_keys`` (per row, one key per turn), ``turn_observation_keys`` (0 after the last turn). Random token
+    ids and log-probs, deterministic in ``seed``.
+    """
+    B = len(turn_rewards)
+    n = [len(r) for r in turn_rewards]
+    M = max_turns or max(n)
+    tokens = [[1] * k for k in n] if tokens is None else tokens
+    rows = []  # per row: list of (turn, is_policy)
+    for i in range(B):
+        row = []
+        for t in range(n[i]):
+            row += [(t, True)] * tokens[i][t]
+            if t < n[i] - 1:
+                row += [(t, False)] * obs_tokens
+        rows.append(row)
+    T = max(len(r) for r in rows) + pad
+    g = torch.Generator().manual_seed(seed)
+    turn = torch.zeros(B, T, dtype=torch.long)
+    policy = torch.zeros(B, T, dtype=torch.bool)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        for j, (t, is_policy) in enumerate(row):
+            turn[i, j], policy[i, j], attn[i, j] = t, is_policy, True
+    tr = torch.tensor([list(r) + [0.0] * (M - len(r)) for r in turn_rewards], dtype=torch.float32)
+    ret = tr.sum(-1)
+    extras = {"turn_rewards": tr, "num_turns": torch.tensor(n, dtype=torch.float32), "env_return": ret,
+              "policy_mask": policy.clone()}
+    if obs_keys is not None:
+        extras["turn_observation_keys"] = torch.tensor([list(k) + [0] * (M - len(k)) for k in obs_keys],
+                                                       dtype=torch.long)
+    return RolloutBatch(
+        prompt_ids=torch.randint(0, 16, (B, 2), generator=g), prompt_mask=torch.ones(B, 2, dtype=torch.bool),
+        response_ids=torch.randint(0, 16, (B, T), generator=g), response_mask=policy, response_attn=attn,
+        group_ids=torch.zeros(B, dtype=torch.long) if group_ids is None else _t(group_ids, torch.long),
+        rewards=ret.clone() if rewards is None else _t(rewards, torch.float32),
+        sampler_logprobs=-torch.rand(B, T, generator=g) * policy, turn_ids=turn, extras=extras,
     )
 
 

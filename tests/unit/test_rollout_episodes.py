@@ -95,6 +95,24 @@ def test_episodes_mask_observations_number_turns_and_match_the_trainer():
         assert ep.rewards == ex["turn_rewards"][b, : len(replies)].tolist()
 
 
+def test_observation_keys_name_what_each_turn_saw():
+    """extras["turn_observation_keys"][i, t] = observation_key of the messages turn t answered (the first observation
+    without the instructions, then the environment's replies), 0 after the last turn; Echo shows its digit each turn,
+    so every turn of an episode (and of its group) sees the same observation."""
+    from lmpo.rollout.episodes import observation_key
+
+    model, tok = build_tiny_model(seed=0, init_std=0.1), build_tiny_tokenizer()
+    batch = _batch(model, tok, [{"prompt": "1+1", "env_seed": 3}, {"prompt": "1+1", "env_seed": 7}], 4, max_turns=3)
+    keys, turns = batch.extras["turn_observation_keys"], batch.extras["num_turns"].long()
+    assert keys.shape == (8, 3) and keys.dtype == torch.long
+    for b in range(8):
+        digit = str(int(batch.meta[b]["row"]["env_seed"]) % 10)
+        want = observation_key([{"role": "user", "content": digit + "="}])
+        assert keys[b, : turns[b]].tolist() == [want] * int(turns[b]) and (keys[b, turns[b]:] == 0).all()
+    assert observation_key([{"role": "user", "content": "3="}]) != observation_key([{"role": "tool", "content": "3="}])
+    assert observation_key([{"role": "user", "content": "3="}]) > 0
+
+
 def test_context_budget_and_turn_limit_end_episodes():
     model, tok = build_tiny_model(seed=0, init_std=0.1), build_tiny_tokenizer()
     rows = [{"prompt": "1", "env_seed": 1}]

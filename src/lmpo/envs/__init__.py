@@ -1,6 +1,6 @@
 """Text environments for multi-turn RL: the protocol, the registry ``ENVS`` and the built-in environments.
 
-``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``) or a user's own class
+``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``, ``copy_turns``) or a user's own class
 given as ``"package.module:Class"`` (constructed with ``params``; it must have ``reset`` and ``step``, see
 :class:`lmpo.envs.base.Env`). :class:`ToolEnv` is the base of question-answering environments with tools.
 Importing this package registers the built-ins; Gymnasium is imported only when a Gymnasium-backed environment is
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmpo.envs import frozenlake, gym_adapter, tiny_search  # noqa: F401 - imported to register
+from lmpo.envs import copy_turns, frozenlake, gym_adapter, tiny_search  # noqa: F401 - imported to register
 from lmpo.envs.base import (
     Env,
     EnvError,
@@ -23,6 +23,7 @@ from lmpo.envs.base import (
     observation_messages,
     run_episode,
 )
+from lmpo.envs.copy_turns import CopyTurnsEnv
 from lmpo.envs.frozenlake import FrozenLakeEnv
 from lmpo.envs.gym_adapter import GymnasiumEnv, GymTextEnv, TextCodec, WordCodec
 from lmpo.envs.tool_env import ToolEnv, contains_answer
@@ -68,6 +69,7 @@ def build_env(name: str, **params: Any) -> Env:
 
 __all__ = [
     "ENVS",
+    "CopyTurnsEnv",
     "Env",
     "EnvError",
     "Episode",

@@ -20,8 +20,9 @@ One row per episode: ``response_ids`` are all tokens after the first prompt (pol
 policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fields``): ``response_mask`` (policy
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
-``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls``
-(B, max_turns: the tool calls each policy turn made, 0 after the episode's last turn). Reward columns
+``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
+``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls`` (B, max_turns: the tool calls
+each policy turn made, 0 after the episode's last turn). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -32,7 +33,9 @@ trainer's passes) shares it; later turns' prompts differ per episode and are pre
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+
 import torch
 
 from lmpo.envs import build_env, checked_reset, checked_step, observation_messages
@@ -44,6 +47,17 @@ from lmpo.rollout.reference import ModeOutput
 from lmpo.tools.base import template_renders_tools, tools_system_prompt
 
 _SENTINEL = "\u2063LMPO-ASSISTANT-TURN\u2063"  # stands for a reply when the template renders the turn after it
+
+
+def observation_key(messages: list[dict]) -> int:
+    """A stable positive 63-bit key of the observation a policy turn answers (the roles and contents of its chat
+    messages): equal observations, within a run and across runs, give equal keys; 0 is never a key.
+
+    ``extras["turn_observation_keys"][i, t]`` is the key of what episode i's turn t saw: the first observation
+    (without the task's instructions) for t = 0, the environment's answer to turn t - 1 after; 0 where episode i
+    has no turn t. Turn-level credit methods group steps by it (GiGPO's anchor states)."""
+    text = "\x1e".join(f"{m.get('role', '')}\x1f{m.get('content', '')}" for m in messages)
+    return (int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1) | 1
 
 
 @dataclass(frozen=True)
@@ -130,13 +144,15 @@ class EpisodeGenerator(HFGenerator):
         tools: list[list[dict] | None] = []
         histories: list[list[dict]] = []
         prompt_ids: list[list[int]] = []
-        for env, row in zip(envs, rows):
+        keys: list[list[int]] = [[] for _ in range(n)]
+        for j, (env, row) in enumerate(zip(envs, rows)):
             seed = row.get(o.seed_column)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise DataError(f"rollout.mode=episodes: a task row has {o.seed_column}={seed!r}; every row needs an "
                                 f"integer episode seed in {o.seed_column!r} (the `env` task writes one; or set "
                                 "rollout.mode_params.seed_column).")
             obs = checked_reset(env, seed)
+            keys[j].append(observation_key(observation_messages(obs)))
             system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
             if schemas and not template_renders_tools(self.tokenizer):
@@ -197,16 +213,18 @@ class EpisodeGenerator(HFGenerator):
                 if len(prompt_ids[i]) + len(resp[i]) + len(obs) >= o.max_context_tokens:
                     continue  # the context budget: no room for the observation and a reply
                 histories[i] += new
+                keys[i].append(observation_key(new))
                 resp[i] += obs
                 policy[i] += [False] * len(obs)
                 turn[i] += [t] * len(obs)
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, turn_calls)
+        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys,
+                            turn_calls)
 
     def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
-                turn_calls) -> ModeOutput:
+                keys, turn_calls) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -223,6 +241,9 @@ class EpisodeGenerator(HFGenerator):
         max_turns = self.options.max_turns
         turn_rewards = torch.tensor([r + [0.0] * (max_turns - len(r)) for r in rewards], dtype=torch.float32)
         turn_tool_calls = torch.tensor([c + [0.0] * (max_turns - len(c)) for c in turn_calls], dtype=torch.float32)
+        # the key of turn t's observation; a turn that never happened has none (0)
+        obs_keys = torch.tensor([k[:len(r)] + [0] * (max_turns - len(k[:len(r)])) for k, r in zip(keys, rewards)],
+                                dtype=torch.long)
         completions = [self.tokenizer.decode(r, skip_special_tokens=True) for r in resp]
         f32 = dict(dtype=torch.float32)
         return ModeOutput(
@@ -230,6 +251,7 @@ class EpisodeGenerator(HFGenerator):
             sampler_logprobs=right(logp, 0.0, torch.float32), truncated=torch.tensor([not d for d in done]),
             completions=completions, num_generated_tokens=int(policy_mask.sum()),
             extras={"policy_mask": policy_mask, "env_return": torch.tensor(returns, **f32), "turn_rewards": turn_rewards,
+                    "turn_observation_keys": obs_keys,
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
