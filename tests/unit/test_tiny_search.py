@@ -80,3 +80,17 @@ def test_episodes_record_tool_calls_per_turn():
             assert tc[b, t] == float(reply.strip()[:1] == "+"), (b, t, reply)
         assert (tc[b, int(batch.extras["num_turns"][b]):] == 0).all()
     assert tc.sum() > 0
+
+
+def test_require_search_refuses_lucky_guesses_on_hidden_questions():
+    env = build_env("tiny_search", require_search=True, retry=True)
+    s = seed_of(False)
+    env.reset(s)
+    assert env.step(env.answer)[1:3] == (0.0, False)  # right digit, but not looked up: wrong, retried
+    env.step("+")
+    assert env.step(env.answer)[1:3] == (1.0, True)
+    s = seed_of(True)
+    q = env.reset(s)
+    assert env.step(q[0])[1:3] == (1.0, True)  # known questions need no search
+    with pytest.raises(ConfigError, match="require_search"):
+        build_env("tiny_search", require_search=[1])

@@ -12,6 +12,10 @@ unrelated to the one shown). A reply is
   after a wrong guess and a later search);
 * anything else is an invalid action (the question is shown again).
 
+With ``require_search: true`` an answer to a hidden question counts only after a search (a lucky guess earns 0 and
+is treated as wrong), so the task cannot be solved without the tool: the setting of tool-integrated reasoning,
+where ASPO shapes *when* the tool is called.
+
 Only characters of the tiny test tokenizer appear (digits, ``+``, ``=``). ``known_fraction`` is the share of
 questions of the first kind (drawn per seed, so a group's episodes share the question). The search decision is the
 first reply: AdaSearch rewards searching exactly on hidden questions the policy cannot answer; ASPO prefers correct
@@ -37,17 +41,20 @@ class TinySearchEnv:
     Attributes:
         known_fraction: Share of seeds whose answer is the digit shown (``"d="``); the others are hidden (``"d+"``).
         retry: A wrong answer shows the question again instead of ending the episode.
+        require_search: An answer to a hidden question counts only after a search.
     """
 
     known_fraction: float = 0.5
     retry: bool = False
+    require_search: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.known_fraction, bool) or not isinstance(self.known_fraction, (int, float)) \
                 or not 0.0 <= self.known_fraction <= 1.0:
             raise ConfigError(f"env tiny_search: known_fraction must be a number in [0, 1], got {self.known_fraction!r}.")
-        if not isinstance(self.retry, bool):
-            raise ConfigError(f"env tiny_search: retry must be true or false, got {self.retry!r}.")
+        for key in ("retry", "require_search"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"env tiny_search: {key} must be true or false, got {getattr(self, key)!r}.")
         self.question = ""
         self.answer = ""
         self.known = False
@@ -70,7 +77,7 @@ class TinySearchEnv:
             self.searches += 1
             return self.answer + "=", 0.0, False, {"tool_metrics": {"calls": 1, "valid": 1}}
         if first and first in DIGITS:
-            right = first == self.answer
+            right = first == self.answer and (self.known or self.searches > 0 or not self.require_search)
             if right or not self.retry:
                 return "", float(right), True, {"known": self.known, "searches": self.searches}
             return self.question, 0.0, False, {}
