@@ -58,7 +58,24 @@ def test_adasearch_learns_when_to_search(tmp_path):
                          check=lambda rs: "" if searches(rs) > 0.3 else f"adasearch: {searches(rs):.2f} searches")
 
 
+ASPO_TASK = ("rollout.mode_params.env_params.retry=true", "rollout.mode_params.env_params.require_search=true",
+             "rollout.mode_params.max_turns=3")
+"""Tool-integrated setting for ASPO: hidden answers count only when looked up, and a wrong answer may be followed by
+a search, so correct episodes call the tool at turn 0 or later (the first-call position ASPO shapes)."""
+
+
+def test_aspo_learns_tool_use(tmp_path):
+    # Seed 0, 80 steps: train reward 0.146 -> 0.506, held-out 0.03 -> 0.50, 0.4-0.9 searches per episode (GRPO's
+    # preset on the same task: 0.125 -> 0.931, held-out 1.0). Without require_search the tiny model never starts to
+    # search (guessing is cheaper: 0.2 -> 0.46 with no tool calls), and ASPO, which only re-ranks correct
+    # tool-using episodes, reduces to its GRPO base there.
+    assert_search_learns(tmp_path, "aspo", *ASPO_TASK, steps=80, min_gain=0.2, min_eval_gain=0.2,
+                         check=lambda rs: "" if searches(rs) > 0.2 else f"aspo: {searches(rs):.2f} searches")
+
+
 @pytest.mark.parametrize("method", ["r3l", "prorag", "epo_strategic"])
 def test_turn_credit_preset_learns_copy_turns(tmp_path, method):
-    # Seed 0, 40 steps (GRPO: 0.06 -> 0.30, held-out 0.00 -> 0.48): r3l 0.073 -> 0.411 (held-out 0.0 -> 0.41).
+    # Seed 0, 40 steps (GRPO: 0.06 -> 0.30, held-out 0.00 -> 0.48): r3l 0.073 -> 0.411 (held-out 0.0 -> 0.41),
+    # prorag 0.061 -> 0.434 (0.0 -> 0.52; process scores = copy_turns' per-turn rewards), epo_strategic
+    # 0.056 -> 0.246 (0.0 -> 0.27; no baseline, so slower).
     assert_learns(tmp_path, method)
