@@ -66,9 +66,12 @@ a search, so correct episodes call the tool at turn 0 or later (the first-call p
 
 def test_aspo_learns_tool_use(tmp_path):
     # Seed 0, 80 steps: train reward 0.146 -> 0.506, held-out 0.03 -> 0.50, 0.4-0.9 searches per episode (GRPO's
-    # preset on the same task: 0.125 -> 0.931, held-out 1.0). Without require_search the tiny model never starts to
-    # search (guessing is cheaper: 0.2 -> 0.46 with no tool calls), and ASPO, which only re-ranks correct
-    # tool-using episodes, reduces to its GRPO base there.
+    # preset on the same task: 0.125 -> 0.931, held-out 1.0). What ASPO shapes, measured on the training batches
+    # against the same preset with delta = 0 (its GRPO base): among correct tool-using episodes of steps 60-80, the
+    # share that searched at turn 0 is 0.985 vs 0.957 (mean first-call turn 0.015 vs 0.043; steps 0-20: 0.66 vs 0.74),
+    # at a cost in speed (train reward 0.506 vs 0.775): late-calling successes keep only 0.3 |A|. Without
+    # require_search the tiny model never starts to search (guessing pays: half the questions known, retries,
+    # 0.198 -> 0.459 with ~0 tool calls), and ASPO, which only re-ranks correct tool-using episodes, is its GRPO base.
     assert_search_learns(tmp_path, "aspo", *ASPO_TASK, steps=80, min_gain=0.2, min_eval_gain=0.2,
                          check=lambda rs: "" if searches(rs) > 0.2 else f"aspo: {searches(rs):.2f} searches")
 
