@@ -20,8 +20,9 @@ group's trained tokens (token-weighted: long steps weigh more in mu_g and sigma_
 Gaps filled (fidelity "reconstructed"; the advantage maths is the released code's, the process scores are not):
 - the paper's process score of a step is sigmoid(PRM(text up to and including the step)) + a per-step format reward,
   the PRM being trained on MCTS-labelled step values (stages 2-3 of the paper). lmpo ships no such PRM. The step
-  scores are read, per policy turn, from ``extras["turn_scores"]`` (B, max_turns), which a PRM scorer or reward can
-  write; without it, from ``extras["turn_rewards"]`` (B, max_turns), the environment's own per-turn rewards (the
+  scores are read, per policy turn, from ``extras["turn_scores"]`` (B, max_turns), which the ``prorag_prm`` shaper
+  writes with any model lmpo can load (:mod:`lmpo.methods.shape.prorag_prm`: ``shapers: [{name: prorag_prm,
+  model: ...}]``); without it, from ``extras["turn_rewards"]`` (B, max_turns), the environment's own per-turn rewards (the
   environment acting as the process verifier); without either (single-turn text), from ``batch.token_rewards``
   (B, T) when set. A batch with no process signal gets the outcome advantage alone;
 - the outcome reward R is ``batch.rewards`` (the paper's 2 F1 (if F1 >= 0.2) + format in [-1, 1] is a reward
