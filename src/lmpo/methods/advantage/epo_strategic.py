@@ -20,8 +20,9 @@ Differs from GRPO: no group baseline; credit is per turn, from discounted per-tu
 Gaps filled (fidelity "reconstructed"):
 - the per-turn rewards are ``extras["turn_rewards"]`` (``rollout.mode: episodes``: the environment's reward of each
   turn, so the outcome score sits on the final turn as in the paper); the paper's process rewards come from a
-  GPT-4o judge choosing critical turns, which lmpo does not run: a scorer may write them as
-  ``extras["critical_turns"]`` (B, max_turns; nonzero = critical), and each marked turn's reward becomes 1.
+  GPT-4o judge choosing critical turns; the ``epo_judge`` shaper (:mod:`lmpo.methods.shape.epo_judge`, any model
+  lmpo can load) or any scorer writes them as ``extras["critical_turns"]`` (B, max_turns; nonzero = critical), and
+  each marked turn's reward becomes 1.
   Without per-turn rewards (single-turn text) the episode is one turn with reward ``batch.rewards``;
 - the paper trains LLM_s offline on collected self-play data, iteratively; here it trains on-policy on the step's
   episodes (one self-play iteration per step);

@@ -67,6 +67,7 @@ class ProRAGPRM:
     dtype: str = hp("float32", choices=("float32", "bfloat16", "float16"))
     batch_size: int = hp(32, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
+    registry_name: ClassVar[str] = "prorag_prm"
 
     def load(self) -> tuple[Any, int, int]:
         """(model, yes id, no id), loaded once."""
@@ -78,8 +79,8 @@ class ProRAGPRM:
             for key, text in (("yes_token", self.yes_token), ("no_token", self.no_token)):
                 enc = tok(text, add_special_tokens=False)["input_ids"]
                 if len(enc) != 1 or enc[0] == getattr(tok, "unk_token_id", None):
-                    raise ConfigError(f"shapers: prorag_prm.{key}={text!r} is not a single token of the PRM "
-                                      f"{self.model!r}'s tokenizer.")
+                    raise ConfigError(f"shapers: {self.registry_name}.{key}={text!r} is not a single token of "
+                                      f"the model {self.model!r}'s tokenizer.")
                 ids.append(enc[0])
             self.__dict__["_prm"] = (model, ids[0], ids[1])
         return self.__dict__["_prm"]
@@ -89,8 +90,8 @@ class ProRAGPRM:
         model, yes, no = self.load()
         vocab = model.get_input_embeddings().weight.shape[0]
         if int(batch.response_ids.max()) >= vocab or int(batch.prompt_ids.max()) >= vocab:
-            raise DataError(f"prorag_prm: the batch holds token ids beyond the PRM {self.model!r}'s vocabulary "
-                            f"({vocab}); the PRM must share the policy's tokenizer.")
+            raise DataError(f"{self.registry_name}: the batch holds token ids beyond the model {self.model!r}'s "
+                            f"vocabulary ({vocab}); it must share the policy's tokenizer.")
         out = torch.zeros(batch.batch_size, max_turns)
         items = [p for p in turn_prefixes(batch) if p[1] < max_turns]
         device = model.get_input_embeddings().weight.device

@@ -59,3 +59,19 @@ def test_passthrough_and_errors():
         ProRAGPRM()(big)
     with pytest.raises(ConfigError, match="batch_size"):
         from_config(ProRAGPRM, batch_size=0)
+
+
+def test_epo_judge_marks_turns_above_the_threshold_and_feeds_epo_strategic():
+    from lmpo.methods.advantage.epo_strategic import EPOStrategicAdvantage
+    from lmpo.methods.shape.epo_judge import EPOJudge
+
+    b = batch_with_ids()
+    p = ProRAGPRM(model="tiny:3")(b).extras["turn_scores"]
+    thr = float(p[0, 0] + p[0, 1]) / 2  # between row 0's two scores: exactly one of them is critical
+    out = EPOJudge(model="tiny:3", threshold=thr)(b)
+    crit = out.extras["critical_turns"]
+    assert crit.tolist() == (p > thr).float().tolist() and crit[0].sum() == 1 and crit[1, 1] == 0
+    want = EPOStrategicAdvantage(segment_mean=False)(b.replace(extras={**b.extras, "critical_turns": crit}))
+    assert torch.equal(EPOStrategicAdvantage(segment_mean=False)(out), want)
+    with pytest.raises(ConfigError, match="threshold"):
+        from_config(EPOJudge, threshold=1.0)
