@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -11,7 +12,7 @@ from torch.testing import assert_close
 
 from lmpo.config import load_config
 from lmpo.envs import run_episode
-from lmpo.errors import ConfigError
+from lmpo.errors import ConfigError, DataError
 from lmpo.models import build_tiny_model, response_logprobs
 from lmpo.models.tiny import build_tiny_tokenizer
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
@@ -111,6 +112,34 @@ def test_observation_keys_name_what_each_turn_saw():
         assert keys[b, : turns[b]].tolist() == [want] * int(turns[b]) and (keys[b, turns[b]:] == 0).all()
     assert observation_key([{"role": "user", "content": "3="}]) != observation_key([{"role": "tool", "content": "3="}])
     assert observation_key([{"role": "user", "content": "3="}]) > 0
+
+
+def test_answer_confidence_is_the_teacher_forced_answer_probability_at_each_turn_start():
+    """mode_params.answer_confidence: C[i, t] = geometric-mean probability of the row's answer tokens after the first
+    prompt and the response so far at the start of turn t (IGPO), checked against a plain forward of the model."""
+    model, tok = build_tiny_model(seed=0, init_std=0.1), build_tiny_tokenizer()
+    gen = build_train_generator("episodes", {"env": "episode_envs:Echo", "max_turns": 3, "max_context_tokens": 200,
+                                             "answer_confidence": True}, model, tok)
+    ctx = RolloutContext(generator=gen, tokenizer=tok, reward_set=RewardSet.from_specs([RewardSpec("env_return")]),
+                         params=SamplingParams(max_new_tokens=2), num_generations=3)
+    torch.manual_seed(1)
+    batch = score(ctx, [{"prompt": "1+1", "env_seed": 3, "answer": "37"}], 3, ctx.params)
+    conf, turns = batch.extras["turn_answer_confidence"], batch.extras["num_turns"].long()
+    ans = tok("37", add_special_tokens=False)["input_ids"]
+    for b in range(3):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b]].tolist()
+        resp = batch.response_ids[b][batch.response_attn[b]].tolist()
+        tid = batch.turn_ids[b][batch.response_attn[b]].tolist()
+        for t in range(int(turns[b])):
+            start = tid.index(t) if t > 0 else 0
+            ids = torch.tensor([prompt + resp[:start] + ans])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            want = math.exp(sum(float(lp[len(ids[0]) - len(ans) - 1 + j, a]) for j, a in enumerate(ans)) / len(ans))
+            assert float(conf[b, t]) == pytest.approx(want, rel=1e-4)
+        assert (conf[b, turns[b]:] == 0).all()
+    with pytest.raises(DataError, match="answer"):
+        score(ctx, [{"prompt": "1+1", "env_seed": 3}], 2, ctx.params)  # no answer anywhere
 
 
 def test_context_budget_and_turn_limit_end_episodes():

@@ -53,6 +53,12 @@ class CopyTurnsEnv:
         return self._digits[0] + "="
 
     @property
+    def answer(self) -> str:
+        """The episode's digits in order (its ground-truth "answer", e.g. for IGPO's information gain: each
+        observation reveals one more of them)."""
+        return "".join(self._digits)
+
+    @property
     def digit(self) -> str:
         """The digit shown now (to be copied by the next reply)."""
         return self._digits[self._k]

@@ -214,5 +214,22 @@ class EnvReturn:
         return [float(r) for r in env_return]
 
 
+@REWARDS.register("env_success", paper="", arxiv="")
+@dataclass(frozen=True)
+class EnvSuccess:
+    """1 when the episode's return (the ``env_return`` column of ``rollout.mode: episodes``) reaches ``threshold``,
+    else 0: a task-level outcome beside the environment's per-turn rewards (e.g. the high-level reward of G-RA).
+
+    Attributes:
+        threshold: The return an episode needs to count as a success.
+    """
+
+    threshold: float = 1.0
+
+    def __call__(self, prompts: list, completions: list[str], env_return: list | None = None, **_: Any) -> list[float]:
+        returns = EnvReturn()(prompts, completions, env_return=env_return)
+        return [1.0 if r >= self.threshold - 1e-9 else 0.0 for r in returns]
+
+
 # Built-ins that read the "answer" column; tasks use this to reject configs that drop that column.
 NEEDS_ANSWER = frozenset({"final_number", "exact_match", "prefix_match", "math_verify"})

@@ -22,7 +22,8 @@ tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
 ``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
 ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls`` (B, max_turns: the tool calls
-each policy turn made, 0 after the episode's last turn). Reward columns
+each policy turn made, 0 after the episode's last turn), and with ``answer_confidence`` ``turn_answer_confidence``
+(B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -33,6 +34,7 @@ trainer's passes) shares it; later turns' prompts differ per episode and are pre
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -71,6 +73,10 @@ class EpisodeOptions:
         max_context_tokens: At most this many prompt + response tokens per episode; a turn never starts with less
             than one token of room, and an observation that does not fit ends the episode.
         seed_column: Row key holding the episode seed (an integer; every row needs one).
+        answer_confidence: Also record ``extras["turn_answer_confidence"]`` (B, max_turns): the policy's probability
+            of the episode's ground-truth answer at the start of each turn (IGPO's information gain; one
+            teacher-forced forward per turn, see :meth:`EpisodeGenerator.answer_confidence`). The answer is the
+            environment's ``answer`` attribute after ``reset`` or else the row's ``answer`` column.
     """
 
     env: str = "frozenlake"
@@ -78,6 +84,7 @@ class EpisodeOptions:
     max_turns: int = 8
     max_context_tokens: int = 2048
     seed_column: str = "env_seed"
+    answer_confidence: bool = False
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -145,6 +152,7 @@ class EpisodeGenerator(HFGenerator):
         histories: list[list[dict]] = []
         prompt_ids: list[list[int]] = []
         keys: list[list[int]] = [[] for _ in range(n)]
+        answers: list[str | None] = []
         for j, (env, row) in enumerate(zip(envs, rows)):
             seed = row.get(o.seed_column)
             if isinstance(seed, bool) or not isinstance(seed, int):
@@ -153,6 +161,9 @@ class EpisodeGenerator(HFGenerator):
                                 "rollout.mode_params.seed_column).")
             obs = checked_reset(env, seed)
             keys[j].append(observation_key(observation_messages(obs)))
+            answer = getattr(env, "answer", None)
+            answers.append(str(answer) if answer is not None else (str(row["answer"]) if row.get("answer") is not None
+                                                                  else None))
             system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
             if schemas and not template_renders_tools(self.tokenizer):
@@ -178,11 +189,14 @@ class EpisodeGenerator(HFGenerator):
         bad_calls = [0.0] * n
         turn_calls: list[list[float]] = [[] for _ in range(n)]
         running = list(range(n))
+        starts: list[list[int]] = [[] for _ in range(n)]  # response length at the start of each turn
         for t in range(o.max_turns):
             room = {i: min(limits[i], o.max_context_tokens - len(prompt_ids[i]) - len(resp[i])) for i in running}
             running = [i for i in running if room[i] >= 1]
             if not running:
                 break
+            for i in running:
+                starts[i].append(len(resp[i]))
             out = HFGenerator.generate(self, [prompt_ids[i] + resp[i] for i in running], params,
                                        max_new_tokens=[room[i] for i in running])
             ids, attn, lps = out.response_ids.cpu(), out.response_attn.cpu(), out.sampler_logprobs.cpu()
@@ -220,8 +234,48 @@ class EpisodeGenerator(HFGenerator):
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys,
-                            turn_calls)
+        result = self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys,
+                              turn_calls)
+        if o.answer_confidence:
+            result.extras["turn_answer_confidence"] = self.answer_confidence(prompt_ids, resp, starts, answers)
+        return result
+
+    def answer_confidence(self, prompt_ids: list[list[int]], resp: list[list[int]], starts: list[list[int]],
+                          answers: list[str | None]) -> torch.Tensor:
+        """(B, max_turns) float32: C_{i,t} = exp(mean_j log pi(a_j | context at the start of turn t, a_<j)), the
+        geometric-mean probability of episode i's answer tokens a teacher-forced after everything before its turn t
+        (the first prompt for t = 0; after turn t - 1's reply and observation otherwise); 0 for turns not played."""
+        o = self.options
+        missing = [i for i, a in enumerate(answers) if a is None or not str(a).strip()]
+        if missing:
+            raise DataError(f"rollout.mode_params.answer_confidence: episode(s) {missing[:5]} have no ground-truth "
+                            "answer; the environment must set an `answer` attribute in reset() or the task rows an "
+                            "`answer` column.")
+        ans = [self._encode_text(str(a)) for a in answers]
+        seqs, where = [], []
+        for i in range(len(resp)):
+            for t, start in enumerate(starts[i]):
+                seqs.append(prompt_ids[i] + resp[i][:start] + ans[i])
+                where.append((i, t, len(ans[i])))
+        conf = torch.zeros(len(resp), o.max_turns, dtype=torch.float32)
+        if not seqs:
+            return conf
+        model = self.model
+        device = split_body_and_head(model)[1].weight.device
+        width = max(len(q) for q in seqs)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
+        amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for row, (q, (i, t, L)) in enumerate(zip(seqs, where)):
+            end = len(q)
+            pos = torch.arange(end - L - 1, end - 1, device=device)  # logits that predict the answer tokens
+            lp = logp[row, pos, ids[row, end - L:end]]
+            conf[i, t] = float(torch.exp(lp.mean()))
+        return conf
 
     def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
                 keys, turn_calls) -> ModeOutput:

@@ -17,7 +17,9 @@ k = 0, zeta = 0 and ``recenter=False`` it is exactly GRPO.
 Gaps filled (fidelity "reconstructed"; equations from the card and the ARLArena port, the paper's tables unread):
 - defaults k = k' = 1, zeta = 0.05 are the ARLArena port's, not per-task grid-search values;
 - the final re-normalisation is a mean subtraction over steps (``recenter``), no std division;
-- steps: ``turn_ids`` when the batch has them; otherwise a new step starts after every token in ``newline_ids``
+- steps: ``turn_ids`` when the batch has them (on ``rollout.mode: episodes`` batches a step is a policy turn, the
+  paper's agent step: its entropy is the mean over the turn's policy tokens, the observation tokens that share its
+  turn id are never trained and never counted, and the clarity bonus looks at the episode's next turn); otherwise a new step starts after every token in ``newline_ids``
   (the tokenizer's ids whose text holds a line break; configure them for your tokenizer); with neither, the whole
   response is one step (then g rescales whole trajectories by their mean entropy);
 - entropies are those of the policy before the update (``extras["entropy"]``, computed by the trainer because

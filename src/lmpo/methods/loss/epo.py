@@ -23,7 +23,9 @@ around the running per-turn average; with kappa_l = 0 and kappa_r = inf it is GR
 Gaps filled (fidelity "reconstructed"): the hinge form above; an "iteration" of the history is one optimizer step
 (the pending per-turn sums of a step are committed by ``after_optimizer_step``), so Hbar never includes the batch
 being optimised; a turn with no history yet gets no penalty; without ``turn_ids`` (single-turn text) every token is
-turn 0; the code smooths only turns >= max_steps // 2, exposed as ``smooth_min_turn`` (default 0 = all turns).
+turn 0 (on ``rollout.mode: episodes`` batches ``turn_ids`` number the policy turns, so Hbar_k is the history of
+turn k's policy tokens; observation tokens share the turn id but are off ``response_mask`` and never recorded or
+penalised); the code smooths only turns >= max_steps // 2, exposed as ``smooth_min_turn`` (default 0 = all turns).
 Called without ``extras["current_entropy"]`` (outside the trainer) the entropy terms are 0. The trainer supplies
 that entropy from the training forward itself because ``needs`` lists "current_entropy".
 """

@@ -134,3 +134,36 @@ def test_without_entropy_returns_grpo_and_config_errors():
             from_config(EMPGAdvantage, **kw)
     assert EMPGAdvantage(newline_ids=[10]).newline_ids == (10,)
     assert EMPGAdvantage.needs == frozenset({"entropy"})
+
+
+def test_multi_turn_episode_batch_steps_are_turns_of_policy_tokens():
+    """A batch laid out by rollout.mode: episodes: a step is a policy turn; observation tokens (same turn id, never
+    trained) and padding do not enter the step entropies, and get no advantage."""
+    from factories import episode_batch
+
+    # row 0 (R = 1): turn 0 = 2 tokens (H 0.1, 0.3 -> 0.2), observation (H 50), turn 1 = 1 token (H 1.0);
+    # row 1 (R = -1): one turn of 2 tokens (H 0.6, 0.6 -> 0.6), then padding (H 7).
+    b = episode_batch([[0.0, 1.0], [-1.0]], tokens=[[2, 1], [2]])
+    assert b.turn_ids.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0]]
+    ent = [[0.1, 0.3, 50.0, 1.0], [0.6, 0.6, 7.0, 7.0]]
+    # steps H = [0.2, 1.0 | 0.6] -> H~ = [0, 1, 0.5]; k = 1: e = [1, e^-1, e^-0.5], g = e / mean(e);
+    # A (no std) = [1, -1]; zeta = 0.05: row 0's first step adds 0.05 * e^-1 (its next step has H~ = 1).
+    e = [1.0, math.exp(-1.0), math.exp(-0.5)]
+    m = sum(e) / 3
+    g = [x / m for x in e]
+    want = torch.tensor([[g[0] + 0.05 * e[1], g[0] + 0.05 * e[1], 0.0, g[1]], [-g[2], -g[2], 0.0, 0.0]])
+    fn = EMPGAdvantage(k=1.0, zeta=0.05, recenter=False, scale_by_std=False)
+    assert_close(fn(with_steps(b, ent)), want, atol=1e-6, rtol=0)
+    ent_obs = [[0.1, 0.3, -3.0, 1.0], [0.6, 0.6, 0.0, 99.0]]  # other observation / padding entropies: no change
+    assert_close(fn(with_steps(b, ent_obs)), want, atol=1e-6, rtol=0)
+    # the loop reference on random episode batches (steps from the turn ids over all positions, trained tokens only)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        rewards = [[float(x) for x in torch.rand(int(k), generator=gen)] for k in torch.randint(1, 4, (6,),
+                                                                                                 generator=gen)]
+        tokens = [[int(x) for x in torch.randint(1, 3, (len(r),), generator=gen)] for r in rewards]
+        eb = episode_batch(rewards, [0, 0, 0, 1, 1, 1], tokens=tokens, obs_tokens=2, pad=1, seed=seed)
+        H = torch.rand(eb.response_mask.shape, generator=gen) * 2
+        ref = loop_empg(eb.rewards.tolist(), [0, 0, 0, 1, 1, 1], eb.response_mask.tolist(), H.tolist(),
+                        eb.turn_ids.tolist(), 1.0, 1.0, 0.05, True)
+        assert_close(EMPGAdvantage()(with_steps(eb, H)), ref, atol=1e-5, rtol=1e-5)

@@ -170,3 +170,37 @@ def test_config_errors():
         with pytest.raises(ConfigError, match=key):
             from_config(EPOLoss, **kw)
     assert "current_entropy" in EPOLoss.needs
+
+
+def test_multi_turn_episode_batch_keeps_a_history_per_turn_of_policy_tokens():
+    """A batch laid out by rollout.mode: episodes: observation tokens (entropy 50, never trained) and padding carry
+    a turn id but no entropy is recorded or penalised there; each turn's band uses that turn's own history."""
+    from factories import episode_batch
+
+    loss = EPOLoss(entropy_coef=1.0, smooth_coef=1.0, kappa_low=0.5, kappa_high=1.5, out_penalty=1.0,
+                   schedule_iters=0)
+    # rows: [P0 P0 O0 P1] and [P0 O0 P1 pad]; zero advantages at ratio 1, so the surrogate term is 0
+    b = episode_batch([[0.0, 1.0], [1.0, 0.0]], tokens=[[2, 1], [1, 1]])
+    assert b.turn_ids.tolist() == [[0, 0, 0, 1], [0, 0, 1, 0]]
+    mask = b.response_mask
+    old = torch.full((2, 4), -1.0, dtype=F64)
+    lp = old.clone()
+
+    def step(ent):
+        e = torch.tensor(ent, dtype=F64, requires_grad=True)
+        batch = b.replace(advantages=torch.zeros(2, 4, dtype=F64), old_logprobs=old, extras={"current_entropy": e})
+        return loss(lp, batch).per_token, e
+
+    # step 1: no history, pure bonus -H on policy tokens; records turn 0 = {1, 3, 2} (mean 2), turn 1 = {2, 4} (3)
+    out, _ = step([[1.0, 3.0, 50.0, 2.0], [2.0, 50.0, 4.0, 0.0]])
+    assert_close(out, -torch.tensor([[1.0, 3.0, 0.0, 2.0], [2.0, 0.0, 4.0, 0.0]], dtype=F64))
+    loss.after_optimizer_step()
+    hbar, known = loss.history_mean(torch.tensor([0, 1]))
+    assert_close(hbar, torch.tensor([2.0, 3.0], dtype=F64)) and known.all()  # one pooled mean would be 2.4
+    # step 2: bands turn 0 = [1, 3], turn 1 = [1.5, 4.5]; hinges: 0.5 (below), 0.5 (above), 0.5 (5 > 4.5),
+    # in band (2 in [1, 3]), 0.5 (1 < 1.5); per token -H + hinge; dl/dH = -1 in band, -2 below, 0 above
+    out, e = step([[0.5, 3.5, 50.0, 5.0], [2.0, 50.0, 1.0, 0.0]])
+    assert_close(out, torch.tensor([[0.0, -3.0, 0.0, -4.5], [-2.0, 0.0, -0.5, 0.0]], dtype=F64))
+    out.sum().backward()
+    assert_close(e.grad, torch.tensor([[-2.0, 0.0, 0.0, 0.0], [-1.0, 0.0, -2.0, 0.0]], dtype=F64))
+    assert not (out[~mask] != 0).any()
