@@ -338,3 +338,54 @@ def write_small_gguf(path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# --------------------------------------------------------------------------- multi-turn episode batches
+def tool_episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None, turn_tool_calls=None,
+                  invalid_tool_calls=None, max_turns: int | None = None, T: int | None = None,
+                  extras: dict[str, Tensor] | None = None, dtype=torch.float32) -> RolloutBatch:
+    """A batch laid out as ``rollout.mode: episodes`` lays out its rows, built by hand.
+
+    ``turns[i]`` lists row i's policy turns as ``(policy_tokens, observation_tokens)``: turn t's reply tokens, then
+    the observation answering it, both with ``turn_ids == t``; ``response_mask`` is True on policy tokens only,
+    ``response_attn`` on both; columns after the row's last token are padding (turn id 0). Extras as the rollout
+    writes them: ``turn_rewards`` (B, max_turns; default zeros), ``turn_tool_calls`` (B, max_turns; default zeros),
+    ``env_return`` / ``tool_calls`` / ``invalid_tool_calls`` / ``num_turns`` / ``episode_done`` (B,).
+    ``rewards`` default to the per-turn rewards' sum (the ``env_return`` reward).
+    """
+    B = len(turns)
+    K = max_turns or max(1, max(len(r) for r in turns))
+    width = max(1, max(sum(p + o for p, o in r) for r in turns))
+    T = T or width
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    tid = torch.zeros(B, T, dtype=torch.long)
+    for i, row in enumerate(turns):
+        at = 0
+        for t, (p, o) in enumerate(row):
+            mask[i, at:at + p] = True
+            attn[i, at:at + p + o] = True
+            tid[i, at:at + p + o] = t
+            at += p + o
+
+    def per_turn(v):
+        if v is None:
+            return torch.zeros(B, K, dtype=dtype)
+        out = torch.zeros(B, K, dtype=dtype)
+        for i, r in enumerate(v):
+            out[i, :len(r)] = torch.as_tensor(r, dtype=dtype)
+        return out
+
+    tr, tc = per_turn(turn_rewards), per_turn(turn_tool_calls)
+    rewards = tr.sum(-1) if rewards is None else _t(rewards, dtype)
+    bad = torch.zeros(B, dtype=dtype) if invalid_tool_calls is None else _t(invalid_tool_calls, dtype)
+    ex = {"turn_rewards": tr, "turn_tool_calls": tc, "env_return": tr.sum(-1), "tool_calls": tc.sum(-1),
+          "invalid_tool_calls": bad, "num_turns": torch.tensor([float(len(r)) for r in turns]),
+          "episode_done": torch.ones(B), "policy_mask": mask.clone()}
+    ex.update(extras or {})
+    return RolloutBatch(
+        prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
+        response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=mask, response_attn=attn,
+        group_ids=torch.zeros(B, dtype=torch.long) if group_ids is None else _t(group_ids, torch.long),
+        rewards=rewards, sampler_logprobs=torch.zeros(B, T, dtype=dtype), turn_ids=tid, extras=ex,
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmpo.envs import copy_turns, frozenlake, gym_adapter  # noqa: F401 - imported to register
+from lmpo.envs import copy_turns, frozenlake, gym_adapter, tiny_search  # noqa: F401 - imported to register
 from lmpo.envs.base import (
     Env,
     EnvError,

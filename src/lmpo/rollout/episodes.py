@@ -21,8 +21,9 @@ policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fiel
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
 ``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
-``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), and with ``answer_confidence``
-``turn_answer_confidence`` (B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
+``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls`` (B, max_turns: the tool calls
+each policy turn made, 0 after the episode's last turn), and with ``answer_confidence`` ``turn_answer_confidence``
+(B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -186,6 +187,7 @@ class EpisodeGenerator(HFGenerator):
         invalid = [0.0] * n
         calls = [0.0] * n
         bad_calls = [0.0] * n
+        turn_calls: list[list[float]] = [[] for _ in range(n)]
         running = list(range(n))
         starts: list[list[int]] = [[] for _ in range(n)]  # response length at the start of each turn
         for t in range(o.max_turns):
@@ -211,6 +213,7 @@ class EpisodeGenerator(HFGenerator):
                 invalid[i] += float(bool(step.info.get("invalid_action")))
                 tm = step.info.get("tool_metrics") or {}
                 calls[i] += float(tm.get("calls", 0))
+                turn_calls[i].append(float(tm.get("calls", 0)))
                 bad_calls[i] += float(tm.get("calls", 0)) - float(tm.get("valid", tm.get("calls", 0)))
                 histories[i].append(step.info.get("assistant_message") or {"role": "assistant", "content": reply})
                 if step.done:
@@ -231,7 +234,8 @@ class EpisodeGenerator(HFGenerator):
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        result = self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys)
+        result = self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys,
+                              turn_calls)
         if o.answer_confidence:
             result.extras["turn_answer_confidence"] = self.answer_confidence(prompt_ids, resp, starts, answers)
         return result
@@ -274,7 +278,7 @@ class EpisodeGenerator(HFGenerator):
         return conf
 
     def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
-                keys) -> ModeOutput:
+                keys, turn_calls) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -290,6 +294,7 @@ class EpisodeGenerator(HFGenerator):
         returns = [float(sum(r)) for r in rewards]
         max_turns = self.options.max_turns
         turn_rewards = torch.tensor([r + [0.0] * (max_turns - len(r)) for r in rewards], dtype=torch.float32)
+        turn_tool_calls = torch.tensor([c + [0.0] * (max_turns - len(c)) for c in turn_calls], dtype=torch.float32)
         # the key of turn t's observation; a turn that never happened has none (0)
         obs_keys = torch.tensor([k[:len(r)] + [0] * (max_turns - len(k[:len(r)])) for k, r in zip(keys, rewards)],
                                 dtype=torch.long)
@@ -304,7 +309,7 @@ class EpisodeGenerator(HFGenerator):
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
-                    "invalid_tool_calls": torch.tensor(bad_calls, **f32)},
+                    "invalid_tool_calls": torch.tensor(bad_calls, **f32), "turn_tool_calls": turn_tool_calls},
             batch_fields={"response_mask": policy_mask, "turn_ids": turn_ids},
             columns={"env_return": returns, "env_turns": [len(r) for r in rewards]},
         )
