@@ -41,16 +41,17 @@ class KLPenalty:
     beta: float
     estimator: str
     in_reward: bool
+    k3_clamp: float | None = None
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """-beta KL(pi_old || pi_ref) per token (0 off the mask), for the rewards before the advantages."""
-        kl = ops.kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.estimator)
+        kl = ops.kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.estimator, self.k3_clamp)
         return torch.where(batch.response_mask, -self.beta * kl, 0.0)
 
     def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
         """The per-token KL estimate of the policy being optimised (with gradient); the loss adds beta times it
         when the penalty is not in the rewards."""
-        return ops.kl_estimate(logprobs, ref_logprobs, self.estimator)
+        return ops.kl_estimate(logprobs, ref_logprobs, self.estimator, self.k3_clamp)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def build_pipeline(cfg, components: dict[str, Any] | None = None) -> Pipeline:
     from lmpo.rollout.modes import mode_extras
 
     comps = components if components is not None else build_components(cfg)
-    kl = KLPenalty(cfg.kl.beta, cfg.kl.estimator, cfg.kl.mode == "reward") if cfg.kl.beta > 0 else None
+    kl = KLPenalty(cfg.kl.beta, cfg.kl.estimator, cfg.kl.mode == "reward", cfg.kl.k3_clamp) if cfg.kl.beta > 0 else None
     p = Pipeline.assemble(advantage=comps["advantage"], loss=comps["loss"], aggregator=comps["aggregator"],
                           shapers=list(comps["shapers"]), selectors=list(comps["selectors"]),
                           planners=list(comps.get("planners", [])))
