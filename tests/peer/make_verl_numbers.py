@@ -122,7 +122,7 @@ def advantage_cases() -> list[dict]:
             {"advantage": {"name": "rloo", "singleton": "zero"}})
         run("reinforce_pp_baseline" + tag, "compute_reinforce_plus_plus_baseline_outcome_advantage", inp,
             {"advantage": {"name": "reinforce_pp", "baseline": "group_mean", "singleton": "raw"}})
-        run("gpg" + tag, "compute_gpg_outcome_advantage", inp, {"advantage": {"name": "gpg", "singleton": "raw"}})
+        run("gpg" + tag, "compute_gpg_outcome_advantage", inp, {"advantage": {"name": "gpg", "alpha": "nonzero_reward", "singleton": "raw"}})
         run("opo" + tag, "compute_opo_outcome_advantage", inp, {"advantage": {"name": "opo", "singleton": "raw"}})
         run("otb" + tag, "compute_optimal_token_baseline_advantage", inp,
             {"advantage": {"name": "otb", "eps": 1e-8}})
