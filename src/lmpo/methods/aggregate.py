@@ -88,7 +88,8 @@ class SeqMeanTokenSum:
         return ops.masked_sum(per_token, mask) / normaliser.clamp_min(1.0)
 
 
-@AGGREGATORS.register("token_sum", paper="(no normalisation: verl loss_agg_mode token-sum)", arxiv="none")
+@AGGREGATORS.register("token_sum", arxiv="none", paper="no normalisation: verl loss_agg_mode token-sum "
+                      "(https://github.com/volcengine/verl, verl/trainer/ppo/core_algos.py agg_loss)")
 @dataclass(frozen=True)
 class TokenSum:
     """The plain sum of every trained token's loss: sum_{i,t} l_{i,t} (verl's ``token-sum``).
