@@ -1,8 +1,9 @@
-"""Peer parity: lmpo's components against verl's own functions on the same inputs.
+"""Peer parity: lmpo's components against verl's and TRL's own functions on the same inputs.
 
 The peer's outputs were computed once by verl itself (``verl.trainer.ppo.core_algos``, version in each file) with
-tests/peer/make_verl_numbers.py and stored under tests/data/peer/verl_*.json together with the inputs; ``make
-peer-numbers`` regenerates them. Each case names the lmpo configuration that reproduces the peer; where lmpo's
+tests/peer/make_verl_numbers.py, and by TRL's ``GRPOTrainer._compute_loss`` with tests/peer/make_trl_numbers.py, and
+stored under tests/data/peer/{verl_*,trl_losses}.json together with the inputs; ``make peer-numbers`` regenerates
+them. Each case names the lmpo configuration that reproduces the peer; where lmpo's
 default convention differs (singleton groups, the padded vs budget horizon, verl's k3 clamp), the case sets the
 documented switch, and the ``*_defaults_no_singleton`` cases show the defaults agree where the conventions do not
 bite. Tolerance 1e-6 (absolute and relative).
@@ -108,6 +109,35 @@ def test_kl_estimator_matches_verl(case):
     ours.sum().backward()
     torch.testing.assert_close(ours.detach(), t(case["kl"]), **TOL)
     torch.testing.assert_close(lp.grad, t(case["grad"]), **TOL)
+
+
+def trl_cases():
+    d = json.loads((DATA / "trl_losses.json").read_text())
+    assert d["peer"] == "trl" and d["version"] and d["script"] == "tests/peer/make_trl_numbers.py"
+    return [pytest.param(c, id=c["name"]) for c in d["cases"]]
+
+
+@pytest.mark.parametrize("case", trl_cases())
+def test_grpo_trainer_losses_match_trl(case):
+    """TRL GRPOTrainer's loss types (its own ``_compute_loss``) against lmpo's loss + aggregator + beta * k3, as
+    lmpo.train.step adds the KL term to the per-token loss."""
+    inp = case["inputs"]
+    mask = t(inp["mask"]).bool()
+    B = mask.shape[0]
+    adv = t(inp["advantages"])[:, None].expand(mask.shape) * mask
+    batch = make_batch(torch.zeros(B, dtype=F64), None, mask, dtype=F64, advantages=adv,
+                       old_logprobs=t(inp["old_logprobs"]))
+    loss_fn = build(LOSSES, case["lmpo"]["loss"])
+    agg = build(AGGREGATORS, case["lmpo"]["aggregator"])
+    lp = t(inp["logprobs"]).requires_grad_(True)
+    per_token = loss_fn(lp, batch).per_token
+    kl = case["lmpo"]["kl"]
+    if kl["beta"]:
+        per_token = per_token + kl["beta"] * ops.kl_estimate(lp, t(inp["ref_logprobs"]), kl["estimator"])
+    loss = agg(per_token, mask, agg.normaliser(mask, 99))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), torch.tensor(case["loss"], dtype=F64), **TOL)
+    torch.testing.assert_close(lp.grad * mask, t(case["grad"]) * mask, **TOL)
 
 
 def test_k3_clamp_is_the_switch_that_matters():
