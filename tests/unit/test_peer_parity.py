@@ -19,7 +19,7 @@ import torch
 
 from lmpo import ops
 from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES
-from tests.factories import make_batch
+from factories import make_batch
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "peer"
 F64 = torch.float64
