@@ -30,7 +30,9 @@ from lmpo.models.token_stats import STAT_NEEDS
 
 BATCH_FIELD_NEEDS = ("old_logprobs", "ref_logprobs", "sampler_logprobs")  # needs that are RolloutBatch fields
 EXTRAS_NEEDS = {"entropy": "entropy", "vocab_mean_logprobs": "vocab_mean_logprobs",
-                "candidate_logprobs": "candidate_ids"}  # need -> the extras key the component then reads
+                "candidate_logprobs": "candidate_ids",
+                "score_sq_norm": "old_score_sq_norm"}  # need -> the extras key the component then reads
+PREPARED_STATS = frozenset({"score_sq_norm"})  # pi_old statistics computed before the advantages even on-policy
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def data_plan(needs: frozenset[str], kl: KLPenalty | None, ppo_epochs: int, num_
     return DataPlan(
         on_policy=on_policy, old_pass=old or kl_reward or "entropy" in needs, old_logprobs=old,
         old_from_forward="old_logprobs" in needs and on_policy, entropy="entropy" in needs,
-        old_stats=frozenset() if on_policy else STAT_NEEDS & needs,
+        old_stats=(PREPARED_STATS if on_policy else STAT_NEEDS) & needs,
         ref_logprobs=kl is not None or "ref_logprobs" in needs,
     )
 

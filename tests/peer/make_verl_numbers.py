@@ -125,7 +125,7 @@ def advantage_cases() -> list[dict]:
         run("gpg" + tag, "compute_gpg_outcome_advantage", inp, {"advantage": {"name": "gpg", "alpha": "nonzero_reward", "singleton": "raw"}})
         run("opo" + tag, "compute_opo_outcome_advantage", inp, {"advantage": {"name": "opo", "singleton": "raw"}})
         run("otb" + tag, "compute_optimal_token_baseline_advantage", inp,
-            {"advantage": {"name": "otb", "eps": 1e-8}})
+            {"advantage": {"name": "otb", "eps": 1e-8, "singleton": "raw"}})
     # defaults agree where no group is a singleton
     for name in ("grpo", "rloo"):
         run(f"{name}_defaults_no_singleton", f"compute_{name}_outcome_advantage", no_singleton(base),
