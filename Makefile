@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench bench-contention lint clean
+.PHONY: setup run test test-slow test-trackers bench bench-contention lint clean peer-numbers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -59,3 +59,18 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+
+## Peer numbers for tests/unit/test_peer_parity.py: verl's core_algos (CPU, without verl's GPU dependencies) and
+## TRL's GRPOTrainer._compute_loss in a scratch venv outside the project, run on the fixed inputs of
+## tests/peer/make_{verl,trl}_numbers.py; rewrites tests/data/peer/*.json. The versions pin the peers the stored
+## numbers came from.
+PEER_VENV   ?= /tmp/verlvenv
+VERL_VERSION ?= 0.9.1
+TRL_VERSION ?= 1.16.0
+peer-numbers:
+	test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q "torch==2.13.0" numpy omegaconf packaging ray tensordict transformers codetiming orjson
+	$(PEER_VENV)/bin/pip install -q pandas multiprocess pyarrow xxhash
+	$(PEER_VENV)/bin/pip install -q --no-deps "verl==$(VERL_VERSION)" "trl==$(TRL_VERSION)" accelerate datasets
+	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_verl_numbers.py
+	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_trl_numbers.py

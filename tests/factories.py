@@ -226,7 +226,7 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     -> ``hidden`` (B, T, H), both leaves with gradient (the policy being optimised); ``candidate_logprobs`` (B, T, M)
     <= 0 with gradient, plus ``candidate_ids`` (column 0 = the sampled token, so hits occur) and a detached
     ``old_candidate_logprobs``; ``vocab_mean_logprobs`` (B, T) <= -log 16 with gradient, plus a detached ``old_`` copy;
-    ``layer_noise`` -> ``noise_seed`` (B,) int64. Needs that are batch fields (old_logprobs, ...) are already set.
+    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
     """
     g = torch.Generator().manual_seed(1000 + seed)
     B, T = batch.response_mask.shape
@@ -235,6 +235,8 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     ex = dict(batch.extras)
     if "entropy" in needs:
         ex["entropy"] = torch.rand(B, T, generator=g) * 2.5 * m
+    if "score_sq_norm" in needs:  # 1 - 2 pi(y) + sum pi^2 lies in [0, 2)
+        ex["old_score_sq_norm"] = torch.rand(B, T, generator=g) * 1.9 * m
     if "current_entropy" in needs:
         ex["current_entropy"] = leaf(torch.rand(B, T, generator=g) * 2.5 * m)
     if "hidden_states" in needs:

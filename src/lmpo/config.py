@@ -94,7 +94,8 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     beta: float = hp(0.0, ge=0)
-    estimator: str = "k3"
+    estimator: str = "k3"  # k1 | k2 | k3 | abs, or k1+ / k2+ / k3+ / abs+ (value of it, gradient of k2; lmpo.ops)
+    k3_clamp: float | None = hp(None, gt=0)  # clamp k3 to [-c, c]; verl clamps at 10, lmpo does not by default
     mode: str = "loss"  # "loss": beta*KL added to the per-token loss; "reward": -beta*KL added to token rewards
 
 

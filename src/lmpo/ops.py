@@ -135,25 +135,44 @@ def sequence_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tens
     return sequence_log_ratio(logprobs, old_logprobs, mask).exp()
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", k3_clamp: float | None = None) -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples y ~ pi (J. Schulman, "Approximating KL divergence", 2020).
 
     With d = log pi(y) - log pi_ref(y):
-      k1 = d                       (unbiased, high variance, can be negative)
-      k2 = d^2 / 2                 (biased, low variance; its gradient is the true KL gradient in expectation)
-      k3 = exp(-d) - 1 + d         (unbiased, always >= 0; the estimator used by GRPO, arXiv:2402.03300 Eq. 4)
+      k1  = d                       (unbiased, high variance, can be negative)
+      k2  = d^2 / 2                 (biased, low variance; its gradient is the true KL gradient in expectation)
+      k3  = exp(-d) - 1 + d         (unbiased, always >= 0; the estimator used by GRPO, arXiv:2402.03300 Eq. 4)
+      abs = |d|                     (verl's ``abs``; a biased magnitude, gradient sign(d))
+    A trailing ``+`` (``k1+``, ``k3+``, ``abs+``) is the straight-through form of verl's ``kl_penalty``: the *value*
+    of the named estimator with the *gradient* of k2 (d), i.e. ``k2 - sg(k2) + sg(value)``. The expected gradient of
+    k1 and k3 under y ~ pi is not the gradient of KL(pi || pi_ref); k2's is, so ``k3+`` reports k3 and trains on the
+    right gradient. ``k2+`` equals k2.
+
+    ``k3_clamp``: clamp k3 (and the value of ``k3+``) to [-c, c]; verl clamps at 10 (``kl_penalty_forward``), lmpo
+    does not by default. The log-ratio d itself is clamped to [-20, 20] before exp in both.
     """
     d = log_ratio(logprobs, ref_logprobs)
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.expm1(-d) + d
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    straight = estimator.endswith("+")
+    base = estimator[:-1] if straight else estimator
+    if base == "k1":
+        value = d
+    elif base == "k2":
+        value = 0.5 * d * d
+    elif base == "k3":
+        value = torch.expm1(-d) + d
+        if k3_clamp is not None:
+            value = value.clamp(-k3_clamp, k3_clamp)
+    elif base == "abs":
+        value = d.abs()
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    if not straight or base == "k2":
+        return value
+    k2 = 0.5 * d * d
+    return k2 - k2.detach() + value.detach()
 
 
 # --------------------------------------------------------------------------- critic

@@ -30,7 +30,9 @@ from lmpo.models.token_stats import STAT_NEEDS
 
 BATCH_FIELD_NEEDS = ("old_logprobs", "ref_logprobs", "sampler_logprobs")  # needs that are RolloutBatch fields
 EXTRAS_NEEDS = {"entropy": "entropy", "vocab_mean_logprobs": "vocab_mean_logprobs",
-                "candidate_logprobs": "candidate_ids", "values": "values"}  # need -> the extras key the component then reads
+                "candidate_logprobs": "candidate_ids", "values": "values",
+                "score_sq_norm": "old_score_sq_norm"}  # need -> the extras key the component then reads
+PREPARED_STATS = frozenset({"score_sq_norm"})  # pi_old statistics computed before the advantages even on-policy
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,17 @@ class KLPenalty:
     beta: float
     estimator: str
     in_reward: bool
+    k3_clamp: float | None = None
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """-beta KL(pi_old || pi_ref) per token (0 off the mask), for the rewards before the advantages."""
-        kl = ops.kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.estimator)
+        kl = ops.kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.estimator, self.k3_clamp)
         return torch.where(batch.response_mask, -self.beta * kl, 0.0)
 
     def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
         """The per-token KL estimate of the policy being optimised (with gradient); the loss adds beta times it
         when the penalty is not in the rewards."""
-        return ops.kl_estimate(logprobs, ref_logprobs, self.estimator)
+        return ops.kl_estimate(logprobs, ref_logprobs, self.estimator, self.k3_clamp)
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def data_plan(needs: frozenset[str], kl: KLPenalty | None, ppo_epochs: int, num_
     return DataPlan(
         on_policy=on_policy, old_pass=old or kl_reward or "entropy" in needs, old_logprobs=old,
         old_from_forward="old_logprobs" in needs and on_policy, entropy="entropy" in needs,
-        old_stats=frozenset() if on_policy else STAT_NEEDS & needs,
+        old_stats=(PREPARED_STATS if on_policy else STAT_NEEDS) & needs,
         ref_logprobs=kl is not None or "ref_logprobs" in needs, values="values" in needs,
     )
 
@@ -176,7 +179,7 @@ def build_pipeline(cfg, components: dict[str, Any] | None = None) -> Pipeline:
     from lmpo.rollout.modes import mode_extras
 
     comps = components if components is not None else build_components(cfg)
-    kl = KLPenalty(cfg.kl.beta, cfg.kl.estimator, cfg.kl.mode == "reward") if cfg.kl.beta > 0 else None
+    kl = KLPenalty(cfg.kl.beta, cfg.kl.estimator, cfg.kl.mode == "reward", cfg.kl.k3_clamp) if cfg.kl.beta > 0 else None
     p = Pipeline.assemble(advantage=comps["advantage"], loss=comps["loss"], aggregator=comps["aggregator"],
                           shapers=list(comps["shapers"]), selectors=list(comps["selectors"]),
                           planners=list(comps.get("planners", [])))

@@ -235,3 +235,15 @@ def test_save_and_reload_round_trip(tmp_path):
     save_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_kl_estimator_variants_and_k3_clamp(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: grpo\n")
+    for est in ("abs", "k1+", "k3+", "abs+"):
+        assert load_config(str(p), [f"kl.estimator={est}"]).kl.estimator == est
+    assert load_config(str(p), ["kl.k3_clamp=10"]).kl.k3_clamp == 10
+    with pytest.raises(ConfigError, match="kl.estimator"):
+        load_config(str(p), ["kl.estimator=k4"])
+    with pytest.raises(ConfigError, match="kl.k3_clamp"):
+        load_config(str(p), ["kl.k3_clamp=-1"])

@@ -352,6 +352,29 @@ def test_kl_finite_at_extreme_logprobs(est):
                      rtol=1.3e-6, atol=0)
 
 
+def test_kl_abs_and_straight_through_hand():
+    # d = [0.5, -1, 0]: abs = [0.5, 1, 0]; the "+" forms keep the named value and take k2's gradient d
+    d = LP - REF
+    assert_close(ops.kl_estimate(LP, REF, "abs"), torch.tensor([0.5, 1.0, 0.0], dtype=F64))
+    for est in ("k1", "k2", "k3", "abs"):
+        lp = LP.clone().requires_grad_(True)
+        out = ops.kl_estimate(lp, REF, est + "+")
+        assert_close(out.detach(), ops.kl_estimate(LP, REF, est))
+        out.sum().backward()
+        assert_close(lp.grad, d)  # d(d^2/2)/d lp = d, whichever value is reported
+
+
+def test_k3_clamp_hand():
+    # d = -3.5: k3 = e^3.5 - 1 - 3.5 = 28.615...; clamped at 10 (verl's value); d = 0.5 is untouched
+    lp, ref = torch.tensor([-4.0, -1.0], dtype=F64), torch.tensor([-0.5, -1.5], dtype=F64)
+    assert_close(ops.kl_estimate(lp, ref, "k3"), torch.tensor([math.exp(3.5) - 4.5, math.exp(-0.5) - 0.5], dtype=F64))
+    assert_close(ops.kl_estimate(lp, ref, "k3", 10.0), torch.tensor([10.0, math.exp(-0.5) - 0.5], dtype=F64))
+    x = lp.clone().requires_grad_(True)
+    ops.kl_estimate(x, ref, "k3+", 10.0).sum().backward()  # value clamped, gradient still k2's
+    assert_close(x.grad, lp - ref)
+    assert_close(ops.kl_estimate(lp, ref, "k1", 10.0), lp - ref)  # the clamp is k3's only
+
+
 def test_kl_unknown_estimator():
     with pytest.raises(ValueError, match="k4"):
         ops.kl_estimate(LP, REF, "k4")

@@ -152,7 +152,7 @@ def test_real_entries_params():
     assert LOSSES.entry("gspo").params == {"epsilon": 3e-4, "epsilon_high": 4e-4}
     assert LOSSES.entry("reinforce").params == {}
     assert ADVANTAGES.entry("grpo").params == {"scale_by_std": True, "std_level": "group", "eps": 1e-6, "singleton": "zero"}
-    assert ADVANTAGES.entry("reinforce_pp").params == {"baseline": "none", "eps": 1e-8}
+    assert ADVANTAGES.entry("reinforce_pp").params == {"baseline": "none", "eps": 1e-8, "gamma": 1.0, "singleton": "zero"}
     assert AGGREGATORS.entry("seq_mean_token_sum_norm").params == {"horizon": None}
     assert SHAPERS.entry("overlong_penalty").params == {"horizon": None, "cache_length": None, "factor": 1.0}
     assert SELECTORS.entry("dynamic_sampling").params == {"min_std": 0.0, "on": "task"}

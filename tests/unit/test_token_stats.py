@@ -78,3 +78,15 @@ def test_soft_inputs_feed_embedding_mixtures():
     onehot = {"soft_mask": soft, "soft_ids": r[..., None], "soft_weights": torch.ones(3, 6, 1)}
     assert_close(response_stats(model, p, pm, r, a, onehot)[0], response_logprobs(model, p, pm, r, a)[0],
                  atol=1e-6, rtol=1e-5)
+
+
+def test_score_sq_norm_matches_naive():
+    # ||e_y - pi||^2 = 1 - 2 pi(y) + sum_v pi(v)^2 at every response position, from the full softmax
+    model = build_tiny_model(seed=3)
+    p, pm, r, a = make_batch(seed=2)
+    _, _, st = response_stats(model, p, pm, r, a, temperature=0.7, chunk_size=4, stats=frozenset({"score_sq_norm"}))
+    probs = naive_logp_all(model, p, pm, r, a, temperature=0.7).exp()
+    onehot = torch.nn.functional.one_hot(r, probs.shape[-1]).float()
+    exp = ((onehot - probs) ** 2).sum(-1)
+    assert_close(st["score_sq_norm"], torch.where(a, exp, torch.zeros(())), atol=1e-5, rtol=1e-5)
+    assert set(st) == {"score_sq_norm"}

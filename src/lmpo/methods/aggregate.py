@@ -7,6 +7,12 @@ contributions and divides by it, so accumulating gradients over micro-batches gi
 - seq_mean_token_mean:     (1/G) sum_i (1/|o_i|) sum_t l_{i,t}        GRPO, arXiv:2402.03300 Eq. 3
 - seq_mean_token_sum_norm: sum_{i,t} l_{i,t} / (G * L_max)           Dr. GRPO, arXiv:2503.20783 (constant L_max)
 - seq_mean_token_sum:      (1/G) sum_i sum_t l_{i,t}                  REINFORCE/RLOO sequence-level, arXiv:2402.14740
+- token_sum:               sum_{i,t} l_{i,t}                          no normalisation (verl's loss_agg_mode "token-sum")
+
+verl's names for the same reductions (``core_algos.agg_loss``): token-mean, seq-mean-token-mean, seq-mean-token-sum,
+seq-mean-token-sum-norm and token-sum. verl's seq-mean-token-sum-norm divides by the *padded* width of the batch
+(``loss_mask.shape[-1]``) unless ``loss_scale_factor`` is given; lmpo divides by the generation budget. Set
+``aggregator.horizon`` to the padded width to reproduce verl (tests/unit/test_peer_parity.py does).
 """
 
 from __future__ import annotations
@@ -80,3 +86,20 @@ class SeqMeanTokenSum:
 
     def __call__(self, per_token: Tensor, mask: Tensor, normaliser: Tensor) -> Tensor:
         return ops.masked_sum(per_token, mask) / normaliser.clamp_min(1.0)
+
+
+@AGGREGATORS.register("token_sum", arxiv="none", paper="no normalisation: verl loss_agg_mode token-sum "
+                      "(https://github.com/volcengine/verl, verl/trainer/ppo/core_algos.py agg_loss)")
+@dataclass(frozen=True)
+class TokenSum:
+    """The plain sum of every trained token's loss: sum_{i,t} l_{i,t} (verl's ``token-sum``).
+
+    The gradient scales with the number of tokens of the batch, so the learning rate must be chosen for the batch
+    size; it is the reduction whose per-token weight never depends on other tokens (no length or count bias at all).
+    """
+
+    def normaliser(self, mask: Tensor, horizon: int) -> Tensor:
+        return torch.ones((), dtype=torch.float32, device=mask.device)
+
+    def __call__(self, per_token: Tensor, mask: Tensor, normaliser: Tensor) -> Tensor:
+        return ops.masked_sum(per_token, mask) / normaliser

@@ -82,6 +82,8 @@ NEEDS: dict[str, str] = {
     "entropy": "extras['entropy'] (B, T): per-token entropy of pi_old, no gradient (advantages that score tokens)",
     "vocab_mean_logprobs": "extras['vocab_mean_logprobs'] (B, T) (and old_ under several optimizer steps): the mean "
                            "log-prob over the vocabulary, chunked (ROVER)",
+    "score_sq_norm": "extras['old_score_sq_norm'] (B, T): 1 - 2 pi_old(y_t) + sum_v pi_old(v)^2, the squared norm of "
+                     "the logit-gradient of log pi_old(y_t), from pi_old's pass before the advantages (OTB)",
     "candidate_logprobs": "extras['candidate_logprobs'] (B, T, K) log-probs of extras['candidate_ids'], which the "
                           "rollout mode provides (rollout.mode reference / soft_thinking)",
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "

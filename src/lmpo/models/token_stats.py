@@ -4,6 +4,8 @@ A few methods need more of the distribution at each response position than the l
 
 - ``vocab_mean_logprobs`` (B, T): ``mean_a log pi(a | s_t)`` over the whole vocabulary (ROVER's uniform-policy
   backup), computed as ``mean(z) - logsumexp(z)`` of the tempered logits ``z``.
+- ``score_sq_norm`` (B, T): ``||e_{y_t} - pi(. | s_t)||^2 = 1 - 2 pi(y_t | s_t) + sum_a pi(a | s_t)^2``, the squared
+  norm of the gradient of ``log pi(y_t)`` with respect to the logits (the optimal-token baseline's path variance).
 - ``candidate_logprobs`` (B, T, M): ``log pi(c | s_t)`` for M candidate ids per position given in
   ``extras["candidate_ids"]`` (OTR's sampled tokens, SofT-GRPO's top-k ids). Gradients flow into them.
 
@@ -27,7 +29,7 @@ from lmpo.engine.head import DEFAULT_CHUNK_SIZE, head_logits
 from lmpo.models.load import checkpointed_layers
 from lmpo.models.logprobs import joined_inputs, position_ids_from_mask, split_body_and_head
 
-STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs"})
+STAT_NEEDS = frozenset({"vocab_mean_logprobs", "candidate_logprobs", "score_sq_norm"})
 """``needs`` keys a component may declare to get these statistics in ``batch.extras`` (and ``old_<key>``)."""
 SOFT_KEYS = ("soft_mask", "soft_ids", "soft_weights")
 
@@ -36,7 +38,7 @@ def has_soft_inputs(extras: dict[str, Tensor]) -> bool:
     return "soft_mask" in extras
 
 
-def _chunk(model, head, h, y, cand, temperature: float, with_entropy: bool, vocab_mean: bool):
+def _chunk(model, head, h, y, cand, temperature: float, with_entropy: bool, vocab_mean: bool, score_sq: bool = False):
     z = head_logits(model, head, h)
     if temperature != 1.0:
         z = z / temperature
@@ -45,7 +47,8 @@ def _chunk(model, head, h, y, cand, temperature: float, with_entropy: bool, voca
     ent = lse - (torch.softmax(z, -1) * z).sum(-1) if with_entropy else torch.zeros_like(lse)
     vm = z.mean(-1) - lse if vocab_mean else torch.zeros_like(lse)
     cl = z.gather(-1, cand) - lse.unsqueeze(-1) if cand is not None else torch.zeros_like(lse[:, None])
-    return logp, ent, vm, cl
+    sq = 1.0 - 2.0 * logp.exp() + torch.softmax(z, -1).square().sum(-1) if score_sq else torch.zeros_like(lse)
+    return logp, ent, vm, cl, sq
 
 
 def input_embeddings(model: nn.Module, input_ids: Tensor, P: int, extras: dict[str, Tensor]) -> Tensor:
@@ -88,12 +91,13 @@ def response_stats(
     targets = response_ids.to(device)[attn_r]
     cand = extras["candidate_ids"].to(device)[attn_r] if "candidate_logprobs" in stats else None
     vocab_mean = "vocab_mean_logprobs" in stats
+    score_sq = "score_sq_norm" in stats
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
     n = max(1, chunk_size)
     parts: list[tuple[Tensor, ...]] = []
     for i in range(0, hidden.shape[0], n):
         args = (model, head, hidden[i : i + n], targets[i : i + n], None if cand is None else cand[i : i + n],
-                temperature, with_entropy, vocab_mean)
+                temperature, with_entropy, vocab_mean, score_sq)
         parts.append(checkpoint(_chunk, *args, use_reentrant=False) if use_ckpt else _chunk(*args))
 
     def scatter(k: int, trailing: tuple[int, ...] = ()) -> Tensor:
@@ -108,4 +112,6 @@ def response_stats(
         out_stats["vocab_mean_logprobs"] = scatter(2)
     if cand is not None:
         out_stats["candidate_logprobs"] = scatter(3, (cand.shape[-1],))
+    if score_sq:
+        out_stats["score_sq_norm"] = scatter(4)
     return scatter(0), (scatter(1) if with_entropy else None), out_stats

@@ -164,8 +164,8 @@ def minibatch_loss(runner: PolicyRunner, mb: RolloutBatch, loss_fn, aggregator, 
         per_token = per_token + s.kl.beta * kl
         metrics["loss/kl"] = ops.masked_mean(kl, mask).detach()
     elif mb.ref_logprobs is not None:  # reported; in the rewards (kl.mode=reward) or asked for by a component
-        estimator = s.kl.estimator if s.kl is not None else "k3"
-        metrics["loss/kl"] = ops.masked_mean(ops.kl_estimate(lp.detach(), mb.ref_logprobs, estimator), mask)
+        estimator, clamp = (s.kl.estimator, s.kl.k3_clamp) if s.kl is not None else ("k3", None)
+        metrics["loss/kl"] = ops.masked_mean(ops.kl_estimate(lp.detach(), mb.ref_logprobs, estimator, clamp), mask)
     if s.entropy_coef:
         per_token = per_token - s.entropy_coef * ent
     metrics["loss/entropy"] = ops.masked_mean(ent.detach(), mask)

@@ -5,6 +5,7 @@ Analytic gradients (N = non-empty sequences, |y_i| = valid tokens of row i, H = 
   seq_mean_token_mean:     dL/dl_{i,t} = m_{i,t} / (N |y_i|)
   seq_mean_token_sum_norm: dL/dl_{i,t} = m_{i,t} / (N H)
   seq_mean_token_sum:      dL/dl_{i,t} = m_{i,t} / N
+  token_sum:               dL/dl_{i,t} = m_{i,t}
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ H = 10
 #   seq_mean_token_mean     = (1.5 + 6.5 + 4)/3 = 4
 #   seq_mean_token_sum_norm = 37/(3*10) = 37/30
 #   seq_mean_token_sum      = 37/3
+#   token_sum               = 37
 L = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [2.0, 4.0, 6.0, 8.0]], dtype=F64)
 M = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
 HAND = {"token_mean": 37 / 8, "seq_mean_token_mean": 4.0, "seq_mean_token_sum_norm": 37 / 30,
-        "seq_mean_token_sum": 37 / 3}
+        "seq_mean_token_sum": 37 / 3, "token_sum": 37.0}
 
 
 def make(name):
@@ -88,6 +90,8 @@ def loop_aggregate(name, l, m, horizon):
         return sum(sum(r) / len(r) for r in rows) / n
     if name == "seq_mean_token_sum_norm":
         return sum(sum(r) for r in rows) / (n * horizon)
+    if name == "token_sum":
+        return sum(sum(r) for r in rows)
     return sum(sum(r) for r in rows) / n
 
 
@@ -140,6 +144,7 @@ def test_gradient_analytic_and_gradcheck(name):
             "seq_mean_token_mean": mf / (n * lengths.clamp_min(1)),
             "seq_mean_token_sum_norm": mf / (n * H),
             "seq_mean_token_sum": mf / n,
+            "token_sum": mf,
         }[name]
         assert_close(grad, exp)
         assert torch.autograd.gradcheck(lambda x: full(agg, x, m), (lg,))

@@ -140,3 +140,65 @@ def test_returns_to_go_jacobian_analytic():
                     exp_tr[i, t, i, s] = float(mask[i, s])
     assert_close(J_tr, exp_tr)
     assert_close(J_r, exp_r)
+
+
+# --------------------------------------------------------------------------- discount (gamma) and singletons
+def test_hand_discounted_returns():
+    # gamma = 0.5, R = [4, 2], mask [[1, 1, 1], [1, 1, 0]], token rewards [[1, 0, 2], [0, 1, 9 (pad)]]
+    #   row 0 (last = 2): G_2 = 4 + 2 = 6; G_1 = 0 + 0.5*6 = 3; G_0 = 1 + 0.5*3 = 2.5
+    #   row 1 (last = 1): G_1 = 2 + 1 = 3; G_0 = 0 + 0.5*3 = 1.5
+    b = make_batch([4.0, 2.0], [0, 0], [[1, 1, 1], [1, 1, 0]], token_rewards=[[1.0, 0.0, 2.0], [0.0, 1.0, 9.0]])
+    assert_close(returns_to_go(b, b.rewards, 0.5), torch.tensor([[2.5, 3.0, 6.0], [1.5, 3.0, 0.0]]))
+    assert_close(returns_to_go(b, b.rewards, 1.0), returns_to_go(b, b.rewards))
+
+
+def test_hand_discount_counts_masked_positions():
+    # mask [1, 0, 1], gamma 0.5, R = 8, no token rewards: G = [8 * 0.25, 0 (masked), 8]
+    b = make_batch([8.0], [0], [[1, 0, 1]])
+    assert_close(returns_to_go(b, b.rewards, 0.5), torch.tensor([[2.0, 0.0, 8.0]]))
+
+
+def test_property_gamma_zero_keeps_only_the_last_token_outcome():
+    b = random_batch(3, token_rewards=False, holes=False)
+    g = returns_to_go(b, b.rewards, 0.0)
+    last = b.response_mask.cumsum(-1) == b.response_mask.sum(-1, keepdim=True)
+    last &= b.response_mask
+    assert_close(g, torch.where(last, b.rewards[:, None].expand_as(g), torch.zeros_like(g)))
+
+
+def loop_discounted(b, gamma):
+    B, T = b.response_mask.shape
+    m = b.response_mask.tolist()
+    out = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        valid = [t for t in range(T) if m[i][t]]
+        if not valid:
+            continue
+        last = valid[-1]
+        for t in valid:
+            acc = gamma ** (last - t) * b.rewards[i].item()
+            if b.token_rewards is not None:
+                acc += sum(gamma ** (s - t) * b.token_rewards[i, s].item() for s in valid if s >= t)
+            out[i][t] = acc
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
+def test_discounted_returns_match_loop_reference(gamma):
+    for seed in range(6):
+        b = random_batch(seed, token_rewards=seed % 2 == 0)
+        assert_close(returns_to_go(b, b.rewards, gamma), loop_discounted(b, gamma))
+
+
+def test_singleton_raw_passes_the_reward_through():
+    # groups [0, 0, 1], R = [1, 3, 5], T = 1: zero -> [-1, 1, 0]; raw -> [-1, 1, 5], then whitened
+    b = make_batch([1.0, 3.0, 5.0], [0, 0, 1], T=1)
+    for singleton, centred in (("zero", [-1.0, 1.0, 0.0]), ("raw", [-1.0, 1.0, 5.0])):
+        c = torch.tensor(centred)
+        exp = ((c - c.mean()) / (c.std() + 1e-8))[:, None]
+        assert_close(ReinforcePPAdvantage(baseline="group_mean", singleton=singleton)(b), exp)
+
+
+def test_bad_gamma():
+    with pytest.raises(ConfigError, match="gamma"):
+        from_config(ReinforcePPAdvantage, gamma=1.5)

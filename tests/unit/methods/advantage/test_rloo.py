@@ -79,3 +79,10 @@ def test_jacobian_analytic():
     exp = torch.eye(6) - (same - torch.eye(6)) / (k - 1).clamp_min(1)
     exp[k[:, 0] == 1] = 0.0
     assert_close(J, exp)
+
+
+def test_hand_singleton_raw():
+    # the test_hand batch with singleton="raw" (verl's compute_rloo_outcome_advantage): row 3 keeps R = 3
+    b = make_batch([1.0, 0.0, 0.5, 3.0], [0, 0, 0, 1], [3, 2, 1, 3], T=3)
+    exp = torch.tensor([[0.75, 0.75, 0.75], [-0.75, -0.75, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]])
+    assert_close(RLOOAdvantage(singleton="raw")(b), exp)
