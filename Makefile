@@ -27,7 +27,7 @@ run: setup
 
 ## The test suite (unit, contract, learning and CLI tests; slow tests excluded).
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS)
 
 ## lmpo vs TRL GRPOTrainer on the same workload (installs the optional `bench` extra, i.e. TRL, into .venv).
 ## Full run: about an hour on 2 cores; `make bench BENCH_ARGS=--quick` takes a few minutes. Results: runs/bench/.

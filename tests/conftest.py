@@ -6,9 +6,29 @@ pyproject puts ``tests/`` on the import path); a test may instead take the same-
 
 from __future__ import annotations
 
-import pytest
+import os
 
-import factories
+
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` (``make test``), pin worker k to its own core when there are at least N: each worker's
+    runs then see one core (``train.threads: auto`` -> 1 thread, subprocesses inherit the pin), so N workers never
+    oversubscribe the machine. With fewer cores than workers, nothing is pinned."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < int(count):
+        return
+    index = int(worker.removeprefix("gw"))
+    share = len(cpus) // int(count)
+    os.sched_setaffinity(0, set(cpus[index * share:(index + 1) * share]))
+
+
+_pin_xdist_worker()  # before anything imports torch (OpenMP sizes its pool from the affinity when it starts)
+
+import pytest  # noqa: E402
+
+import factories  # noqa: E402
 
 
 @pytest.fixture
