@@ -492,7 +492,8 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
 
         why = unsupported(cfg, pipeline)
         if why:
-            raise ConfigError(f"train.async cannot run this config: {why}{origin('train.async')}.")
+            key = next((k for k in origin.overrides if k.startswith("train.async")), "train.async")
+            raise ConfigError(f"train.async cannot run this config: {why}{origin(key)}.")
 
 
 def check_ranges(obj: Any, origin: Origin, where: str = "") -> None:
