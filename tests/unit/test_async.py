@@ -206,3 +206,27 @@ def test_a_finished_run_extended_samples_its_new_steps_from_the_restored_weights
     more = loop.train(config(tmp_path, "r", "train.async.max_staleness=2", steps=5), resume=True).history
     assert [r["async/policy_version"] for r in more] == [0, 0, 2, 2, 2]  # steps 3, 4 could not have versions 0, 1
     assert all(r["async/staleness"] <= 2 for r in more)
+
+
+@pytest.mark.parametrize("sampler", ["multinomial", "inverse_cdf"])
+def test_generator_draws_only_from_its_own_rng(sampler):
+    """The producer's sampler (HFGenerator.rng) neither reads nor advances the global RNG the trainer draws from."""
+    from lmpo.models.load import load_model
+    from lmpo.rollout.base import SamplingParams
+    from lmpo.rollout.hf import HFGenerator
+
+    model, tok = load_model("tiny", seed=0)
+    gen = HFGenerator(model, tok, sampler=sampler)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    prompts = ["1=", "2=", "3="] * 4
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        gen.rng = torch.Generator().manual_seed(7)
+        outs.append(gen.generate(prompts, params).response_ids)
+        after = torch.rand(3)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(3))  # the global stream was not advanced
+    assert torch.equal(outs[0], outs[1])
+    gen.rng = torch.Generator().manual_seed(8)
+    assert not torch.equal(gen.generate(prompts, params).response_ids, outs[0])

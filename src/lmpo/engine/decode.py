@@ -106,8 +106,10 @@ class TorchDraw:
     def __init__(self, model: nn.Module, head: nn.Module, params, temperature: float, inverse_cdf: bool,
                  generator: torch.Generator | None = None) -> None:
         self.model, self.head, self.params, self.temperature = model, head, params, temperature
-        self.draw = ((lambda p: sample_inverse_cdf(p, generator)) if inverse_cdf
-                     else (lambda p: torch.multinomial(p, 1, generator=generator).squeeze(-1)))
+        if inverse_cdf:
+            self.draw = sample_inverse_cdf if generator is None else (lambda p: sample_inverse_cdf(p, generator))
+        else:
+            self.draw = lambda p: torch.multinomial(p, 1, generator=generator).squeeze(-1)
 
     def __call__(self, last: Tensor) -> tuple[Tensor, Tensor]:
         logits = head_logits(self.model, self.head, last).float() / self.temperature  # (n, V)
