@@ -54,14 +54,14 @@ def spy(monkeypatch):
     seen = {"batches": [], "weights": [], "model": None, "fail_at": None}
     real = loop.prepare
 
-    def prepare(batch, p, runner, ref, mbs):
+    def prepare(batch, p, runner, ref, mbs, **kw):
         if seen["fail_at"] is not None and len(seen["batches"]) + 1 == seen["fail_at"]:
             seen["fail_at"] = None
             raise RuntimeError("interrupted")
         seen["batches"].append(batch)
         seen["weights"].append({n: w.detach().clone() for n, w in runner.model.named_parameters()})
         seen["model"] = runner.model
-        return real(batch, p, runner, ref, mbs)
+        return real(batch, p, runner, ref, mbs, **kw)
 
     monkeypatch.setattr(loop, "prepare", prepare)
     return seen
@@ -125,20 +125,23 @@ def test_versions_staleness_bound_and_behaviour_logprobs(tmp_path, spy):
     for t, (batch, version) in enumerate(zip(spy["batches"], versions), start=1):
         mask = batch.response_attn
         behaviour = logprobs(spy["weights"][version], batch)
-        assert (ops.zero_outside(behaviour - batch.sampler_logprobs, mask).abs().max() < 1e-4), t
+        for field in ("sampler_logprobs", "old_logprobs"):  # pi_old is the sampling version too (behaviour_pass)
+            assert ops.zero_outside(behaviour - getattr(batch, field), mask).abs().max() < 1e-4, (t, field)
         current = logprobs(spy["weights"][t - 1], batch)
-        gap = ops.zero_outside(current - batch.sampler_logprobs, mask).abs().max()
+        gap = ops.zero_outside(current - batch.old_logprobs, mask).abs().max()
         assert gap > 1e-2 if t - 1 > version else gap < 1e-4, (t, float(gap))
 
 
-def test_off_policy_loss_sees_the_staleness(tmp_path):
-    """TIS's trainer/sampler mismatch (pi_old against the sampler) is float rounding at k = 0 and real at k = 1."""
+def test_off_policy_losses_see_the_staleness(tmp_path):
+    """On-policy (k = 0) pi / pi_old is exactly 1 at the update; with k = 1 it is the ratio to the policy one update
+    old. TIS's sampler correction compares the sampler with pi_old of the same version: float rounding either way."""
     common = ["method=tis", "train.learning_rate=0.05"]
     k0 = loop.train(config(tmp_path, "k0", *common, "train.async.max_staleness=0")).history
     k1 = loop.train(config(tmp_path, "k1", *common, "train.async.max_staleness=1")).history
-    assert max(r["loss/mismatch_k3"] for r in k0) < 1e-6
-    assert all(r["loss/mismatch_k3"] > 1e-4 for r in k1[2:])  # steps 3, 4: sampled one update ago
-    assert k1[0]["loss/mismatch_k3"] < 1e-6  # step 1 is fresh
+    assert [r["loss/ratio_mean"] for r in k0] == [1.0] * 4
+    assert k1[0]["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # step 1 is fresh (version 0)
+    assert all(abs(r["loss/ratio_mean"] - 1.0) > 1e-3 for r in k1[2:]), [r["loss/ratio_mean"] for r in k1]
+    assert max(r["loss/mismatch_k3"] for r in k0 + k1) < 1e-6
 
 
 # ------------------------------------------------------------------ timing

@@ -20,11 +20,12 @@ the generation of steps t+1..t+k overlaps the update of step t. The schedule is 
   the producer samples step t + 1 only after step t is published and the trainer waits for it: the threads strictly
   alternate, and the producer draws from the global RNG exactly where the synchronous loop does, so k = 0 gives the
   synchronous trainer's numbers bit for bit (tests/unit/test_async.py).
-* **Off-policy data.** ``batch.sampler_logprobs`` are the snapshot's (the behaviour policy mu, version t - 1 - k);
-  ``old_logprobs`` are the trainer's before the update (version t - 1), as in the synchronous loop. Losses that
-  correct for the sampler (``ppo_clip_is``: TIS/MIS, VCPO, ...) therefore see the real staleness through
-  pi_old / mu; losses that read only ``old_logprobs`` (plain GRPO/PPO) treat the stale batch as their own (the
-  decoupled objective of AReaL, arXiv:2505.24298; docs/async.md).
+* **Off-policy data.** With k >= 1 the producer also runs pi_old's pass on the snapshot
+  (:func:`lmpo.train.prepare.behaviour_pass`): a batch's ``old_logprobs`` (and entropies, ``old_<stat>``) are those
+  of the version that sampled it, as are its ``sampler_logprobs``, and the update reads pi_old from the batch even
+  on-policy. Every ratio pi / pi_old (PPO/GRPO clipping, REC, TOPR, CISPO, ...) is therefore a real off-policy ratio
+  over up to k updates, and ``ppo_clip_is`` (TIS/MIS) keeps correcting the sampler-vs-trainer mismatch at the
+  behaviour version (docs/async.md).
 * **Checkpoints.** At a checkpoint after step t the trainer waits until steps t+1..t+k (those sampled by versions it
   has already published) are in the queue, and saves them with the checkpoint, together with the prompt stream's
   position after them. A resumed run starts with that queue and samples step t + k + 1 with the restored weights
@@ -49,7 +50,9 @@ import torch
 from lmpo.batch import RolloutBatch
 from lmpo.errors import LmpoError
 from lmpo.methods.base import EXTENSION_POINTS
+from lmpo.train.prepare import behaviour_pass
 from lmpo.train.rollouts import RolloutContext, collect
+from lmpo.train.step import PolicyRunner
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Collected:
     stats: dict[str, Any]
     generate_s: float
     version: int | None = None
+    behaviour: bool = False  # the batch carries pi_old's fields from the policy that sampled it (prepare's flag)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,8 +131,8 @@ class AsyncRollouts:
     step t's batch is ready; ``publish(model, t)`` hands version t over; ``close`` stops the thread."""
 
     def __init__(self, ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: int, max_staleness: int,
-                 steps: int, seed: int):
-        self.ctx, self.stream = ctx, stream
+                 steps: int, seed: int, runner: PolicyRunner, micro_batch_size: int | None):
+        self.ctx, self.stream, self.runner, self.micro_batch_size = ctx, stream, runner, micro_batch_size
         self.prompts_per_step, self.refill_rounds = prompts_per_step, refill_rounds
         self.k, self.steps, self.seed = int(max_staleness), int(steps), int(seed)
         self.cond = threading.Condition()
@@ -165,6 +169,7 @@ class AsyncRollouts:
         gen.model = self.snapshot
         gen.tokenizer = copy.deepcopy(self.ctx.tokenizer)  # encoding flips padding_side: no tokenizer is shared
         self.pctx = dataclasses.replace(self.ctx, generator=gen, tokenizer=gen.tokenizer)
+        self.prunner = dataclasses.replace(self.runner, model=self.snapshot)  # the trainer's numerics, on the snapshot
         self.thread = threading.Thread(target=self._produce, name="lmpo-rollouts", daemon=True)
         self.thread.start()
 
@@ -253,7 +258,10 @@ class AsyncRollouts:
                 self.pctx.generator.rng = step_generator(self.seed, step) if self.k else None
                 t0 = time.perf_counter()
                 batch, raw, stats = collect(self.pctx, self.stream, self.prompts_per_step, self.refill_rounds, step)
-                got = Collected(step, batch, raw, stats, time.perf_counter() - t0, version)
+                t_gen = time.perf_counter() - t0
+                if self.k and batch is not None:  # pi_old = this version (k = 0: the trainer's own, as synchronous)
+                    batch = behaviour_pass(batch, self.pctx.pipeline, self.prunner, self.micro_batch_size)
+                got = Collected(step, batch, raw, stats, t_gen, version, behaviour=bool(self.k))
                 with self.cond:
                     self.queue[step] = got
                     self.cond.notify_all()

@@ -216,7 +216,8 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
                else ReferencePolicy(runner, model.disable_adapter))
     r = cfg.rollout
     rollouts = (SyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds) if t.async_ is None else
-                AsyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds, t.async_.max_staleness, t.steps, t.seed))
+                AsyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds, t.async_.max_staleness, t.steps, t.seed,
+                              runner, t.micro_batch_size))
     run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts],
               threads=threads, rollouts=rollouts)
     if plan.checkpoint is not None:
@@ -238,7 +239,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {**got.stats, **rollout_metrics(raw, run.rewards.names), **got.metrics}
     if batch is not None:  # None: every group was filtered out (nothing to learn from this step)
         t1 = time.perf_counter()
-        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size)
+        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size, behaviour=got.behaviour)
         t2 = time.perf_counter()
         metrics.update(prep)
         metrics.update(policy_update(run.runner, run.opt, batch, p.loss, p.aggregator, run.settings(), step,
