@@ -67,6 +67,7 @@ class Collected:
     generate_s: float
     version: int | None = None
     behaviour: bool = False  # the batch carries pi_old's fields from the policy that sampled it (prepare's flag)
+    behaviour_s: float = 0.0  # the producer's time for those fields (behaviour_pass)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -186,7 +187,8 @@ class AsyncRollouts:
             depth = sum(1 for s in self.queue if s > step)
             self.cond.notify_all()
         got.metrics = {"async/policy_version": float(got.version), "async/staleness": float(step - 1 - got.version),
-                       "async/queue_depth": float(depth), "async/wait_s": time.perf_counter() - t0}
+                       "async/queue_depth": float(depth), "async/wait_s": time.perf_counter() - t0,
+                       "async/behaviour_s": got.behaviour_s}
         return got
 
     def publish(self, model, step: int) -> None:
@@ -261,7 +263,8 @@ class AsyncRollouts:
                 t_gen = time.perf_counter() - t0
                 if self.k and batch is not None:  # pi_old = this version (k = 0: the trainer's own, as synchronous)
                     batch = behaviour_pass(batch, self.pctx.pipeline, self.prunner, self.micro_batch_size)
-                got = Collected(step, batch, raw, stats, t_gen, version, behaviour=bool(self.k))
+                got = Collected(step, batch, raw, stats, t_gen, version, behaviour=bool(self.k),
+                                behaviour_s=time.perf_counter() - t0 - t_gen)
                 with self.cond:
                     self.queue[step] = got
                     self.cond.notify_all()
