@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench bench-contention lint clean peer-numbers
+.PHONY: setup run test test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: setup
 CONTENTION_ARGS ?=
 bench-contention: setup
 	$(BIN)/python benchmarks/contention.py $(CONTENTION_ARGS)
+
+## train.async (asynchronous off-policy training): step time and reward curve of the synchronous trainer and
+## max_staleness 0, 1, 2, 4 on configs/tiny.yaml, 3 seeds (a few minutes on 2 cores). Results: docs/results/async.{md,json};
+## the default model: BENCH_ASYNC_ARGS="--config configs/default.yaml --steps 6 --seeds 0 --tag default".
+BENCH_ASYNC_ARGS ?=
+bench-async: setup
+	$(BIN)/python benchmarks/async_bench.py $(BENCH_ASYNC_ARGS)
 
 ## The tracker tests (TensorBoard, MLflow, trackio, W&B offline; they skip when a package is missing): installs the
 ## optional `trackers` extra into .venv first.

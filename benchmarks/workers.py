@@ -133,6 +133,7 @@ def lmpo_overrides(spec: dict[str, Any], out_dir: str) -> list[str]:
 def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    import lmpo.train.async_rollouts as rollouts
     import lmpo.train.loop as loop
     from lmpo.config import load_config
     from lmpo.rewards.reward_set import RewardSet
@@ -142,7 +143,7 @@ def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
 
     clock = Clock()
     rec: dict[str, Any] = {"shape": None, "base_rss": None, "flops": 0.0}
-    patched = [(loop, "load_model"), (loop, "collect"), (loop, "policy_update"), (loop, "save_checkpoint"),
+    patched = [(loop, "load_model"), (rollouts, "collect"), (loop, "policy_update"), (loop, "save_checkpoint"),
                (HFGenerator, "__init__"), (HFGenerator, "generate"), (RewardSet, "__call__"),
                (PolicyRunner, "logprobs_nograd"), (MetricsLog, "write")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in patched]
@@ -176,7 +177,7 @@ def run_lmpo(spec: dict[str, Any]) -> dict[str, Any]:
         clock.stop()
         return orig["write"](self, step, metrics)
 
-    loop.load_model, loop.collect, loop.save_checkpoint = load_model, collect, lambda *a, **kw: None
+    loop.load_model, rollouts.collect, loop.save_checkpoint = load_model, collect, lambda *a, **kw: None
     loop.policy_update = clock.wrap(orig["policy_update"], "update")
     HFGenerator.__init__, HFGenerator.generate = init, generate
     RewardSet.__call__ = clock.wrap(orig["__call__"], "score")

@@ -113,6 +113,25 @@ class CriticConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """``train.async``: collection runs in a producer thread, ``max_staleness`` steps ahead of the update
+    (:mod:`lmpo.train.async_rollouts`, docs/async.md)."""
+
+    # step t's batch is sampled by the policy of version max(0, t - 1 - max_staleness) (the weights after that many
+    # updates); 0 = no overlap (equal to the synchronous trainer)
+    max_staleness: int = hp(1, ge=0)
+
+
+# A config key that is a Python keyword names its field with a trailing underscore; the YAML key is in the metadata.
+KEY = "key"
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """The config key of a dataclass field (``train.async`` for the field ``async_``)."""
+    return f.metadata.get(KEY, f.name)
+
+
+@dataclass
 class TrainConfig:
     steps: int = hp(20, ge=0)
     learning_rate: float = hp(1e-6, gt=0)
@@ -137,6 +156,10 @@ class TrainConfig:
     # (lmpo.engine.tuning.set_mmap_threshold):
     # lower peak memory for more page faults; null (default) leaves glibc's dynamic threshold
     mmap_threshold_kb: int | None = hp(None, ge=1, le=32768)
+    # asynchronous off-policy training: null (default) = synchronous; {max_staleness: k} = generation of steps
+    # t+1..t+k overlaps the update of step t (lmpo.train.async_rollouts, docs/async.md). YAML and command-line key:
+    # train.async (e.g. train.async.max_staleness=2)
+    async_: AsyncConfig | None = field(default=None, metadata={KEY: "async"})
 
 
 @dataclass
@@ -190,7 +213,18 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return as_dict(self)
+
+
+def as_dict(obj: Any) -> Any:
+    """``dataclasses.asdict`` with config keys (:func:`key_of`) for field names."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {key_of(f): as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
@@ -315,6 +349,12 @@ def coerce(value: Any, tp: Any, where: str, src: str | Origin = "") -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        optional = [a for a in args if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # an optional section: its own errors
+            if not isinstance(value, dict):
+                here = src(where) if isinstance(src, Origin) else src
+                raise ConfigError(f"{where}{here} must be a mapping of keys or null, got {value!r}.")
+            return coerce(value, optional[0], where, src)
         errors = []
         for a in args:
             if a is type(None):
@@ -359,18 +399,25 @@ def coerce(value: Any, tp: Any, where: str, src: str | Origin = "") -> Any:
 def _build_dataclass(cls: type, data: dict, where: str, src: str | Origin) -> Any:
     origin = src if isinstance(src, Origin) else None
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {key_of(f): f.name for f in dataclasses.fields(cls)}  # config key -> field name
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        here = (origin if dataclasses.is_dataclass(hints.get(key)) else origin(path)) if origin else src
-        if key not in names:
+        name = fields.get(key)
+        here = (origin if _holds_dataclass(hints.get(name)) else origin(path)) if origin else src
+        if name is None:
             raise ConfigError(
                 f'Unknown config key "{path}"{here}.{did_you_mean(str(key), names)} '
                 f"Valid keys{' under ' + where if where else ''}: {', '.join(names)}."
             )
-        kwargs[key] = coerce(value, hints[key], path, here)
+        kwargs[name] = coerce(value, hints[name], path, here)
     return cls(**kwargs)
+
+
+def _holds_dataclass(tp: Any) -> bool:
+    """A config section: a dataclass, or an optional one (``AsyncConfig | None``)."""
+    return dataclasses.is_dataclass(tp) or any(dataclasses.is_dataclass(a) for a in typing.get_args(tp))
 
 
 # --------------------------------------------------------------------------- public API
@@ -460,12 +507,19 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
                           f"train.optimizer_in_backward to auto or false, or critic.model=separate"
                           f"{origin('train.optimizer_in_backward')}.")
     check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
+    if cfg.train.async_ is not None:
+        from lmpo.train.async_rollouts import unsupported
+
+        why = unsupported(cfg, pipeline)
+        if why:
+            key = next((k for k in origin.overrides if k.startswith("train.async")), "train.async")
+            raise ConfigError(f"train.async cannot run this config: {why}{origin(key)}.")
 
 
 def check_ranges(obj: Any, origin: Origin, where: str = "") -> None:
     """Every numeric setting against the range declared on its field (recursively through the config sections)."""
     for f in dataclasses.fields(obj):
-        key, value = f"{where}.{f.name}" if where else f.name, getattr(obj, f.name)
+        key, value = f"{where}.{key_of(f)}" if where else key_of(f), getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, origin, key)
             continue

@@ -65,9 +65,10 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
-def sample_inverse_cdf(probs: Tensor) -> Tensor:
+def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token per row of ``probs`` (n, V) (non-negative, rows need not sum to one): the first index whose
-    cumulative probability exceeds ``u * total`` with ``u ~ U[0, 1)`` from the global RNG of ``probs``' device.
+    cumulative probability exceeds ``u * total`` with ``u ~ U[0, 1)`` from ``generator`` (None: the global RNG of
+    ``probs``' device).
 
     The same distribution as ``torch.multinomial(probs, 1)``, which (without replacement) draws an exponential
     variable for every vocabulary entry and takes the argmax of ``probs / q``, against a cumulative sum and one
@@ -75,7 +76,7 @@ def sample_inverse_cdf(probs: Tensor) -> Tensor:
     CDF). Different random stream, so seeded samples differ from the multinomial sampler's.
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -102,9 +103,13 @@ class TorchDraw:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, head: nn.Module, params, temperature: float, inverse_cdf: bool) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, params, temperature: float, inverse_cdf: bool,
+                 generator: torch.Generator | None = None) -> None:
         self.model, self.head, self.params, self.temperature = model, head, params, temperature
-        self.draw = sample_inverse_cdf if inverse_cdf else (lambda p: torch.multinomial(p, 1).squeeze(-1))
+        if inverse_cdf:
+            self.draw = sample_inverse_cdf if generator is None else (lambda p: sample_inverse_cdf(p, generator))
+        else:
+            self.draw = lambda p: torch.multinomial(p, 1, generator=generator).squeeze(-1)
 
     def __call__(self, last: Tensor) -> tuple[Tensor, Tensor]:
         logits = head_logits(self.model, self.head, last).float() / self.temperature  # (n, V)
@@ -125,15 +130,18 @@ class NativeDraw:
 
     name = "native"
 
-    def __init__(self, model: nn.Module, head: nn.Module, params, temperature: float) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, params, temperature: float,
+                 generator: torch.Generator | None = None) -> None:
         self.model, self.head, self.params, self.temperature = model, head, params, temperature
+        self.generator = generator
         self.scratch: Tensor | None = None
 
     def __call__(self, last: Tensor) -> tuple[Tensor, Tensor]:
         logits = head_logits(self.model, self.head, last).contiguous()  # (n, V) float32
         if self.scratch is None:
             self.scratch = torch.empty_like(logits)
-        u = None if self.params.is_greedy else torch.rand(logits.shape[0], dtype=torch.float32, device=logits.device)
+        u = None if self.params.is_greedy else torch.rand(logits.shape[0], dtype=torch.float32, device=logits.device,
+                                                          generator=self.generator)
         token, logp, bad = rowdot.sample_rows(logits, self.temperature, u, self.scratch)
         if bad:
             raise TrainingDiverged(DIVERGED)
@@ -185,10 +193,12 @@ class DecodePlan:
     inverse_cdf: bool  # the torch draw's sampler
     frozen_casts: bool  # keep autocast's casts of frozen weights for the batch
 
-    def make_draw(self, model: nn.Module, head: nn.Module, params, temperature: float):
+    def make_draw(self, model: nn.Module, head: nn.Module, params, temperature: float,
+                  generator: torch.Generator | None = None):
+        """The token draw; its random numbers come from ``generator`` (None: the global RNG)."""
         if self.draw == "native":
-            return NativeDraw(model, head, params, temperature)
-        return TorchDraw(model, head, params, temperature, self.inverse_cdf)
+            return NativeDraw(model, head, params, temperature, generator)
+        return TorchDraw(model, head, params, temperature, self.inverse_cdf, generator)
 
     def make_step(self, body: nn.Module, kv: dict, cache, attn: Tensor, prompt_mask: Tensor, steps: int):
         return LeanStep(body, cache, prompt_mask, steps) if self.step == "lean" else CachedStep(body, kv, attn)

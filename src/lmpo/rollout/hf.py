@@ -81,6 +81,9 @@ class HFGenerator:
             raise ConfigError(f"rollout.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.sampler = sampler
         self.eos_ids = _eos_ids(model, tokenizer)
+        # the random numbers of the token draws: None = the global RNG; a torch.Generator for a sampler that runs
+        # beside the trainer (train.async's producer thread, lmpo.train.async_rollouts)
+        self.rng: torch.Generator | None = None
 
     def sync_weights(self) -> None:
         """No-op: the generator samples from the trainer's own module."""
@@ -92,7 +95,7 @@ class HFGenerator:
 
         ``max_new_tokens`` optionally gives each row its own length limit (e.g. budget sub-groups); a row that reaches
         its limit without EOS stops and is marked truncated. ``None`` uses ``params.max_new_tokens`` for every row.
-        Uses the global torch RNG (of the model's device), so seeded runs are reproducible.
+        Uses the global torch RNG (of the model's device), or ``self.rng`` when set, so seeded runs are reproducible.
         """
         if not prompts:
             raise DataError("HFGenerator.generate got an empty list of prompts.")
@@ -149,7 +152,7 @@ class HFGenerator:
         plan = plan_decode(self.model, body, head, params, rows=n, steps=steps, prompt_length=prompt_ids.shape[1],
                            autocast=self.autocast, prepack=self.prepack, decode_kernel=self.decode_kernel,
                            lean=self.lean, sampler=self.sampler)
-        draw = plan.make_draw(self.model, head, params, temperature)
+        draw = plan.make_draw(self.model, head, params, temperature, self.rng)
         positions = position_ids_from_mask(prompt_mask.long())
         limit = torch.tensor(limits, dtype=torch.long, device=device)
         ended = torch.zeros(n, dtype=torch.bool, device=device)  # produced EOS

@@ -42,7 +42,8 @@ from lmpo.train.evaluate import evaluate
 from lmpo.train.metrics import MetricsLog, peak_rss_gb, plot_run, read_metrics
 from lmpo.engine.optim import TrainOptimizer, build_optimizer
 from lmpo.train.prepare import ReferencePolicy, prepare
-from lmpo.train.rollouts import RolloutContext, collect
+from lmpo.train.async_rollouts import AsyncRollouts, SyncRollouts
+from lmpo.train.rollouts import RolloutContext
 from lmpo.train.rundir import Plan, RunFolder
 from lmpo.train.trackers import check_available, close_log, tracked_log
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
@@ -146,6 +147,7 @@ class Run:
     log: MetricsLog | None = None
     threads: ThreadTuner | None = None  # train.threads over the run (lmpo.engine.threads)
     critic: Critic | None = None  # the value model, when a component needs values (lmpo.train.critic)
+    rollouts: SyncRollouts | AsyncRollouts | None = None  # collection, in this thread or ahead of it (train.async)
 
     @property
     def dir(self) -> Path:
@@ -164,6 +166,7 @@ class Run:
         state = load_checkpoint(ckpt, self.model, self.opt.optimizer, self.opt.scheduler)
         self.start, self.eval_before = state["step"], state.get("eval_before", {})
         self.stream.load_state_dict(state["data"])
+        self.rollouts.load_state_dict(state.get("async"))  # train.async's queued batches (None: synchronous)
         for key, obj in self.stateful().items():
             if key == "optimizer_in_backward" and key not in state["components"]:  # saved before it existed
                 continue
@@ -171,10 +174,13 @@ class Run:
         set_rng_state(state["rng"])
 
     def checkpoint(self, step: int) -> None:
+        queued = self.rollouts.state_dict(step)  # first: train.async waits for its in-flight steps to be queued
+        extra = {"data": self.stream.state_dict(), "eval_before": self.eval_before,
+                 "components": {k: c.state_dict() for k, c in self.stateful().items()}}
+        if queued is not None:
+            extra["async"] = queued
         save_checkpoint(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler,
-                        keep=self.cfg.output.keep_checkpoints, extra={
-                            "data": self.stream.state_dict(), "eval_before": self.eval_before,
-                            "components": {k: c.state_dict() for k, c in self.stateful().items()}})
+                        keep=self.cfg.output.keep_checkpoints, extra=extra)
 
     def evaluate(self) -> dict[str, float]:
         e = self.cfg.eval
@@ -215,8 +221,12 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
         ref = (ReferencePolicy(PolicyRunner(ref_model, runner.temperature, runner.chunk_size, runner.autocast,
                                             packed=runner.packed)) if ref_model is not None
                else ReferencePolicy(runner, model.disable_adapter))
+    r = cfg.rollout
+    rollouts = (SyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds) if t.async_ is None else
+                AsyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds, t.async_.max_staleness, t.steps, t.seed,
+                              runner, t.micro_batch_size))
     run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts],
-              threads=threads, critic=critic)
+              threads=threads, critic=critic, rollouts=rollouts)
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
@@ -231,13 +241,13 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     p, t = run.pipeline, run.cfg.train
     t0 = time.perf_counter()
     threads = run.threads.before_step() if run.threads is not None else None  # auto: measured again (long steps)
-    batch, raw, stats = collect(run.ctx, run.stream, run.cfg.rollout.prompts_per_step, run.cfg.rollout.refill_rounds,
-                                step)
-    t_gen = time.perf_counter() - t0
-    metrics: dict[str, Any] = {**stats, **rollout_metrics(raw, run.rewards.names)}
+    got = run.rollouts.next(step)  # collected here, or taken from train.async's queue (waiting for it)
+    batch, raw, t_gen = got.batch, got.raw, got.generate_s
+    metrics: dict[str, Any] = {**got.stats, **rollout_metrics(raw, run.rewards.names), **got.metrics}
     if batch is not None:  # None: every group was filtered out (nothing to learn from this step)
         t1 = time.perf_counter()
-        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size, run.critic)
+        batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size, run.critic,
+                              behaviour=got.behaviour)
         t2 = time.perf_counter()
         metrics.update(prep)
         metrics.update(policy_update(run.runner, run.opt, batch, p.loss, p.aggregator, run.settings(), step,
@@ -245,7 +255,6 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         for observe in p.calls("observe"):  # per-prompt trackers learn from the step
             observe(batch, lambda b: run.runner.logprobs_nograd(b, t.micro_batch_size))
         metrics.update({"perf/logprob_s": t2 - t1, "perf/update_s": time.perf_counter() - t2})
-    run.ctx.generator.sync_weights()
     if threads is not None:
         metrics["perf/threads"] = threads
     step_s = time.perf_counter() - t0
@@ -291,6 +300,7 @@ def run_steps(run: Run) -> RunResult:
     eval_after, last_good = dict(run.eval_before), run.start
     with progress_bar(cfg, run.start) as progress:
         try:
+            run.rollouts.start(run.model, run.start)  # train.async: the producer thread starts sampling ahead
             for step in range(run.start + 1, steps + 1):
                 metrics = train_step(run, step)  # collect -> prepare -> update -> observe
                 if due(cfg.eval.every, step, steps) and run.eval_rows:
@@ -301,10 +311,13 @@ def run_steps(run: Run) -> RunResult:
                 if due(cfg.output.checkpoint_every, step, steps):
                     run.checkpoint(step)
                 progress(row)
+                run.rollouts.publish(run.model, step)  # the generator's weights: version `step` (train.async)
         except TrainingDiverged as exc:
             saved = latest_checkpoint(run.dir)
             where = f"the last good checkpoint is {str(saved)!r}" if saved else "no checkpoint had been written yet"
             raise TrainingDiverged(f"{exc} (Last completed step: {last_good}; {where}.)") from None
+        finally:
+            run.rollouts.close()
     return finish(run, eval_after)
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lmpo import ops
 from lmpo.batch import RolloutBatch
+from lmpo.models.token_stats import STAT_NEEDS
 from lmpo.pipeline import Pipeline, require
 from lmpo.train.step import PolicyRunner
 
@@ -34,17 +35,40 @@ class ReferencePolicy:
             return self.runner.logprobs_nograd(batch, micro_batch_size)
 
 
+def behaviour_pass(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, micro_batch_size: int | None,
+                   ) -> RolloutBatch:
+    """pi_old's fields under the weights of ``runner``, the policy that sampled ``batch``, for a batch trained on
+    after later updates (``train.async``'s producer runs it on its snapshot): ``old_logprobs`` whenever a component or
+    the KL reward reads them (on-policy too: the update's own forward is no longer the sampling policy), the entropies,
+    and the full-distribution statistics as ``old_<stat>``."""
+    plan = p.plan
+    stats = STAT_NEEDS & p.needs
+    if "old_logprobs" in p.needs or plan.old_pass:
+        lp, ent = runner.logprobs_entropy_nograd(batch, micro_batch_size, with_entropy=plan.entropy)
+        batch = batch.replace(old_logprobs=lp)
+        if plan.entropy:
+            batch = batch.replace(extras={**batch.extras, "entropy": ent})
+    if stats:
+        batch = batch.replace(extras={**batch.extras, **runner.old_stats_nograd(batch, micro_batch_size, stats)})
+    return batch
+
+
 def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: ReferencePolicy | None,
-            micro_batch_size: int | None, critic=None) -> tuple[RolloutBatch, dict[str, Tensor]]:
+            micro_batch_size: int | None, critic=None, behaviour: bool = False
+            ) -> tuple[RolloutBatch, dict[str, Tensor]]:
     """The training batch with old/ref log-probs, KL rewards, critic values, advantages, critic targets and token
-    mask; plus its metrics. ``critic``: the :class:`lmpo.train.critic.Critic` when the plan has values."""
+    mask; plus its metrics. ``critic``: the :class:`lmpo.train.critic.Critic` when the plan has values.
+
+    ``behaviour``: the batch already carries pi_old's fields from the policy that sampled it
+    (:func:`behaviour_pass`), which is not the trainer's current one (``train.async``): no old pass here, and the
+    update reads pi_old from the batch, never from its own forward."""
     plan, metrics = p.plan, {}
-    if plan.old_pass:  # one no-grad pass under the pre-update weights serves the log-probs and the entropies
+    if plan.old_pass and not behaviour:  # one no-grad pass under the pre-update weights: log-probs and entropies
         lp_old, ent = runner.logprobs_entropy_nograd(batch, micro_batch_size, with_entropy=plan.entropy)
         batch = batch.replace(old_logprobs=lp_old)
         if plan.entropy:
             batch = batch.replace(extras={**batch.extras, "entropy": ent})
-    if plan.old_stats:  # pi_old's full-distribution statistics (ROVER, OTR, SofT-GRPO) under several steps
+    if plan.old_stats and not behaviour:  # pi_old's full-distribution statistics (ROVER, OTR, SofT-GRPO) under several steps
         batch = batch.replace(extras={**batch.extras, **runner.old_stats_nograd(batch, micro_batch_size,
                                                                                 plan.old_stats)})
     if plan.ref_logprobs:
@@ -52,7 +76,7 @@ def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: Referen
     if p.kl is not None and p.kl.in_reward:
         batch = batch.replace(token_rewards=p.kl.token_rewards(batch))
         metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
-    if plan.on_policy:  # the update reads pi_old from its own forward (DataPlan.old_from_forward)
+    if plan.on_policy and not behaviour:  # the update reads pi_old from its own forward (DataPlan.old_from_forward)
         batch = batch.replace(old_logprobs=None)
     if plan.values:  # the pre-update critic's V(s_t), before the advantages that read them
         batch = batch.replace(extras={**batch.extras, "values": critic.values_nograd(batch, micro_batch_size)})
