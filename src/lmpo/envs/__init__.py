@@ -1,6 +1,7 @@
 """Text environments for multi-turn RL: the protocol, the registry ``ENVS`` and the built-in environments.
 
-``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``) or a user's own class
+``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``, ``toolmath``,
+``searchqa``) or a user's own class
 given as ``"package.module:Class"`` (constructed with ``params``; it must have ``reset`` and ``step``, see
 :class:`lmpo.envs.base.Env`). :class:`ToolEnv` is the base of question-answering environments with tools.
 Importing this package registers the built-ins; Gymnasium is imported only when a Gymnasium-backed environment is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmpo.envs import frozenlake, gym_adapter  # noqa: F401 - imported to register
+from lmpo.envs import frozenlake, gym_adapter, searchqa, toolmath  # noqa: F401 - imported to register
 from lmpo.envs.base import (
     Env,
     EnvError,
@@ -25,6 +26,8 @@ from lmpo.envs.base import (
 )
 from lmpo.envs.frozenlake import FrozenLakeEnv
 from lmpo.envs.gym_adapter import GymnasiumEnv, GymTextEnv, TextCodec, WordCodec
+from lmpo.envs.searchqa import SearchQAEnv
+from lmpo.envs.toolmath import ToolMathEnv
 from lmpo.envs.tool_env import ToolEnv, contains_answer
 from lmpo.errors import ConfigError, did_you_mean
 from lmpo.registry import ENVS
@@ -74,9 +77,11 @@ __all__ = [
     "FrozenLakeEnv",
     "GymTextEnv",
     "GymnasiumEnv",
+    "SearchQAEnv",
     "Step",
     "TextCodec",
     "ToolEnv",
+    "ToolMathEnv",
     "WordCodec",
     "build_env",
     "checked_reset",

@@ -20,7 +20,8 @@ One row per episode: ``response_ids`` are all tokens after the first prompt (pol
 policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fields``): ``response_mask`` (policy
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
-``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,). Reward columns
+``num_turns``, ``episode_done``, ``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (malformed, unknown
+tool or bad arguments), ``tool_errors`` (valid calls whose tool raised or timed out) (B,). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -136,12 +137,18 @@ class EpisodeGenerator(HFGenerator):
                                 f"integer episode seed in {o.seed_column!r} (the `env` task writes one; or set "
                                 "rollout.mode_params.seed_column).")
             obs = checked_reset(env, seed)
-            system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
-            if schemas and not template_renders_tools(self.tokenizer):
-                system, schemas = tools_system_prompt(schemas, system), None
+            renders = bool(schemas) and template_renders_tools(self.tokenizer)
+            if schemas and callable(getattr(env, "system_prompt_for", None)):  # the env writes its tools itself
+                system = env.system_prompt_for(renders) or row.get("system_prompt") or ""
+                schemas = schemas if renders else None
+            else:
+                system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
+                if schemas and not renders:
+                    system, schemas = tools_system_prompt(schemas, system), None
             instructions = row.get("prompt") if isinstance(row.get("prompt"), str) else ""
             messages = ([{"role": "system", "content": system}] if system else [])
+            messages += [dict(m) for m in getattr(env, "examples", None) or []]  # a worked exchange, if the env has one
             messages.append({"role": "user", "content": f"{instructions}\n\n{obs}" if instructions.strip() else obs})
             tools.append(schemas)
             histories.append(messages)
@@ -159,6 +166,7 @@ class EpisodeGenerator(HFGenerator):
         invalid = [0.0] * n
         calls = [0.0] * n
         bad_calls = [0.0] * n
+        tool_errors = [0.0] * n
         running = list(range(n))
         for t in range(o.max_turns):
             room = {i: min(limits[i], o.max_context_tokens - len(prompt_ids[i]) - len(resp[i])) for i in running}
@@ -182,6 +190,7 @@ class EpisodeGenerator(HFGenerator):
                 tm = step.info.get("tool_metrics") or {}
                 calls[i] += float(tm.get("calls", 0))
                 bad_calls[i] += float(tm.get("calls", 0)) - float(tm.get("valid", tm.get("calls", 0)))
+                tool_errors[i] += float(tm.get("errors", 0)) + float(tm.get("timeouts", 0))
                 histories[i].append(step.info.get("assistant_message") or {"role": "assistant", "content": reply})
                 if step.done:
                     done[i] = True
@@ -200,9 +209,10 @@ class EpisodeGenerator(HFGenerator):
                 logp[i] += [0.0] * len(obs)
                 still.append(i)
             running = still
-        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls)
+        return self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, tool_errors)
 
-    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls) -> ModeOutput:
+    def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
+                tool_errors) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -228,7 +238,8 @@ class EpisodeGenerator(HFGenerator):
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
-                    "invalid_tool_calls": torch.tensor(bad_calls, **f32)},
+                    "invalid_tool_calls": torch.tensor(bad_calls, **f32),
+                    "tool_errors": torch.tensor(tool_errors, **f32)},
             batch_fields={"response_mask": policy_mask, "turn_ids": turn_ids},
             columns={"env_return": returns, "env_turns": [len(r) for r in rewards]},
         )
