@@ -293,3 +293,54 @@ def test_episodes_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tm
     tail = [steady(r) for r in whole if r["step"] >= 2]
     assert [steady(r) for r in resumed if r["step"] >= 2] == tail
     assert any("rollout/tool_calls" in r and r["rollout/tool_calls"] > 0 for r in tail)
+
+
+# --------------------------------------------------------------------------- TRL compatibility
+def get_weather(city: str, unit: str = "celsius") -> str:
+    """Get the current weather in a city (a TRL / transformers tool, as written for `GRPOTrainer(tools=[...])`).
+
+    Args:
+        city: The city name.
+        unit: The temperature unit. (choices: ["celsius", "fahrenheit"])
+    """
+    return f"21 degrees {unit} in {city}"
+
+
+def brevity(completions, **kwargs) -> list[float]:
+    """A TRL reward function: (completions, **kwargs) -> list[float]."""
+    assert "env_return" in kwargs and "env_seed" in kwargs  # the episode's return and the row's columns come along
+    return [-len(c) / 100 for c in completions]
+
+
+class Weather(ToolEnv):
+    def __init__(self):
+        super().__init__(ToolSet([get_weather]))  # the TRL tools list, unchanged
+
+    def problem(self, seed):
+        return "How warm is it in Oslo?", "21"
+
+
+def test_trl_tools_and_reward_functions_work_unchanged(tmp_path, monkeypatch):
+    schema = ToolSet([get_weather]).schemas[0]["function"]
+    assert schema["name"] == "get_weather" and schema["parameters"]["required"] == ["city"]
+    assert schema["parameters"]["properties"]["unit"]["enum"] == ["celsius", "fahrenheit"]
+    replies = iter([call("get_weather", city="Oslo"), "Answer: 21"])
+    ep = run_episode(Weather(), lambda msgs: next(replies), seed=0)
+    assert ep.rewards == [0.0, 1.0] and ep.messages[-2]["content"] == "21 degrees celsius in Oslo"
+    # a TRL reward function next to the episode return, in an episodes run
+    mod = types.ModuleType("trl_rewards")
+    mod.brevity = brevity
+    monkeypatch.setitem(sys.modules, "trl_rewards", mod)
+    from lmpo.train.loop import train
+
+    cfg = load_config("configs/tiny.yaml", [
+        "task.name=env", "task.params={num_train: 8, num_eval: 2, instructions: '1+1'}",
+        "rollout.mode=episodes", "rollout.mode_params={env: 'bad_envs:Forever', max_turns: 2, max_context_tokens: 64}",
+        "rewards=[{name: env_return}, {name: 'trl_rewards:brevity', weight: 0.5}]",
+        "rollout.prompts_per_step=2", "rollout.num_generations=2", "rollout.max_new_tokens=3", "train.steps=1",
+        "eval.every=0", f"output.dir={tmp_path}", "output.checkpoint_every=0", "output.progress=false",
+        "output.plot=false", "train.threads=1",
+    ])
+    last = train(cfg).history[-1]
+    keys = [k for k in last if "brevity" in k]
+    assert keys and all(last[k] < 0 for k in keys if k.startswith("reward/")), last
