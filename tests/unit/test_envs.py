@@ -259,3 +259,8 @@ def test_the_documented_examples_work():
     assert float(turn.messages[0]["content"]) == pytest.approx(3.048)
     bad = tools.respond('<tool_call>{"name": "convert", "arguments": {"amount": 10, "unit": "yd"}}</tool_call>')
     assert bad.metrics["bad_arguments"] == 1
+    replies = iter(['<tool_call>{"name": "convert", "arguments": {"amount": 12, "unit": "ft"}}</tool_call>',
+                    "Answer: 3.6576"])
+    episode = run_episode(namespace["Convert"](), lambda msgs: next(replies), seed=2)
+    assert episode.rewards == [0.0, 1.0] and float(episode.messages[-2]["content"]) == pytest.approx(3.6576)
+    assert namespace["brevity"](["ab", "abcd"], env_return=[1.0, 0.0]) == [-0.002, -0.004]

@@ -1,6 +1,7 @@
 """Text environments for multi-turn RL: the protocol, the registry ``ENVS`` and the built-in environments.
 
-``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``, ``copy_turns``) or a user's own class
+``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``, ``toolmath``,
+``searchqa``, ``copy_turns``, ``tiny_search``) or a user's own class
 given as ``"package.module:Class"`` (constructed with ``params``; it must have ``reset`` and ``step``, see
 :class:`lmpo.envs.base.Env`). :class:`ToolEnv` is the base of question-answering environments with tools.
 Importing this package registers the built-ins; Gymnasium is imported only when a Gymnasium-backed environment is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmpo.envs import copy_turns, frozenlake, gym_adapter, tiny_search  # noqa: F401 - imported to register
+from lmpo.envs import copy_turns, frozenlake, gym_adapter, searchqa, tiny_search, toolmath  # noqa: F401 - imported to register
 from lmpo.envs.base import (
     Env,
     EnvError,
@@ -26,6 +27,8 @@ from lmpo.envs.base import (
 from lmpo.envs.copy_turns import CopyTurnsEnv
 from lmpo.envs.frozenlake import FrozenLakeEnv
 from lmpo.envs.gym_adapter import GymnasiumEnv, GymTextEnv, TextCodec, WordCodec
+from lmpo.envs.searchqa import SearchQAEnv
+from lmpo.envs.toolmath import ToolMathEnv
 from lmpo.envs.tool_env import ToolEnv, contains_answer
 from lmpo.errors import ConfigError, did_you_mean
 from lmpo.registry import ENVS
@@ -76,9 +79,11 @@ __all__ = [
     "FrozenLakeEnv",
     "GymTextEnv",
     "GymnasiumEnv",
+    "SearchQAEnv",
     "Step",
     "TextCodec",
     "ToolEnv",
+    "ToolMathEnv",
     "WordCodec",
     "build_env",
     "checked_reset",

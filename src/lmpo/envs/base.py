@@ -9,8 +9,10 @@ Text in, text out: the policy's reply is the action, the observation is the next
 default an observation becomes one ``user`` message; an environment that answers with other roles (tool results)
 puts the chat messages in ``info["messages"]`` (see :func:`observation_messages`) and may give the reply as a
 structured assistant message in ``info["assistant_message"]`` (with ``tool_calls``; for transcripts, never
-re-rendered into tokens). An environment may also define ``system_prompt`` (a string) and ``tools`` (a
-:class:`lmpo.tools.ToolSet`, whose ``schemas`` go to ``apply_chat_template(tools=...)``); both are optional.
+re-rendered into tokens). An environment may also define ``system_prompt`` (a string), ``examples`` (chat messages
+put between the system prompt and the first observation: a worked exchange that shows a small model the format) and
+``tools`` (a :class:`lmpo.tools.ToolSet`, whose ``schemas`` go to ``apply_chat_template(tools=...)``); all are
+optional.
 Seeds: ``reset(seed)`` with the same seed must give the same episode start, so that a group's episodes share their
 initial state.
 
@@ -142,6 +144,7 @@ def run_episode(
     messages = []
     if getattr(env, "system_prompt", None):
         messages.append({"role": "system", "content": env.system_prompt})
+    messages += [dict(m) for m in getattr(env, "examples", None) or []]
     messages.append({"role": "user", "content": checked_reset(env, seed)})
     episode = Episode(messages)
     for _ in range(max_turns):

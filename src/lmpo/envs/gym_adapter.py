@@ -61,11 +61,17 @@ class TextCodec(abc.ABC):
 class WordCodec(TextCodec):
     """Discrete actions named by words (``words[i]`` is action ``i``) or, without words, by their index.
 
-    The reply's ``<action>...</action>`` part is read if there is one, else the whole reply; the last action word
-    in it wins ("not left but right" -> right).
+    The reply's ``<action>...</action>`` part is read if there is one, else the whole reply; by default the last
+    action word in it wins ("not left but right" -> right), with ``pick="first"`` the first one ("Down. Then
+    right." -> down: what a small model that starts with its move and then rambles means).
     """
 
     words: list[str] = field(default_factory=list)
+    pick: str = "last"
+
+    def __post_init__(self) -> None:
+        if self.pick not in ("first", "last"):
+            raise ConfigError(f'WordCodec pick must be "first" or "last", got "{self.pick}".')
 
     def legal(self, env: Any) -> str:
         return ", ".join(self.words) if self.words else ", ".join(str(i) for i in range(env.action_space.n))
@@ -75,7 +81,9 @@ class WordCodec(TextCodec):
         text = (tagged[-1] if tagged else text).lower()
         names = [w.lower() for w in self.words] or [str(i) for i in range(env.action_space.n)]
         hits = re.findall(r"\b(" + "|".join(map(re.escape, names)) + r")\b", text)
-        return names.index(hits[-1]) if hits else None
+        if not hits:
+            return None
+        return names.index(hits[0] if self.pick == "first" else hits[-1])
 
 
 class GymTextEnv:

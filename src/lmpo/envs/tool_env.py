@@ -8,14 +8,13 @@
 - a reply without calls is the final answer: ``score(answer, target)`` is the reward and the episode ends.
 
 Subclasses define ``problem(seed) -> (question, target)`` and may override ``score``; the turn limit is the
-rollout's. ``system_prompt`` lists the tools in the ``<tool_call>`` format for chat templates that do not render
+rollout's. ``format_reward`` (0 by default) is added once, on the first turn with a valid call. ``system_prompt`` lists the tools in the ``<tool_call>`` format for chat templates that do not render
 ``tools`` (see :func:`lmpo.tools.template_renders_tools`); ``tools.schemas`` is what ``apply_chat_template`` takes.
 """
 
 from __future__ import annotations
 
 import abc
-
 import re
 
 from lmpo.envs.base import Step
@@ -41,14 +40,21 @@ class ToolEnv(abc.ABC):
     """Base class of question-answering environments with tools (see the module docstring)."""
 
     preamble = "Answer the question. Use the tools when they help, then give the final answer as 'Answer: ...'."
+    format_reward = 0.0
 
     def __init__(self, tools: ToolSet):
         self.tools = tools
         self.target: str | None = None
+        self._rewarded_call = False
 
     @property
     def system_prompt(self) -> str:
+        """The preamble with the tools listed in the ``<tool_call>`` format (for templates that do not render tools)."""
         return tools_system_prompt(self.tools.schemas, self.preamble)
+
+    def system_prompt_for(self, template_renders_tools: bool) -> str:
+        """The system prompt a rollout uses: the preamble alone where the chat template renders ``tools`` itself."""
+        return self.preamble if template_renders_tools else self.system_prompt
 
     @abc.abstractmethod
     def problem(self, seed: int | None) -> tuple[str, str]:
@@ -61,6 +67,7 @@ class ToolEnv(abc.ABC):
 
     def reset(self, seed: int | None = None) -> str:
         question, self.target = self.problem(seed)
+        self._rewarded_call = False
         return question
 
     def step(self, action: str) -> Step:
@@ -69,6 +76,9 @@ class ToolEnv(abc.ABC):
             observation = "\n\n".join(m["content"] for m in turn.messages)
             info = {"messages": turn.messages, "assistant_message": assistant_message(action, turn.calls),
                     "tool_metrics": turn.metrics}
-            return Step(observation, 0.0, False, info)
+            bonus = 0.0
+            if self.format_reward and turn.metrics["valid"] and not self._rewarded_call:
+                self._rewarded_call, bonus = True, float(self.format_reward)
+            return Step(observation, bonus, False, info)
         reward = float(self.score(action, self.target or ""))
         return Step("", reward, True, {"target": self.target, "tool_metrics": turn.metrics})

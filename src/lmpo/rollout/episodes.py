@@ -21,9 +21,10 @@ policy tokens and 0 on observation tokens. Batch fields (``ModeOutput.batch_fiel
 tokens only: observation tokens are never trained) and ``turn_ids`` (policy turn t and the observation that answers
 it carry t; 0 on padding). Extras: ``policy_mask``, ``env_return`` (B,), ``turn_rewards`` (B, max_turns),
 ``turn_observation_keys`` (B, max_turns; see :func:`observation_key`), ``num_turns``, ``episode_done``,
-``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (B,), ``turn_tool_calls`` (B, max_turns: the tool calls
-each policy turn made, 0 after the episode's last turn), and with ``answer_confidence`` ``turn_answer_confidence``
-(B, max_turns; :meth:`EpisodeGenerator.answer_confidence`). Reward columns
+``invalid_actions``, ``tool_calls``, ``invalid_tool_calls`` (malformed, unknown tool or bad arguments), ``tool_errors``
+(valid calls whose tool raised or timed out) (B,), ``turn_tool_calls`` (B, max_turns: the tool calls each policy turn
+made, 0 after the episode's last turn), and with ``answer_confidence`` ``turn_answer_confidence`` (B, max_turns;
+:meth:`EpisodeGenerator.answer_confidence`). Reward columns
 (``ModeOutput.columns``): ``env_return`` (read by the ``env_return`` reward) and ``env_turns``. ``truncated`` marks
 episodes that did not finish (turn limit or context budget).
 
@@ -164,12 +165,18 @@ class EpisodeGenerator(HFGenerator):
             answer = getattr(env, "answer", None)
             answers.append(str(answer) if answer is not None else (str(row["answer"]) if row.get("answer") is not None
                                                                   else None))
-            system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
             schemas = list(env.tools.schemas) if getattr(env, "tools", None) is not None else None
-            if schemas and not template_renders_tools(self.tokenizer):
-                system, schemas = tools_system_prompt(schemas, system), None
+            renders = bool(schemas) and template_renders_tools(self.tokenizer)
+            if schemas and callable(getattr(env, "system_prompt_for", None)):  # the env writes its tools itself
+                system = env.system_prompt_for(renders) or row.get("system_prompt") or ""
+                schemas = schemas if renders else None
+            else:
+                system = getattr(env, "system_prompt", None) or row.get("system_prompt") or ""
+                if schemas and not renders:
+                    system, schemas = tools_system_prompt(schemas, system), None
             instructions = row.get("prompt") if isinstance(row.get("prompt"), str) else ""
             messages = ([{"role": "system", "content": system}] if system else [])
+            messages += [dict(m) for m in getattr(env, "examples", None) or []]  # a worked exchange, if the env has one
             messages.append({"role": "user", "content": f"{instructions}\n\n{obs}" if instructions.strip() else obs})
             tools.append(schemas)
             histories.append(messages)
@@ -188,6 +195,7 @@ class EpisodeGenerator(HFGenerator):
         calls = [0.0] * n
         bad_calls = [0.0] * n
         turn_calls: list[list[float]] = [[] for _ in range(n)]
+        tool_errors = [0.0] * n
         running = list(range(n))
         starts: list[list[int]] = [[] for _ in range(n)]  # response length at the start of each turn
         for t in range(o.max_turns):
@@ -215,6 +223,7 @@ class EpisodeGenerator(HFGenerator):
                 calls[i] += float(tm.get("calls", 0))
                 turn_calls[i].append(float(tm.get("calls", 0)))
                 bad_calls[i] += float(tm.get("calls", 0)) - float(tm.get("valid", tm.get("calls", 0)))
+                tool_errors[i] += float(tm.get("errors", 0)) + float(tm.get("timeouts", 0))
                 histories[i].append(step.info.get("assistant_message") or {"role": "assistant", "content": reply})
                 if step.done:
                     done[i] = True
@@ -235,7 +244,7 @@ class EpisodeGenerator(HFGenerator):
                 still.append(i)
             running = still
         result = self._output(prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls, keys,
-                              turn_calls)
+                              turn_calls, tool_errors)
         if o.answer_confidence:
             result.extras["turn_answer_confidence"] = self.answer_confidence(prompt_ids, resp, starts, answers)
         return result
@@ -278,7 +287,7 @@ class EpisodeGenerator(HFGenerator):
         return conf
 
     def _output(self, prompt_ids, resp, policy, turn, logp, rewards, done, invalid, calls, bad_calls,
-                keys, turn_calls) -> ModeOutput:
+                keys, turn_calls, tool_errors) -> ModeOutput:
         device = split_body_and_head(self.model)[1].weight.device
         prompt_ids_t, prompt_mask = self._encode(prompt_ids, device)
         pad = int(self.tokenizer.pad_token_id)
@@ -309,7 +318,8 @@ class EpisodeGenerator(HFGenerator):
                     "num_turns": torch.tensor([float(len(r)) for r in rewards]),
                     "episode_done": torch.tensor([float(d) for d in done]),
                     "invalid_actions": torch.tensor(invalid, **f32), "tool_calls": torch.tensor(calls, **f32),
-                    "invalid_tool_calls": torch.tensor(bad_calls, **f32), "turn_tool_calls": turn_tool_calls},
+                    "invalid_tool_calls": torch.tensor(bad_calls, **f32), "turn_tool_calls": turn_tool_calls,
+                    "tool_errors": torch.tensor(tool_errors, **f32)},
             batch_fields={"response_mask": policy_mask, "turn_ids": turn_ids},
             columns={"env_return": returns, "env_turns": [len(r) for r in rewards]},
         )

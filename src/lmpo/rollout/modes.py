@@ -42,7 +42,8 @@ ROLLOUT_MODES = ("sample", "reference", "soft_thinking", "episodes")
 _MODE_EXTRAS = {"sample": (), "reference": ("candidate_ids",),
                 "soft_thinking": ("soft_mask", "soft_ids", "soft_weights", "soft_valid", "soft_logits", "candidate_ids"),
                 "episodes": ("policy_mask", "env_return", "turn_rewards", "num_turns", "episode_done", "invalid_actions",
-                             "tool_calls", "invalid_tool_calls", "turn_tool_calls", "turn_observation_keys")}
+                             "tool_calls", "invalid_tool_calls", "turn_tool_calls", "turn_observation_keys",
+                             "tool_errors")}
 
 
 def mode_extras(mode: str) -> tuple[str, ...]:

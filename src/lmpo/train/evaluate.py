@@ -42,6 +42,12 @@ def evaluate(ctx: RolloutContext, rows: list[dict], max_new_tokens: int, correct
         if "num_turns" in batch.extras:  # multi-turn episodes
             out["eval/turns"] = batch.extras["num_turns"].float().mean().item()
             out["eval/invalid_actions"] = batch.extras["invalid_actions"].float().mean().item()
+            calls, bad = batch.extras["tool_calls"].float(), batch.extras["invalid_tool_calls"].float()
+            out["eval/tool_calls"] = calls.mean().item()
+            out["eval/invalid_tool_calls"] = bad.mean().item()
+            out["eval/tool_errors"] = batch.extras["tool_errors"].float().mean().item()
+            # tool-call validity: the share of calls that were well-formed, of a known tool, with valid arguments
+            out["eval/valid_tool_call_frac"] = ((calls.sum() - bad.sum()) / calls.sum()).item() if calls.sum() else 0.0
         if pass_k > 0:
             sampled = score(ctx, rows, pass_k, replace(ctx.params, max_new_tokens=max_new_tokens))
             c = (sampled.reward_components[:, 0] >= correct_threshold).view(len(rows), pass_k).sum(-1)

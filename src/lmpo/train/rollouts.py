@@ -112,7 +112,8 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     )
 
 
-_EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls")
+_EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls",
+                  "tool_errors")
 _MODE_FIELDS = ("response_mask", "turn_ids", "token_rewards")  # batch fields a rollout mode may set
 
 
