@@ -54,14 +54,14 @@ def spy(monkeypatch):
     seen = {"batches": [], "weights": [], "model": None, "fail_at": None}
     real = loop.prepare
 
-    def prepare(batch, p, runner, ref, mbs, **kw):
+    def prepare(batch, p, runner, ref, mbs, *args, **kw):
         if seen["fail_at"] is not None and len(seen["batches"]) + 1 == seen["fail_at"]:
             seen["fail_at"] = None
             raise RuntimeError("interrupted")
         seen["batches"].append(batch)
         seen["weights"].append({n: w.detach().clone() for n, w in runner.model.named_parameters()})
         seen["model"] = runner.model
-        return real(batch, p, runner, ref, mbs, **kw)
+        return real(batch, p, runner, ref, mbs, *args, **kw)
 
     monkeypatch.setattr(loop, "prepare", prepare)
     return seen
