@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -361,12 +362,12 @@ def _vllm_params(params: SamplingParams, limit: int, seed: int, eos_ids: list[in
 
     greedy = params.is_greedy
     return VSP(temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
-               top_k=(params.top_k if params.top_k > 0 and not greedy else -1) if _top_k_off() == -1
-               else (params.top_k if not greedy else 0),
+               top_k=params.top_k if params.top_k > 0 and not greedy else _top_k_off(),
                max_tokens=int(limit), logprobs=0, seed=None if greedy else seed, stop_token_ids=list(eos_ids),
                ignore_eos=False, skip_special_tokens=True, detokenize=False)
 
 
+@functools.lru_cache(maxsize=1)
 def _top_k_off() -> int:
     """The value of ``top_k`` that turns it off in the installed vLLM (-1 in older releases, 0 in newer)."""
     from vllm import SamplingParams as VSP
