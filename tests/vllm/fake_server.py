@@ -19,7 +19,10 @@ STATE = {"requests": 0, "synced": []}
 
 def completion(body: dict, mode: str) -> dict:
     choices = []
-    for i, prompt in enumerate(body["prompt"]):
+    prompts = body["prompt"]
+    if prompts and isinstance(prompts[0], int):  # one prompt of token ids
+        prompts = [prompts]
+    for i, prompt in enumerate(prompts):
         toks, lps = [], []
         finish = "length"
         for k in range(1, int(body["max_tokens"]) + 1):

@@ -574,33 +574,30 @@ class _Server:
             raise EngineError(f"could not read the served model from {self.url}/v1/models ({exc}).") from None
 
     def generate(self, ids, params: SamplingParams, limits, seeds, eos_ids):
-        rows = []
-        # one request per distinct (limit) batch; the server batches concurrent rows itself
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(limits):
-            groups.setdefault(int(n), []).append(i)
-        by_row: dict[int, tuple] = {}
+        """One request per row, sent concurrently (the server batches them): each row its own seed and length limit
+        (one request with several prompts would give them all the same seed, so a group of one prompt's samples
+        would come back identical)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         greedy = params.is_greedy
-        for n, idx in groups.items():
-            body = {"model": self.model_name, "prompt": [ids[i] for i in idx], "max_tokens": n, "logprobs": 1,
+
+        def one(i: int):
+            body = {"model": self.model_name, "prompt": ids[i], "max_tokens": int(limits[i]), "logprobs": 1,
                     "temperature": 0.0 if greedy else params.temperature, "top_p": 1.0 if greedy else params.top_p,
                     "top_k": params.top_k if params.top_k > 0 and not greedy else -1,
                     "stop_token_ids": list(eos_ids), "return_tokens_as_token_ids": True, "echo": False,
                     "skip_special_tokens": True}
             if not greedy:
-                body["seed"] = seeds[idx[0]]
+                body["seed"] = int(seeds[i])
             data = self._post("/v1/completions", body)
             choices = data.get("choices") if isinstance(data, dict) else None
-            if not isinstance(choices, list) or len(choices) != len(idx):
+            if not isinstance(choices, list) or len(choices) != 1:
                 raise EngineError(f"the vLLM server returned {len(choices) if isinstance(choices, list) else 'no'} "
-                                  f"choices for {len(idx)} prompts: {str(data)[:300]}")
-            for ch in choices:
-                k = ch.get("index")
-                if not isinstance(k, int) or not 0 <= k < len(idx):
-                    raise EngineError(f"the vLLM server returned a choice with index {k!r}.")
-                by_row[idx[k]] = _parse_choice(ch)
-        rows = [by_row[i] for i in range(len(ids))]
-        return rows
+                                  f"choices for 1 prompt: {str(data)[:300]}")
+            return _parse_choice(choices[0])
+
+        with ThreadPoolExecutor(max_workers=min(64, len(ids))) as pool:
+            return list(pool.map(one, range(len(ids))))
 
     def sync(self, weights: dict[str, torch.Tensor], folder: Path) -> None:
         """Write the changed tensors next to the served model and have the worker load them (dev-mode RPC)."""
