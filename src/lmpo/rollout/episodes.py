@@ -106,9 +106,20 @@ class EpisodeGenerator(HFGenerator):
     wants_rows = True
     plays_episodes = True  # held-out evaluation plays episodes too: the task exists only through the environment
 
-    def __init__(self, model, tokenizer, options: EpisodeOptions, batch_size=None, autocast=None) -> None:
+    def __init__(self, model, tokenizer, options: EpisodeOptions, batch_size=None, autocast=None,
+                 sampler=None) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size, autocast=autocast)
         self.options = options
+        self.sampler = sampler  # the engine of each policy turn (rollout.backend); None = lmpo's own decode loop
+
+    def sync_weights(self) -> None:
+        if self.sampler is not None:
+            self.sampler.sync_weights()
+
+    def _turn(self, prompts: list[list[int]], params: SamplingParams, limits: list[int]):
+        if self.sampler is not None:
+            return self.sampler.generate(prompts, params, max_new_tokens=limits)
+        return HFGenerator.generate(self, prompts, params, max_new_tokens=limits)
 
     # ------------------------------------------------------------------ chat rendering
     def _render(self, messages: list[dict], tools: list[dict] | None, generation: bool) -> str:
@@ -205,8 +216,7 @@ class EpisodeGenerator(HFGenerator):
                 break
             for i in running:
                 starts[i].append(len(resp[i]))
-            out = HFGenerator.generate(self, [prompt_ids[i] + resp[i] for i in running], params,
-                                       max_new_tokens=[room[i] for i in running])
+            out = self._turn([prompt_ids[i] + resp[i] for i in running], params, [room[i] for i in running])
             ids, attn, lps = out.response_ids.cpu(), out.response_attn.cpu(), out.sampler_logprobs.cpu()
             still = []
             for j, i in enumerate(running):

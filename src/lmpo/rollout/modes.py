@@ -78,12 +78,15 @@ def policy_horizon(mode: str, params: dict[str, Any], max_new_tokens: int) -> in
     return max_new_tokens
 
 
-def build_train_generator(mode: str, params: dict[str, Any], model, tokenizer, batch_size=None, autocast=None):
-    """The training generator of ``mode``, or ``None`` when the plain sampler is used."""
+def build_train_generator(mode: str, params: dict[str, Any], model, tokenizer, batch_size=None, autocast=None,
+                          sampler=None):
+    """The training generator of ``mode``, or ``None`` when the plain sampler is used. ``sampler``: the engine that
+    samples each policy turn of ``episodes`` (e.g. :class:`lmpo.rollout.vllm.VLLMGenerator`; default lmpo's own)."""
     options = mode_options(mode, params)
     if options is None:
         return None
-    return _mode_classes(mode)[0](model, tokenizer, options, batch_size=batch_size, autocast=autocast)
+    kw = {"sampler": sampler} if sampler is not None else {}
+    return _mode_classes(mode)[0](model, tokenizer, options, batch_size=batch_size, autocast=autocast, **kw)
 
 
 class _RowsBound:

@@ -76,6 +76,9 @@ def unsupported(cfg, pipeline) -> str:
     if cfg.rollout.mode != "sample":
         return (f"rollout.mode={cfg.rollout.mode!r} generates with the trainer's own model; train.async supports "
                 "rollout.mode=sample")
+    if cfg.rollout.backend != "hf":
+        return (f"rollout.backend={cfg.rollout.backend!r}: train.async samples with a copy of the policy in lmpo's own "
+                "generator; set rollout.backend=hf")
     collect_points = [p for p, ext in EXTENSION_POINTS.items() if ext.stage.startswith("collect")]
     for role, comp in pipeline.roles.items():
         points = [p for p in collect_points if comp in pipeline.providers.get(p, [])]
@@ -106,7 +109,7 @@ class SyncRollouts:
         return Collected(step, batch, raw, stats, time.perf_counter() - t0)
 
     def publish(self, model, step: int) -> None:
-        self.ctx.generator.sync_weights()
+        pass  # the generator shares the trainer's model, or train_step synced an external engine right after the update
 
     def state_dict(self, step: int) -> dict[str, Any] | None:
         return None

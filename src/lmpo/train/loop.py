@@ -96,16 +96,37 @@ def setup_model(cfg: Config, need_ref: bool):
     return model, tokenizer, ref
 
 
+def build_generator(cfg: Config, model, tokenizer):
+    """The plain sampler of ``rollout.backend``: lmpo's own decode loop (``hf``) or a vLLM engine (``vllm``)."""
+    r = cfg.rollout
+    if r.backend == "vllm":
+        from lmpo.rollout.vllm import VLLMGenerator, vllm_options
+
+        return VLLMGenerator(model, tokenizer, vllm_options(r.vllm), seed=cfg.train.seed, dtype=cfg.model.dtype)
+    return HFGenerator(model, tokenizer, batch_size=r.batch_size, autocast=cfg.model.autocast, prepack=r.prepack,
+                       decode_kernel=r.decode_kernel, lean=r.lean_decode, sampler=r.sampler)
+
+
+def close_generators(ctx: RolloutContext | None) -> None:
+    """Stop the rollout engines' processes (a vLLM engine or server); nothing for the in-process sampler."""
+    if ctx is None:
+        return
+    for gen in (ctx.generator, ctx.train_generator, getattr(ctx.train_generator, "sampler", None)):
+        close = getattr(gen, "close", None)
+        if callable(close):
+            close()
+
+
 def rollout_context(cfg: Config, model, tokenizer, task, rewards, pipeline: Pipeline) -> RolloutContext:
     r = cfg.rollout
+    generator = build_generator(cfg, model, tokenizer)
     return RolloutContext(
-        generator=HFGenerator(model, tokenizer, batch_size=r.batch_size, autocast=cfg.model.autocast,
-                              prepack=r.prepack, decode_kernel=r.decode_kernel,
-                              lean=r.lean_decode, sampler=r.sampler),
+        generator=generator,
         tokenizer=tokenizer, reward_set=rewards, pipeline=pipeline,
         params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens),
         num_generations=r.num_generations, system_prompt=task.system_prompt,
-        train_generator=build_train_generator(r.mode, r.mode_params, model, tokenizer, r.batch_size, cfg.model.autocast),
+        train_generator=build_train_generator(r.mode, r.mode_params, model, tokenizer, r.batch_size, cfg.model.autocast,
+                                              sampler=generator if r.backend != "hf" else None),
     )
 
 
@@ -122,8 +143,11 @@ def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | Non
     if ckpt is not None:
         load_checkpoint(ckpt, model)
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
-    out = evaluate(ctx, task.eval[: cfg.eval.num_prompts], cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                   cfg.eval.correct_threshold, cfg.eval.pass_k)
+    try:
+        out = evaluate(ctx, task.eval[: cfg.eval.num_prompts], cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                       cfg.eval.correct_threshold, cfg.eval.pass_k)
+    finally:
+        close_generators(ctx)
     return {"checkpoint": str(ckpt) if ckpt else None, **out}
 
 
@@ -255,6 +279,10 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         for observe in p.calls("observe"):  # per-prompt trackers learn from the step
             observe(batch, lambda b: run.runner.logprobs_nograd(b, t.micro_batch_size))
         metrics.update({"perf/logprob_s": t2 - t1, "perf/update_s": time.perf_counter() - t2})
+    t_sync = time.perf_counter()
+    run.ctx.generator.sync_weights()  # an external engine (rollout.backend=vllm) gets the changed weights
+    if getattr(run.ctx.generator, "last_sync_s", None) is not None:
+        metrics["perf/sync_s"] = time.perf_counter() - t_sync
     if threads is not None:
         metrics["perf/threads"] = threads
     step_s = time.perf_counter() - t0
@@ -287,8 +315,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         run = open_run(cfg, folder, plan)
         try:
             return run_steps(run)
-        finally:
-            close_log(run.log)
+        finally:  # on success, error and Ctrl-C alike: no engine process outlives the run
+            try:
+                close_generators(run.ctx)
+            finally:
+                close_log(run.log)
 
 
 def run_steps(run: Run) -> RunResult:
