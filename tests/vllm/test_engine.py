@@ -178,3 +178,43 @@ def test_training_through_vllm_learns_the_copy_task(tmp_path):
     assert any("perf/sync_s" in r for r in result.history)
     assert not (children() - before)  # the run closed its engine
     assert Path(tmp_path).exists()
+
+
+def test_lmpo_export_loads_in_vllm_with_the_same_greedy_tokens(tmp_path):
+    """Issue 23: the folder ``lmpo export`` writes loads in vLLM (as a model folder, nothing lmpo-specific) and
+    decodes the same greedy tokens as transformers on that folder. A trained (2 steps) widened tiny model, as in the
+    training test above."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmpo.config import load_config
+    from lmpo.export import export_run
+    from lmpo.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from lmpo.rollout.vllm import _start_colocated
+    from lmpo.train.loop import train
+
+    folder = tmp_path / "tiny128"
+    build_tiny_model(seed=0, hidden_size=128, init_std=0.02).save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    cfg = load_config("configs/tiny.yaml", [f"model.name={folder}", f"output.dir={tmp_path}", "train.steps=2",
+                                             "eval.every=0", "output.progress=false", "output.plot=false",
+                                             "output.run_name=run", "train.learning_rate=0.05"])
+    out = export_run(train(cfg).run_dir, tmp_path / "export")
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out).eval()
+    prompts = [f"{d}=" for d in range(10)]
+    want = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        want.append(got[0, ids.shape[1]:].tolist())
+    from vllm import SamplingParams as VllmSampling
+
+    llm = _start_colocated(out, VLLMOptions(mode="colocated", max_model_len=64, memory_gb=1), seed=0,
+                           dtype="float32")
+    try:
+        outs = llm.generate([{"prompt_token_ids": tok(p).input_ids} for p in prompts],
+                            VllmSampling(temperature=0.0, max_tokens=4))
+    finally:
+        del llm
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
