@@ -74,10 +74,10 @@ $(STAMP_VLLM): pyproject.toml
 
 setup-vllm: $(STAMP_VLLM)
 
-## The vLLM backend's tests on the real CPU engine (tests/vllm; each starts an engine: ~1-2 min apiece on 2 cores),
+## The vLLM backend's tests on the real CPU engine (tests/vllm_engine; each starts an engine: ~1-2 min apiece on 2 cores),
 ## plus the server-client tests. Train with it: .venv-vllm/bin/lmpo train configs/default.yaml rollout.backend=vllm
 test-vllm: setup-vllm
-	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm tests/unit/test_rollout_vllm_client.py $(PYTEST_ARGS)
+	$(VENV_VLLM)/bin/python -m pytest -q tests/vllm_engine tests/unit/test_rollout_vllm_client.py $(PYTEST_ARGS)
 
 ## Decode tokens/s, lmpo's own sampler vs the vLLM CPU engine, batch sizes 8/32/128: docs/results/vllm.{md,json}.
 bench-vllm: setup-vllm

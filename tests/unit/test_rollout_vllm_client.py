@@ -1,5 +1,5 @@
 """The vLLM backend's parts that need no vLLM: options, the server client and its process handling (against
-tests/vllm/fake_server.py, a stand-in that answers the OpenAI completions API with token ids and log-probs), the
+tests/vllm_engine/fake_server.py, a stand-in that answers the OpenAI completions API with token ids and log-probs), the
 result builder's checks, and the weights an engine receives (LoRA merged out of place)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lmpo.rollout.vllm import (EngineError, VLLMGenerator, VLLMOptions, _free_po
                                vllm_options)
 from lmpo.rollout.weights import engine_weights
 
-FAKE = str(Path(__file__).parents[1] / "vllm" / "fake_server.py")
+FAKE = str(Path(__file__).parents[1] / "vllm_engine" / "fake_server.py")
 
 
 def fake(mode: str = "ok", **kw) -> VLLMOptions:
@@ -168,7 +168,10 @@ def test_no_orphaned_server_when_lmpo_exits(tmp_path, how):
     """))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get(
         "PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    # SIGINT back to its default first: a pytest-xdist worker ignores it, and a child inherits an ignored signal (Python
+    # then installs no KeyboardInterrupt handler)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not pidfile.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
