@@ -53,3 +53,12 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' Did you mean "x"?' suffix, or an empty string."""
     hit = nearest(name, choices)
     return f' Did you mean "{hit}"?' if hit else ""
+
+
+def check_known_keys(params: Iterable, valid: list[str], prefix: str, context: str = "") -> None:
+    """A :class:`ConfigError` for the first key of ``params`` not in ``valid``, named ``prefix.key`` (``context``
+    follows the name, e.g. " for rollout.mode=episodes"), with the nearest valid key and the list of them."""
+    for k in params:
+        if k not in valid:
+            raise ConfigError(f'Unknown key "{prefix}.{k}"{context}.{did_you_mean(str(k), valid)} Valid keys: '
+                              f"{', '.join(valid)}.")

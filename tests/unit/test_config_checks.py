@@ -167,3 +167,15 @@ def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
 def test_unwritable_output_dir_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot write in '/sys'"):
         check_writable_folder("/sys/lmpo-runs", "output.dir")
+
+
+def test_unknown_option_keys_name_the_full_key_the_nearest_and_the_valid_ones():
+    from lmpo.rollout.modes import mode_options
+    from lmpo.rollout.vllm import vllm_options
+
+    with pytest.raises(ConfigError, match=r'^Unknown key "rollout.mode_params.max_turn" for rollout.mode=episodes\. '
+                                          r'Did you mean "max_turns"\? Valid keys: env, '):
+        mode_options("episodes", {"max_turn": 3})
+    with pytest.raises(ConfigError, match=r'^Unknown key "rollout.vllm.memory_g"\. Did you mean "memory_gb"\? '
+                                          r'Valid keys: mode, url, '):
+        vllm_options({"memory_g": 1})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lmpo.errors import ConfigError, did_you_mean
+from lmpo.errors import ConfigError, check_known_keys, did_you_mean
 
 
 def _mode_classes(mode: str) -> tuple[type, type] | None:
@@ -62,11 +62,8 @@ def mode_options(mode: str, params: dict[str, Any]):
             raise ConfigError(f"rollout.mode_params must be empty for rollout.mode=sample, got {sorted(params)}.")
         return None
     opts_cls = classes[1]
-    names = [f.name for f in dataclasses.fields(opts_cls)]
-    for k in params:
-        if k not in names:
-            raise ConfigError(f'Unknown key "rollout.mode_params.{k}" for rollout.mode={mode}.'
-                              f"{did_you_mean(str(k), names)} Valid keys: {', '.join(names)}.")
+    check_known_keys(params, [f.name for f in dataclasses.fields(opts_cls)], "rollout.mode_params",
+                     f" for rollout.mode={mode}")
     return opts_cls(**params)
 
 

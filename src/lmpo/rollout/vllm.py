@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpo.errors import ConfigError, DataError, LmpoError
+from lmpo.errors import ConfigError, DataError, LmpoError, check_known_keys
 from lmpo.rollout.base import GenerationOutput, SamplingParams
 from lmpo.rollout.weights import engine_weights, export_folder, save_weights
 
@@ -101,13 +101,7 @@ def vllm_options(params: dict[str, Any] | None) -> VLLMOptions:
         params = {}
     if not isinstance(params, dict):
         raise ConfigError(f"rollout.vllm must be a mapping of options, got {params!r}.")
-    names = [f.name for f in dataclasses.fields(VLLMOptions)]
-    for k in params:
-        if k not in names:
-            from lmpo.errors import did_you_mean
-
-            raise ConfigError(f'Unknown key "rollout.vllm.{k}".{did_you_mean(str(k), names)} Valid keys: '
-                              f"{', '.join(names)}.")
+    check_known_keys(params, [f.name for f in dataclasses.fields(VLLMOptions)], "rollout.vllm")
     return VLLMOptions(**params)
 
 
