@@ -128,6 +128,7 @@ SHAPERS: Registry = Registry("shaper")
 PLANNERS: Registry = Registry("planner")  # components that only provide collection extension points
 REWARDS: Registry = Registry("reward")
 TASKS: Registry = Registry("task")
+PREFERENCE_LOSSES: Registry = Registry("preference")  # PreferenceLoss (DPO family); lmpo.methods.preference
 ENVS: Registry = Registry("env")  # text environments (lmpo.envs); not yet a config section, so not in ALL_REGISTRIES
 
 ALL_REGISTRIES: dict[str, Registry] = {

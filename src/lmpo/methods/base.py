@@ -11,6 +11,8 @@ branches on a component's name.
 - PolicyLoss  ``(logprobs (B, T), batch) -> LossOut``  per-token surrogate loss (to be minimised).
 - Aggregator  ``(per_token, mask, normaliser) -> scalar`` and ``normaliser(mask, horizon) -> scalar``; the
   normaliser is computed once on the *global* batch so micro-batching never changes the loss.
+- PreferenceLoss ``(PreferenceBatch, policy PairLogps, ref PairLogps | None) -> PreferenceOut`` per-pair loss
+  (DPO family; chosen/rejected pairs, offline or built from rollouts).
 - Planner     no call of its own: it provides collection extension points (e.g. Knapsack RL's budget allocator).
 
 ``needs`` entries must be names of :data:`NEEDS`. Beside the kinds, the extension points below
@@ -26,7 +28,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from lmpo.batch import RolloutBatch
+from lmpo.batch import PreferenceBatch, RolloutBatch
 from lmpo.errors import DataError
 
 
@@ -66,6 +68,36 @@ class Aggregator(Protocol):
     def normaliser(self, mask: Tensor, horizon: int) -> Tensor: ...
 
     def __call__(self, per_token: Tensor, mask: Tensor, normaliser: Tensor) -> Tensor: ...
+
+
+@dataclass
+class PairLogps:
+    """Per-token log-probs of a pair's two responses under one model: ``chosen`` (N, Tc) and ``rejected`` (N, Tr),
+    0 on padding (the masks are the :class:`~lmpo.batch.PreferenceBatch`'s). Sums, means and lengths come from
+    :func:`lmpo.ops.masked_sum` / :func:`lmpo.ops.response_lengths` with those masks."""
+
+    chosen: Tensor
+    rejected: Tensor
+
+
+@dataclass
+class PreferenceOut:
+    """A preference loss's output: the loss per pair (N,) to minimise (the stage averages it over the global batch
+    of pairs) and detached scalar metrics keyed ``loss/*`` or ``rewards/*`` (``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margins``, ``rewards/accuracies`` where the loss has implicit rewards)."""
+
+    per_pair: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class PreferenceLoss(Protocol):
+    """``(batch, policy, ref) -> PreferenceOut``: ``policy`` holds the trained model's per-token log-probs of both
+    responses (with gradient), ``ref`` the reference's (no gradient; ``None`` unless ``ref_logprobs`` is in
+    ``needs``). Registered in :data:`lmpo.registry.PREFERENCE_LOSSES`."""
+
+    needs: ClassVar[frozenset[str]]
+
+    def __call__(self, batch: PreferenceBatch, policy: PairLogps, ref: PairLogps | None) -> PreferenceOut: ...
 
 
 NO_NEEDS: frozenset[str] = frozenset()

@@ -1,0 +1,1 @@
+"""Preference losses (the DPO family): ``(PreferenceBatch, policy PairLogps, ref PairLogps | None) -> PreferenceOut``."""

@@ -1,0 +1,56 @@
+"""DPO: Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
+
+Rafailov, Sharma, Mitchell, Ermon, Manning, Finn (2023), arXiv:2305.18290, Eq. 7:
+
+    L_DPO = -log sigmoid( beta * [ (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) ] )
+
+with sequence log-probs summed over the response tokens. The implicit reward of a response is
+``beta * (log pi(y|x) - log pi_ref(y|x))`` (Sec. 5); its chosen/rejected means, margin and accuracy are the metrics
+TRL's DPOTrainer logs under the same names. ``label_smoothing`` > 0 is the conservative DPO of Mitchell (2023)
+("A note on DPO with noisy preferences"): the loss mixes both label directions,
+``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from lmpo.batch import PreferenceBatch
+from lmpo.methods.base import PairLogps, PreferenceOut, hp
+from lmpo.ops import masked_sum
+from lmpo.registry import PREFERENCE_LOSSES
+
+
+def implicit_rewards(batch: PreferenceBatch, policy: PairLogps, ref: PairLogps, beta: float) -> tuple:
+    """``beta * (log pi - log pi_ref)`` summed over each response: (chosen (N,), rejected (N,)), with gradient."""
+    chosen = masked_sum(policy.chosen - ref.chosen, batch.chosen_mask, dim=-1)
+    rejected = masked_sum(policy.rejected - ref.rejected, batch.rejected_mask, dim=-1)
+    return beta * chosen, beta * rejected
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's ``rewards/*`` metrics from implicit rewards (N,) of the chosen and rejected responses."""
+    c, r = chosen.detach(), rejected.detach()
+    return {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
+            "rewards/accuracies": (c > r).float().mean()}
+
+
+@PREFERENCE_LOSSES.register("dpo", paper="Direct Preference Optimization: Your Language Model is Secretly a Reward "
+                            "Model", arxiv="2305.18290")
+@dataclass(frozen=True)
+class DPO:
+    """DPO (sigmoid loss) on the reference-relative log-ratio margin; label_smoothing > 0 is conservative DPO."""
+
+    beta: float = hp(0.1, gt=0)
+    label_smoothing: float = hp(0.0, ge=0, lt=0.5)
+    needs: ClassVar[frozenset[str]] = frozenset({"ref_logprobs"})
+
+    def __call__(self, batch: PreferenceBatch, policy: PairLogps, ref: PairLogps | None) -> PreferenceOut:
+        chosen, rejected = implicit_rewards(batch, policy, ref, self.beta)
+        h = chosen - rejected
+        loss = -(1 - self.label_smoothing) * F.logsigmoid(h) - self.label_smoothing * F.logsigmoid(-h)
+        return PreferenceOut(loss, {"loss/dpo": loss.detach().mean(), **reward_metrics(chosen, rejected)})
