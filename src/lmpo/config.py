@@ -194,6 +194,17 @@ class OutputConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """``preference``: the offline preference stage (lmpo.train.preference, docs/preference.md). Set, it replaces
+    collection and the RL update: each step takes ``pairs_per_step`` pairs of ``data`` and minimises ``loss``."""
+
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})  # a PREFERENCE_LOSSES name + its params
+    data: dict[str, Any] | None = None  # the pair file and how to read it (lmpo.tasks.pairs.PairData)
+    pairs_per_step: int = hp(8, ge=1)  # pairs per optimizer step (micro-batched by train.micro_batch_size)
+    eval_pairs: int = hp(256, ge=0)  # held-out pairs scored at each evaluation (0: none)
+
+
+@dataclass
 class Config:
     method: str = "grpo"
     perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
@@ -208,6 +219,7 @@ class Config:
     shapers: list[dict[str, Any]] = field(default_factory=list)
     planners: list[dict[str, Any]] = field(default_factory=list)  # collection planners (e.g. knapsack budgets)
     kl: KLConfig = field(default_factory=KLConfig)
+    preference: PreferenceConfig | None = None  # set: the offline preference stage instead of RL (method=dpo, ...)
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -230,7 +242,7 @@ def as_dict(obj: Any) -> Any:
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
 COMPONENT_LISTS = ("selectors", "shapers", "planners")
-NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task")  # a new name replaces the section whole
+NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task", "preference.loss")  # a new name replaces the section whole
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -267,16 +279,19 @@ def _set_path(d: dict, path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
-def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
-    """Merge ``over`` into a copy of ``base``. A top-level named section (a component, or ``task``) whose ``name``
-    changes is replaced whole: the new component or task does not inherit the old one's hyper-parameters."""
+def deep_merge(base: dict, over: dict, top: bool | str = True) -> dict:
+    """Merge ``over`` into a copy of ``base``. A named section (a component, ``task``, ``preference.loss``) whose
+    ``name`` changes is replaced whole: the new component or task does not inherit the old one's hyper-parameters.
+    ``top``: True at the top level, else the dotted path of ``base`` (False: a nested dict)."""
     out = copy.deepcopy(base)
+    prefix = "" if top is True else f"{top}." if top else None
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            if top and k in NAMED_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
+            path = None if prefix is None else f"{prefix}{k}"
+            if path in NAMED_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
                 out[k] = copy.deepcopy(v)
             else:
-                out[k] = deep_merge(out[k], v, top=False)
+                out[k] = deep_merge(out[k], v, top=path or False)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -508,6 +523,13 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
                           f"train.optimizer_in_backward to auto or false, or critic.model=separate"
                           f"{origin('train.optimizer_in_backward')}.")
     check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
+    if cfg.preference is not None:
+        from lmpo.train.preference import check_preference
+
+        try:
+            check_preference(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{origin.of_message(str(exc))}") from None
     if cfg.train.async_ is not None:
         from lmpo.train.async_rollouts import unsupported
 

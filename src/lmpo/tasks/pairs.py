@@ -20,6 +20,7 @@ The public API (also used to train reward models):
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -189,12 +190,19 @@ def collate_pairs(pairs: list[dict[str, Any]], pad_id: int) -> PreferenceBatch:
                            meta=[{"row": p.get("row"), "index": p.get("index")} for p in pairs])
 
 
+def shipped(path: str) -> str:
+    """``lmpo:<relative path>`` names a file shipped in the package (``lmpo:tasks/data/pairs_copy.jsonl``)."""
+    if path.startswith("lmpo:"):
+        return str(Path(__file__).resolve().parents[1] / path[len("lmpo:"):])
+    return path
+
+
 @dataclass(frozen=True)
 class PairData:
     """The ``preference.data`` section: a pair file in TRL's format and how to read it.
 
     Attributes:
-        path: Pair file (``.jsonl``, ``.json`` or ``.parquet``).
+        path: Pair file (``.jsonl``, ``.json`` or ``.parquet``); ``lmpo:tasks/data/<file>`` for a shipped one.
         eval_path: Held-out pair file; without it ``eval_fraction`` of ``path`` is held out (seeded).
         eval_fraction: Share of ``path`` held out for the pairwise evaluation (0: none).
         prompt_column: Column of the prompt; ``null``: implicit (common prefix of the two conversations).
@@ -227,6 +235,7 @@ class PairData:
 
     def _read(self, path: str, tokenizer, system_prompt: str | None, what: str) -> tuple[list[dict], Counter]:
         skipped: Counter = Counter()
+        path = shipped(path)
         rows = load_pairs(path, prompt_column=self.prompt_column, chosen_column=self.chosen_column,
                           rejected_column=self.rejected_column, max_rows=self.max_rows, skipped=skipped, what=what)
         pairs = tokenize_pairs(rows, tokenizer, max_prompt_length=self.max_prompt_length,

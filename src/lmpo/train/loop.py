@@ -312,6 +312,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         plan = folder.plan(resume, overwrite, cfg.train.steps)  # read-only checks, before anything is built
         if plan.finished:  # says so and changes nothing
             return RunResult(folder.path, plan.step, **folder.finished_run(plan))
+        if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
+            from lmpo.train.preference import train_preference
+
+            return train_preference(cfg, folder, plan)
         run = open_run(cfg, folder, plan)
         try:
             return run_steps(run)

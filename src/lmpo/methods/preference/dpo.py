@@ -54,3 +54,9 @@ class DPO:
         h = chosen - rejected
         loss = -(1 - self.label_smoothing) * F.logsigmoid(h) - self.label_smoothing * F.logsigmoid(-h)
         return PreferenceOut(loss, {"loss/dpo": loss.detach().mean(), **reward_metrics(chosen, rejected)})
+
+
+PRESETS = {
+    # DPO (arXiv:2305.18290): beta 0.1 (Sec. 6, the value of its summarisation and dialogue runs; TRL's default).
+    "dpo": {"preference": {"loss": {"name": "dpo", "beta": 0.1}}},
+}
