@@ -30,7 +30,8 @@ from lmpo.rollout.base import GenerationOutput
 # --------------------------------------------------------------------------- components
 # The config key a component of each kind sits under in a run config (list kinds: the first entry).
 CONFIG_KEY = {"advantage": "advantage", "loss": "loss", "aggregator": "aggregator", "selector": "selectors[0]",
-              "shaper": "shapers[0]", "planner": "planners[0]", "reward": "rewards[0]", "task": "task"}
+              "shaper": "shapers[0]", "planner": "planners[0]", "reward": "rewards[0]", "task": "task",
+              "preference": "preference.loss"}
 
 
 def from_config(cls: type, *, where: str | None = None, **kwargs: Any) -> Any:

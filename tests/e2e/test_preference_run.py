@@ -44,7 +44,8 @@ def test_bad_pair_data_is_a_clear_error_before_the_run_folder(tmp_path):
     with pytest.raises(ConfigError, match='Unknown config key "preference.data.chosen_col".*"chosen_column"'):
         cfg(tmp_path, "preference.data.chosen_col=x")
     with pytest.raises(ConfigError, match="preference.data.path is not set"):
-        load_config(overrides=["method=dpo"])
+        train(load_config(overrides=["method=dpo", f"output.dir={tmp_path}"]))
+    assert not (tmp_path / "dpo-arithmetic-seed0").exists()
 
 
 def test_one_pair_file_trains_without_nan(tmp_path):

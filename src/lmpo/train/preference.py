@@ -29,19 +29,25 @@ from lmpo.train.data import PromptStream
 from lmpo.train.step import PolicyRunner, weights_finite
 
 
-def check_preference(cfg: Config) -> tuple[Any, PairData]:
-    """The preference loss (registry-checked) and the pair data settings of ``cfg.preference``."""
+def check_preference(cfg: Config) -> tuple[Any, PairData | None]:
+    """The preference loss (registry-checked) and the pair data settings of ``cfg.preference`` (``None`` when
+    ``preference.data.path`` is unset: a preset loads without it; a run needs it, :func:`require_data`)."""
     import lmpo.methods  # noqa: F401  (registers the losses)
     from lmpo.config import _build_dataclass
 
     p = cfg.preference
     name, args = component_args(p.loss, "preference.loss")
     loss = PREFERENCE_LOSSES.build(name, where="preference.loss", **args)
-    if p.data is None or "path" not in p.data:
+    data = _build_dataclass(PairData, {"path": "", **(p.data or {})}, "preference.data", "")
+    return loss, (data if data.path else None)
+
+
+def require_data(data: PairData | None) -> PairData:
+    if data is None:
         raise ConfigError("preference.data.path is not set: the preference stage reads its pairs from a JSONL / "
                           "Parquet file in TRL's format (prompt, chosen, rejected), e.g. "
                           "preference.data.path=pairs.jsonl (docs/preference.md).")
-    return loss, _build_dataclass(PairData, p.data, "preference.data", "")
+    return data
 
 
 def pair_logps(runner: PolicyRunner, batch: PreferenceBatch) -> PairLogps:

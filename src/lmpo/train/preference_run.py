@@ -18,7 +18,7 @@ from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
 from lmpo.train.metrics import MetricsLog, peak_rss_gb
-from lmpo.train.preference import PairStep, cache_logps, check_preference
+from lmpo.train.preference import PairStep, cache_logps, check_preference, require_data
 from lmpo.train.rollouts import RolloutContext
 from lmpo.train.rundir import Plan, RunFolder
 from lmpo.train.step import PolicyRunner
@@ -83,6 +83,7 @@ def open_preference_run(cfg: Config, folder: RunFolder, plan: Plan) -> Preferenc
     seed_everything(cfg.train.seed)
     threads = setup_process(cfg)
     loss, data = check_preference(cfg)
+    data = require_data(data)
     task = build_task(cfg.task.name, **cfg.task.params)
     model, tokenizer, _ = setup_model(cfg, need_ref=False)  # the reference is cached below, before any update
     train_pairs, eval_pairs, skipped = data.build(tokenizer, task.system_prompt)

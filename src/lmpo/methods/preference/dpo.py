@@ -26,9 +26,10 @@ from lmpo.registry import PREFERENCE_LOSSES
 
 
 def implicit_rewards(batch: PreferenceBatch, policy: PairLogps, ref: PairLogps, beta: float) -> tuple:
-    """``beta * (log pi - log pi_ref)`` summed over each response: (chosen (N,), rejected (N,)), with gradient."""
-    chosen = masked_sum(policy.chosen - ref.chosen, batch.chosen_mask, dim=-1)
-    rejected = masked_sum(policy.rejected - ref.rejected, batch.rejected_mask, dim=-1)
+    """``beta * (log pi - log pi_ref)`` summed over each response: (chosen (N,), rejected (N,)), with gradient
+    through the policy only (the reference is detached)."""
+    chosen = masked_sum(policy.chosen - ref.chosen.detach(), batch.chosen_mask, dim=-1)
+    rejected = masked_sum(policy.rejected - ref.rejected.detach(), batch.rejected_mask, dim=-1)
     return beta * chosen, beta * rejected
 
 
