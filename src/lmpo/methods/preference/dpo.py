@@ -33,6 +33,21 @@ def implicit_rewards(batch: PreferenceBatch, policy: PairLogps, ref: PairLogps, 
     return beta * chosen, beta * rejected
 
 
+def sequence_logps(batch: PreferenceBatch, logps: PairLogps, average: bool = False) -> tuple:
+    """Each response's log-prob summed over its tokens (or averaged: ``average``): (chosen (N,), rejected (N,))."""
+    c = masked_sum(logps.chosen, batch.chosen_mask, dim=-1)
+    r = masked_sum(logps.rejected, batch.rejected_mask, dim=-1)
+    if average:
+        c = c / batch.chosen_mask.sum(-1).clamp_min(1)
+        r = r / batch.rejected_mask.sum(-1).clamp_min(1)
+    return c, r
+
+
+def chosen_nll(batch: PreferenceBatch, policy: PairLogps) -> torch.Tensor:
+    """The SFT term on the chosen response: its token-mean negative log-likelihood per pair (N,)."""
+    return -sequence_logps(batch, policy, average=True)[0]
+
+
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """TRL's ``rewards/*`` metrics from implicit rewards (N,) of the chosen and rejected responses."""
     c, r = chosen.detach(), rejected.detach()
