@@ -108,3 +108,4 @@ peer-numbers:
 	$(PEER_VENV)/bin/pip install -q --no-deps "verl==$(VERL_VERSION)" "trl==$(TRL_VERSION)" accelerate datasets
 	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_verl_numbers.py
 	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_trl_numbers.py
+	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_trl_pref_numbers.py

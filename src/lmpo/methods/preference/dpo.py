@@ -8,7 +8,8 @@ with sequence log-probs summed over the response tokens. The implicit reward of 
 ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Sec. 5); its chosen/rejected means, margin and accuracy are the metrics
 TRL's DPOTrainer logs under the same names. ``label_smoothing`` > 0 is the conservative DPO of Mitchell (2023)
 ("A note on DPO with noisy preferences"): the loss mixes both label directions,
-``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``. ``length_normalize`` averages each log-ratio over its
+response's tokens instead of summing it (TRL's ``loss_type="sigmoid_norm"``; not in the paper).
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from lmpo.ops import masked_sum
 from lmpo.registry import PREFERENCE_LOSSES
 
 
-def implicit_rewards(batch: PreferenceBatch, policy: PairLogps, ref: PairLogps, beta: float) -> tuple:
-    """``beta * (log pi - log pi_ref)`` summed over each response: (chosen (N,), rejected (N,)), with gradient
-    through the policy only (the reference is detached)."""
+def implicit_rewards(batch: PreferenceBatch, policy: PairLogps, ref: PairLogps, beta: float,
+                     average: bool = False) -> tuple:
+    """``beta * (log pi - log pi_ref)`` summed (``average``: averaged) over each response: (chosen (N,), rejected
+    (N,)), with gradient through the policy only (the reference is detached)."""
     chosen = masked_sum(policy.chosen - ref.chosen.detach(), batch.chosen_mask, dim=-1)
     rejected = masked_sum(policy.rejected - ref.rejected.detach(), batch.rejected_mask, dim=-1)
+    if average:
+        chosen = chosen / batch.chosen_mask.sum(-1).clamp_min(1)
+        rejected = rejected / batch.rejected_mask.sum(-1).clamp_min(1)
     return beta * chosen, beta * rejected
 
 
@@ -63,10 +68,11 @@ class DPO:
 
     beta: float = hp(0.1, gt=0)
     label_smoothing: float = hp(0.0, ge=0, lt=0.5)
+    length_normalize: bool = False
     needs: ClassVar[frozenset[str]] = frozenset({"ref_logprobs"})
 
     def __call__(self, batch: PreferenceBatch, policy: PairLogps, ref: PairLogps | None) -> PreferenceOut:
-        chosen, rejected = implicit_rewards(batch, policy, ref, self.beta)
+        chosen, rejected = implicit_rewards(batch, policy, ref, self.beta, self.length_normalize)
         h = chosen - rejected
         loss = -(1 - self.label_smoothing) * F.logsigmoid(h) - self.label_smoothing * F.logsigmoid(-h)
         return PreferenceOut(loss, {"loss/dpo": loss.detach().mean(), **reward_metrics(chosen, rejected)})

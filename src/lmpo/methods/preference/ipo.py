@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from lmpo.batch import PreferenceBatch
 from lmpo.methods.base import PairLogps, PreferenceOut, hp
-from lmpo.methods.preference.dpo import reward_metrics, sequence_logps
+from lmpo.methods.preference.dpo import implicit_rewards, reward_metrics, sequence_logps
 from lmpo.registry import PREFERENCE_LOSSES
 
 
@@ -37,8 +37,9 @@ class IPO:
         rc, rr = sequence_logps(batch, PairLogps(ref.chosen.detach(), ref.rejected.detach()), self.length_normalize)
         h = (pc - rc) - (pr - rr)
         loss = (h - 1 / (2 * self.beta)) ** 2
+        # the logged implicit rewards are beta x the summed log-ratios, as DPO's (and TRL's for every loss type)
         return PreferenceOut(loss, {"loss/ipo": loss.detach().mean(),
-                                    **reward_metrics(self.beta * (pc - rc), self.beta * (pr - rr))})
+                                    **reward_metrics(*implicit_rewards(batch, policy, ref, self.beta))})
 
 
 PRESETS = {
