@@ -392,3 +392,27 @@ def tool_episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None
         group_ids=torch.zeros(B, dtype=torch.long) if group_ids is None else _t(group_ids, torch.long),
         rewards=rewards, sampler_logprobs=torch.zeros(B, T, dtype=dtype), turn_ids=tid, extras=ex,
     )
+
+
+# --------------------------------------------------------------------------- preference pairs
+def pair_case(policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, requires_grad=True):
+    """A PreferenceBatch and PairLogps from per-token log-prob lists (one list per pair and side; ragged lists are
+    right-padded with 0 and masked), float64; the policy's tensors require grad. Returns (batch, policy, ref)."""
+    from lmpo.batch import PreferenceBatch
+    from lmpo.methods.base import PairLogps
+
+    def pad(rows):
+        T = max(len(r) for r in rows)
+        vals = torch.tensor([list(r) + [0.0] * (T - len(r)) for r in rows], dtype=torch.float64)
+        return vals, torch.tensor([[t < len(r) for t in range(T)] for r in rows])
+
+    pc, cm = pad(policy_chosen)
+    pr, rm = pad(policy_rejected)
+    n = len(policy_chosen)
+    batch = PreferenceBatch(prompt_ids=torch.ones(n, 1, dtype=torch.long), chosen_ids=torch.ones_like(cm, dtype=torch.long),
+                            chosen_mask=cm, rejected_ids=torch.ones_like(rm, dtype=torch.long), rejected_mask=rm)
+    policy = PairLogps(pc.requires_grad_(requires_grad), pr.requires_grad_(requires_grad))
+    ref = None
+    if ref_chosen is not None:
+        ref = PairLogps(pad(ref_chosen)[0], pad(ref_rejected)[0])
+    return batch, policy, ref
