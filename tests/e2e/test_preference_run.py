@@ -54,3 +54,17 @@ def test_one_pair_file_trains_without_nan(tmp_path):
     result = train(cfg(tmp_path, f"preference.data.path={one}", "train.steps=2", "eval.num_prompts=0"))
     assert all(r["loss/total"] == r["loss/total"] for r in result.history if "loss/total" in r)  # no NaN
     assert result.history[0]["data/eval_pairs"] == 0
+
+
+def test_unpaired_examples_train_kto_and_are_refused_by_a_paired_loss(tmp_path):
+    path = tmp_path / "unpaired.jsonl"
+    rows = [{"prompt": f"{d}=", "completion": str(d if good else (d + 3) % 10), "label": good}
+            for d in range(10) for good in (True, False)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = [f"preference.data.path={path}", "train.steps=3", "eval.num_prompts=0", "preference.data.eval_fraction=0.2"]
+    with pytest.raises(DataError, match='unpaired.*"dpo" needs a chosen and a rejected.*kto'):
+        train(cfg(tmp_path, *over))
+    result = train(cfg(tmp_path, *over, "method=kto", "preference.loss={name: kto}"))
+    losses = [r["loss/total"] for r in result.history if "loss/total" in r]
+    assert len(losses) == 3 and all(x == x for x in losses)
+    assert result.eval_after["eval/pref_loss"] == result.eval_after["eval/pref_loss"]

@@ -63,9 +63,14 @@ def _side(value: Any, where: str) -> Any:
                     "messages {'role': ..., 'content': ...}.")
 
 
+def _unpaired(r: dict, completion_column: str, label_column: str, chosen_column: str) -> bool:
+    return r.get(chosen_column) is None and r.get(completion_column) is not None and label_column in r
+
+
 def load_pairs(path: str, *, prompt_column: str | None = "prompt", chosen_column: str = "chosen",
                rejected_column: str = "rejected", max_rows: int | None = None,
-               skipped: Counter | None = None, what: str = "Pair file") -> list[dict[str, Any]]:
+               skipped: Counter | None = None, what: str = "Pair file", completion_column: str = "completion",
+               label_column: str = "label") -> list[dict[str, Any]]:
     """The usable pairs of ``path`` as rows ``{"prompt", "chosen", "rejected", ...}`` (module docstring).
 
     A missing column is a :class:`DataError` naming the column, the nearest column of the file, the file and the
@@ -80,13 +85,17 @@ def load_pairs(path: str, *, prompt_column: str | None = "prompt", chosen_column
         wanted.insert(0, ("prompt_column", prompt_column))
     out: list[dict[str, Any]] = []
     for i, r in enumerate(raw):
+        if _unpaired(r, completion_column, label_column, chosen_column):  # TRL's unpaired format (KTO)
+            out.append(_unpaired_row(r, i, path, what, prompt_column, completion_column, label_column, skipped))
+            continue
         for role, col in wanted:
             if r.get(col) is None:
                 present = [k for k, v in r.items() if v is not None]
                 raise DataError(
                     f'{what} "{path}" row {i} (0-based) has no column "{col}" (preference.data.{role}).'
                     f"{did_you_mean(col, present)} Columns of that row: {', '.join(present) or '(none)'}. Map the "
-                    f"file's column with preference.data.{role}, or set prompt_column: null for implicit prompts.")
+                    f"file's column with preference.data.{role}, or set prompt_column: null for implicit prompts "
+                    f'(unpaired data: "{completion_column}" and "{label_column}" columns).')
         where = f'{what} "{path}" row {i} (0-based), column'
         chosen = _side(r[chosen_column], f'{where} "{chosen_column}"')
         rejected = _side(r[rejected_column], f'{where} "{rejected_column}"')
@@ -112,6 +121,28 @@ def load_pairs(path: str, *, prompt_column: str | None = "prompt", chosen_column
         extra = {k: v for k, v in r.items() if k not in (prompt_column, chosen_column, rejected_column)}
         out.append({**extra, "prompt": prompt, "chosen": chosen, "rejected": rejected, "row": i})
     return out
+
+
+def _unpaired_row(r: dict, i: int, path: str, what: str, prompt_column: str | None, completion_column: str,
+                  label_column: str, skipped: Counter | None) -> dict[str, Any] | None:
+    """An unpaired example (prompt, completion, label) as a row with one side: chosen if the label is true (a
+    desirable completion), rejected if false; the other side is empty (absent)."""
+    where = f'{what} "{path}" row {i} (0-based)'
+    if prompt_column is None or r.get(prompt_column) is None:
+        raise DataError(f'{where}: an unpaired example ("{completion_column}", "{label_column}") needs a prompt column '
+                        f'(preference.data.prompt_column, now {prompt_column!r}).')
+    label = r[label_column]
+    if not isinstance(label, bool):
+        raise DataError(f'{where}, column "{label_column}": expected true (desirable) or false (undesirable), got '
+                        f"{label!r}.")
+    completion = _side(r[completion_column], f'{where}, column "{completion_column}"')
+    problem = prompt_problem(r[prompt_column])
+    if problem:
+        raise DataError(f'{where}, column "{prompt_column}": {problem}. Every example needs a prompt.')
+    side = "chosen" if label else "rejected"
+    extra = {k: v for k, v in r.items() if k not in (prompt_column, completion_column, label_column)}
+    return {**extra, "prompt": r[prompt_column], "chosen": "", "rejected": "", side: completion, "row": i,
+            "unpaired": True}
 
 
 def response_text(tokenizer, prompt: Any, response: Any, system_prompt: str | None = None) -> str:
@@ -152,6 +183,9 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: 
             continue
         sides = {}
         for side in ("chosen", "rejected"):
+            if r.get("unpaired") and (r[side] == "" or r[side] == []):  # the absent side of an unpaired example
+                sides[f"{side}_ids"], sides[f"{side}_truncated"] = [], False
+                continue
             text = response_text(tokenizer, r["prompt"], r[side], system_prompt)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
             sides[f"{side}_ids"] = ids[:max_completion_length]
@@ -160,7 +194,8 @@ def tokenize_pairs(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: 
             if skipped is not None:
                 skipped["identical"] += 1
             continue
-        out.append({"prompt": r["prompt"], "prompt_ids": p, **sides, "row": r.get("row")})
+        out.append({"prompt": r["prompt"], "prompt_ids": p, **sides, "row": r.get("row"),
+                    "unpaired": bool(r.get("unpaired"))})
     return out
 
 

@@ -50,6 +50,16 @@ def require_data(data: PairData | None) -> PairData:
     return data
 
 
+def on_device(batch: PreferenceBatch, device) -> PreferenceBatch:
+    """The batch's tensors on ``device`` (the model's)."""
+    if batch.prompt_ids.device == torch.device(device):
+        return batch
+    move = {k: getattr(batch, k).to(device) for k in ("prompt_ids", "chosen_ids", "chosen_mask", "rejected_ids",
+                                                      "rejected_mask")}
+    pm = batch.prompt_mask.to(device) if batch.prompt_mask is not None else None
+    return PreferenceBatch(**move, prompt_mask=pm, meta=batch.meta)
+
+
 def pair_logps(runner: PolicyRunner, batch: PreferenceBatch) -> PairLogps:
     """Per-token log-probs (temperature 1) of both responses of each pair, in one forward: rows interleaved
     (chosen_i, rejected_i) so the pair's two rows share their prompt pass."""
@@ -75,6 +85,7 @@ def cache_logps(runner: PolicyRunner, pairs: list[dict], pad_id: int, size: int)
     for i in range(0, len(pairs), size):
         part = pairs[i:i + size]
         lp = pair_logps(runner, collate_pairs(part, pad_id))
+        lp = PairLogps(lp.chosen.cpu(), lp.rejected.cpu())
         for j, p in enumerate(part):
             p["ref_chosen"] = lp.chosen[j, :len(p["chosen_ids"])].clone()
             p["ref_rejected"] = lp.rejected[j, :len(p["rejected_ids"])].clone()
@@ -84,7 +95,8 @@ def cached_ref(pairs: list[dict], batch: PreferenceBatch) -> PairLogps:
     def pad(key, like):
         return torch.stack([F.pad(p[key], (0, like.shape[1] - p[key].numel())) for p in pairs])
 
-    return PairLogps(pad("ref_chosen", batch.chosen_ids), pad("ref_rejected", batch.rejected_ids))
+    return PairLogps(pad("ref_chosen", batch.chosen_ids).to(batch.chosen_ids.device),
+                     pad("ref_rejected", batch.rejected_ids).to(batch.rejected_ids.device))
 
 
 @dataclass
@@ -102,9 +114,12 @@ class PairStep:
         size = self.micro_batch_size or len(pairs)
         return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
+    def collate(self, pairs: list[dict]) -> PreferenceBatch:
+        return on_device(collate_pairs(pairs, self.pad_id), next(self.runner.model.parameters()).device)
+
     def loss_of(self, pairs: list[dict], total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The summed per-pair loss of ``pairs`` divided by ``total`` (the step's pair count), and its metrics."""
-        batch = collate_pairs(pairs, self.pad_id)
+        batch = self.collate(pairs)
         policy = pair_logps(self.runner, batch)
         ref = cached_ref(pairs, batch) if "ref_logprobs" in self.loss.needs else None
         out = self.loss(batch, policy, ref)
@@ -126,9 +141,9 @@ class PairStep:
                 raise TrainingDiverged(f"The preference loss became {loss.item()} at step {step}; no update was "
                                        "applied. Lower train.learning_rate, then resume with --resume.")
             opt.backward(loss, whole=len(parts) == 1)
-            total = total + loss.detach()
+            total = total + loss.detach().cpu()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, torch.zeros(())) + v.float() * len(part) / len(pairs)
+                sums[k] = sums.get(k, torch.zeros(())) + v.float().cpu() * len(part) / len(pairs)
         grad_norm = opt.clip()
         if not torch.isfinite(grad_norm):
             opt.zero_grad()
@@ -145,22 +160,29 @@ class PairStep:
     @torch.no_grad()
     def evaluate(self, pairs: list[dict]) -> dict[str, float]:
         """Held-out pairs: the loss, and how often the policy ranks chosen over rejected, against the reference
-        (``eval/reward_accuracy``: DPO's implicit reward) and by its own summed log-probs (``eval/logp_accuracy``)."""
+        (``eval/reward_accuracy``: DPO's implicit reward) and by its own summed log-probs (``eval/logp_accuracy``);
+        the rankings over the rows that hold both responses (unpaired rows have one)."""
         if not pairs:
             return {}
-        sums: dict[str, float] = {}
+        loss_sum, ranked, sums = 0.0, 0, {"eval/reward_accuracy": 0.0, "eval/reward_margin": 0.0,
+                                          "eval/logp_accuracy": 0.0}
         for part in self.micro(pairs):
-            batch = collate_pairs(part, self.pad_id)
+            batch = self.collate(part)
             policy, ref = pair_logps(self.runner, batch), cached_ref(part, batch)
             out = self.loss(batch, policy, ref if "ref_logprobs" in self.loss.needs else None)
+            loss_sum += float(out.per_pair.sum())
+            both = batch.chosen_mask.any(-1) & batch.rejected_mask.any(-1)
             c = masked_sum(policy.chosen, batch.chosen_mask, -1)
             r = masked_sum(policy.rejected, batch.rejected_mask, -1)
             dc, dr = c - masked_sum(ref.chosen, batch.chosen_mask, -1), r - masked_sum(ref.rejected, batch.rejected_mask, -1)
-            got = {"eval/pref_loss": out.per_pair.sum(), "eval/reward_accuracy": (dc > dr).float().sum(),
-                   "eval/reward_margin": (dc - dr).sum(), "eval/logp_accuracy": (c > r).float().sum()}
-            for k, v in got.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return {k: v / len(pairs) for k, v in sums.items()}
+            ranked += int(both.sum())
+            for k, v in (("eval/reward_accuracy", (dc > dr).float()), ("eval/reward_margin", dc - dr),
+                         ("eval/logp_accuracy", (c > r).float())):
+                sums[k] += float(v[both].sum())
+        out = {"eval/pref_loss": loss_sum / len(pairs)}
+        if ranked:
+            out.update({k: v / ranked for k, v in sums.items()})
+        return out
 
 
 def train_preference(cfg: Config, folder, plan):

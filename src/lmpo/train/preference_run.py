@@ -13,7 +13,8 @@ import torch
 from lmpo.config import Config
 from lmpo.engine import setup_process
 from lmpo.engine.optim import TrainOptimizer, build_optimizer
-from lmpo.errors import TrainingDiverged
+from lmpo.errors import DataError, TrainingDiverged
+from lmpo.registry import PREFERENCE_LOSSES
 from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
@@ -87,6 +88,12 @@ def open_preference_run(cfg: Config, folder: RunFolder, plan: Plan) -> Preferenc
     task = build_task(cfg.task.name, **cfg.task.params)
     model, tokenizer, _ = setup_model(cfg, need_ref=False)  # the reference is cached below, before any update
     train_pairs, eval_pairs, skipped = data.build(tokenizer, task.system_prompt)
+    unpaired = sum(p["unpaired"] for p in train_pairs + eval_pairs)
+    if unpaired and not getattr(loss, "unpaired", False):
+        ok = [e.name for e in PREFERENCE_LOSSES.entries() if getattr(e.obj, "unpaired", False)]
+        raise DataError(f'{unpaired} examples of {data.path!r} are unpaired (a completion and a label), but '
+                        f'preference.loss "{cfg.preference.loss["name"]}" needs a chosen and a rejected response per '
+                        f"prompt; use a loss for unpaired feedback ({', '.join(ok)}) or a paired file.")
     eval_pairs = eval_pairs[: cfg.preference.eval_pairs]
     m, t = cfg.model, cfg.train
     runner = PolicyRunner(model, 1.0, m.chunk_size, m.autocast, packed=m.packed_forward,
