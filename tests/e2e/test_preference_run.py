@@ -68,3 +68,14 @@ def test_unpaired_examples_train_kto_and_are_refused_by_a_paired_loss(tmp_path):
     losses = [r["loss/total"] for r in result.history if "loss/total" in r]
     assert len(losses) == 3 and all(x == x for x in losses)
     assert result.eval_after["eval/pref_loss"] == result.eval_after["eval/pref_loss"]
+
+
+@pytest.mark.slow  # two `lmpo train` subprocesses: about a minute on a loaded 2-core machine
+def test_compare_runs_preference_presets(tmp_path):
+    from lmpo.compare import run_compare
+
+    table = run_compare("configs/dpo-tiny.yaml", ["dpo", "simpo"], [0], [*BASE, "train.steps=3"], tmp_path / "cmp",
+                        quiet=True)
+    assert set(table) == {"dpo", "simpo"}
+    for m in table.values():
+        assert 0.0 <= m["heldout_pair_accuracy"]["mean"] <= 1.0 and m["heldout_accuracy"]["mean"] is not None
