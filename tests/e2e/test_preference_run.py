@@ -79,3 +79,18 @@ def test_compare_runs_preference_presets(tmp_path):
     assert set(table) == {"dpo", "simpo"}
     for m in table.values():
         assert 0.0 <= m["heldout_pair_accuracy"]["mean"] <= 1.0 and m["heldout_accuracy"]["mean"] is not None
+
+
+@pytest.mark.slow  # two CLI subprocesses
+def test_cli_trains_resumes_and_evaluates_a_preference_run(tmp_path):
+    import subprocess
+    import sys
+
+    def lmpo(*args):
+        return subprocess.run([sys.executable, "-m", "lmpo.cli", *args], capture_output=True, text=True, check=True)
+
+    over = [f"output.dir={tmp_path}", *BASE, "output.run_name=r", "output.checkpoint_every=1"]
+    lmpo("train", "configs/dpo-tiny.yaml", "train.steps=1", *over)
+    lmpo("train", "configs/dpo-tiny.yaml", "train.steps=2", *over, "--resume")
+    out = json.loads(lmpo("eval", str(tmp_path / "r"), "eval.num_prompts=4").stdout)
+    assert out["checkpoint"].endswith("step_000002") and 0.0 <= out["eval/accuracy"] <= 1.0
