@@ -64,6 +64,7 @@ DPO_CASES = [  # (name, loss_types, loss_weights, beta, label_smoothing, inputs)
     ("sppo_hard", ["sppo_hard"], [1.0], 0.1, 0.0, "INPUTS"),
     ("exo_pair", ["exo_pair"], [1.0], 0.1, 1e-3, "INPUTS"),
     ("sigmoid_norm", ["sigmoid_norm"], [1.0], 0.1, 0.0, "INPUTS"),
+    ("discopop", ["discopop"], [1.0], 0.05, 0.0, "INPUTS"),
     ("rpo_alpha_1", ["sigmoid", "sft"], [1.0, 1.0], 0.1, 0.0, "INPUTS_EQ"),
     ("mpo", ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1, 0.0, "INPUTS_EQ"),
 ]
@@ -123,6 +124,29 @@ def trl_dpo(loss_types, weights, beta, eps, inp, i):
             "rewards/chosen": m["rewards/chosen"][0], "rewards/rejected": m["rewards/rejected"][0]}
 
 
+def trl_aot(loss_type, beta, eps, inp):
+    """The sorting losses couple the pairs: the whole batch in one call (rows [chosen..., rejected...]); the loss is
+    the batch mean, and the gradient is per token."""
+    n = len(LEN_C)
+    per_token = torch.cat([inp["policy_chosen"], inp["policy_rejected"]]).clone().requires_grad_(True)
+    completion = torch.zeros(2 * n, T + 1, dtype=torch.long)
+    completion[:n, 1:] = inp["chosen_mask"].long()
+    completion[n:, 1:] = inp["rejected_mask"].long()
+    inputs = {"input_ids": torch.ones(2 * n, T + 1, dtype=torch.long),
+              "attention_mask": torch.ones(2 * n, T + 1, dtype=torch.long), "completion_mask": completion,
+              "ref_chosen_logps": (inp["ref_chosen"] * inp["chosen_mask"]).sum(-1),
+              "ref_rejected_logps": (inp["ref_rejected"] * inp["rejected_mask"]).sum(-1)}
+    model = FixedModel(per_token)
+    stand_in = SimpleNamespace(
+        model=model, accelerator=Accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=eps,
+        use_weighting=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+        _tp_size=1, args=SimpleNamespace(discopop_tau=0.05))
+    loss = DPOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+    loss.backward()
+    return {"loss": loss.item(), "grad_chosen": per_token.grad[:n].tolist(), "grad_rejected": per_token.grad[n:].tolist()}
+
+
 def seq(inp, side, average):
     s = inp[f"policy_{side}"].sum(-1)
     return s / inp[f"{side}_mask"].sum(-1) if average else s
@@ -147,12 +171,15 @@ def trl_orpo(beta, inp):
 def main() -> None:
     data = {name: {k: v.tolist() for k, v in inp.items()} for name, inp in (("INPUTS", INPUTS), ("INPUTS_EQ", INPUTS_EQ))}
     out = {"peer": "trl", "version": trl.__version__, "torch": torch.__version__, "inputs": data, "dpo": [],
-           "cpo": [], "orpo": []}
+           "cpo": [], "orpo": [], "aot": []}
     for name, types, weights, beta, eps, which in DPO_CASES:
         inp = INPUTS if which == "INPUTS" else INPUTS_EQ
         per_pair = [trl_dpo(types, weights, beta, eps, inp, i) for i in range(len(LEN_C))]
         out["dpo"].append({"name": name, "loss_types": types, "loss_weights": weights, "beta": beta,
                            "label_smoothing": eps, "inputs": which, "per_pair": per_pair})
+    for loss_type, eps in (("aot", 0.0), ("aot", 0.1), ("aot_unpaired", 0.0), ("aot_unpaired", 0.1)):
+        out["aot"].append({"loss_type": loss_type, "beta": 0.5, "label_smoothing": eps,
+                           **trl_aot(loss_type, 0.5, eps, INPUTS)})
     for loss_type, beta, eps, gamma in (("sigmoid", 0.1, 0.0, 0.5), ("sigmoid", 0.3, 0.1, 0.5), ("simpo", 2.0, 0.0, 1.0),
                                         ("simpo", 2.5, 0.1, 0.6)):
         out["cpo"].append({"loss_type": loss_type, "beta": beta, "label_smoothing": eps, "simpo_gamma": gamma,

@@ -7,7 +7,8 @@ has no TRL 1.16 counterpart), hinge -> hinge,
 ipo -> ipo, robust -> robust_dpo, bco_pair -> bco_pair, apo_zero / apo_down -> apo_zero / apo_down, nca_pair ->
 nca_pair, sppo_hard -> sppo_hard, exo_pair -> exo_pair, sigmoid_norm -> dpo length_normalize, [sigmoid, sft] (rpo_alpha)
 -> dpo_nll, [sigmoid, bco_pair, sft] with [0.8, 0.2, 1.0] -> mpo; CPOTrainer sigmoid -> cpo (alpha 0), simpo -> simpo;
-ORPOTrainer -> orpo.
+ORPOTrainer -> orpo; discopop -> discopop; aot / aot_unpaired -> aot / aot unpaired=true (whole-batch numbers: the
+sort couples the pairs).
 """
 
 import json
@@ -38,9 +39,10 @@ LMPO = {  # TRL case -> (lmpo loss, its hyper-parameters from the case's beta / 
     "sigmoid_norm": ("dpo", lambda b, e: {"beta": b, "length_normalize": True}),
     "rpo_alpha_1": ("dpo_nll", lambda b, e: {"beta": b, "alpha": 1.0}),
     "mpo": ("mpo", lambda b, e: {"beta": b}),
+    "discopop": ("discopop", lambda b, e: {"beta": b, "tau": 0.05}),
 }
 REWARDS_AS_TRL = {"sigmoid", "sigmoid_beta_0.5", "robust", "bco_pair", "apo_zero", "apo_down", "nca_pair", "exo_pair",
-                  "rpo_alpha_1", "mpo", "hinge", "ipo"}  # TRL logs beta x summed log-ratios for every type
+                  "rpo_alpha_1", "mpo", "hinge", "ipo", "discopop"}  # TRL logs beta x summed log-ratios for every type
 
 
 def inputs(which, requires_grad=False):
@@ -97,3 +99,17 @@ def test_orpo_odds_ratio_and_loss(case):
     c = policy.chosen.sum(-1) / batch.chosen_mask.sum(-1)
     nll = -c
     torch.testing.assert_close(nll - out.per_pair, torch.tensor(case["odds_ratio_term"], dtype=F64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", DATA["aot"], ids=lambda c: f"{c['loss_type']}-{c['label_smoothing']}")
+def test_aot_batch_loss_and_gradient(case):
+    loss = PREFERENCE_LOSSES.build("aot", beta=case["beta"], label_smoothing=case["label_smoothing"],
+                                   unpaired=case["loss_type"] == "aot_unpaired")
+    batch, policy, ref = inputs("INPUTS", requires_grad=True)
+    out = loss(batch, policy, ref)
+    assert out.per_pair.mean().item() == pytest.approx(case["loss"], abs=1e-6)
+    out.per_pair.mean().backward()
+    for side in ("chosen", "rejected"):
+        grad = torch.tensor(case[f"grad_{side}"], dtype=F64)
+        torch.testing.assert_close(getattr(policy, side).grad, torch.where(getattr(batch, f"{side}_mask"), grad, 0.0),
+                                   atol=1e-6, rtol=0)
