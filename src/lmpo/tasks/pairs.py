@@ -306,10 +306,11 @@ class PairData:
 
 
 
-def pairs_from_task(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+def pairs_from_task(rows: list[dict[str, Any]], seed: int = 0, reply: str = "{answer}") -> list[dict[str, Any]]:
     """Pairs from a task with numeric answers: the correct answer is chosen, a wrong one (the answer plus a seeded
-    offset in [-9, 9] \\ {0}, kept non-negative) rejected. Deterministic in ``seed``; the shipped pair files are made
-    this way (``python -m lmpo.tasks.make_pairs``)."""
+    offset in [-9, 9] \\ {0}, kept non-negative) rejected, each written with ``reply`` (a format of the row's
+    columns and ``answer``, e.g. ``"{a} + {b} = {answer}"``). Deterministic in ``seed``; the shipped pair files are
+    made this way (``python -m lmpo.tasks.make_pairs``)."""
     rng = random.Random(seed)
     out = []
     for r in rows:
@@ -317,5 +318,6 @@ def pairs_from_task(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str,
         wrong = answer
         while wrong == answer or wrong < 0:
             wrong = answer + rng.choice([d for d in range(-9, 10) if d])
-        out.append({"prompt": r["prompt"], "chosen": str(r["answer"]), "rejected": str(wrong)})
+        out.append({"prompt": r["prompt"], "chosen": reply.format(**{**r, "answer": r["answer"]}),
+                    "rejected": reply.format(**{**r, "answer": wrong})})
     return out

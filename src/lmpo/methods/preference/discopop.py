@@ -8,6 +8,11 @@ Lu, Holt, Fanconi, Chan, Foerster, van der Schaar, Lange (2024), arXiv:2406.0841
 a blend of DPO's logistic loss and an exponential loss, weighted by the margin itself. Defaults beta 0.05 and
 tau 0.05 (the paper's). TRL: ``loss_type="discopop"`` (``discopop_tau``). ``m * exp(-l)`` is computed as
 ``exp(log sigmoid(l / tau) - l)`` so a very negative margin gives 0, not 0 x inf.
+
+Property (tested): the loss is not monotone near 0. At the start of training the policy is the reference, every
+margin is 0, and there ``dL/dl = (1 - ln 2) / (4 tau) - 3/4``, positive for tau < (1 - ln 2) / 3 ~ 0.10: with the
+paper's tau the first steps push the margins *down*. On lmpo's tiny copy-task pairs this runs away (the model
+learns the reversed preference), so no preset is shipped; the loss matches TRL's number for number.
 """
 
 from __future__ import annotations
@@ -41,8 +46,3 @@ class DiscoPOP:
         loss = (1 - m) * -F.logsigmoid(logits) + torch.exp(F.logsigmoid(logits / self.tau) - logits)
         return PreferenceOut(loss, {"loss/discopop": loss.detach().mean(), **reward_metrics(chosen, rejected)})
 
-
-PRESETS = {
-    # DiscoPOP (arXiv:2406.08414): beta 0.05, tau 0.05.
-    "discopop": {"preference": {"loss": {"name": "discopop", "beta": 0.05, "tau": 0.05}}},
-}
