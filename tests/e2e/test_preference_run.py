@@ -94,3 +94,16 @@ def test_cli_trains_resumes_and_evaluates_a_preference_run(tmp_path):
     lmpo("train", "configs/dpo-tiny.yaml", "train.steps=2", *over, "--resume")
     out = json.loads(lmpo("eval", str(tmp_path / "r"), "eval.num_prompts=4").stdout)
     assert out["checkpoint"].endswith("step_000002") and 0.0 <= out["eval/accuracy"] <= 1.0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    import dataclasses
+
+    from lmpo.config import save_config
+
+    c = cfg(tmp_path, "method=simpo", "preference.loss.gamma=0.5")
+    assert c.preference.loss == {"name": "simpo", "beta": 2.0, "gamma": 0.5}
+    save_config(c, tmp_path / "resolved.yaml")
+    assert dataclasses.asdict(load_config(tmp_path / "resolved.yaml")) == dataclasses.asdict(c)
+    # a new loss name drops the old loss's hyper-parameters (as the other component sections)
+    assert cfg(tmp_path, "preference.loss.name=ipo").preference.loss == {"name": "ipo"}

@@ -11,7 +11,7 @@ are the identity), so no frozen copy of the model is kept and a resumed run gets
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,10 +108,10 @@ class PairStep:
     opt: Any
     pad_id: int
     micro_batch_size: int | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 16  # held-out pairs per no-grad forward when micro_batch_size is unset
 
-    def micro(self, pairs: list[dict]) -> list[list[dict]]:
-        size = self.micro_batch_size or len(pairs)
+    def micro(self, pairs: list[dict], size: int | None = None) -> list[list[dict]]:
+        size = size or self.micro_batch_size or len(pairs)
         return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
     def collate(self, pairs: list[dict]) -> PreferenceBatch:
@@ -166,7 +166,7 @@ class PairStep:
             return {}
         loss_sum, ranked, sums = 0.0, 0, {"eval/reward_accuracy": 0.0, "eval/reward_margin": 0.0,
                                           "eval/logp_accuracy": 0.0}
-        for part in self.micro(pairs):
+        for part in self.micro(pairs, self.micro_batch_size or self.eval_batch_size):
             batch = self.collate(part)
             policy, ref = pair_logps(self.runner, batch), cached_ref(part, batch)
             out = self.loss(batch, policy, ref if "ref_logprobs" in self.loss.needs else None)

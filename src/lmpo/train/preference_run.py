@@ -117,7 +117,7 @@ def open_preference_run(cfg: Config, folder: RunFolder, plan: Plan) -> Preferenc
              "data/truncated": sum(p["chosen_truncated"] or p["rejected_truncated"] for p in train_pairs)}
     if skipped:
         log.warning("preference data: %s", ", ".join(f"{v} pairs skipped ({k})" for k, v in skipped.items()))
-    run = PreferenceRun(cfg, folder, model, PairStep(loss, runner, opt, pad, t.micro_batch_size), opt,
+    run = PreferenceRun(cfg, folder, model, PairStep(loss, runner, opt, pad, t.micro_batch_size, size), opt,
                         PromptStream(train_pairs, t.seed), eval_pairs, ctx, eval_rows, stats, threads=threads)
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
