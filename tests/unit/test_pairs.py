@@ -89,3 +89,19 @@ def test_shipped_pair_files_match_their_generator():
         stored = [json.loads(line) for line in (DATA / name).read_text().splitlines()]
         assert stored == rows_of(name), name
         assert all(r["chosen"] != r["rejected"] for r in stored)
+
+
+def test_mpo_split_by_gap_card_example_and_the_data_filter(tmp_path):
+    from lmpo.tasks.pairs import split_by_gap
+
+    # card #72: gaps [3.0, 0.2, -0.1, 1.5] with delta 1 -> easy {1, 4}, hard {2, 3} (1-based)
+    assert split_by_gap([3.0, 0.2, -0.1, 1.5], 1.0) == ([0, 3], [1, 2])
+    rows = [{"prompt": f"{d}=", "chosen": str(d), "rejected": str(d + 1), "gap": g}
+            for d, g in zip(range(4), [3.0, 0.2, -0.1, 1.5])]
+    train, held, skipped = PairData(path=write(tmp_path, rows), eval_fraction=0.0, gap_column="gap",
+                                    min_gap=1.0).build(build_tiny_tokenizer())
+    assert [p["row"] for p in train] == [0, 3] and skipped == {"small_gap": 2}
+    with pytest.raises(DataError, match='column "gp".*Did you mean "gap"'):
+        PairData(path=write(tmp_path, rows), gap_column="gp", min_gap=1.0).build(build_tiny_tokenizer())
+    with pytest.raises(ConfigError, match="go together"):
+        PairData(path="x.jsonl", gap_column="gap")

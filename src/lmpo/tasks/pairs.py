@@ -36,6 +36,7 @@ SKIP_REASONS = {
     "empty_side": "the chosen or the rejected response is empty",
     "identical": "the chosen and rejected responses are identical",
     "prompt_too_long": "the prompt is longer than max_prompt_length tokens",
+    "small_gap": "the pair's score gap is below min_gap (a hard pair, MPO's split)",
 }
 
 
@@ -246,6 +247,9 @@ class PairData:
         max_completion_length: Responses are truncated to this many tokens (EOS included).
         max_rows: Keep only the first rows of each file.
         seed: Seed of the held-out split.
+        gap_column, min_gap: Keep only pairs whose ``gap_column`` (a reward model's score gap, chosen minus
+            rejected) is at least ``min_gap``; the others are counted as ``small_gap`` (MPO's easy set,
+            :func:`split_by_gap`).
     """
 
     path: str
@@ -258,8 +262,13 @@ class PairData:
     max_completion_length: int = 512
     max_rows: int | None = None
     seed: int = 0
+    gap_column: str | None = None
+    min_gap: float | None = None
 
     def __post_init__(self) -> None:
+        if (self.gap_column is None) != (self.min_gap is None):
+            raise ConfigError("preference.data.gap_column and preference.data.min_gap go together (keep the pairs "
+                              "whose score gap is at least min_gap); set both or neither.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"preference.data.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         for key in ("max_prompt_length", "max_completion_length"):
@@ -273,6 +282,8 @@ class PairData:
         path = shipped(path)
         rows = load_pairs(path, prompt_column=self.prompt_column, chosen_column=self.chosen_column,
                           rejected_column=self.rejected_column, max_rows=self.max_rows, skipped=skipped, what=what)
+        if self.gap_column is not None:
+            rows = self._easy(rows, path, what, skipped)
         pairs = tokenize_pairs(rows, tokenizer, max_prompt_length=self.max_prompt_length,
                                max_completion_length=self.max_completion_length, system_prompt=system_prompt,
                                skipped=skipped)
@@ -281,6 +292,20 @@ class PairData:
             raise DataError(f'{what} "{path}" has no usable pair ({why}). Fix the file, or raise '
                             "preference.data.max_prompt_length if the prompts are too long.")
         return pairs, skipped
+
+    def _easy(self, rows: list[dict], path: str, what: str, skipped: Counter) -> list[dict]:
+        gaps = []
+        for r in rows:
+            g = r.get(self.gap_column)
+            if isinstance(g, bool) or not isinstance(g, (int, float)):
+                raise DataError(f'{what} "{path}" row {r["row"]} (0-based), column "{self.gap_column}" '
+                                f"(preference.data.gap_column): expected a number (the score gap), got {g!r}."
+                                f"{did_you_mean(self.gap_column, list(r)) if g is None else ''}")
+            gaps.append(float(g))
+        easy, hard = split_by_gap(gaps, float(self.min_gap))
+        if hard:
+            skipped["small_gap"] += len(hard)
+        return [rows[i] for i in easy]
 
     def build(self, tokenizer, system_prompt: str | None = None) -> tuple[list[dict], list[dict], dict[str, int]]:
         """``(train pairs, held-out pairs, skipped counts)``: tokenized, each pair tagged with its ``index``."""
@@ -304,6 +329,14 @@ class PairData:
             p["index"] = i
         return train, held_out, dict(skipped)
 
+
+
+def split_by_gap(gaps: list[float], delta: float) -> tuple[list[int], list[int]]:
+    """MPO's data split (Xiao et al. 2024, arXiv:2403.19443): pair i is *easy* when its reward gap
+    ``r(x, y_w) - r(x, y_l)`` is at least ``delta``, else *hard*. Returns (easy indices, hard indices)."""
+    easy = [i for i, g in enumerate(gaps) if g >= delta]
+    hard = [i for i, g in enumerate(gaps) if g < delta]
+    return easy, hard
 
 
 def pairs_from_task(rows: list[dict[str, Any]], seed: int = 0, reply: str = "{answer}") -> list[dict[str, Any]]:
