@@ -25,7 +25,6 @@ from lmpo.models.logprobs import response_logprobs
 from lmpo.ops import masked_sum
 from lmpo.registry import PREFERENCE_LOSSES
 from lmpo.tasks.pairs import PairData, collate_pairs
-from lmpo.train.data import PromptStream
 from lmpo.train.step import PolicyRunner, weights_finite
 
 

@@ -14,7 +14,6 @@ terms if wanted). What differs from DPO: a hinge instead of the log-sigmoid, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
