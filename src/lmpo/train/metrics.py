@@ -85,9 +85,16 @@ def plot_run(rows: list[dict[str, Any]], out: Path, title: str) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x, y = series(rows, "reward/mean")
-    ax[0].plot(x, y, marker=".", label="train reward (mean)")
-    ax[0].set_xlabel("step"), ax[0].set_ylabel("reward"), ax[0].set_title("training rollouts")
-    for key, label in (("eval/accuracy", "held-out accuracy (greedy)"), ("eval/reward", "held-out reward")):
+    if x or not series(rows, "rewards/margins")[0]:
+        ax[0].plot(x, y, marker=".", label="train reward (mean)")
+        ax[0].set_xlabel("step"), ax[0].set_ylabel("reward"), ax[0].set_title("training rollouts")
+    else:  # a preference run (lmpo.train.preference): the implicit-reward margin and ranking of the step's pairs
+        for key, label in (("rewards/margins", "reward margin"), ("rewards/accuracies", "pairs ranked right")):
+            ax[0].plot(*series(rows, key), marker=".", label=label)
+        ax[0].set_xlabel("step"), ax[0].set_title("training pairs"), ax[0].legend()
+    for key, label in (("eval/accuracy", "held-out accuracy (greedy)"), ("eval/reward", "held-out reward"),
+                       ("eval/logp_accuracy", "held-out pairs ranked right"),
+                       ("eval/reward_accuracy", "held-out pairs, implicit reward")):
         x, y = series(rows, key)
         if x:
             ax[1].plot(x, y, marker="o", label=label)
