@@ -190,6 +190,19 @@ class CollectObserver(Protocol):
 
 
 @runtime_checkable
+class GuidanceSource(Protocol):
+    """Off-policy guidance mixed into the step's groups (hints, teacher or data traces; docs/guidance.md). Called once
+    per scoring round, right after the policy's rollouts are scored and before shapers and selectors, with a
+    :class:`lmpo.train.guidance.Guide` (it builds guided rows, each with its own behaviour log-probs in
+    ``sampler_logprobs``: the policy under a hinted prompt, a teacher model, the policy's own log-probs of a data
+    trace, or a declared constant) and the round's raw batch. Returns the batch with guided rows swapped in or added
+    by :meth:`Guide.mix` (same group ids; groups stay contiguous); every row then carries ``extras['guided']``,
+    ``extras['off_policy']`` and ``extras['guide_tier']`` and guided rows ``meta[i]['guide']``. At most one provider."""
+
+    def guide(self, guide: Any, batch: RolloutBatch) -> RolloutBatch: ...
+
+
+@runtime_checkable
 class StepObserver(Protocol):
     """Called after each step's update with the training batch and ``logprobs_fn`` (batch -> log-probs under the
     updated policy, no gradient): per-prompt trackers learn here. Any number of providers, in pipeline order."""
@@ -253,6 +266,7 @@ EXTENSION_POINTS: dict[str, ExtensionPoint] = {p.name: p for p in (
     ExtensionPoint("plan_group", GroupPlanner, True, "collect: per-sample length limits, suffixes and tags"),
     ExtensionPoint("prefix_budgets", PrefixScorer, True, "collect: scoring truncated replies"),
     ExtensionPoint("inject_prompts", PromptSource, False, "collect: prompts made by components"),
+    ExtensionPoint("guide", GuidanceSource, True, "collect: guided rows mixed into each scoring round's groups"),
     ExtensionPoint("after_collect", CollectObserver, False, "collect: after the last scoring round"),
     ExtensionPoint("token_mask", TokenMask, True, "prepare: after the advantages"),
     ExtensionPoint("value_targets", ValueTargets, True, "prepare: the critic's targets, after the advantages"),
