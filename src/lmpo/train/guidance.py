@@ -37,6 +37,7 @@ from lmpo.models.logprobs import response_logprobs
 from lmpo.train.data import prompt_key
 
 MARKERS = ("guided", "off_policy", "guide_tier")
+_OPTIONAL = ("reward_components", "token_rewards", "turn_ids", "truncated", "prompt_mask", "response_attn")
 
 
 def failed_groups(batch: RolloutBatch, threshold: float = 0.0) -> list[int]:
@@ -75,6 +76,11 @@ def mix(batch: RolloutBatch, guided: RolloutBatch, replace: bool = True) -> Roll
         raise DataError("guide: guided rows must carry the same extras as the batch; the batch has "
                         f"{sorted(batch.extras)}, the guided rows {sorted(guided.extras)} (guidance cannot combine with "
                         "components or rollout modes that add their own per-row extras at collection).")
+    drop = {f: None for f in _OPTIONAL if getattr(batch, f) is None and getattr(guided, f) is not None}
+    guided = guided.replace(**drop) if drop else guided  # fields the batch does not carry
+    lacking = [f for f in _OPTIONAL if getattr(batch, f) is not None and getattr(guided, f) is None]
+    if lacking:
+        raise DataError(f"guide: the guided rows lack {', '.join(lacking)}, which the batch carries.")
     B = batch.batch_size
     unknown = sorted(set(guided.group_ids.tolist()) - set(batch.group_ids.tolist()))
     if unknown:
