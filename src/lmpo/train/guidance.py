@@ -205,6 +205,19 @@ class Guide:
         return self._logprobs(self._policy_model(), batch.prompt_ids, batch.prompt_mask, batch.response_ids,
                               batch.response_attn)
 
+    def answer_prob(self, rows: list[dict[str, Any]], contexts: list[str], answers: list[str]) -> Tensor:
+        """Mean per-token probability (N,) the policy gives ``answers[i]`` right after row i's plain prompt followed
+        by ``contexts[i]`` (no gradient): how well the policy follows a trace to the gold answer (AMPO's
+        comprehension score, RLPR's probability reward)."""
+        tok = self.ctx.tokenizer
+        ids, mask = self._encode([self._plain(r) + c for r, c in zip(rows, contexts)])
+        seqs = [tok(a, add_special_tokens=False)["input_ids"] or [int(tok.pad_token_id)] for a in answers]
+        T = max(len(s) for s in seqs)
+        resp = torch.tensor([s + [int(tok.pad_token_id)] * (T - len(s)) for s in seqs], dtype=torch.long)
+        attn = torch.tensor([[j < len(s) for j in range(T)] for s in seqs], dtype=torch.bool)
+        lp = self._logprobs(self._policy_model(), ids, mask, resp, attn)
+        return (lp.exp() * attn).sum(1) / attn.sum(1)
+
     # ------------------------------------------------------------------ internals
     def _plain(self, row: dict[str, Any]) -> str:
         return format_prompt(self.ctx.tokenizer, row["prompt"], self.ctx.system_prompt)
