@@ -42,7 +42,7 @@ def test_data_traces_carry_the_declared_behaviour(policy):
     assert pol.response_attn.sum(1).tolist() == [3, 2]
     want, _ = response_logprobs(model, pol.prompt_ids, pol.prompt_mask, pol.response_ids, pol.response_attn)
     assert torch.allclose(pol.sampler_logprobs, torch.where(pol.response_attn, want, 0.0), atol=1e-5)
-    assert pol.extras["guided"].tolist() == [1, 1] and pol.extras["off_policy"].tolist() == [0, 0]
+    assert pol.extras["guided"].tolist() == [1, 1] and pol.extras["off_policy"].tolist() == [1, 1]
     const = g.traces(rows, ["12", "4"], [7, 9], behaviour=0.0, tier=2)
     assert torch.all(const.sampler_logprobs == 0) and const.extras["off_policy"].tolist() == [1, 1]
     assert const.extras["guide_tier"].tolist() == [2, 2] and const.meta[0]["guide"]["behaviour"] == "0.0"

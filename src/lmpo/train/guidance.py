@@ -10,8 +10,9 @@ correct:
   ``rescore=True``: the reply is re-attached to the plain prompt and its behaviour is the hinted sampler's
   log-probs pi(y | hint, q) (ICPO's implicit expert; ``off_policy`` 1).
 - :meth:`Guide.traces` -- given texts (a data column's reference solution, an expert trace, an InT splice)
-  teacher-forced on the plain prompt. ``behaviour="policy"``: pi_old's own log-probs of the trace (ratio 1: the trace
-  is trained as if sampled); a float c: the declared constant c per token (0.0 = probability 1, LUFFY/AMPO's
+  teacher-forced on the plain prompt (``off_policy`` 1: the policy did not write them). ``behaviour="policy"``:
+  pi_old's own log-probs of the trace (a plain ratio pi/mu is then 1 on-policy; RL-PLUS's MIS starts from them); a
+  float c: the declared constant c per token (0.0 = probability 1, LUFFY/AMPO's
   convention for traces whose behaviour is unknown); ``"teacher:<model spec>"``: that model's log-probs.
 - :meth:`Guide.teacher` -- a teacher model (any spec :func:`lmpo.models.load.load_model` loads: ``tiny:3``, a
   SmolLM2 folder) samples replies on the plain prompt; behaviour = the teacher's sampler log-probs. Teachers must
@@ -186,7 +187,7 @@ class Guide:
                            rewards=rewards, reward_components=comps, sampler_logprobs=logp,
                            truncated=torch.tensor([not (eos and s[-1] == eos[0]) for s in seqs]),
                            meta=[{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])
-        return self._mark(out, rows, source, tier, off_policy=behaviour != "policy", behaviour=str(behaviour))
+        return self._mark(out, rows, source, tier, off_policy=True, behaviour=str(behaviour))
 
     def teacher(self, spec: str, rows: list[dict[str, Any]], groups: list[int], n: int = 1, *,
                 tier: int = 0) -> RolloutBatch:
