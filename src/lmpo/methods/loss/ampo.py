@@ -11,7 +11,8 @@ probability 0.3, ``"always"`` every group). The guidance pool holds one solution
 model specs). Each candidate tau_m gets the comprehension score of the current policy,
     score_m = p_theta(a* | q, reasoning(tau_m)) - p_theta(a* | q)
 (mean per-token probability of the gold answer a*, RLPR-style), the pool is sorted by it and the top k
-(k = min(k, M, #failed)) replace failed rollouts; their reward is raised to at least 1 (the code's rule).
+(k = min(k, M, #failed)) replace failed rollouts. The paper's pool holds correct responses: traces the verifier
+rejects are dropped (``verify``); the code instead raises an injected trace's reward to at least 1 (``verify=False``).
 Loss (the code's ``mixed_token_off_policy_loss``): on-policy tokens the dual-clip PPO surrogate
     l_on = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and for A < 0 min(that, -A c),   r = pi/pi_old;
 off-policy (teacher) tokens l_off = -A f(pi_theta(o_t) / mu(o_t)), mu the row's behaviour probability
@@ -76,6 +77,8 @@ class AMPOLoss:
         strategy: when a group is guided (``adaptive`` / ``hybrid`` / ``always``); hybrid_p: hybrid's probability.
         behaviour: declared log-prob per token of data-column traces (0.0: probability 1).
         success: a reward >= this is correct; answer_column: the gold answer of the comprehension score.
+        verify: keep only verified-correct teacher traces in the pool (the paper's pool of correct responses); False
+            keeps every trace and raises its reward to ``success``, as the released code does.
     """
 
     epsilon: float = hp(0.2, ge=0)
@@ -91,6 +94,7 @@ class AMPOLoss:
     behaviour: float = hp(0.0, le=0)
     success: float = 1.0
     answer_column: str = "answer"
+    verify: bool = True
     seed: int = 0
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
 
@@ -143,6 +147,12 @@ class AMPOLoss:
         chosen = []
         for g, row in zip(groups, guide.rows_of(batch, groups)):
             cands = self.pool(guide, row, g)
+            if self.verify:  # the guidance pool holds correct responses only
+                right = cands.rewards >= self.success
+                guide.count("pool_rejected", float((~right).sum()))
+                if not right.any():
+                    continue
+                cands = cands.select(right)
             failed = int((batch.rewards[batch.group_ids == g] < self.success).sum())
             if failed == 0:
                 continue

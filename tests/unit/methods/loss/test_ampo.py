@@ -97,7 +97,7 @@ def group(rewards, size):
 
 def test_failed_group_gets_the_top_k_teachers_by_comprehension(tiny):
     g = guide(tiny)
-    out = AMPOLoss(k=2).guide(g, group([0.0] * 8, 8))
+    out = AMPOLoss(k=2, verify=False).guide(g, group([0.0] * 8, 8))
     # scores [0.2, 0.7, 0.1, 0.5] -> teachers #2 ("22") and #4 ("44"), in that order, replace the last failures
     assert [m.get("completion") for m in out.meta[6:]] == ["44", "22"]
     assert out.extras["guided"].tolist() == [0] * 6 + [1, 1] and out.extras["off_policy"][6:].tolist() == [1, 1]
@@ -107,11 +107,25 @@ def test_failed_group_gets_the_top_k_teachers_by_comprehension(tiny):
     assert GRPOAdvantage()(out)[:, 0].abs().sum() > 0  # the group now has a learning signal
 
 
+def test_the_pool_keeps_verified_traces_only():
+    g = guide(tiny=load_model("tiny"))
+    b = group([0.0] * 4, 4)
+    b.meta[0]["row"]["teacher_solutions"].append("5")  # the only correct trace for "5="
+    try:
+        out = AMPOLoss(k=2).guide(g, b)
+    finally:
+        b.meta[0]["row"]["teacher_solutions"].pop()
+    assert [m.get("completion") for m in out.meta] == [None, None, None, "5"] and out.rewards.tolist()[3] == 1.0
+    assert g.stats["guide/pool_rejected"] == 4.0
+    assert AMPOLoss().guide(guide(load_model("tiny")), b) is b  # no correct trace: nothing injected
+
+
 def test_solved_groups_are_not_guided_unless_hybrid_or_always(tiny):
     b = group([1.0] + [0.0] * 3, 4)
-    assert AMPOLoss().guide(guide(tiny), b) is b
-    assert AMPOLoss(strategy="always").guide(guide(tiny), b).extras["guided"].sum() == 2
-    assert AMPOLoss(strategy="hybrid", hybrid_p=1.0).guide(guide(tiny), b).extras["guided"].sum() == 2
+    assert AMPOLoss(verify=False).guide(guide(tiny), b) is b
+    assert AMPOLoss(strategy="always", verify=False).guide(guide(tiny), b).extras["guided"].sum() == 2
+    assert AMPOLoss(strategy="hybrid", hybrid_p=1.0, verify=False).guide(guide(tiny), b).extras["guided"].sum() == 2
     # k is capped by the number of failed rollouts
     one_failed = group([1.0, 1.0, 1.0, 0.0], 4)
-    assert AMPOLoss(strategy="always", k=3).guide(guide(tiny), one_failed).extras["guided"].tolist() == [0, 0, 0, 1]
+    out = AMPOLoss(strategy="always", k=3, verify=False).guide(guide(tiny), one_failed)
+    assert out.extras["guided"].tolist() == [0, 0, 0, 1]
