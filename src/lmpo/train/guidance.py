@@ -201,6 +201,16 @@ class Guide:
         src = [r for r in rows for _ in range(n)]
         return self._mark(out, src, f"teacher:{spec}", tier, off_policy=True, behaviour=f"teacher:{spec}")
 
+    def sample(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """One policy reply per user prompt text (the plain sampler, the run's sampling settings): text the provider
+        reads (e.g. InT's proposed intervention), not a training row."""
+        params = self.ctx.params
+        if max_new_tokens is not None:
+            params = dataclasses.replace(params, max_new_tokens=int(max_new_tokens))
+        texts = [format_prompt(self.ctx.tokenizer, p, self.ctx.system_prompt) for p in prompts]
+        self.count("proposals", len(texts))
+        return list(self.ctx.generator.generate(texts, params).completions)
+
     def policy_logprobs(self, batch: RolloutBatch) -> Tensor:
         """log pi_old of every reply of ``batch`` under its own prompt (no gradient; the sampling temperature)."""
         return self._logprobs(self._policy_model(), batch.prompt_ids, batch.prompt_mask, batch.response_ids,
