@@ -166,7 +166,7 @@ class AMPOLoss:
             top = cands.select(torch.tensor(order))
             chosen.append(top.replace(rewards=top.rewards.clamp(min=self.success)))
             guide.count("guided_groups")
-            guide.count("comprehension", float(score[order].mean()))
+            guide.count("comprehension_sum", float(score[order].mean()))
         if not chosen:
             return batch
         return guide.mix(batch, RolloutBatch.concat(chosen), replace=True)
