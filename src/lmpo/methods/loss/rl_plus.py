@@ -20,8 +20,8 @@ divides by a constant (``loss_remove_token_mean``): preset aggregator ``seq_mean
 Differs from GRPO: an external trace in every group, an on-policy-only baseline without std, no clip, the MIS ratio
 and the probability-weighted advantage on external tokens.
 
-Gaps filled: the script's entropy bonus (0.001) is not part of this loss; ``mis_weight`` (1/2) and ``gamma`` expose
-the constants. The script's constant divisor is the padded response width; ``seq_mean_token_sum_norm`` divides by
+Gaps filled: the script's entropy bonus 0.001 is the trainer's ``train.entropy_coef`` (set by the preset);
+``mis_weight`` (1/2) and ``gamma`` expose the constants. The script's constant divisor is the padded response width; ``seq_mean_token_sum_norm`` divides by
 B x L_max instead (the same gradient up to the constant factor B).
 """
 
@@ -122,11 +122,12 @@ class RLPlusLoss:
 PRESETS = {
     # RL-PLUS (arXiv:2508.00222; exp_scripts/train_RL-PLUS.sh): one external trace in place of one of the group's
     # rollouts, on-policy baseline without std, no clip, MIS + exploration weight gamma 0.5 on external tokens,
-    # constant-normalised token sum, no KL.
+    # constant-normalised token sum, entropy bonus 0.001, no KL.
     "rl_plus": {
         "advantage": {"name": "rl_plus"},
         "loss": {"name": "rl_plus", "gamma": 0.5},
         "aggregator": {"name": "seq_mean_token_sum_norm"},
         "kl": {"beta": 0.0},
+        "train": {"entropy_coef": 0.001},
     },
 }
