@@ -274,6 +274,9 @@ class Guide:
             from lmpo.rollout.hf import HFGenerator
 
             model, tok = load_model(spec)
+            policy = getattr(self.ctx.generator, "model", None)
+            if policy is not None:  # beside the policy (a GPU when the policy is on one)
+                model = model.to(next(policy.parameters()).device)
             if tok.get_vocab() != self.ctx.tokenizer.get_vocab():
                 raise DataError(f"guide: teacher {spec!r} has another tokenizer than the policy; its log-probs would "
                                 "not be per policy token. Use a teacher of the same family, or its texts as data "
