@@ -189,6 +189,13 @@ def build_pipeline(cfg, components: dict[str, Any] | None = None) -> Pipeline:
         raise ConfigError(f"{', '.join(who)} needs candidate_logprobs, which need candidate tokens from the rollout "
                           f"mode; rollout.mode={cfg.rollout.mode!r} provides none. Set rollout.mode to one of "
                           f"{', '.join(m for m in ('reference', 'soft_thinking'))}.")
+    guide = p.providers.get("guide")
+    clash = [pt for pt in ("plan_group", "prefix_budgets") if p.providers.get(pt)]
+    if guide and (clash or cfg.rollout.mode != "sample"):
+        what = f"the {', '.join(clash)} extension point" if clash else f"rollout.mode={cfg.rollout.mode!r}"
+        raise ConfigError(f"{type(guide[0]).__name__} mixes guided rows into the groups (the guide extension point), "
+                          f"which cannot be combined with {what}: those add per-row data that guided rows do not "
+                          "have. Use rollout.mode=sample and drop the other planner (docs/guidance.md).")
     has_targets = bool(p.providers.get("value_targets"))
     if ("values" in p.needs) != has_targets:
         who = [r for r, c in p.roles.items() if "values" in needs_of(c)] or \

@@ -134,3 +134,13 @@ def test_collect_calls_the_provider_and_reports_fail_fractions(policy):
 def test_one_guide_provider_per_run():
     with pytest.raises(ConfigError, match="'guide'"):
         Pipeline.assemble(planners=[RescueAll(), RescueAll()])
+
+
+def test_guidance_cannot_combine_with_per_row_collection_data():
+    from lmpo.config import load_config
+
+    # found when the config is loaded, before anything is generated
+    with pytest.raises(ConfigError, match="rollout.mode='reference'"):
+        load_config("configs/tiny.yaml", ["method=rl_plus", "rollout.mode=reference"])
+    with pytest.raises(ConfigError, match="plan_group"):
+        load_config("configs/tiny.yaml", ["method=scaf_grpo", "advantage.name=hbpo"])
