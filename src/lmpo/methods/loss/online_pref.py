@@ -57,9 +57,9 @@ class Pairs:
 
 def sequence_scores(batch: RolloutBatch) -> Tensor:
     """The outcome reward plus the summed token rewards (KL-in-reward, process rewards) when present (B,)."""
-    g = batch.rewards.float()
+    g = batch.rewards if batch.rewards.is_floating_point() else batch.rewards.float()
     if batch.token_rewards is not None:
-        g = g + ops.masked_sum(batch.token_rewards.float(), batch.response_mask, dim=-1)
+        g = g + ops.masked_sum(batch.token_rewards.to(g.dtype), batch.response_mask, dim=-1)
     return g
 
 
