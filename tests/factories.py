@@ -226,7 +226,8 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     -> ``hidden`` (B, T, H), both leaves with gradient (the policy being optimised); ``candidate_logprobs`` (B, T, M)
     <= 0 with gradient, plus ``candidate_ids`` (column 0 = the sampled token, so hits occur) and a detached
     ``old_candidate_logprobs``; ``vocab_mean_logprobs`` (B, T) <= -log 16 with gradient, plus a detached ``old_`` copy;
-    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
+    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``real_rows`` -> ``real_answer`` (B,) 1.0 on each group's first row;
+    ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
     """
     g = torch.Generator().manual_seed(1000 + seed)
     B, T = batch.response_mask.shape
@@ -254,6 +255,9 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
         ex["values"] = torch.randn(B, T, generator=g) * m
     if "layer_noise" in needs:
         ex["noise_seed"] = torch.randint(0, 2**31, (B,), generator=g)
+    if "real_rows" in needs:  # rollout.mode self_play: the first row of each group is the reference answer
+        gid = batch.group_ids
+        ex["real_answer"] = torch.tensor([float(i == 0 or gid[i] != gid[i - 1]) for i in range(B)])
     return batch.replace(extras=ex)
 
 

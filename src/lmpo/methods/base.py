@@ -118,6 +118,8 @@ NEEDS: dict[str, str] = {
                      "the logit-gradient of log pi_old(y_t), from pi_old's pass before the advantages (OTB)",
     "candidate_logprobs": "extras['candidate_logprobs'] (B, T, K) log-probs of extras['candidate_ids'], which the "
                           "rollout mode provides (rollout.mode reference / soft_thinking)",
+    "real_rows": "extras['real_answer'] (B,): 1.0 on rows whose response is the task's reference answer, which the "
+                 "rollout mode self_play provides (SPIN)",
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
               "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
               "pipeline's value_targets provider (one must exist)",
