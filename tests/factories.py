@@ -227,6 +227,7 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     <= 0 with gradient, plus ``candidate_ids`` (column 0 = the sampled token, so hits occur) and a detached
     ``old_candidate_logprobs``; ``vocab_mean_logprobs`` (B, T) <= -log 16 with gradient, plus a detached ``old_`` copy;
     ``layer_noise`` -> ``noise_seed`` (B,) int64; ``real_rows`` -> ``real_answer`` (B,) 1.0 on each group's first row;
+    ``opponent_rows`` -> ``opponent`` (B,) 1.0 on each group's last row;
     ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
     """
     g = torch.Generator().manual_seed(1000 + seed)
@@ -258,6 +259,9 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     if "real_rows" in needs:  # rollout.mode self_play: the first row of each group is the reference answer
         gid = batch.group_ids
         ex["real_answer"] = torch.tensor([float(i == 0 or gid[i] != gid[i - 1]) for i in range(B)])
+    if "opponent_rows" in needs:  # rollout.mode mixture: the last row of each group is an (untrained) opponent
+        gid = batch.group_ids
+        ex["opponent"] = torch.tensor([float(i == B - 1 or gid[i] != gid[i + 1]) for i in range(B)])
     return batch.replace(extras=ex)
 
 

@@ -120,6 +120,8 @@ NEEDS: dict[str, str] = {
                           "rollout mode provides (rollout.mode reference / soft_thinking)",
     "real_rows": "extras['real_answer'] (B,): 1.0 on rows whose response is the task's reference answer, which the "
                  "rollout mode self_play provides (SPIN)",
+    "opponent_rows": "extras['opponent'] (B,): 1.0 on untrained opponent rows sampled from the geometric mixture of "
+                     "the policy and the reference, which the rollout mode mixture provides (Nash-MD)",
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
               "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
               "pipeline's value_targets provider (one must exist)",
