@@ -167,7 +167,8 @@ class OnlinePreference:
         member = mask.any(-1)
         pairs = build_pairs(sequence_scores(batch), batch.group_ids, member, self.pairs, self.min_gap)
         metrics = {"loss/pairs": torch.tensor(float(pairs.chosen.numel())),
-                   "loss/pair_ties": torch.tensor(float(pairs.ties))}
+                   "loss/pair_ties": torch.tensor(float(pairs.ties)),
+                   "loss/unpaired_empty": (~member).sum().float()}  # rows without a trained token: never paired
         per_token = torch.zeros_like(logprobs) * logprobs  # keeps the graph when there is no pair
         if pairs.chosen.numel():
             ref = pair_logps(batch.ref_logprobs.detach(), batch, pairs) if "ref_logprobs" in self._pref.needs else None

@@ -89,6 +89,7 @@ def test_matches_a_loop_reference(mode, seed):
     lp = (ref + 0.5 * torch.randn(B, 4, generator=g, dtype=F64)).requires_grad_(True)
     b = batch(rewards, groups, mask, ref)
     fn = from_config(OnlinePreference, preference={"name": "dpo", "beta": 0.3}, pairs=mode)
+    assert fn(lp, b).metrics["loss/unpaired_empty"] == 1
     expect = slow_reference(rewards.tolist(), groups.tolist(), mask.any(-1).tolist(), lp.detach(), ref, mask, 0.3, mode)
     loss = agg_loss(fn, lp, b)
     assert loss.item() == pytest.approx(expect, rel=1e-9, abs=1e-12)
