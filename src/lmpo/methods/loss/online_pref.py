@@ -154,6 +154,9 @@ class OnlinePreference:
         object.__setattr__(self, "_rl", build_spec(LOSSES, self.rl, "loss.rl"))
         if isinstance(self._rl, OnlinePreference):
             raise ConfigError("loss.rl must be an RL policy loss, not online_pref itself.")
+        if self._rl is not None and "layer_noise" in getattr(self._rl, "needs", ()):
+            raise ConfigError(f"loss.rl: {self.rl['name']} perturbs the training forward (layer_noise), which "
+                              "online_pref cannot pass on; use it as the run's loss instead.")
 
     __hash__ = object.__hash__
 
