@@ -13,7 +13,8 @@ from lmpo.errors import ConfigError
 from lmpo.methods.aggregate import SeqMeanTokenMean
 from lmpo.methods.loss.online_pref import OnlinePreference, build_pairs
 from lmpo.methods.loss.ppo_clip import PPOClipLoss
-from factories import from_config, make_batch, random_groups, random_mask
+from lmpo.registry import PREFERENCE_LOSSES
+from factories import from_config, make_batch, permute, random_full_batch, random_groups, random_mask
 
 F64 = torch.float64
 
@@ -159,3 +160,20 @@ def test_bad_specs_are_config_errors():
         from_config(OnlinePreference, pairs="best")
     with pytest.raises(ConfigError, match="loss.rl.epsilonn"):
         from_config(OnlinePreference, rl={"name": "ppo_clip", "epsilonn": 0.2})
+
+
+@pytest.mark.parametrize("name", PREFERENCE_LOSSES.names())
+def test_every_registered_preference_loss_runs_on_online_pairs(name):
+    # whatever joins PREFERENCE_LOSSES: finite loss and gradient, none on padding, no gradient into the reference,
+    # and the same total loss whatever the row order (pairs are a set)
+    b = random_full_batch(seed=11)
+    ref = b.ref_logprobs.clone().requires_grad_(True)
+    b = b.replace(ref_logprobs=ref)
+    fn = from_config(OnlinePreference, preference={"name": name}, pairs="all")
+    lp = (b.old_logprobs + 0.1 * b.response_mask).requires_grad_(True)
+    out = fn(lp, b)
+    out.per_token.sum().backward()
+    assert torch.isfinite(out.per_token).all() and torch.isfinite(lp.grad).all()
+    assert torch.all(lp.grad[~b.response_mask] == 0) and (ref.grad is None or torch.all(ref.grad == 0))
+    pb, perm = permute(b)
+    assert_close(fn(lp.detach()[perm], pb).per_token.sum(), out.per_token.detach().sum())
