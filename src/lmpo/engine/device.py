@@ -126,6 +126,12 @@ def apply_device(cfg) -> torch.device:
     return device
 
 
+def run_device() -> torch.device:
+    """Where a component's own second model (a judge, a PRM) should live: the GPU on a CUDA run, else the CPU.
+    Components hand the trainer host tensors either way (their passes' results come back with ``.cpu()``)."""
+    return torch.device("cuda") if cuda_run() else HOST
+
+
 def peak_gpu_gb() -> float | None:
     """Peak memory allocated by torch on the CUDA device of a CUDA run (GB), None on a CPU run."""
     if not (cuda_run() and torch.cuda.is_available()):

@@ -123,9 +123,11 @@ class CALMShaper:
         return self.__dict__["_judge"]
 
     def _lm_judge(self) -> Callable[[list[Transition], list[str]], Tensor]:
+        from lmpo.engine.device import run_device
         from lmpo.models.load import load_model
 
         model, tok = load_model(self.judge, dtype=self.dtype)
+        model.to(run_device())  # the run's GPU on a CUDA run; its verdicts come back to the host
         verdict = []
         for key, text in (("yes_token", self.yes_token), ("no_token", self.no_token)):
             enc = tok(text, add_special_tokens=False)["input_ids"]
