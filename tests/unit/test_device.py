@@ -146,3 +146,41 @@ def test_batch_to_device_moves_every_field_and_extra():
         assert getattr(moved, f).device.type == "meta" and getattr(moved, f).shape == getattr(batch, f).shape
     assert moved.extras and all(v.device.type == "meta" for v in moved.extras.values())
     assert moved.meta == batch.meta
+
+
+def test_the_update_moves_each_micro_batch_to_the_policys_device(monkeypatch):
+    """policy_update hands every micro-batch to ``batch_to_device`` with the runner's device before its loss, and the
+    loss sees what came back (here the CPU: the same batch, so the update is unchanged)."""
+    from lmpo.config import TrainConfig
+    from lmpo.engine.optim import build_optimizer
+    from lmpo.methods.aggregate import TokenMean
+    from lmpo.methods.loss.ppo_clip import PPOClipLoss
+    from lmpo.train import step
+    from factories import policy_batch
+
+    model = load_model("tiny")[0]
+    runner = step.PolicyRunner(model, packed=False)
+    g = torch.Generator().manual_seed(0)
+    attn = torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 1])[:, None]
+    b = policy_batch(torch.randint(3, 16, (4, 2), generator=g), torch.ones(4, 2, dtype=torch.bool),
+                     torch.randint(3, 16, (4, 4), generator=g), attn, advantages=torch.randn(4, 4, generator=g) * attn)
+    b = b.replace(group_ids=torch.arange(4), old_logprobs=runner.logprobs_nograd(b, None))
+    moved, seen = [], []
+    real = step.batch_to_device
+
+    def record(batch, device):
+        moved.append((batch.batch_size, device))
+        return real(batch, device)
+
+    def loss_fn(lp, mb):
+        seen.append(mb.response_ids.device)
+        return PPOClipLoss()(lp, mb)
+
+    loss_fn.needs = PPOClipLoss.needs
+    monkeypatch.setattr(step, "batch_to_device", record)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], TrainConfig(learning_rate=1e-3), 10,
+                          single_use=False)
+    step.policy_update(runner, opt, b, loss_fn, TokenMean(), step.UpdateSettings(micro_batch_size=2, horizon=4), 1)
+    assert moved == [(2, torch.device("cpu")), (2, torch.device("cpu"))] and runner.device == torch.device("cpu")
+    assert seen == [torch.device("cpu")] * 2
+    assert runner.logprobs_nograd(b, 2).device == b.response_ids.device  # pass results come back to the batch
