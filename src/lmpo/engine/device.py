@@ -164,7 +164,3 @@ def batch_to_device(batch, device: torch.device):
     kw["extras"] = {k: host_to_device(v, device) if isinstance(v, Tensor) else v for k, v in batch.extras.items()}
     return batch.replace(**kw)
 
-
-def to_host(t: Tensor | None) -> Tensor | None:
-    """A pass's result back on the host, where the batch lives."""
-    return None if t is None else t.cpu()
