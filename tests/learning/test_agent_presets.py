@@ -30,7 +30,7 @@ FALLBACK_SEEDS = (1, 2)
 """A preset whose seed 0 falls short is judged by its mean over seeds 0, 1, 2 (as in ``test_presets.py``)."""
 
 AGENT_PRESETS: list[str] = ["grpo", "gigpo", "agentflow_flow_grpo", "g_ra", "empg", "epo", "matchtir", "igpo",
-                             "calm", "oprl"]
+                             "calm", "oprl", "ppdpp"]
 """Presets judged on the tiny multi-turn task (the turn-level methods add themselves here). ``matchtir``: the tiny
 tokenizer cannot write tool calls, so its matched rewards (unit-tested in tests/unit/methods/advantage/
 test_matchtir.py) are not what it learns from here; its dual-level advantage learns from copy_turns' per-turn rewards,
