@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU smoke test of lmpo's CUDA path (docs/vllm.md "CUDA"): a few minutes on one GPU.
 #
+#   0. the tests marked gpu (tests/unit/test_cuda_run.py, the tiny model: `make test-gpu`);
 #   1. the default run (configs/default.yaml) on CUDA for a few steps: finite metrics, held-out eval, bf16 autocast;
 #   2. the HF sampler and the vLLM engine give the same greedy tokens on the default model (needs a vLLM with CUDA
 #      in $VLLM_PYTHON's environment; skipped, not failed, when there is none);
@@ -58,6 +59,15 @@ train_check() {
     row "$name" FAIL "$((SECONDS - t0))" "exit status $?; $(tail -n 3 "$OUT/$name.log" | tr '\n\t' '  ')"
   fi
 }
+
+if [ "$DEVICE" != cpu ]; then  # the gpu-marked tests (tiny model): device, bf16, SDPA, no native kernels, parity
+  t0=$SECONDS
+  if "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_run.py > "$OUT/pytest-gpu.log" 2>&1; then
+    row pytest-gpu ok "$((SECONDS - t0))" "$(tail -n 1 "$OUT/pytest-gpu.log")"
+  else
+    row pytest-gpu FAIL "$((SECONDS - t0))" "$(grep -m 3 -E '^(FAILED|ERROR)' "$OUT/pytest-gpu.log" | tr '\n\t' '  ')"
+  fi
+fi
 
 train_check default-"$DEVICE"
 train_check async1-"$DEVICE" train.async.max_staleness=1
