@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpo.batch import RolloutBatch
+from lmpo.engine.device import HOST, batch_to_device
 from lmpo.errors import DataError
 from lmpo.models.load import format_prompt
 from lmpo.pipeline import Pipeline
@@ -104,12 +105,13 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     fields = _mode_fields(out)
     fields["response_mask"] = out.response_attn & fields["response_mask"] if "response_mask" in fields \
         else out.response_attn.clone()
-    return RolloutBatch(
+    batch = RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
         truncated=out.truncated, extras=extras, meta=meta, **fields,
     )
+    return batch_to_device(batch, HOST)  # batches live on the host (a GPU sampler's tensors come back; CPU: as is)
 
 
 _EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls",
