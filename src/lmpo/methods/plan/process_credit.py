@@ -79,9 +79,9 @@ class ProcessCredit(Stateful):
         return {k: 0 for k in COUNTERS}
 
     def _scorer(self):
-        if "_scorer" not in self.__dict__:
-            self.__dict__["_scorer"] = resolve_scorer(self.scorer)
-        return self.__dict__["_scorer"]
+        if "_scorer_fn" not in self.__dict__:
+            self.__dict__["_scorer_fn"] = resolve_scorer(self.scorer)
+        return self.__dict__["_scorer_fn"]
 
     def _spans(self, tokenizer, ids, logprobs, text) -> tuple[list[tuple[int, int]], list[int]]:
         ends = token_char_ends(tokenizer, ids, text)
@@ -90,9 +90,12 @@ class ProcessCredit(Stateful):
             return spans, step_end_tokens(ends, spans)
         toks = cutpoint_ends(logprobs, len(ids), self.cut_prob, self.cut_every)
         starts = [0] + [ends[e] for e in toks[:-1]]
-        spans = [(s, ends[e]) for s, e in zip(starts, toks)]
-        keep = [k for k, (s, e) in enumerate(spans) if text[s:e].strip()]
-        return [spans[k] for k in keep], [toks[k] for k in keep]
+        spans = []
+        for s, e in zip(starts, (ends[e] for e in toks)):  # each segment's text without surrounding whitespace
+            piece = text[s:e]
+            if piece.strip():
+                spans.append((s + len(piece) - len(piece.lstrip()), s + len(piece.rstrip())))
+        return spans, step_end_tokens(ends, spans)
 
     def after_score(self, ctx: Any, batch: RolloutBatch) -> RolloutBatch:  # ScoreAugmenter
         if batch.turn_ids is not None:
