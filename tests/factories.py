@@ -252,6 +252,29 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
         ex.update(vocab_mean_logprobs=leaf(vm), old_vocab_mean_logprobs=(vm - 0.1 * torch.rand(B, T, generator=g)) * m)
     if "values" in needs:  # the pre-update critic's V(s_t), detached
         ex["values"] = torch.randn(B, T, generator=g) * m
+    if "step_rewards" in needs:  # process_credit's layout: random step ends on trained tokens, the last on the last
+        S = T
+        ends = torch.full((B, S), -1, dtype=torch.long)
+        scores, n = torch.zeros(B, S), torch.zeros(B, dtype=torch.long)
+        turn = torch.zeros(B, T, dtype=torch.long)
+        tok_r = torch.zeros(B, T)
+        for i in range(B):
+            live = m[i].nonzero().flatten()
+            if not len(live):
+                continue
+            last = int(live[-1])
+            cut = sorted(set((live[torch.rand(len(live), generator=g) < 0.4]).tolist()) | {last})
+            k = len(cut)
+            ends[i, :k], n[i] = torch.tensor(cut), k
+            scores[i, :k] = torch.rand(k, generator=g) * 2 - 1
+            tok_r[i, cut] = scores[i, :k]
+            start = 0
+            for j, e in enumerate(cut):
+                turn[i, start:e + 1] = j
+                start = e + 1
+            turn[i, start:] = k - 1
+        ex.update(step_rewards=scores, step_ends=ends, num_steps=n)
+        batch = batch.replace(token_rewards=tok_r, turn_ids=turn)
     if "layer_noise" in needs:
         ex["noise_seed"] = torch.randint(0, 2**31, (B,), generator=g)
     return batch.replace(extras=ex)
@@ -269,7 +292,7 @@ def pad_columns(batch: RolloutBatch, extra: int) -> RolloutBatch:
     return RolloutBatch.concat([batch]).replace(extras=ex, **{
         f: torch.nn.functional.pad(getattr(batch, f), (0, extra))
         for f in ("response_ids", "response_mask", "response_attn", "sampler_logprobs", "old_logprobs",
-                  "ref_logprobs", "advantages") if getattr(batch, f) is not None})
+                  "ref_logprobs", "advantages", "token_rewards", "turn_ids") if getattr(batch, f) is not None})
 
 
 def permute(batch: RolloutBatch, seed: int = 1) -> tuple[RolloutBatch, Tensor]:

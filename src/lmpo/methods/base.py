@@ -121,6 +121,9 @@ NEEDS: dict[str, str] = {
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
               "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
               "pipeline's value_targets provider (one must exist)",
+    "step_rewards": "extras['step_rewards'], ['step_ends'] (B, S), ['num_steps'] (B,) and turn_ids: each reply's step "
+                    "scores and step-end tokens, written during collection by the process_credit planner (which must "
+                    "be in planners; lmpo.methods.plan.process_credit)",
     "hidden_states": "extras['hidden'] (B, T, H): LM-head inputs of the training forward, with gradient (losses only)",
     "current_entropy": "extras['current_entropy'] (B, T): entropy of the policy being optimised, with gradient "
                        "(losses only)",

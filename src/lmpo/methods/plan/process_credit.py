@@ -74,6 +74,7 @@ class ProcessCredit(Stateful):
     on_error: str = hp("raise", choices=("raise", "mask"))
     horizon: int = hp(64, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset({"step_rewards"})
 
     def initial_state(self) -> dict[str, Any]:
         return {k: 0 for k in COUNTERS}
