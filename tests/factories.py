@@ -414,3 +414,18 @@ def tool_episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None
         group_ids=torch.zeros(B, dtype=torch.long) if group_ids is None else _t(group_ids, torch.long),
         rewards=rewards, sampler_logprobs=torch.zeros(B, T, dtype=dtype), turn_ids=tid, extras=ex,
     )
+
+
+def smollm2_tokenizer():
+    """The shipped SmolLM2 model's tokenizer from lmpo's model cache; skips the test when it is not there."""
+    import glob
+    import os
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    root = os.environ.get("LMPO_CACHE", os.path.expanduser("~/.cache/lmpo"))
+    found = glob.glob(os.path.join(root, "models", "SmolLM2*", "tokenizer.json"))
+    if not found:
+        pytest.skip("the SmolLM2 tokenizer is not in the lmpo cache (run lmpo with model.name=default once)")
+    return AutoTokenizer.from_pretrained(os.path.dirname(found[0]))

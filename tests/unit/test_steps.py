@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 
 import pytest
 import torch
@@ -14,14 +12,7 @@ from lmpo.rewards.steps import (CopySteps, EquationSteps, _prefix_ends, check_sc
                                 split_steps, step_end_tokens, token_char_ends)
 from lmpo.errors import ConfigError
 
-
-def smollm2_tokenizer():
-    root = os.environ.get("LMPO_CACHE", os.path.expanduser("~/.cache/lmpo"))
-    found = glob.glob(os.path.join(root, "models", "SmolLM2*", "tokenizer.json"))
-    if not found:
-        pytest.skip("the SmolLM2 tokenizer is not in the lmpo cache (run lmpo with model.name=default once)")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.dirname(found[0]))
+from factories import smollm2_tokenizer
 
 
 def test_split_steps_by_hand():
