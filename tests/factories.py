@@ -429,3 +429,29 @@ def smollm2_tokenizer():
     if not found:
         pytest.skip("the SmolLM2 tokenizer is not in the lmpo cache (run lmpo with model.name=default once)")
     return AutoTokenizer.from_pretrained(os.path.dirname(found[0]))
+
+
+def step_batch(rows, rewards=None, group_ids=None, T=None, token_rewards=None):
+    """A batch laid out as the process_credit planner lays it out: ``rows`` gives per row a list of (step score,
+    step length in tokens); the score sits on the step's last token (``token_rewards``), ``turn_ids`` number the
+    steps, extras ``step_rewards`` / ``step_ends`` / ``num_steps``."""
+    T = T or max(sum(n for _, n in r) for r in rows)
+    B, S = len(rows), max(len(r) for r in rows)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    turn = torch.zeros(B, T, dtype=torch.long)
+    tok = torch.zeros(B, T)
+    sr, se, ns = torch.zeros(B, S), torch.full((B, S), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = 0
+        for k, (score, n) in enumerate(r):
+            mask[i, t:t + n], turn[i, t:t + n] = True, k
+            t += n
+            tok[i, t - 1], sr[i, k], se[i, k] = score, score, t - 1
+        ns[i] = len(r)
+    if token_rewards is not None:
+        tok = tok + token_rewards
+    return RolloutBatch(prompt_ids=torch.ones(B, 1, dtype=torch.long), response_ids=torch.ones(B, T, dtype=torch.long),
+                        response_mask=mask, response_attn=mask.clone(),
+                        group_ids=torch.tensor(group_ids or [0] * B), rewards=torch.tensor(rewards or [0.0] * B),
+                        sampler_logprobs=torch.zeros(B, T), token_rewards=tok, turn_ids=turn,
+                        extras={"step_rewards": sr, "step_ends": se, "num_steps": ns})
