@@ -1,6 +1,7 @@
 """Process credit in the pipeline: every reply cut into steps, every step scored, each score on its step's last token.
 
-Runs as the ``after_score`` extension point (each scoring round's batch, before the shapers, with the rollout
+The layout is step-by-step PPO's (Math-Shepherd, arXiv:2312.08935, Sec. 3.3: a step's process reward at the step's
+final token). Runs as the ``after_score`` extension point (each scoring round's batch, before the shapers, with the rollout
 context, whose tokenizer maps characters to tokens). For row i with reply text y_i:
 
   steps      = :func:`lmpo.rewards.steps.split_steps` (``separator``/``pattern``), or ``segment: cutpoints``: the
@@ -49,7 +50,8 @@ def cutpoint_ends(logprobs: torch.Tensor, n: int, cut_prob: float, every: int) -
     return ends + [n - 1] if n else []
 
 
-@PLANNERS.register("process_credit", paper="(lmpo) process rewards on token positions", arxiv="none",
+@PLANNERS.register("process_credit", paper="Math-Shepherd: Verify and Reinforce LLMs Step-by-step without Human "
+                   "Annotations (step-by-step PPO: each step's process reward on its last token)", arxiv="2312.08935",
                    fidelity="exact")
 @dataclass
 class ProcessCredit(Stateful):
