@@ -143,6 +143,21 @@ def check_scores(scores: Any, n: int) -> str:
     return f"step(s) {bad} scored {[vals[i] for i in bad]} (not finite)" if bad else ""
 
 
+def check_scorer_spec(spec: str, where: str) -> None:
+    """Fail at configuration time on an unknown scorer name (``module:attr`` specs are imported when first used)."""
+    if ":" not in spec:
+        STEP_SCORERS.entry(spec, where=where)
+
+
+def check_pattern(pattern: str | None, where: str) -> None:
+    """Fail at configuration time on a regex that does not compile."""
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}={pattern!r} is not a valid regular expression: {e}.") from None
+
+
 def resolve_scorer(spec: str) -> Callable[..., list[float]]:
     """A step scorer by registered name (:data:`STEP_SCORERS`) or ``module:attribute`` (a class is instantiated)."""
     if ":" in spec:

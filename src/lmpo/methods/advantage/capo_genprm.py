@@ -41,7 +41,7 @@ from lmpo.batch import RolloutBatch
 from lmpo.errors import DataError
 from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES, Registry
-from lmpo.rewards.steps import place_steps, resolve_scorer, split_steps, step_end_tokens, token_char_ends
+from lmpo.rewards.steps import check_scorer_spec, place_steps, resolve_scorer, split_steps, step_end_tokens, token_char_ends
 
 CRITICS: Registry = Registry("critic")
 VOTES = ("intersection", "majority", "average")
@@ -92,6 +92,11 @@ class CAPOAdvantage:
     eps: float = hp(1e-6, ge=0)
     horizon: int = hp(64, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        if ":" not in self.critic:
+            CRITICS.entry(self.critic, where="advantage: capo_genprm.critic")
+        check_scorer_spec(self.scorer, "advantage: capo_genprm.scorer")
 
     def _critic(self) -> Callable[..., list[int]]:
         if "_critic_fn" not in self.__dict__:

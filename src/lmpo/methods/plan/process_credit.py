@@ -36,8 +36,8 @@ from lmpo.errors import DataError
 from lmpo.methods.base import Stateful
 from lmpo.methods.params import hp
 from lmpo.registry import PLANNERS
-from lmpo.rewards.steps import (check_scores, place_steps, resolve_scorer, split_steps, step_end_tokens,
-                                token_char_ends)
+from lmpo.rewards.steps import (check_pattern, check_scorer_spec, check_scores, place_steps, resolve_scorer,
+                                split_steps, step_end_tokens, token_char_ends)
 
 COUNTERS = ("rows", "failed", "one_step", "empty", "merged")
 
@@ -77,6 +77,10 @@ class ProcessCredit(Stateful):
     horizon: int = hp(64, ge=1)
     needs: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset({"step_rewards"})
+
+    def __post_init__(self) -> None:
+        check_scorer_spec(self.scorer, "planners: process_credit.scorer")
+        check_pattern(self.pattern, "planners: process_credit.pattern")
 
     def initial_state(self) -> dict[str, Any]:
         return {k: 0 for k in COUNTERS}

@@ -134,4 +134,6 @@ def test_bad_hyper_parameters():
     with pytest.raises(ConfigError, match="vote_rule"):
         from_config(CAPOAdvantage, vote_rule="union")
     with pytest.raises(ConfigError, match="rule"):
-        CAPOAdvantage(critic="rulez")._critic()
+        CAPOAdvantage(critic="rulez")
+    with pytest.raises(ConfigError, match="copy_steps"):
+        CAPOAdvantage(scorer="copy_step")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lmpo.batch import RolloutBatch
-from lmpo.errors import DataError
+from lmpo.config import load_config
+from lmpo.errors import ConfigError, DataError
 from lmpo.methods.plan.process_credit import ProcessCredit, cutpoint_ends
 from lmpo.models.tiny import build_tiny_tokenizer
 from lmpo.pipeline import Pipeline
@@ -120,5 +121,30 @@ def test_cutpoints_segmentation():
 def test_bad_hyper_parameters_and_pipeline_point():
     with pytest.raises(Exception, match="on_error"):
         from_config(ProcessCredit, on_error="skip")
+    with pytest.raises(ConfigError, match="equation_steps"):
+        load_config("configs/tiny.yaml", ["method=pure", "planners=[{name: process_credit, scorer: equation_step}]"])
+    with pytest.raises(ConfigError, match="regular expression"):
+        from_config(ProcessCredit, pattern="(")
     p = Pipeline.assemble(planners=[ProcessCredit()])
     assert len(p.calls("after_score")) == 1
+
+
+def test_smollm2_replies_rewards_land_on_each_steps_last_token():
+    from factories import smollm2_tokenizer
+
+    tok = smollm2_tokenizer()
+    text = "First, 3+4=7.\n\nThen 7*2=15 😀\n\nSo the answer is 15."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    T = len(ids)
+    m = torch.ones(1, T, dtype=torch.bool)
+    b = RolloutBatch(prompt_ids=torch.ones(1, 1, dtype=torch.long), response_ids=torch.tensor([ids]), response_mask=m,
+                     response_attn=m.clone(), group_ids=torch.zeros(1, dtype=torch.long), rewards=torch.zeros(1),
+                     sampler_logprobs=torch.zeros(1, T), meta=[{"prompt": "q", "completion": text, "row": {}}])
+    out = ProcessCredit(horizon=T).after_score(SimpleNamespace(tokenizer=tok), b)
+    ends = out.extras["step_ends"][0, :3].tolist()
+    assert out.extras["step_rewards"][0, :3].tolist() == [1.0, -1.0, 0.0]
+    for e, step_text in zip(ends, ["First, 3+4=7.", "Then 7*2=15 😀", "So the answer is 15."]):
+        upto = tok.decode(ids[:e + 1], skip_special_tokens=True)
+        assert upto.endswith(step_text) and not tok.decode(ids[:e], skip_special_tokens=True).endswith(step_text)
+    assert out.token_rewards[0, ends[0]].item() == 1.0 and out.token_rewards[0, ends[1]].item() == -1.0
+    assert out.turn_ids[0, -1].item() == 2 and out.turn_ids[0].tolist() == sorted(out.turn_ids[0].tolist())
