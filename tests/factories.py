@@ -226,7 +226,8 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     -> ``hidden`` (B, T, H), both leaves with gradient (the policy being optimised); ``candidate_logprobs`` (B, T, M)
     <= 0 with gradient, plus ``candidate_ids`` (column 0 = the sampled token, so hits occur) and a detached
     ``old_candidate_logprobs``; ``vocab_mean_logprobs`` (B, T) <= -log 16 with gradient, plus a detached ``old_`` copy;
-    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
+    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``step_rewards`` -> the process_credit planner's layout (random step ends
+    on trained tokens, ``token_rewards`` / ``turn_ids`` set to match, extras ``step_rewards`` / ``step_ends`` / ``num_steps``); ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
     """
     g = torch.Generator().manual_seed(1000 + seed)
     B, T = batch.response_mask.shape
