@@ -4,7 +4,8 @@ Collection-shaping methods plug in through the pipeline's extension points (:mod
 once by :class:`lmpo.pipeline.Pipeline`): ``prompt_weights`` (prioritised sampling), ``allocate`` (rollouts per
 prompt: groups of different sizes), ``plan_group`` (per-sample length limits, prompt suffixes, tags into
 ``batch.extras``), ``prefix_budgets`` (also score truncated replies: ``batch.extras["prefix_rewards"]`` (B, S)),
-``inject_prompts`` (prompts made by components, served first) and ``after_collect`` (each scoring round's raw batch,
+``inject_prompts`` (prompts made by components, served first), ``after_score`` (each round's batch just scored, with the
+context: process credit, Monte-Carlo values) and ``after_collect`` (each scoring round's raw batch,
 with a context whose generator is the plain sampler). Per-prompt identity rides in ``meta[i]["prompt_key"]``.
 """
 
@@ -169,6 +170,8 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         rows = stream.take(need, weights=weights) if weights is not None else stream.take(need)
         counts = list(allocate([prompt_key(r) for r in rows], ctx.num_generations)) if allocate else ctx.num_generations
         raw = score(ctx, rows, counts, ctx.params, offset, plan_group, budgets)
+        for augment in p.calls("after_score"):  # process credit, Monte-Carlo values (they may generate)
+            raw = augment(ctx, raw)
         offset += need
         first = first or raw
         raws.append(raw)
