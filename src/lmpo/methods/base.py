@@ -125,6 +125,9 @@ NEEDS: dict[str, str] = {
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
               "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
               "pipeline's value_targets provider (one must exist)",
+    "step_rewards": "extras['step_rewards'], ['step_ends'] (B, S), ['num_steps'] (B,) and turn_ids: each reply's step "
+                    "scores and step-end tokens, written during collection by the process_credit planner (which must "
+                    "be in planners; lmpo.methods.plan.process_credit)",
     "hidden_states": "extras['hidden'] (B, T, H): LM-head inputs of the training forward, with gradient (losses only)",
     "current_entropy": "extras['current_entropy'] (B, T): entropy of the policy being optimised, with gradient "
                        "(losses only)",
@@ -194,6 +197,16 @@ class CollectObserver(Protocol):
 
 
 @runtime_checkable
+class ScoreAugmenter(Protocol):
+    """Called on each scoring round's batch right after it is scored, before the shapers, with the rollout context
+    (tokenizer, generator, reward set): returns the batch with fields added (process credit's ``token_rewards`` /
+    ``turn_ids``, Monte-Carlo values from extra rollouts in ``extras``). Any number of providers, in pipeline order,
+    each receiving the previous one's batch."""
+
+    def after_score(self, ctx: Any, batch: RolloutBatch) -> RolloutBatch: ...
+
+
+@runtime_checkable
 class StepObserver(Protocol):
     """Called after each step's update with the training batch and ``logprobs_fn`` (batch -> log-probs under the
     updated policy, no gradient): per-prompt trackers learn here. Any number of providers, in pipeline order."""
@@ -257,6 +270,7 @@ EXTENSION_POINTS: dict[str, ExtensionPoint] = {p.name: p for p in (
     ExtensionPoint("plan_group", GroupPlanner, True, "collect: per-sample length limits, suffixes and tags"),
     ExtensionPoint("prefix_budgets", PrefixScorer, True, "collect: scoring truncated replies"),
     ExtensionPoint("inject_prompts", PromptSource, False, "collect: prompts made by components"),
+    ExtensionPoint("after_score", ScoreAugmenter, False, "collect: each scoring round's batch, before the shapers"),
     ExtensionPoint("after_collect", CollectObserver, False, "collect: after the last scoring round"),
     ExtensionPoint("token_mask", TokenMask, True, "prepare: after the advantages"),
     ExtensionPoint("value_targets", ValueTargets, True, "prepare: the critic's targets, after the advantages"),

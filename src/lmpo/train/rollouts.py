@@ -4,7 +4,8 @@ Collection-shaping methods plug in through the pipeline's extension points (:mod
 once by :class:`lmpo.pipeline.Pipeline`): ``prompt_weights`` (prioritised sampling), ``allocate`` (rollouts per
 prompt: groups of different sizes), ``plan_group`` (per-sample length limits, prompt suffixes, tags into
 ``batch.extras``), ``prefix_budgets`` (also score truncated replies: ``batch.extras["prefix_rewards"]`` (B, S)),
-``inject_prompts`` (prompts made by components, served first) and ``after_collect`` (each scoring round's raw batch,
+``inject_prompts`` (prompts made by components, served first), ``after_score`` (each round's batch just scored, with the
+context: process credit, Monte-Carlo values) and ``after_collect`` (each scoring round's raw batch,
 with a context whose generator is the plain sampler). Per-prompt identity rides in ``meta[i]["prompt_key"]``.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpo.batch import RolloutBatch
+from lmpo.engine.device import HOST, batch_to_device
 from lmpo.errors import DataError
 from lmpo.models.load import format_prompt
 from lmpo.pipeline import Pipeline
@@ -104,12 +106,13 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     fields = _mode_fields(out)
     fields["response_mask"] = out.response_attn & fields["response_mask"] if "response_mask" in fields \
         else out.response_attn.clone()
-    return RolloutBatch(
+    batch = RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
         truncated=out.truncated, extras=extras, meta=meta, **fields,
     )
+    return batch_to_device(batch, HOST)  # batches live on the host (a GPU sampler's tensors come back; CPU: as is)
 
 
 _EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls",
@@ -167,6 +170,8 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         rows = stream.take(need, weights=weights) if weights is not None else stream.take(need)
         counts = list(allocate([prompt_key(r) for r in rows], ctx.num_generations)) if allocate else ctx.num_generations
         raw = score(ctx, rows, counts, ctx.params, offset, plan_group, budgets)
+        for augment in p.calls("after_score"):  # process credit, Monte-Carlo values (they may generate)
+            raw = augment(ctx, raw)
         offset += need
         first = first or raw
         raws.append(raw)
