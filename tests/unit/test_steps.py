@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from lmpo.models.tiny import build_tiny_tokenizer
 from lmpo.rewards.steps import (CopySteps, EquationSteps, _prefix_ends, check_scores, place_steps, resolve_scorer,
