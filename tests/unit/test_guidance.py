@@ -144,3 +144,26 @@ def test_guidance_cannot_combine_with_per_row_collection_data():
         load_config("configs/tiny.yaml", ["method=rl_plus", "rollout.mode=reference"])
     with pytest.raises(ConfigError, match="plan_group"):
         load_config("configs/tiny.yaml", ["method=scaf_grpo", "advantage.name=hbpo"])
+
+
+class CountRows:
+    """An after_score provider: records the rows it sees and adds a per-row extra."""
+
+    needs = frozenset()
+
+    def __init__(self):
+        self.seen = []
+
+    def after_score(self, ctx, batch):
+        self.seen.append(batch.extras.get("guided"))
+        return batch.replace(extras={**batch.extras, "seen": torch.ones(batch.batch_size)})
+
+
+def test_after_score_sees_the_guided_rows(policy):
+    rescue, counter = RescueAll(), CountRows()
+    ctx = make_ctx(policy, Pipeline.assemble(planners=[rescue, counter]), n=3)
+    data = [{"prompt": f"{i}{i}=", "answer": f"{i}{i}"} for i in range(2)]
+    torch.manual_seed(1)
+    batch, raw, _ = collect(ctx, PromptStream(data, seed=0), prompts_per_step=2, refill_rounds=0, step=0)
+    assert counter.seen[0].sum() == 2 and batch.extras["seen"].sum() == 6  # guided rows augmented too
+    assert "guided" not in raw.extras  # the step's reward metrics stay on the policy's own rollouts

@@ -5,10 +5,12 @@ once by :class:`lmpo.pipeline.Pipeline`): ``prompt_weights`` (prioritised sampli
 prompt: groups of different sizes), ``plan_group`` (per-sample length limits, prompt suffixes, tags into
 ``batch.extras``), ``prefix_budgets`` (also score truncated replies: ``batch.extras["prefix_rewards"]`` (B, S)),
 ``inject_prompts`` (prompts made by components, served first), ``guide`` (guided rows mixed into each scoring round's
-groups before shapers and selectors: :mod:`lmpo.train.guidance`) and ``after_collect`` (each scoring round's raw
-batch, with a context whose generator is the plain sampler). Per-prompt identity rides in ``meta[i]["prompt_key"]``.
-The stats report every step's share of groups the policy failed entirely (``rollout/all_fail_frac``) and of groups
-with equal rewards (``rollout/flat_frac``, GRPO's zero-advantage groups), both before guidance.
+groups before shapers and selectors: :mod:`lmpo.train.guidance`), ``after_score`` (each round's batch just scored,
+guided rows included, with the context: process credit, Monte-Carlo values) and ``after_collect`` (each scoring
+round's raw batch, with a context whose generator is the plain sampler). Per-prompt identity rides in
+``meta[i]["prompt_key"]``. The stats report every step's share of groups the policy failed entirely
+(``rollout/all_fail_frac``) and of groups with equal rewards (``rollout/flat_frac``, GRPO's zero-advantage groups),
+both before guidance.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpo.batch import RolloutBatch
+from lmpo.engine.device import HOST, batch_to_device
 from lmpo.errors import DataError
 from lmpo.models.load import format_prompt
 from lmpo.pipeline import Pipeline
@@ -109,12 +112,13 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     fields = _mode_fields(out)
     fields["response_mask"] = out.response_attn & fields["response_mask"] if "response_mask" in fields \
         else out.response_attn.clone()
-    return RolloutBatch(
+    batch = RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
         truncated=out.truncated, extras=extras, meta=meta, **fields,
     )
+    return batch_to_device(batch, HOST)  # batches live on the host (a GPU sampler's tensors come back; CPU: as is)
 
 
 _EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls",
@@ -176,13 +180,16 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         counts = list(allocate([prompt_key(r) for r in rows], ctx.num_generations)) if allocate else ctx.num_generations
         raw = score(ctx, rows, counts, ctx.params, offset, plan_group, budgets)
         offset += need
-        first = first or raw
         generated += raw.batch_size
         n_new = int(torch.unique(raw.group_ids).numel())
         fails += len(failed_groups(raw)) / max(1, n_new)
         flats += flat_fraction(raw)
-        if guidance is not None:  # guided rows join the groups before shapers and selectors see them
+        if guidance is not None:  # guided rows join the groups before after_score, shapers and selectors see them
+            first = first or raw  # the policy's own rollouts (the step's reward metrics)
             raw = run_guide(guide, guidance, raw)
+        for augment in p.calls("after_score"):  # process credit, Monte-Carlo values (they may generate)
+            raw = augment(ctx, raw)
+        first = first or raw
         raws.append(raw)
         batch = raw
         for shaper in p.shapers:
