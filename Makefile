@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
+.PHONY: setup run test test-gpu test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
 	test-vllm bench-vllm
 
 $(BIN)/python:
@@ -82,6 +82,11 @@ test-vllm: setup-vllm
 ## Decode tokens/s, lmpo's own sampler vs the vLLM CPU engine, batch sizes 8/32/128: docs/results/vllm.{md,json}.
 bench-vllm: setup-vllm
 	$(VENV_VLLM)/bin/python benchmarks/vllm_decode.py $(BENCH_ARGS)
+
+## The CUDA path on a GPU machine (tests marked gpu: tests/unit/test_cuda_run.py; skipped without CUDA). The longer
+## check with the default model and vLLM: bash benchmarks/gpu_smoke.sh (docs/vllm.md "CUDA").
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

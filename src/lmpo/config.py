@@ -61,6 +61,9 @@ class ModelConfig:
     # less memory still, for clearly more update time); figures in docs/results/performance.md
     gradient_checkpointing: bool | str = "attention"
     packed_forward: bool | str = "auto"  # log-prob passes via lmpo.engine.packed (Llama family): auto | true | false
+    # attention kernel of the Hugging Face forward: auto (sdpa on CUDA, transformers' default on CPU) | eager | sdpa |
+    # flash_attention_2 (needs flash-attn and bf16/fp16 parameters); lmpo.engine.device
+    attn_implementation: str | None = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -208,6 +211,9 @@ class PreferenceConfig:
 class Config:
     method: str = "grpo"
     perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
+    # auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N; CUDA turns off the CPU-only knobs
+    # and resolves model.autocast: auto to bf16 (lmpo.engine.device, docs/vllm.md "CUDA")
+    device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[dict[str, Any]] | None = None  # None = the task's default rewards; else [{name, weight, ...}]
@@ -620,6 +626,13 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
     need(m.packed_forward in ("auto", True, False), "model.packed_forward",
          f"model.packed_forward must be auto, true or false, got {m.packed_forward!r}")
     from lmpo.engine import PERF_MODES
+    from lmpo.engine.device import ATTN_CHOICES, DEVICE_CHOICES, valid_device_spec
+
+    need(valid_device_spec(cfg.device), "device", f"device must be auto, cpu, cuda or cuda:<index>, got "
+         f"{cfg.device!r}{did_you_mean(str(cfg.device), DEVICE_CHOICES)}")
+    need(m.attn_implementation is None or m.attn_implementation in ATTN_CHOICES, "model.attn_implementation",
+         f"model.attn_implementation must be auto, eager, sdpa or flash_attention_2, got {m.attn_implementation!r}"
+         f"{did_you_mean(str(m.attn_implementation), ATTN_CHOICES)}")
 
     need(cfg.perf in PERF_MODES, "perf",
          f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")
