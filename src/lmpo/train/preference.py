@@ -114,7 +114,7 @@ class PairStep:
         return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
     def collate(self, pairs: list[dict]) -> PreferenceBatch:
-        return on_device(collate_pairs(pairs, self.pad_id), next(self.runner.model.parameters()).device)
+        return on_device(collate_pairs(pairs, self.pad_id), self.runner.device)
 
     def loss_of(self, pairs: list[dict], total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The summed per-pair loss of ``pairs`` divided by ``total`` (the step's pair count), and its metrics."""
