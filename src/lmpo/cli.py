@@ -34,7 +34,12 @@ def cmd_train(args) -> int:
         overrides += [f"output.dir={run_dir.parent}", f"output.run_name={run_dir.name}"]
     cfg = load_config(config, overrides)
     check_output_dir(cfg, run_name(cfg))
-    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    if cfg.stage != "rl":  # a reward model or PRM (lmpo.train.scorer_stage)
+        from lmpo.train.scorer_stage import train_scorer
+
+        result = train_scorer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    else:
+        result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print_summary(result)
     return 0
 

@@ -196,6 +196,8 @@ class OutputConfig:
 @dataclass
 class Config:
     method: str = "grpo"
+    stage: str = "rl"  # rl | reward_model | prm: what `lmpo train` trains (scorer stages: lmpo.train.scorer_stage)
+    scorer: dict[str, Any] = field(default_factory=dict)  # the scorer stages' data and options (ScorerStageConfig)
     perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -540,6 +542,9 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
             raise ConfigError(msg + origin(key) + ".")
 
     r, t = cfg.rollout, cfg.train
+    need(cfg.stage in ("rl", "reward_model", "prm"), "stage",
+         f'stage must be "rl" (policy training), "reward_model" (Bradley-Terry on pairs) or "prm" (a process reward '
+         f"model on step labels), got {cfg.stage!r}{did_you_mean(str(cfg.stage), ['rl', 'reward_model', 'prm'])}")
     need(r.backend in ("hf", "vllm"), "rollout.backend",
          f'rollout.backend must be "hf" (the in-process HuggingFace sampler) or "vllm", got {r.backend!r}')
     try:

@@ -59,6 +59,8 @@ class RunResult:
 
 
 def run_name(cfg: Config) -> str:
+    if cfg.stage != "rl":  # a scorer stage (lmpo.train.scorer_stage) has no method or task
+        return cfg.output.run_name or f"{cfg.stage}-seed{cfg.train.seed}"
     return cfg.output.run_name or f"{cfg.method}-{cfg.task.name}-seed{cfg.train.seed}"
 
 
