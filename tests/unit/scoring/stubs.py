@@ -1,0 +1,38 @@
+"""Judge backends and ensemble members for the scorer tests (imported by "module:function" specs)."""
+
+from __future__ import annotations
+
+import time
+
+CALLS: list[list[str]] = []
+
+
+def says_yes_when_right(texts: list[str]) -> list[str]:
+    """A judge that answers yes when the text after "A:" equals the text after "Q:"."""
+    CALLS.append(list(texts))
+    out = []
+    for t in texts:
+        q, a = t.split("Q:")[1].split("A:")
+        out.append("Yes, correct." if q.strip() == a.strip() else "No.")
+    return out
+
+
+def rambles(texts: list[str]) -> list[str]:
+    return ["I cannot decide." for _ in texts]
+
+
+def sleeps(texts: list[str]) -> list[str]:
+    time.sleep(2.0)
+    return ["yes" for _ in texts]
+
+
+def length_score(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def first_digit(prompts, completions, **_):
+    return [float(c[0]) if c[:1].isdigit() else 0.0 for c in completions]
+
+
+def nan_on_empty(prompts, completions, **_):
+    return [float("nan") if not c else 1.0 for c in completions]
