@@ -111,7 +111,7 @@ def load_pairs(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], 
     empty teaches nothing and is skipped and counted."""
     rows, skipped = [], {"identical": 0, "empty": 0}
     for i, r in enumerate(read_rows(spec, where)):
-        missing = [c for c in ("chosen", "rejected") if c not in r]
+        missing = [c for c in ("chosen", "rejected") if r.get(c) is None]  # (datasets fills a missing key with None)
         if missing:
             raise DataError(f"{where}: row {i} has no {', '.join(missing)} column (TRL's preference format: chosen, "
                             f"rejected, optional prompt and margin); its columns: {', '.join(sorted(r))}.")
@@ -137,7 +137,7 @@ def load_steps(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], 
     """Rows ``{prompt, completions: [str], labels: [bool]}`` (TRL's stepwise format), checked row by row."""
     rows, skipped = [], {"empty": 0}
     for i, r in enumerate(read_rows(spec, where)):
-        missing = [c for c in ("completions", "labels") if c not in r]
+        missing = [c for c in ("completions", "labels") if r.get(c) is None]
         if missing:
             raise DataError(f"{where}: row {i} has no {', '.join(missing)} column (TRL's stepwise format: prompt, "
                             f"completions (list of steps), labels (list of bools)); its columns: {', '.join(sorted(r))}.")
