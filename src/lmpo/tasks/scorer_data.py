@@ -8,7 +8,7 @@
   ``labels`` (one bool per step).
 
 ``scorer.data`` is a file (``.jsonl``, ``.json``, ``.parquet``, read like the ``local`` task's files) or a built-in
-set ``{builtin: copy_pairs | arithmetic_pairs | copy_steps, num: 512, seed: 0, ...}``; only characters the tiny
+set ``{builtin: copy_pairs | arithmetic_pairs | copy_steps | polar_pairs, num: 512, seed: 0, ...}``; only characters the tiny
 model's tokenizer knows appear in the built-ins, so a tiny scorer learns them in seconds.
 
 The pair reader is one function, :func:`load_pairs`; it is meant to become ``lmpo.tasks.pairs`` (the preference
@@ -22,7 +22,7 @@ from typing import Any
 
 from lmpo.errors import ConfigError, DataError, did_you_mean
 
-BUILTINS = ("copy_pairs", "arithmetic_pairs", "copy_steps")
+BUILTINS = ("copy_pairs", "arithmetic_pairs", "copy_steps", "polar_pairs")
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -72,7 +72,14 @@ def copy_steps(num: int = 512, seed: int = 0, length: int = 3, separator: str = 
     return rows
 
 
-_BUILDERS = {"copy_pairs": copy_pairs, "arithmetic_pairs": arithmetic_pairs, "copy_steps": copy_steps}
+def _polar_pairs(**kw):
+    from lmpo.rewards.polar import polar_pairs
+
+    return polar_pairs(**kw)
+
+
+_BUILDERS = {"copy_pairs": copy_pairs, "arithmetic_pairs": arithmetic_pairs, "copy_steps": copy_steps,
+             "polar_pairs": _polar_pairs}
 
 
 def read_rows(spec: Any, where: str) -> list[dict]:
