@@ -52,3 +52,16 @@ def test_rm_ensemble_wco_learns_the_copy_task(tmp_path):
     start, end = sum(gold[:3]) / 3, sum(gold[-5:]) / 5
     assert end >= start + 0.25, (start, end)
     assert any(r.get("reward/rm_ensemble/variance", 0) > 0 for r in res.history)  # the members disagreed
+
+
+@pytest.mark.slow
+def test_polar_discriminator_learns_and_rewards_copying(tmp_path):
+    """POLAR pre-training on the toy policy pool, then RL on the copy task with the answer as the reference."""
+    res = train_scorer(stage_cfg(tmp_path, "configs/tiny-polar.yaml"))
+    assert res.eval_after["eval/accuracy"] >= res.eval_before["eval/accuracy"] + 0.2, (res.eval_before, res.eval_after)
+    cfg = load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path}", "train.steps=40", "eval.every=0", "output.checkpoint_every=0",
+        "output.progress=false", "output.plot=false", "rollout.max_new_tokens=1",
+        f"rewards=[{{name: polar, path: '{res.run_dir}'}}, {{name: prefix_match, weight: 0}}]"])
+    gold = [r["reward/prefix_match"] for r in train(cfg).history if "reward/prefix_match" in r]
+    assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.2, gold
