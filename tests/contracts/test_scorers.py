@@ -18,6 +18,7 @@ SCORERS = {
     "judge": {"model": "tiny", "template": "{prompt}{completion}=", "parse": "number", "max_score": 1000,
               "max_new_tokens": 3, "batch_size": 3},
     "polar": {"path": "tiny", "batch_size": 2},
+    "cappy": {"path": "tiny", "batch_size": 2},
     "rm_ensemble": {"members": [{"name": "reward_model", "path": "tiny:1"}, {"name": "reward_model", "path": "tiny:2"},
                                 {"name": "prefix_match"}], "combine": "uwo"},
 }

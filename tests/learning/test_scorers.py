@@ -8,6 +8,7 @@ import pytest
 
 from lmpo.config import load_config
 from lmpo.registry import REWARDS
+from lmpo.rewards.cappy import cappy_rows
 from lmpo.tasks.scorer_data import copy_pairs
 from lmpo.train.loop import train
 from lmpo.train.scorer_stage import train_scorer
@@ -65,3 +66,14 @@ def test_polar_discriminator_learns_and_rewards_copying(tmp_path):
         f"rewards=[{{name: polar, path: '{res.run_dir}'}}, {{name: prefix_match, weight: 0}}]"])
     gold = [r["reward/prefix_match"] for r in train(cfg).history if "reward/prefix_match" in r]
     assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.2, gold
+
+
+def test_cappy_scorer_learns_to_rank_the_gold_reply_first(tmp_path):
+    res = train_scorer(stage_cfg(tmp_path, "configs/tiny-cappy.yaml", "train.steps=80", "eval.every=80",
+                                 "output.checkpoint_every=80"))
+    assert res.eval_after["eval/loss"] < res.eval_before["eval/loss"] - 0.1, (res.eval_before, res.eval_after)
+    cappy = REWARDS.build("cappy", where="rewards[0]", path=str(res.run_dir))
+    rows = cappy_rows(30, seed=99, length=2)  # new prompts: gold, mismatched and corrupted replies
+    right = sum(cappy.rerank(g["prompt"], [o["completion"], n["completion"], g["completion"]]) == 2
+                for g, o, n in zip(rows[0::3], rows[1::3], rows[2::3]))
+    assert right >= 15, right  # best-of-3 picks the gold reply far above chance (10 of 30)

@@ -17,12 +17,13 @@ stage's loader, issue 19) once that lands, by changing the one call in :func:`lo
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
 from lmpo.errors import ConfigError, DataError, did_you_mean
 
-BUILTINS = ("copy_pairs", "arithmetic_pairs", "copy_steps", "polar_pairs")
+BUILTINS = ("copy_pairs", "arithmetic_pairs", "copy_steps", "polar_pairs", "cappy_rows")
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -72,6 +73,12 @@ def copy_steps(num: int = 512, seed: int = 0, length: int = 3, separator: str = 
     return rows
 
 
+def _cappy_rows(**kw):
+    from lmpo.rewards.cappy import cappy_rows
+
+    return cappy_rows(**kw)
+
+
 def _polar_pairs(**kw):
     from lmpo.rewards.polar import polar_pairs
 
@@ -79,7 +86,7 @@ def _polar_pairs(**kw):
 
 
 _BUILDERS = {"copy_pairs": copy_pairs, "arithmetic_pairs": arithmetic_pairs, "copy_steps": copy_steps,
-             "polar_pairs": _polar_pairs}
+             "polar_pairs": _polar_pairs, "cappy_rows": _cappy_rows}
 
 
 def read_rows(spec: Any, where: str) -> list[dict]:
@@ -137,6 +144,31 @@ def load_pairs(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], 
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin})
     if not rows:
         raise DataError(f"{where}: no usable pair (skipped: {skipped}).")
+    return rows, skipped
+
+
+def load_pointwise(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], dict[str, int]]:
+    """Rows ``{prompt, completion, label}`` with a label in [0, 1] (TRL's unpaired format: a bool label; Cappy's
+    soft labels: a float), checked row by row."""
+    rows, skipped = [], {"empty": 0}
+    for i, r in enumerate(read_rows(spec, where)):
+        missing = [c for c in ("completion", "label") if r.get(c) is None]
+        if missing:
+            raise DataError(f"{where}: row {i} has no {', '.join(missing)} column (pointwise rows: prompt, completion, "
+                            f"label in [0, 1]); its columns: {', '.join(sorted(r))}.")
+        try:
+            label = float(r["label"])
+        except (TypeError, ValueError):
+            label = math.nan
+        if not 0.0 <= label <= 1.0:
+            raise DataError(f"{where}: row {i} has label {r['label']!r}; a pointwise label is a number in [0, 1].")
+        completion = _text(r["completion"], tok, False)
+        if not completion.strip():
+            skipped["empty"] += 1
+            continue
+        rows.append({"prompt": _text(r.get("prompt"), tok, True), "completion": completion, "label": label})
+    if not rows:
+        raise DataError(f"{where}: no usable row (skipped: {skipped}).")
     return rows, skipped
 
 

@@ -13,6 +13,10 @@ PRMTrainer): prompt, then each step followed by ``separator``; the head's logit 
 with binary cross-entropy on the step's label (TRL trains a two-class token classifier at the same positions; one
 logit is the same model with the class difference as the logit).
 
+``scorer.objective: pointwise`` (Cappy's pre-training, arXiv:2311.06720): rows ``{prompt, completion, label}`` with a
+label in [0, 1] (TRL's unpaired format, booleans as 0/1), binary cross-entropy with the soft label on the scalar at
+the reply's last token.
+
 Metrics: ``loss``, ``scorer/accuracy`` per step; at ``eval.every`` on held-out rows (``scorer.eval_data``, else the
 last ``scorer.eval_fraction`` of the data): ``eval/accuracy`` (pairs ranked right / steps classified right),
 ``eval/loss``, ``eval/ece`` (10-bin expected calibration error) and ``eval/calibration_mae`` (mean |p - label|); for
@@ -33,7 +37,7 @@ from lmpo.errors import ConfigError, check_known_keys
 from lmpo.rewards.prm import step_logits
 from lmpo.rewards.reward_model import score_sequences
 from lmpo.rewards.scorer_base import build_scorer, encode_pair, pad_right
-from lmpo.tasks.scorer_data import load_pairs, load_steps
+from lmpo.tasks.scorer_data import load_pairs, load_pointwise, load_steps
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ScorerStageConfig:
     eval_batch_size: int = 64
     max_length: int = 512
     center_rewards_coefficient: float | None = None  # TRL's RM option
+    objective: str = "bradley_terry"  # reward_model: bradley_terry (pairs) | pointwise (soft labels, Cappy)
     separator: str = "\n"  # prm: appended to each step
 
     @classmethod
@@ -57,6 +62,9 @@ class ScorerStageConfig:
         if out.data is None:
             raise ConfigError("stage needs scorer.data: a .jsonl/.json/.parquet file in TRL's format, or a built-in "
                               "set such as {builtin: copy_pairs} (reward_model) or {builtin: copy_steps} (prm).")
+        if out.objective not in ("bradley_terry", "pointwise"):
+            raise ConfigError(f'scorer.objective must be "bradley_terry" (pairs) or "pointwise" (rows with a label in '
+                              f"[0, 1]), got {out.objective!r}.")
         if not 0 <= out.eval_fraction < 1 or out.batch_size < 1 or out.max_length < 1:
             raise ConfigError(f"scorer: need 0 <= eval_fraction < 1, batch_size >= 1, max_length >= 1; got {d}.")
         return out
@@ -98,6 +106,15 @@ def pair_rewards(model, tok, rows: list[dict], max_length: int, grad: bool) -> t
     return s[: len(rows)], s[len(rows):]
 
 
+def point_logits(model, tok, rows: list[dict], max_length: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of pointwise rows ``{prompt, completion, label}``: the scalar at the reply's last token."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids, mask = pad_right([encode_pair(tok, r["prompt"], r["completion"])[-max_length:] or [pad] for r in rows], pad)
+    with torch.set_grad_enabled(grad):
+        per_token = model(ids, mask)
+    return per_token[torch.arange(len(rows)), mask.long().sum(1) - 1], torch.tensor([r["label"] for r in rows])
+
+
 def rm_loss(rc, rr, margin, center: float | None) -> torch.Tensor:
     loss = -F.logsigmoid(rc - rr - margin).mean()
     if center:
@@ -117,7 +134,13 @@ def prm_logits(model, tok, rows, cfg: ScorerStageConfig, grad: bool) -> tuple[to
 def evaluate_scorer(stage: str, model, tok, rows: list[dict], cfg: ScorerStageConfig) -> dict[str, float]:
     model.eval()
     bs = cfg.eval_batch_size
-    if stage == "reward_model":
+    if stage == "reward_model" and cfg.objective == "pointwise":
+        parts = [point_logits(model, tok, rows[s: s + bs], cfg.max_length, grad=False) for s in range(0, len(rows), bs)]
+        lg, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ece, mae = calibration(torch.sigmoid(lg), y)
+        out = {"eval/accuracy": float(((lg > 0) == (y > 0.5)).float().mean()),
+               "eval/loss": float(F.binary_cross_entropy_with_logits(lg, y))}
+    elif stage == "reward_model":
         parts = [pair_rewards(model, tok, rows[s: s + bs], cfg.max_length, grad=False) for s in range(0, len(rows), bs)]
         rc, rr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         margin = torch.tensor([r["margin"] for r in rows])
@@ -151,7 +174,7 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
             return RunResult(folder.path, plan.step, **folder.finished_run(plan))
         seed_everything(t.seed)
         model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=t.seed, gguf_file=cfg.model.gguf_file)
-        load = load_pairs if cfg.stage == "reward_model" else load_steps
+        load = load_steps if cfg.stage == "prm" else load_pointwise if sc.objective == "pointwise" else load_pairs
         rows, skipped = load(sc.data, tok, "scorer.data")
         if sc.eval_data is not None:
             train_rows, eval_rows = rows, load(sc.eval_data, tok, "scorer.eval_data")[0]
@@ -178,7 +201,11 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
         last_eval = eval_before
         for step in range(plan.step + 1, t.steps + 1):
             batch = [train_rows[i] for i in batch_indices(len(train_rows), sc.batch_size, t.seed, step)]
-            if cfg.stage == "reward_model":
+            if cfg.stage == "reward_model" and sc.objective == "pointwise":
+                lg, y = point_logits(model, tok, batch, sc.max_length, grad=True)
+                loss = F.binary_cross_entropy_with_logits(lg, y)
+                acc = ((lg > 0) == (y > 0.5)).float().mean()
+            elif cfg.stage == "reward_model":
                 rc, rr = pair_rewards(model, tok, batch, sc.max_length, grad=True)
                 loss = rm_loss(rc, rr, torch.tensor([r["margin"] for r in batch]), sc.center_rewards_coefficient)
                 acc = (rc > rr).float().mean()
