@@ -159,6 +159,35 @@ def evaluate_scorer(stage: str, model, tok, rows: list[dict], cfg: ScorerStageCo
     return {**out, "eval/ece": ece, "eval/calibration_mae": mae}
 
 
+def scorer_data(cfg, sc: ScorerStageConfig, tok) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(train rows, held-out rows, skipped counts) of a scorer stage."""
+    load = load_steps if cfg.stage == "prm" else load_pointwise if sc.objective == "pointwise" else load_pairs
+    rows, skipped = load(sc.data, tok, "scorer.data")
+    if sc.eval_data is not None:
+        return rows, load(sc.eval_data, tok, "scorer.eval_data")[0], skipped
+    k = int(round(len(rows) * sc.eval_fraction))
+    return rows[: len(rows) - k], rows[len(rows) - k:], skipped
+
+
+def evaluate_scorer_run(cfg, run_dir: Path | None = None, checkpoint: str | None = None) -> dict[str, float]:
+    """``lmpo eval`` of a scorer stage: the held-out metrics of its latest (or given) checkpoint, or of the
+    untrained backbone + head when there is no run folder."""
+    from lmpo.errors import LmpoError
+    from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    sc = ScorerStageConfig.parse(dict(cfg.scorer))
+    model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed, gguf_file=cfg.model.gguf_file)
+    ckpt = Path(checkpoint) if checkpoint else (latest_checkpoint(run_dir) if run_dir is not None else None)
+    if run_dir is not None and ckpt is None:
+        raise LmpoError(f"lmpo eval: {str(run_dir)!r} has no checkpoint yet.")
+    if ckpt is not None:
+        load_checkpoint(ckpt, model)
+    _, eval_rows, _ = scorer_data(cfg, sc, tok)
+    if not eval_rows:
+        raise LmpoError("lmpo eval: the scorer stage has no held-out rows (set scorer.eval_data or eval_fraction).")
+    return evaluate_scorer(cfg.stage, model, tok, eval_rows, sc)
+
+
 def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
     """Train a reward model or PRM (module docstring); returns the RL trainer's ``RunResult``."""
     from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -174,13 +203,7 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
             return RunResult(folder.path, plan.step, **folder.finished_run(plan))
         seed_everything(t.seed)
         model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=t.seed, gguf_file=cfg.model.gguf_file)
-        load = load_steps if cfg.stage == "prm" else load_pointwise if sc.objective == "pointwise" else load_pairs
-        rows, skipped = load(sc.data, tok, "scorer.data")
-        if sc.eval_data is not None:
-            train_rows, eval_rows = rows, load(sc.eval_data, tok, "scorer.eval_data")[0]
-        else:
-            k = int(round(len(rows) * sc.eval_fraction))
-            train_rows, eval_rows = rows[: len(rows) - k], rows[len(rows) - k:]
+        train_rows, eval_rows, skipped = scorer_data(cfg, sc, tok)
         if not train_rows:
             raise ConfigError(f"scorer: no training rows left after holding out {len(eval_rows)} for evaluation.")
         model.requires_grad_(True).train()
