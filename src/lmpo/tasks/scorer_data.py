@@ -36,13 +36,24 @@ def _corrupt(rng: random.Random, text: str) -> str:
     return text[:i] + rng.choice([d for d in "0123456789" if d != text[i]]) + text[i + 1:]
 
 
-def copy_pairs(num: int = 512, seed: int = 0, length: int = 1) -> list[dict]:
-    """Prompt "37=", chosen "37" (the copy task's answer), rejected the answer with one digit changed."""
+def copy_pairs(num: int = 512, seed: int = 0, length: int = 1, varied: float = 0.0) -> list[dict]:
+    """Prompt "37=", chosen "37" (the copy task's answer), rejected the answer with one digit changed.
+
+    ``varied``: the fraction of rows whose replies look like a sampling policy's rather than the answer alone: both
+    sides get a random tail of 0-3 characters (the copy task's ``prefix_match`` ignores what follows the answer),
+    and a third of those rows reject an empty reply. Without it an RM never sees such replies, and RL finds them
+    (docs/reward-models.md, the measured flow)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
         d = _digits(rng, length)
-        rows.append({"prompt": d + "=", "chosen": d, "rejected": _corrupt(rng, d)})
+        chosen, rejected = d, _corrupt(rng, d)
+        if rng.random() < varied:
+            tail = lambda: "".join(rng.choice("0123456789+= ") for _ in range(rng.randint(0, 3)))  # noqa: E731
+            chosen, rejected = chosen + tail(), rejected + tail()
+            if rng.random() < 1 / 3:
+                rejected = ""
+        rows.append({"prompt": d + "=", "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -121,8 +132,9 @@ def _text(value: Any, tok, role_prompt: bool) -> str:
 def load_pairs(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], dict[str, int]]:
     """Rows ``{prompt, chosen, rejected, margin}`` (strings, float) and counts of what was skipped.
 
-    A missing ``chosen``/``rejected`` column is an error naming the row; a row whose two replies are identical or
-    empty teaches nothing and is skipped and counted."""
+    A missing ``chosen``/``rejected`` column is an error naming the row; a row whose two replies are identical, or
+    whose chosen reply is empty, teaches nothing and is skipped and counted (an empty *rejected* reply is a real
+    negative: a policy can stop at once)."""
     rows, skipped = [], {"identical": 0, "empty": 0}
     for i, r in enumerate(read_rows(spec, where)):
         missing = [c for c in ("chosen", "rejected") if r.get(c) is None]  # (datasets fills a missing key with None)
@@ -131,7 +143,7 @@ def load_pairs(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], 
                             f"rejected, optional prompt and margin); its columns: {', '.join(sorted(r))}.")
         prompt = _text(r.get("prompt"), tok, True)
         chosen, rejected = _text(r["chosen"], tok, False), _text(r["rejected"], tok, False)
-        if not chosen.strip() or not rejected.strip():
+        if not chosen.strip():
             skipped["empty"] += 1
             continue
         if chosen == rejected:

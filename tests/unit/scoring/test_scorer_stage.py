@@ -65,9 +65,11 @@ def test_pair_and_step_data_errors(tmp_path):
     with pytest.raises(DataError, match="row 1 has no rejected column"):
         load_pairs(str(bad), tok)
     dup = tmp_path / "d.jsonl"
-    dup.write_text('{"chosen": "1", "rejected": "1"}\n{"chosen": "1", "rejected": "2", "margin": 0.5}\n{"chosen": "", "rejected": "2"}\n')
+    dup.write_text('{"chosen": "1", "rejected": "1"}\n{"chosen": "1", "rejected": "2", "margin": 0.5}\n{"chosen": "", "rejected": "2"}\n'
+                   '{"chosen": "1", "rejected": ""}\n')
     rows, skipped = load_pairs(str(dup), tok)
-    assert rows == [{"prompt": "", "chosen": "1", "rejected": "2", "margin": 0.5}]
+    assert rows == [{"prompt": "", "chosen": "1", "rejected": "2", "margin": 0.5},
+                    {"prompt": "", "chosen": "1", "rejected": "", "margin": 0.0}]
     assert skipped == {"identical": 1, "empty": 1}
     steps = tmp_path / "s.jsonl"
     steps.write_text('{"prompt": "1=", "completions": ["1", "2"], "labels": [true]}\n')
