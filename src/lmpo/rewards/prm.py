@@ -142,6 +142,22 @@ class ProcessRewardModel:
             out.append(StepScores(torch.sigmoid(lg.double()).cpu().tolist(), sp[: len(lg)]))
         return out
 
+    def score_steps(self, prompt: str, completion: str, steps: list[str], **_: Any) -> list[float]:
+        """The process-credit step-scorer interface (``lmpo.rewards.steps``: ``scorer(prompt, completion, steps,
+        **columns) -> one float per step``): scores the given step texts (the credit stage's segmentation), each
+        followed by ``separator`` as in training. Use it as ``scorer: <module>:<a ProcessRewardModel>.score_steps``
+        or through :func:`prm_step_scorer`."""
+        if not steps:
+            return []
+        with num_threads(self.threads):
+            logits = step_logits(self.model, self.tokenizer, [str(prompt)], [[s + self.separator for s in steps]],
+                                 batch_size=1, max_length=self.max_length, device=self.device)[0]
+        scores = torch.sigmoid(logits.double()).cpu().tolist()
+        if len(scores) < len(steps):  # steps past max_length: no score (the credit stage masks the reply)
+            self.failures.add("truncated_steps", len(steps) - len(scores))
+            scores += [math.nan] * (len(steps) - len(scores))
+        return scores
+
     def __call__(self, prompts: list, completions: list[str], **_: Any) -> list[float]:
         raw = [aggregate(s.scores, self.aggregate) if s.scores else None
                for s in self.step_scores(prompts, completions)]
@@ -149,3 +165,13 @@ class ProcessRewardModel:
 
     def pop_metrics(self) -> dict[str, float]:
         return self.failures.pop()
+
+
+def prm_step_scorer(path: str, separator: str = "\n", **kw: Any):
+    """A process-credit step scorer (``scorer(prompt, completion, steps, **columns)``) backed by the PRM at
+    ``path``: ``scorer = prm_step_scorer("runs/tiny-prm", separator=" ")`` in a module of yours, then
+    ``planners: [{name: process_credit, scorer: "my_module:scorer"}]`` (the credit stage, issue 20 item 3)."""
+    from lmpo.registry import REWARDS
+
+    return REWARDS.build("process_reward_model", where="prm_step_scorer", path=path, separator=separator,
+                         **kw).score_steps

@@ -72,3 +72,15 @@ def test_steps_past_max_length_are_dropped_and_counted():
 def test_empty_separator_is_a_config_error():
     with pytest.raises(ConfigError, match="separator"):
         build(separator="")
+
+
+def test_step_scorer_adapter_scores_given_steps_like_step_scores():
+    from lmpo.rewards.prm import prm_step_scorer
+
+    scorer = prm_step_scorer("tiny", separator=" ")
+    whole = build().step_scores(["12="], ["1 2 "])[0].scores
+    assert scorer("12=", "1 2 ", ["1", "2"], answer="12") == pytest.approx(whole, abs=1e-6)
+    assert scorer("12=", "", []) == []
+    short = REWARDS.build("process_reward_model", where="x", path="tiny", separator=" ", max_length=3)
+    got = short.score_steps("12=", "1 2 ", ["1", "2"])
+    assert math.isfinite(got[0]) and math.isnan(got[1]) and short.pop_metrics() == {"truncated_steps": 1.0}
