@@ -133,6 +133,13 @@ def _from_run(path: Path, want: str):
         raise ModelError(f'Scorer run "{path}" has no checkpoint yet (output.checkpoint_every); train it first '
                          f"(`lmpo train {path / 'config.yaml'}`).")
     model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed, gguf_file=cfg.model.gguf_file)
+    if (cfg.scorer or {}).get("objective") == "crm":  # two peer RMs were trained (lmpo.train.crm): score with A
+        from lmpo.train.crm import PeerPair
+
+        pair = PeerPair(model, build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed + 1,
+                                            gguf_file=cfg.model.gguf_file)[0])
+        load_checkpoint(ckpt, pair)
+        return pair.a, tok
     load_checkpoint(ckpt, model)
     return model, tok
 

@@ -36,13 +36,14 @@ def _corrupt(rng: random.Random, text: str) -> str:
     return text[:i] + rng.choice([d for d in "0123456789" if d != text[i]]) + text[i + 1:]
 
 
-def copy_pairs(num: int = 512, seed: int = 0, length: int = 1, varied: float = 0.0) -> list[dict]:
+def copy_pairs(num: int = 512, seed: int = 0, length: int = 1, varied: float = 0.0, flip: float = 0.0) -> list[dict]:
     """Prompt "37=", chosen "37" (the copy task's answer), rejected the answer with one digit changed.
 
     ``varied``: the fraction of rows whose replies look like a sampling policy's rather than the answer alone: both
     sides get a random tail of 0-3 characters (the copy task's ``prefix_match`` ignores what follows the answer),
     and a third of those rows reject an empty reply. Without it an RM never sees such replies, and RL finds them
-    (docs/reward-models.md, the measured flow)."""
+    (docs/reward-models.md, the measured flow). ``flip``: the fraction of rows whose sides are swapped (label
+    noise, as in the CRM and RM-ensemble papers' noisy settings)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
@@ -53,6 +54,8 @@ def copy_pairs(num: int = 512, seed: int = 0, length: int = 1, varied: float = 0
             chosen, rejected = chosen + tail(), rejected + tail()
             if rng.random() < 1 / 3:
                 rejected = ""
+        if flip and rng.random() < flip:
+            chosen, rejected = rejected, chosen
         rows.append({"prompt": d + "=", "chosen": chosen, "rejected": rejected})
     return rows
 

@@ -15,7 +15,8 @@ logit is the same model with the class difference as the logit).
 
 ``scorer.objective: pointwise`` (Cappy's pre-training, arXiv:2311.06720): rows ``{prompt, completion, label}`` with a
 label in [0, 1] (TRL's unpaired format, booleans as 0/1), binary cross-entropy with the soft label on the scalar at
-the reply's last token.
+the reply's last token. ``scorer.objective: crm`` trains two RMs that pick each other's pairs (CRM,
+arXiv:2505.10597; :mod:`lmpo.train.crm`).
 
 Metrics: ``loss``, ``scorer/accuracy`` per step; at ``eval.every`` on held-out rows (``scorer.eval_data``, else the
 last ``scorer.eval_fraction`` of the data): ``eval/accuracy`` (pairs ranked right / steps classified right),
@@ -37,6 +38,7 @@ from lmpo.errors import ConfigError, check_known_keys
 from lmpo.rewards.prm import step_logits
 from lmpo.rewards.reward_model import score_sequences
 from lmpo.rewards.scorer_base import build_scorer, encode_pair, pad_right
+from lmpo.train.crm import PeerPair, crm_step
 from lmpo.tasks.scorer_data import load_pairs, load_pointwise, load_steps
 
 
@@ -51,7 +53,9 @@ class ScorerStageConfig:
     eval_batch_size: int = 64
     max_length: int = 512
     center_rewards_coefficient: float | None = None  # TRL's RM option
-    objective: str = "bradley_terry"  # reward_model: bradley_terry (pairs) | pointwise (soft labels, Cappy)
+    objective: str = "bradley_terry"  # reward_model: bradley_terry (pairs) | pointwise (soft labels, Cappy) | crm
+    crm_drop_rate: float = 0.2  # crm: the fraction of each batch a peer drops (after the ramp)
+    crm_ramp_steps: int = 10  # crm: steps over which the drop rate grows from 0
     separator: str = "\n"  # prm: appended to each step
 
     @classmethod
@@ -62,9 +66,11 @@ class ScorerStageConfig:
         if out.data is None:
             raise ConfigError("stage needs scorer.data: a .jsonl/.json/.parquet file in TRL's format, or a built-in "
                               "set such as {builtin: copy_pairs} (reward_model) or {builtin: copy_steps} (prm).")
-        if out.objective not in ("bradley_terry", "pointwise"):
-            raise ConfigError(f'scorer.objective must be "bradley_terry" (pairs) or "pointwise" (rows with a label in '
-                              f"[0, 1]), got {out.objective!r}.")
+        if out.objective not in ("bradley_terry", "pointwise", "crm"):
+            raise ConfigError(f'scorer.objective must be "bradley_terry" (pairs), "pointwise" (rows with a label in '
+                              f'[0, 1]) or "crm" (two peer-reviewing RMs on pairs), got {out.objective!r}.')
+        if not 0 <= out.crm_drop_rate < 1 or out.crm_ramp_steps < 0:
+            raise ConfigError(f"scorer: need 0 <= crm_drop_rate < 1 and crm_ramp_steps >= 0; got {d}.")
         if not 0 <= out.eval_fraction < 1 or out.batch_size < 1 or out.max_length < 1:
             raise ConfigError(f"scorer: need 0 <= eval_fraction < 1, batch_size >= 1, max_length >= 1; got {d}.")
         return out
@@ -177,6 +183,9 @@ def evaluate_scorer_run(cfg, run_dir: Path | None = None, checkpoint: str | None
 
     sc = ScorerStageConfig.parse(dict(cfg.scorer))
     model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed, gguf_file=cfg.model.gguf_file)
+    if sc.objective == "crm":
+        model = PeerPair(model, build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=cfg.train.seed + 1,
+                                             gguf_file=cfg.model.gguf_file)[0])
     ckpt = Path(checkpoint) if checkpoint else (latest_checkpoint(run_dir) if run_dir is not None else None)
     if run_dir is not None and ckpt is None:
         raise LmpoError(f"lmpo eval: {str(run_dir)!r} has no checkpoint yet.")
@@ -203,6 +212,9 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
             return RunResult(folder.path, plan.step, **folder.finished_run(plan))
         seed_everything(t.seed)
         model, tok = build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=t.seed, gguf_file=cfg.model.gguf_file)
+        if sc.objective == "crm":  # a second RM (another seed) as the peer reviewer
+            model = PeerPair(model, build_scorer(cfg.model.name, dtype=cfg.model.dtype, seed=t.seed + 1,
+                                                 gguf_file=cfg.model.gguf_file)[0])
         train_rows, eval_rows, skipped = scorer_data(cfg, sc, tok)
         if not train_rows:
             raise ConfigError(f"scorer: no training rows left after holding out {len(eval_rows)} for evaluation.")
@@ -228,6 +240,10 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
                 lg, y = point_logits(model, tok, batch, sc.max_length, grad=True)
                 loss = F.binary_cross_entropy_with_logits(lg, y)
                 acc = ((lg > 0) == (y > 0.5)).float().mean()
+            elif cfg.stage == "reward_model" and sc.objective == "crm":
+                loss, crm_metrics = crm_step(model, lambda m, rows: pair_rewards(m, tok, rows, sc.max_length, True),
+                                             batch, step, sc.crm_drop_rate, sc.crm_ramp_steps)
+                acc = torch.tensor(crm_metrics.pop("acc"))
             elif cfg.stage == "reward_model":
                 rc, rr = pair_rewards(model, tok, batch, sc.max_length, grad=True)
                 loss = rm_loss(rc, rr, torch.tensor([r["margin"] for r in batch]), sc.center_rewards_coefficient)
@@ -248,6 +264,8 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
             sched.step()
             metrics = {"loss": float(loss.detach()), "scorer/accuracy": float(acc), "scorer/grad_norm": float(gnorm),
                        "lr": sched.get_last_lr()[0]}
+            if cfg.stage == "reward_model" and sc.objective == "crm":
+                metrics.update(crm_metrics)
             if eval_rows and due(cfg.eval.every, step, t.steps):
                 last_eval = evaluate_scorer(cfg.stage, model, tok, eval_rows, sc)
                 metrics.update(last_eval)
