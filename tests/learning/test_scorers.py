@@ -91,3 +91,17 @@ def test_crm_beats_plain_bradley_terry_under_label_noise(tmp_path):
     rows = copy_pairs(100, seed=1, length=2)
     c, r = rm([x["prompt"] for x in rows], [x["chosen"] for x in rows]), rm([x["prompt"] for x in rows], [x["rejected"] for x in rows])
     assert sum(a > b for a, b in zip(c, r)) / 100 == pytest.approx(crm.eval_after["eval/accuracy"], abs=1e-6)
+
+
+def test_cgpo_crpg_learns_with_a_judge_gating_a_hackable_rm(tmp_path):
+    """CGPO (arXiv:2409.20370): the RM is hackable (long replies score 1), the rule judge (prefix_match) vetoes
+    wrong replies; CRPG on the judged calibrated reward learns the copy task."""
+    cfg = load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path}", "method=cgpo_crpg", "train.steps=40", "eval.every=0", "output.checkpoint_every=0",
+        "output.progress=false", "output.plot=false",
+        "rewards=[{name: cgpo_reward, rm: 'learning.proxies:long_or_right', judges: [prefix_match]}, "
+        "{name: prefix_match, weight: 0}]"])
+    res = train(cfg)
+    gold = [r["reward/prefix_match"] for r in res.history if "reward/prefix_match" in r]
+    assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.25, gold
+    assert any(r.get("reward/cgpo_reward/violations", 0) > 0 for r in res.history)
