@@ -105,3 +105,25 @@ def test_cgpo_crpg_learns_with_a_judge_gating_a_hackable_rm(tmp_path):
     gold = [r["reward/prefix_match"] for r in res.history if "reward/prefix_match" in r]
     assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.25, gold
     assert any(r.get("reward/cgpo_reward/violations", 0) > 0 for r in res.history)
+
+
+def test_caprl_qa_reward_teaches_the_copy_task(tmp_path):
+    """CapRL (arXiv:2509.22647): the reply is rewarded by how many questions a second reader answers from it alone;
+    here one question per row ("which digit comes first?") and a rule reader, so answering well means copying."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(256):
+        d = rng.choice("0123456789")
+        rows.append({"prompt": d + "=", "answer": d,
+                     "questions": [{"question": "first digit?", "options": list("0123456789"), "answer": d}]})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path}", "train.steps=40", "eval.every=0", "output.checkpoint_every=0",
+        "output.progress=false", "output.plot=false", f"task={{name: local, params: {{path: '{data}'}}}}",
+        "rewards=[{name: caprl, backend: 'unit.scoring.stubs:reads_first_digit'}, {name: prefix_match, weight: 0}]"])
+    gold = [r["reward/prefix_match"] for r in train(cfg).history if "reward/prefix_match" in r]
+    assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.25, gold

@@ -36,3 +36,15 @@ def first_digit(prompts, completions, **_):
 
 def nan_on_empty(prompts, completions, **_):
     return [float("nan") if not c else 1.0 for c in completions]
+
+
+def reads_first_digit(texts: list[str]) -> list[str]:
+    """A CapRL answerer that knows one thing: the first character of the text is the digit asked about. It picks
+    the option holding that digit, else the "cannot answer" option (always the last)."""
+    out = []
+    for t in texts:
+        text = t.split("Text: ")[1].split("\nQuestion:")[0]
+        opts = [line for line in t.splitlines() if len(line) > 2 and line[1] == "." and line[0].isupper()]
+        pick = next((o[0] for o in opts if text[:1].isdigit() and o[3:] == text[:1]), opts[-1][0])
+        out.append(f"{pick}")
+    return out
