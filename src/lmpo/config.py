@@ -573,6 +573,8 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
     need(cfg.stage in ("rl", "reward_model", "prm"), "stage",
          f'stage must be "rl" (policy training), "reward_model" (Bradley-Terry on pairs) or "prm" (a process reward '
          f"model on step labels), got {cfg.stage!r}{did_you_mean(str(cfg.stage), ['rl', 'reward_model', 'prm'])}")
+    need(cfg.stage == "rl" or cfg.preference is None, "stage",
+         f"stage={cfg.stage} trains a scorer; the preference section trains a policy on pairs: set one of them")
     need(r.backend in ("hf", "vllm"), "rollout.backend",
          f'rollout.backend must be "hf" (the in-process HuggingFace sampler) or "vllm", got {r.backend!r}')
     try:

@@ -11,14 +11,15 @@
 set ``{builtin: copy_pairs | arithmetic_pairs | copy_steps | polar_pairs, num: 512, seed: 0, ...}``; only characters the tiny
 model's tokenizer knows appear in the built-ins, so a tiny scorer learns them in seconds.
 
-The pair reader is one function, :func:`load_pairs`; it is meant to become ``lmpo.tasks.pairs`` (the preference
-stage's loader, issue 19) once that lands, by changing the one call in :func:`load_pairs`.
+Pair files are read by the preference stage's loader, ``lmpo.tasks.pairs`` (one reader of TRL's format for DPO and
+for reward models).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from typing import Any
 
 from lmpo.errors import ConfigError, DataError, did_you_mean
@@ -135,31 +136,38 @@ def _text(value: Any, tok, role_prompt: bool) -> str:
 def load_pairs(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], dict[str, int]]:
     """Rows ``{prompt, chosen, rejected, margin}`` (strings, float) and counts of what was skipped.
 
-    A missing ``chosen``/``rejected`` column is an error naming the row; a row whose two replies are identical, or
-    whose chosen reply is empty, teaches nothing and is skipped and counted (an empty *rejected* reply is a real
-    negative: a policy can stop at once)."""
-    rows, skipped = [], {"identical": 0, "empty": 0}
-    for i, r in enumerate(read_rows(spec, where)):
-        missing = [c for c in ("chosen", "rejected") if r.get(c) is None]  # (datasets fills a missing key with None)
-        if missing:
-            raise DataError(f"{where}: row {i} has no {', '.join(missing)} column (TRL's preference format: chosen, "
-                            f"rejected, optional prompt and margin); its columns: {', '.join(sorted(r))}.")
-        prompt = _text(r.get("prompt"), tok, True)
-        chosen, rejected = _text(r["chosen"], tok, False), _text(r["rejected"], tok, False)
-        if not chosen.strip():
-            skipped["empty"] += 1
-            continue
-        if chosen == rejected:
-            skipped["identical"] += 1
+    A file is read by the preference stage's loader (:func:`lmpo.tasks.pairs.load_pairs`: TRL's format, plain or
+    conversational, implicit prompts; a missing column is an error naming the row; empty or identical sides are
+    skipped and counted); a built-in set is used as generated (a built-in may reject an *empty* reply: a real
+    negative, since a policy can stop at once). Prompts are rendered as the rollouts render them."""
+    from lmpo.models.load import format_prompt
+    from lmpo.tasks.pairs import load_pairs as read_pair_file, response_text
+
+    counts: Counter = Counter()
+    if isinstance(spec, str):
+        raw = read_pair_file(spec, skipped=counts, what=where)
+    else:
+        raw = [dict(r, row=i) for i, r in enumerate(read_rows(spec, where))]
+    rows = []
+    for r in raw:
+        if r.get("unpaired"):
+            raise DataError(f"{where}: row {r['row']} is an unpaired example (prompt, completion, label); a Bradley-"
+                            "Terry reward model needs pairs. Train on it with scorer.objective: pointwise.")
+        prompt = r.get("prompt")
+        text = format_prompt(tok, prompt) if isinstance(prompt, list) else "" if prompt is None else str(prompt)
+        chosen, rejected = (response_text(tok, prompt, r[k]) if isinstance(r[k], list) else str(r[k])
+                            for k in ("chosen", "rejected"))
+        if not chosen.strip() or chosen == rejected:
+            counts["empty_side" if not chosen.strip() else "identical"] += 1
             continue
         try:
             margin = float(r.get("margin") or 0.0)
         except (TypeError, ValueError):
-            raise DataError(f"{where}: row {i} has margin {r.get('margin')!r}, not a number.") from None
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin})
+            raise DataError(f"{where}: row {r['row']} has margin {r.get('margin')!r}, not a number.") from None
+        rows.append({"prompt": text, "chosen": chosen, "rejected": rejected, "margin": margin})
     if not rows:
-        raise DataError(f"{where}: no usable pair (skipped: {skipped}).")
-    return rows, skipped
+        raise DataError(f"{where}: no usable pair (skipped: {dict(counts)}).")
+    return rows, dict(counts)
 
 
 def load_pointwise(spec: Any, tok, where: str = "scorer.data") -> tuple[list[dict], dict[str, int]]:

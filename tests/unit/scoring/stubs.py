@@ -48,3 +48,15 @@ def reads_first_digit(texts: list[str]) -> list[str]:
         pick = next((o[0] for o in opts if text[:1].isdigit() and o[3:] == text[:1]), opts[-1][0])
         out.append(f"{pick}")
     return out
+
+
+_PRM = {}
+
+
+def tiny_prm(prompt, completion, steps, **columns):
+    """The process-credit step scorer of a PRM on the tiny model (built once): lmpo.rewards.prm.prm_step_scorer."""
+    if "fn" not in _PRM:
+        from lmpo.rewards.prm import prm_step_scorer
+
+        _PRM["fn"] = prm_step_scorer("tiny", separator=" ")
+    return _PRM["fn"](prompt, completion, steps, **columns)

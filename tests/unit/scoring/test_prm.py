@@ -84,3 +84,20 @@ def test_step_scorer_adapter_scores_given_steps_like_step_scores():
     short = REWARDS.build("process_reward_model", where="x", path="tiny", separator=" ", max_length=3)
     got = short.score_steps("12=", "1 2 ", ["1", "2"])
     assert math.isfinite(got[0]) and math.isnan(got[1]) and short.pop_metrics() == {"truncated_steps": 1.0}
+
+
+def test_prm_drives_the_process_credit_planner_in_a_run(tmp_path):
+    """The PRM as the credit stage's step scorer (lmpo.methods.plan.process_credit), under PURE's min-form credit."""
+    from lmpo.config import load_config
+    from lmpo.train.loop import train
+
+    cfg = load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path}", "method=pure", "train.steps=2", "eval.every=0", "output.checkpoint_every=0",
+        "output.progress=false", "output.plot=false", "rollout.prompts_per_step=2", "rollout.num_generations=4",
+        "planners=[{name: process_credit, scorer: 'unit.scoring.stubs:tiny_prm', separator: ' '}]"])
+    from unit.scoring import stubs
+
+    stubs._PRM.clear()
+    res = train(cfg)
+    assert [r["step"] for r in res.history if "reward/mean" in r] == [1, 2]
+    assert "fn" in stubs._PRM  # the PRM scored the steps

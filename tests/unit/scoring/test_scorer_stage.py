@@ -62,15 +62,20 @@ def test_pair_and_step_data_errors(tmp_path):
     tok = build_tiny_tokenizer()
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "1=", "chosen": "1", "rejected": "2"}\n{"prompt": "1=", "chosen": "1"}\n')
-    with pytest.raises(DataError, match="row 1 has no rejected column"):
+    with pytest.raises(DataError, match='row 1 .*has no column "rejected"'):
         load_pairs(str(bad), tok)
     dup = tmp_path / "d.jsonl"
-    dup.write_text('{"chosen": "1", "rejected": "1"}\n{"chosen": "1", "rejected": "2", "margin": 0.5}\n{"chosen": "", "rejected": "2"}\n'
-                   '{"chosen": "1", "rejected": ""}\n')
+    dup.write_text('{"prompt": "1=", "chosen": "1", "rejected": "1"}\n{"prompt": "1=", "chosen": "1", "rejected": "2", '
+                   '"margin": 0.5}\n{"prompt": "1=", "chosen": "", "rejected": "2"}\n')
     rows, skipped = load_pairs(str(dup), tok)
-    assert rows == [{"prompt": "", "chosen": "1", "rejected": "2", "margin": 0.5},
-                    {"prompt": "", "chosen": "1", "rejected": "", "margin": 0.0}]
-    assert skipped == {"identical": 1, "empty": 1}
+    assert rows == [{"prompt": "1=", "chosen": "1", "rejected": "2", "margin": 0.5}]
+    assert skipped == {"identical": 1, "empty_side": 1}
+    unpaired = tmp_path / "u.jsonl"
+    unpaired.write_text('{"prompt": "1=", "completion": "1", "label": true}\n')
+    with pytest.raises(DataError, match="objective: pointwise"):
+        load_pairs(str(unpaired), tok)
+    rows, _ = load_pairs({"builtin": "copy_pairs", "num": 200, "varied": 1.0}, tok)
+    assert any(r["rejected"] == "" for r in rows)  # a built-in may reject an empty reply
     steps = tmp_path / "s.jsonl"
     steps.write_text('{"prompt": "1=", "completions": ["1", "2"], "labels": [true]}\n')
     with pytest.raises(DataError, match="row 0: completions and labels must be lists of the same length"):
