@@ -34,7 +34,12 @@ def cmd_train(args) -> int:
         overrides += [f"output.dir={run_dir.parent}", f"output.run_name={run_dir.name}"]
     cfg = load_config(config, overrides)
     check_output_dir(cfg, run_name(cfg))
-    result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    if cfg.stage != "rl":  # a reward model or PRM (lmpo.train.scorer_stage)
+        from lmpo.train.scorer_stage import train_scorer
+
+        result = train_scorer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    else:
+        result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print_summary(result)
     return 0
 
@@ -56,11 +61,14 @@ def cmd_eval(args) -> int:
 
     config, overrides = _split_args(args.args)
     target = Path(config) if config else None
-    if target is not None and target.is_dir():
-        cfg = load_config(str(target / "config.yaml"), overrides)
-        out = evaluate_run(cfg, run_dir=target, checkpoint=args.checkpoint)
+    run_dir = target if target is not None and target.is_dir() else None
+    cfg = load_config(str(target / "config.yaml") if run_dir else config, overrides)
+    if cfg.stage != "rl":  # a reward model or PRM: its held-out pair / step metrics
+        from lmpo.train.scorer_stage import evaluate_scorer_run
+
+        out = evaluate_scorer_run(cfg, run_dir=run_dir, checkpoint=args.checkpoint)
     else:
-        out = evaluate_run(load_config(config, overrides), run_dir=None, checkpoint=args.checkpoint)
+        out = evaluate_run(cfg, run_dir=run_dir, checkpoint=args.checkpoint)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -210,6 +210,8 @@ class PreferenceConfig:
 @dataclass
 class Config:
     method: str = "grpo"
+    stage: str = "rl"  # rl | reward_model | prm: what `lmpo train` trains (scorer stages: lmpo.train.scorer_stage)
+    scorer: dict[str, Any] = field(default_factory=dict)  # the scorer stages' data and options (ScorerStageConfig)
     perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
     # auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N; CUDA turns off the CPU-only knobs
     # and resolves model.autocast: auto to bf16 (lmpo.engine.device, docs/vllm.md "CUDA")
@@ -568,6 +570,11 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
             raise ConfigError(msg + origin(key) + ".")
 
     r, t = cfg.rollout, cfg.train
+    need(cfg.stage in ("rl", "reward_model", "prm"), "stage",
+         f'stage must be "rl" (policy training), "reward_model" (Bradley-Terry on pairs) or "prm" (a process reward '
+         f"model on step labels), got {cfg.stage!r}{did_you_mean(str(cfg.stage), ['rl', 'reward_model', 'prm'])}")
+    need(cfg.stage == "rl" or cfg.preference is None, "stage",
+         f"stage={cfg.stage} trains a scorer; the preference section trains a policy on pairs: set one of them")
     need(r.backend in ("hf", "vllm"), "rollout.backend",
          f'rollout.backend must be "hf" (the in-process HuggingFace sampler) or "vllm", got {r.backend!r}')
     try:

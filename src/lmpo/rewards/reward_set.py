@@ -166,6 +166,16 @@ class RewardSet:
         total = comps @ torch.tensor(self.weights, dtype=torch.float32)
         return total, comps
 
+    def pop_metrics(self) -> dict[str, float]:
+        """What scorers counted since the last call (``reward/<name>/failures``, ``.../timeouts``...): each reward
+        function with a ``pop_metrics()`` method (the learned scorers, lmpo.rewards.scorer_base) reports here."""
+        out: dict[str, float] = {}
+        for name, fn in zip(self.names, self.fns):
+            pop = getattr(fn, "pop_metrics", None)
+            if callable(pop):
+                out.update({f"reward/{name}/{k}": float(v) for k, v in pop().items()})
+        return out
+
     def _score(self, name: str, fn: RewardFn, prompts: list, completions: list[str], columns: dict) -> list[float]:
         b = len(completions)
         try:

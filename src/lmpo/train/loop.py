@@ -60,6 +60,8 @@ class RunResult:
 
 
 def run_name(cfg: Config) -> str:
+    if cfg.stage != "rl":  # a scorer stage (lmpo.train.scorer_stage) has no method or task
+        return cfg.output.run_name or f"{cfg.stage}-seed{cfg.train.seed}"
     return cfg.output.run_name or f"{cfg.method}-{cfg.task.name}-seed{cfg.train.seed}"
 
 
@@ -271,7 +273,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     threads = run.threads.before_step() if run.threads is not None else None  # auto: measured again (long steps)
     got = run.rollouts.next(step)  # collected here, or taken from train.async's queue (waiting for it)
     batch, raw, t_gen = got.batch, got.raw, got.generate_s
-    metrics: dict[str, Any] = {**got.stats, **rollout_metrics(raw, run.rewards.names), **got.metrics}
+    metrics: dict[str, Any] = {**got.stats, **rollout_metrics(raw, run.rewards.names), **got.metrics,
+                               **run.rewards.pop_metrics()}  # scorers' failure counts (lmpo.rewards.scorer_base)
     if batch is not None:  # None: every group was filtered out (nothing to learn from this step)
         t1 = time.perf_counter()
         batch, prep = prepare(batch, p, run.runner, run.ref, t.micro_batch_size, run.critic,

@@ -1,0 +1,133 @@
+"""CGPO's CRPG: Xu et al., "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv:2409.20370
+(Sec. 4: calibrated rewards, the mixture of judges, the constrained regularized policy gradient CRPG).
+
+For prompt s with k responses a_i, a baseline response a-bar (the data set's answer), a reward model r and judges
+h_j(s, a) in {0, 1} (rule checkers or LLM judges flagging constraint violations), ``cgpo_reward`` gives
+
+    J_i = prod_j h_j(s, a_i),    R_cal(s, a_i) = sigmoid(r(s, a_i) - r(s, a-bar)),    reward_i = J_i * R_cal_i
+
+and the ``crpg`` advantage turns it into the policy-gradient coefficient
+
+    w_i = reward_i * max(0, 1 - KL_i / KL_max),    A_i = w_i - mean_batch(w)
+
+with KL_i = sum_t (log pi_old - log pi_ref) over the reply (no KL gate when ``kl_max`` is unset). The loss is
+REINFORCE on A with token-sum / total-token normalisation (the preset's ``reinforce`` + ``token_mean``). What differs
+from GRPO: the judge-gated calibrated reward, a batch-mean baseline without std scaling, and the KL budget as a
+weight instead of a penalty.
+
+Not implemented (``fidelity="reconstructed"``): CGPO's other two optimizers (CODPO, CRRAFT), the multi-task
+stratified updates (one RM, judge set and optimizer per task) and the paper's judge models; the batch mean as the
+baseline follows the TRL port's description (the paper gives no code). A judge is any reward spec; it passes when
+its score is >= ``judge_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmpo import ops
+from lmpo.batch import RolloutBatch
+from lmpo.errors import ConfigError, RewardError
+from lmpo.methods.advantage.grpo import broadcast, outcome_returns
+from lmpo.methods.params import hp
+from lmpo.registry import ADVANTAGES, REWARDS
+
+
+def crpg_coefficients(reward: Tensor, kl: Tensor | None, kl_max: float | None) -> Tensor:
+    """(B,) weights w_i = reward_i * max(0, 1 - KL_i / KL_max), centred on the batch mean."""
+    w = reward.double()
+    if kl_max is not None and kl is not None:
+        w = w * torch.clamp(1 - kl.double() / kl_max, min=0.0)
+    return w - w.mean()
+
+
+@ADVANTAGES.register("crpg", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (CGPO, CRPG)",
+                     arxiv="2409.20370", fidelity="reconstructed")
+@dataclass(frozen=True)
+class CRPGAdvantage:
+    """CRPG's coefficient (module docstring); ``kl_max``: the sequence-KL budget (None: no gate)."""
+
+    kl_max: float | None = hp(None, gt=0)
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        kl = None
+        if self.kl_max is not None:
+            kl = ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
+        return broadcast(crpg_coefficients(outcome_returns(batch), kl, self.kl_max).float(), batch.response_mask)
+
+
+@REWARDS.register("cgpo_reward", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (calibrated "
+                  "reward x mixture of judges)", arxiv="2409.20370", fidelity="reconstructed")
+@dataclass(frozen=True, eq=False)
+class CGPOReward:
+    """J * sigmoid(r(s, a) - r(s, a-bar)) (module docstring).
+
+    Attributes:
+        rm: The reward model, a reward spec (``{name: reward_model, path: ...}``).
+        judges: Reward specs, each a constraint judge (pass: score >= ``judge_threshold``).
+        baseline_column: The row column holding the baseline response a-bar (the data set's answer).
+        judge_threshold: A judge's pass mark.
+    """
+
+    rm: dict
+    judges: list = field(default_factory=list)
+    baseline_column: str = "answer"
+    judge_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        from lmpo.rewards.reward_set import RewardSpec, resolve_reward
+
+        def build(spec: Any, where: str):
+            if isinstance(spec, dict) and "name" in spec and "kwargs" not in spec:
+                spec = {"name": spec["name"], "kwargs": {k: v for k, v in spec.items() if k != "name"}}
+            s = RewardSpec.coerce(spec, where=where)
+            return resolve_reward(s.name, s.kwargs, where=where)
+
+        if not isinstance(self.judges, (list, tuple)):
+            raise ConfigError(f"cgpo_reward.judges must be a list of reward specs, got {self.judges!r}.")
+        object.__setattr__(self, "_rm", build(self.rm, "cgpo_reward.rm"))
+        object.__setattr__(self, "_judges", [build(j, f"cgpo_reward.judges[{i}]") for i, j in enumerate(self.judges)])
+        object.__setattr__(self, "_stats", {})
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any) -> list[float]:
+        base = columns.get(self.baseline_column)
+        if base is None or any(b is None for b in base):
+            raise RewardError(f'cgpo_reward calibrates against a baseline response in the "{self.baseline_column}" '
+                              f"column; columns here: {', '.join(sorted(columns)) or '(none)'}.")
+        b = len(completions)
+        r = self._rm(prompts=prompts + prompts, completions=list(completions) + [str(x) for x in base], **{
+            k: list(v) + list(v) for k, v in columns.items()})
+        passed = [True] * b
+        for judge in self._judges:
+            for i, v in enumerate(judge(prompts=prompts, completions=completions, **columns)):
+                passed[i] = passed[i] and float(v) >= self.judge_threshold
+        self._stats["violations"] = float(b - sum(passed))
+        return [(1 / (1 + math.exp(-(r[i] - r[b + i])))) if passed[i] else 0.0 for i in range(b)]
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = dict(self._stats)
+        self._stats.clear()
+        return out
+
+
+PRESETS = {
+    # CGPO CRPG (arXiv:2409.20370; defaults of the TRL port): k = 4 generations, temperature 0.9, no KL penalty (the
+    # KL budget gates the weight instead: set advantage.kl_max), token-sum / total-token REINFORCE. The reward is
+    # the task's unless rewards: [{name: cgpo_reward, rm: ..., judges: [...]}] is set.
+    "cgpo_crpg": {
+        "advantage": {"name": "crpg"},
+        "loss": {"name": "reinforce"},
+        "aggregator": {"name": "token_mean"},
+        "rollout": {"num_generations": 4, "temperature": 0.9},
+        "kl": {"beta": 0.0},
+    },
+}
