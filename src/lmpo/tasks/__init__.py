@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lmpo.registry import TASKS
-from lmpo.tasks import arithmetic, env, local, reasoning_gym, synthetic  # noqa: F401 - imported to register
+from lmpo.tasks import arithmetic, countdown, env, local, reasoning_gym, synthetic  # noqa: F401 - imported to register
 from lmpo.tasks.arithmetic import ArithmeticTask
 from lmpo.tasks.base import Task, columns_of
+from lmpo.tasks.countdown import CountdownTask
 from lmpo.tasks.env import EnvTask
 from lmpo.tasks.local import LocalTask
 from lmpo.tasks.reasoning_gym import ReasoningGymTask
@@ -22,6 +23,7 @@ def build_task(name: str, **params: Any) -> Task:
 __all__ = [
     "ArithmeticTask",
     "CopyTask",
+    "CountdownTask",
     "EnvTask",
     "LocalTask",
     "ReasoningGymTask",
