@@ -88,3 +88,24 @@ class GeneratorProposer:
         lp = (out.sampler_logprobs * out.response_attn).sum(-1).tolist()
         n = out.response_attn.sum(-1).tolist()
         return [Proposal(t, float(a), int(b)) for t, a, b in zip(out.completions, lp, n)]
+
+
+@dataclass
+class TokenProposer:
+    """One-token steps drawn from a causal LM's next-token distribution at ``temperature`` (one forward per call):
+    a fast proposer for single-token actions (the tiny tasks' digits), with the same seeding contract."""
+
+    model: Any
+    tokenizer: Any
+    temperature: float = 1.0
+
+    @torch.no_grad()
+    def propose(self, prefix: str, k: int, seed: int) -> list[Proposal]:
+        ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+        logp = torch.log_softmax(logits / max(self.temperature, 1e-6), -1)
+        if self.temperature == 0:
+            draws = logp.argmax().repeat(k)
+        else:
+            draws = torch.multinomial(logp.exp(), k, replacement=True, generator=torch.Generator().manual_seed(seed))
+        return [Proposal(self.tokenizer.decode([int(t)]), float(logp[t]), 1) for t in draws]

@@ -34,6 +34,7 @@ class Node:
     visits: int = 0
     value_sum: float = 0.0
     expanded: bool = False
+    ret: float = 0.0  # the sum of rewards from the root to here (success is judged on it)
 
     @property
     def q(self) -> float:
@@ -67,6 +68,7 @@ class Tree:
     def add(self, node: Node) -> int:
         self.nodes.append(node)
         if node.parent is not None:
+            node.ret = self.nodes[node.parent].ret + node.reward
             self.nodes[node.parent].children.append(len(self.nodes) - 1)
         return len(self.nodes) - 1
 
@@ -90,7 +92,7 @@ class Tree:
 
     def is_success(self, i: int) -> bool:
         n = self.nodes[i]
-        return n.terminal and n.reward >= self.success_reward
+        return n.terminal and n.ret >= self.success_reward - 1e-9
 
     def has_success(self, i: int) -> bool:
         return self.is_success(i) or any(self.has_success(c) for c in self.nodes[i].children)
