@@ -7,3 +7,5 @@ from lmpo.search.tree import Node, StepPair, Tree
 
 __all__ = ["ALGORITHMS", "EnvDomain", "GeneratorProposer", "Node", "Proposal", "SearchConfig", "SearchDomain",
            "StepPair", "StepProposer", "TokenProposer", "Transition", "Tree", "TreeSearch", "sample_paths", "search"]
+
+from lmpo.search import methods  # noqa: E402,F401  (registers the recipes in SEARCH_RECIPES)
