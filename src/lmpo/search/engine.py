@@ -8,7 +8,8 @@ Algorithms (``SearchConfig.algorithm``):
   the root and ``k`` elsewhere; each new child is evaluated and its value backed up to the root.
 - ``best_first``: a frontier ordered by the path's log-prob (``length_alpha`` > 0 divides it by tokens^alpha); pop the
   best, expand ``k``, stop at the first success (BFS-Prover, arXiv:2509.06493).
-- ``dfs``: depth-first with backtracking, children tried in order of log-prob (DFSDT, the inference trees TP-LLaMA
+- ``dfs``: depth-first with backtracking, children (``k`` a round, up to ``max_children``) tried in order of
+  log-prob (DFSDT, the inference trees TP-LLaMA
   mines, arXiv:2406.07115); stops at the first success.
 - :func:`sample_paths`: the baseline at equal budget: independent one-step-at-a-time trajectories.
 
@@ -47,6 +48,7 @@ class SearchConfig:
     length_alpha: float = 0.0
     success_reward: float = 1.0
     dedup: bool = True
+    max_children: int = 0  # dfs: a node whose children all failed samples k more, up to this many (0: k, one round)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class SearchConfig:
 
             raise ConfigError(f"search.algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}."
                               f"{did_you_mean(str(self.algorithm), ALGORITHMS)}")
+        if self.max_children < 0:
+            raise ConfigError(f"search.max_children must be >= 0 (0: k), got {self.max_children}.")
         for key in ("budget", "max_depth", "k_root", "k", "iterations", "rollouts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"search.{key} must be >= 1, got {getattr(self, key)}.")
@@ -175,15 +179,19 @@ class TreeSearch:
                     order += 1
 
     def _dfs(self) -> None:
+        width = self.cfg.max_children or self.cfg.k
+
         def visit(i: int) -> bool:
-            kids = self.expand(i, self.cfg.k)
-            for c in sorted(kids, key=lambda c: -self.tree.nodes[c].logprob):
-                node = self.tree.nodes[c]
-                self.tree.backup(self.tree.path(c), 0.0, self.cfg.gamma)
-                if self.tree.is_success(c):
-                    return True
-                if not node.terminal and node.depth < self.cfg.max_depth and self.tree.generated < self.cfg.budget:
-                    if visit(c):
+            while len(self.tree.nodes[i].children) < width and self.tree.generated < self.cfg.budget:
+                kids = self.expand(i, min(self.cfg.k, width - len(self.tree.nodes[i].children)))
+                if not kids:
+                    return False  # only duplicates: this node has nothing new to offer
+                for c in sorted(kids, key=lambda c: -self.tree.nodes[c].logprob):
+                    node = self.tree.nodes[c]
+                    self.tree.backup(self.tree.path(c), 0.0, self.cfg.gamma)
+                    if self.tree.is_success(c):
+                        return True
+                    if not node.terminal and node.depth < self.cfg.max_depth and visit(c):
                         return True
             return False
 

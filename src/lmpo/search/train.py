@@ -80,7 +80,7 @@ def sft_update(model, tokenizer, optimizer, examples: list[tuple[str, str]]) -> 
     loss.backward()
     optimizer.step()
     model.eval()
-    return {"loss": float(loss), "tokens": float(mask.sum())}
+    return {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
 @dataclass
