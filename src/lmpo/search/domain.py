@@ -80,14 +80,22 @@ class GeneratorProposer:
 
     generator: Any
     params: SamplingParams
+    stop: str | None = None  # cut each completion before the first ``stop`` (after its first character)
+    tokenizer: Any = None  # with ``stop``: counts the kept tokens (exact for character-level tokenizers)
 
     def propose(self, prefix: str, k: int, seed: int) -> list[Proposal]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = self.generator.generate([prefix] * k, self.params)
-        lp = (out.sampler_logprobs * out.response_attn).sum(-1).tolist()
+        lps = (out.sampler_logprobs * out.response_attn).tolist()
         n = out.response_attn.sum(-1).tolist()
-        return [Proposal(t, float(a), int(b)) for t, a, b in zip(out.completions, lp, n)]
+        props = []
+        for text, lp, m in zip(out.completions, lps, n):
+            if self.stop and self.stop in text[1:]:
+                text = text[: text.index(self.stop, 1)]
+                m = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer else m
+            props.append(Proposal(text, float(sum(lp[: int(m)])), int(m)))
+        return props
 
 
 @dataclass
