@@ -139,3 +139,31 @@ def test_sampling_baseline_spends_the_budget(proposer):
     env = build_env("countdown", num_count=3, steps=2, ops="+")
     tree = sample_paths(EnvDomain(env, seed=5), proposer, budget=7, max_depth=2, seed=0)
     assert tree.generated == 7 and len(tree.root.children) >= 4
+
+
+class _FakeGen:
+    """Returns fixed completions with per-token log-probs -0.1, -0.2, ... (character tokens)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, params):
+        import torch
+
+        from lmpo.rollout.base import GenerationOutput
+
+        T = max(len(t) for t in self.texts)
+        attn = torch.tensor([[j < len(t) for j in range(T)] for t in self.texts])
+        lp = -0.1 * torch.arange(1, T + 1, dtype=torch.float32).expand(len(self.texts), T) * attn
+        z = torch.zeros(len(self.texts), 1, dtype=torch.long)
+        return GenerationOutput(z, z.bool(), torch.zeros_like(attn, dtype=torch.long), attn, lp,
+                                torch.zeros(len(self.texts), dtype=torch.bool), list(self.texts))
+
+
+def test_generator_proposer_cuts_at_the_stop_string():
+    """"3+5=8 7" is cut to "3+5=8" (5 character tokens): log-prob -(0.1 + ... + 0.5) = -1.5; no stop: all tokens."""
+    tok = build_tiny_tokenizer()
+    prop = GeneratorProposer(_FakeGen(["3+5=8 7", " 12"]), SamplingParams(), stop=" ", tokenizer=tok)
+    a, b = prop.propose("x", 2, seed=0)
+    assert (a.text, a.num_tokens) == ("3+5=8", 5) and a.logprob == pytest.approx(-1.5)
+    assert (b.text, b.num_tokens) == (" 12", 3) and b.logprob == pytest.approx(-0.6)  # a leading stop is kept
