@@ -73,9 +73,9 @@ def main() -> None:
                                  stop=" ", tokenizer=tok)
     held = range(10**7, 10**7 + args.puzzles)
     methods = {
-        "mcts": dict(algorithm="mcts", k_root=4, k=2, value="rollout", max_depth=DEPTH),
-        "best_first": dict(algorithm="best_first", k=4, length_alpha=0.5, max_depth=DEPTH),
-        "dfs": dict(algorithm="dfs", k=2, max_children=4, max_depth=DEPTH),
+        "mcts": dict(algorithm="mcts", k_root=4, k=2, value="rollout", max_depth=DEPTH, max_children=8),
+        "best_first": dict(algorithm="best_first", k=4, length_alpha=0.5, max_depth=DEPTH, max_children=8),
+        "dfs": dict(algorithm="dfs", k=2, max_children=8, max_depth=DEPTH),
     }
     results = {"env": ENV, "puzzles": args.puzzles, "sft_steps": args.sft_steps, "sft_seconds": round(sft_s, 1),
                "solve_rate": {}}

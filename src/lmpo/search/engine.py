@@ -8,6 +8,8 @@ Algorithms (``SearchConfig.algorithm``):
   the root and ``k`` elsewhere; each new child is evaluated and its value backed up to the root.
 - ``best_first``: a frontier ordered by the path's log-prob (``length_alpha`` > 0 divides it by tokens^alpha); pop the
   best, expand ``k``, stop at the first success (BFS-Prover, arXiv:2509.06493).
+- Widening (``max_children``): a node may get more than one round of children, so a search whose branches all end
+  early (illegal steps) keeps spending its budget instead of stalling.
 - ``dfs``: depth-first with backtracking, children (``k`` a round, up to ``max_children``) tried in order of
   log-prob (DFSDT, the inference trees TP-LLaMA
   mines, arXiv:2406.07115); stops at the first success.
@@ -48,7 +50,8 @@ class SearchConfig:
     length_alpha: float = 0.0
     success_reward: float = 1.0
     dedup: bool = True
-    max_children: int = 0  # dfs: a node whose children all failed samples k more, up to this many (0: k, one round)
+    max_children: int = 0  # widening cap per node (0: none): dfs samples k more when all failed; mcts re-expands
+    # the parent of a dead end; best_first keeps a node in the frontier until it has this many children
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -151,8 +154,12 @@ class TreeSearch:
                 path.append(self.puct_child(path[-1]))
             leaf = tree.nodes[path[-1]]
             if leaf.terminal or leaf.depth >= cfg.max_depth:
-                tree.backup(path, 0.0, cfg.gamma)
-                continue
+                parent = leaf.parent
+                if parent is not None and len(tree.nodes[parent].children) < cfg.max_children:
+                    path = path[:-1]  # progressive widening: a dead end sends the sample to its parent
+                else:
+                    tree.backup(path, 0.0, cfg.gamma)
+                    continue
             new = self.expand(path[-1], cfg.k_root if path[-1] == 0 else cfg.k)
             if not new:  # everything sampled was a duplicate: count a visit so selection moves on
                 tree.backup(path, self.evaluate(path[-1]), cfg.gamma)
@@ -169,6 +176,9 @@ class TreeSearch:
         frontier, order = [(0.0, 0, 0)], 1
         while frontier and self.tree.generated < self.cfg.budget:
             _, _, i = heapq.heappop(frontier)
+            if len(self.tree.nodes[i].children) + self.cfg.k < self.cfg.max_children:
+                heapq.heappush(frontier, (-self._score(i), order, i))  # widening: i may be expanded again
+                order += 1
             for c in self.expand(i, self.cfg.k):
                 self.tree.backup(self.tree.path(c), 0.0, self.cfg.gamma)
                 if self.tree.is_success(c):

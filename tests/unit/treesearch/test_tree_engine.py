@@ -167,3 +167,16 @@ def test_generator_proposer_cuts_at_the_stop_string():
     a, b = prop.propose("x", 2, seed=0)
     assert (a.text, a.num_tokens) == ("3+5=8", 5) and a.logprob == pytest.approx(-1.5)
     assert (b.text, b.num_tokens) == (" 12", 3) and b.logprob == pytest.approx(-0.6)  # a leading stop is kept
+
+
+@pytest.mark.parametrize("algorithm", ["mcts", "best_first"])
+def test_widening_keeps_spending_the_budget_on_dead_ends(algorithm):
+    """Every step ends the episode with 0 except "w" (sampled 5th): without widening the search stalls after the
+    first round of children; with max_children 6 it keeps sampling at the root and finds "w"."""
+    steps = {"r": [("a", -1.0), ("b", -1.0), ("c", -1.0), ("d", -1.0), ("w", -1.0), ("e", -1.0)]}
+    outcome = {(x,): (0.0, True) for x in "abcde"} | {("w",): (1.0, True)}
+    base = dict(algorithm=algorithm, budget=8, k_root=2, k=2, value="zero", iterations=50)
+    stalled = search(Table(outcome), Scripted(steps), SearchConfig(**base))
+    assert stalled.generated == 2 and not stalled.solved
+    wide = search(Table(outcome), Scripted(steps), SearchConfig(**base, max_children=6))
+    assert wide.solved and wide.generated == 6 and len(wide.root.children) == 6
