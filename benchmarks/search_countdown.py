@@ -5,11 +5,11 @@
 1. Warm start: the tiny random model is trained (SFT) to write *legal* equations, one step at a time: for random
    puzzles and random legal moves (not aimed at the target), prefix "pool target=" [+ earlier moves] -> "a+b=c ".
    It learns the format and the arithmetic, never which move solves the puzzle.
-2. On held-out puzzles (4 numbers 1..9, target = a 2-step sum, up to 3 moves, "+" only: the tiny tokenizer's characters), each
-   method gets the same budget of step samples: ``sample`` (independent trajectories, one step sample at a time),
-   ``mcts`` (PUCT, k_root 4, k 2, one Monte-Carlo rollout per new node), ``best_first`` (k 4, length alpha 0.5) and
-   ``dfs`` (k 2, up to 4 children a node). A puzzle is solved when any explored path reaches the target (the
-   environment's exact checker). Prints and writes the solve rates.
+2. On held-out puzzles (4 numbers 1..9, target = a 2-step sum, up to 3 moves, "+" only: the tiny tokenizer's
+   characters), each method gets the same budget of step samples: ``sample`` (independent trajectories, one step
+   sample at a time), ``mcts`` (PUCT, k_root 4, k 2, one Monte-Carlo rollout per new node), ``best_first`` (k 4,
+   length alpha 0.5) and ``dfs`` (k 2), all widening up to 8 children a node. A puzzle is solved when any explored
+   path reaches the target (the environment's exact checker). Prints and writes the solve rates.
 """
 
 from __future__ import annotations
