@@ -26,7 +26,7 @@ import heapq
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lmpo.errors import ConfigError
 from lmpo.search.domain import SearchDomain, StepProposer
@@ -233,5 +233,3 @@ def sample_paths(domain: SearchDomain, proposer: StepProposer, budget: int, max_
         tree.backup(tree.path(i), 0.0)
     return tree
 
-
-Evaluator = Callable[[str], float]
