@@ -112,6 +112,7 @@ class TreeSearch:
         returns = []
         for _ in range(self.cfg.rollouts):
             g, disc, prefix, state, depth = 0.0, 1.0, node.prefix, node.state, node.depth
+            ret, actions = node.ret, []
             while depth < self.cfg.max_depth:
                 props = self._sample(prefix, 1)
                 if not props:
@@ -119,8 +120,13 @@ class TreeSearch:
                 t = self.domain.step(state, props[0].text)
                 g += disc * t.reward
                 disc *= self.cfg.gamma
+                ret += t.reward
+                actions.append(props[0].text)
                 prefix, state, depth = prefix + t.text, t.state, depth + 1
                 if t.done:
+                    if ret >= self.cfg.success_reward - 1e-9:  # a rollout that solved it: an explored solution
+                        path = [self.tree.nodes[j].action for j in self.tree.path(i)[1:]]
+                        self.tree.rollout_solutions.append(path + actions)
                     break
             returns.append(g)
         return sum(returns) / len(returns)

@@ -60,6 +60,7 @@ class Tree:
     nodes: list[Node]
     success_reward: float = 1.0
     generated: int = 0  # step samples drawn (expansions and rollouts): the budget's unit
+    rollout_solutions: list[list[str]] = field(default_factory=list)  # successes found by Monte-Carlo rollouts
 
     @property
     def root(self) -> Node:
@@ -98,11 +99,13 @@ class Tree:
         return self.is_success(i) or any(self.has_success(c) for c in self.nodes[i].children)
 
     def solutions(self) -> list[list[str]]:
-        return [[self.nodes[j].action for j in self.path(i)[1:]] for i in range(len(self.nodes)) if self.is_success(i)]
+        """The step sequences of the tree's successes, then those found by rollouts (not part of the tree)."""
+        found = [[self.nodes[j].action for j in self.path(i)[1:]] for i in range(len(self.nodes)) if self.is_success(i)]
+        return found + [s for s in self.rollout_solutions if s not in found]
 
     @property
     def solved(self) -> bool:
-        return any(self.is_success(i) for i in range(len(self.nodes)))
+        return bool(self.rollout_solutions) or any(self.is_success(i) for i in range(len(self.nodes)))
 
     def step_pairs(self, min_gap: float = 0.0, min_visits: int = 1) -> list[StepPair]:
         """Max-Q vs min-Q visited children of each node, when their Q differ by more than ``min_gap`` (ties: the

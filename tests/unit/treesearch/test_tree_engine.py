@@ -66,6 +66,7 @@ def test_rollout_value_and_discount_by_hand():
     a = tree.nodes[1]
     assert (a.action, a.visits, a.q, tree.root.q, tree.generated) == ("a", 1, 0.5, 0.25, 2)
     assert len(tree.nodes) == 2  # rollout steps are not added to the tree
+    assert tree.solved and tree.solutions() == [["a", "c"]]  # ... but the success they found counts
 
 
 def test_value_function_is_called_on_new_nonterminal_nodes():
