@@ -5,7 +5,8 @@ Thinking" (later "Flow of Reasoning: Training LLMs for Divergent Reasoning with 
 arXiv:2406.05673; code: github.com/Yu-Fangxu/FoR.
 
 The policy is the forward policy P_F of a GFlowNet over reasoning trajectories tau = (s_0 -> ... -> s_n = x); trained
-with trajectory balance (the paper's TB objective, Sec. 3, after Malkin et al. 2022, arXiv:2201.13259):
+with trajectory balance (the paper's training objective in its method section, after Malkin et al. 2022,
+arXiv:2201.13259; equation numbers were not confirmed from the paper text):
 
     L(tau) = ( log Z + log P_F(tau) - log R(x) - log P_B(tau) )^2,      log P_F(tau) = sum_t log pi(s_{t+1} | s_t)
 
