@@ -133,5 +133,6 @@ SEARCH_RECIPES: Registry = Registry("search")  # tree-search training recipes (l
 ENVS: Registry = Registry("env")  # text environments (lmpo.envs); not yet a config section, so not in ALL_REGISTRIES
 
 ALL_REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS)
+    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS,
+                        PREFERENCE_LOSSES)
 }
