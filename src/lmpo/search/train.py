@@ -40,6 +40,19 @@ def preference_batch(tokenizer, pairs: list[StepPair]) -> PreferenceBatch:
     return PreferenceBatch(prompt_ids, chosen, cmask, rejected, rmask, meta)
 
 
+def write_pairs(pairs: list[StepPair], path: str) -> int:
+    """Write step pairs as TRL-format JSONL (``prompt``, ``chosen``, ``rejected``, plus ``q_gap`` = Q_w - Q_l for
+    ``preference.data.gap_column``) for the offline preference stage (docs/preference.md); returns the rows written.
+    That stage appends EOS to each response: right for steps that end a turn (one equation a turn)."""
+    import json
+
+    with open(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                "q_gap": p.q_chosen - p.q_rejected, "depth": p.depth}) + "\n")
+    return len(pairs)
+
+
 def completion_logps(model, tokenizer, prompts: list[str], completions: list[str]) -> tuple[Tensor, Tensor]:
     """Per-token log-probs (N, T) of ``completions`` after ``prompts`` and their mask (gradient when enabled)."""
     p, pm = _encode(tokenizer, prompts, left=True)

@@ -132,3 +132,15 @@ def test_iterate_is_deterministic_under_its_seeds():
         return log.examples, [round(m["loss"], 6) for m in log.metrics]
 
     assert run() == run()
+
+
+def test_pairs_round_trip_through_the_preference_stage_loader(tmp_path):
+    from lmpo.search.train import write_pairs
+    from lmpo.tasks.pairs import load_pairs
+
+    pairs = [StepPair("3 5 2 8=", "3+5=8", "5+2=7", 1.0, 0.25, depth=0), StepPair("r/a", "c", "d", 0.5, 0.0)]
+    path = tmp_path / "pairs.jsonl"
+    assert write_pairs(pairs, str(path)) == 2
+    rows = load_pairs(str(path))
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["q_gap"]) for r in rows] == [
+        ("3 5 2 8=", "3+5=8", "5+2=7", 0.75), ("r/a", "c", "d", 0.5)]
