@@ -17,7 +17,7 @@ An evolutionary search over prompts (instruction + few-shot examples) for a froz
 The meta-LLM and the evaluated model are callables (``crossover(a, b) -> str``, ``rewrite(a) -> str``,
 ``score(prompt, row) -> float``): an LLM in practice, string operators or a fake in tests. Fidelity
 ``reconstructed``: alpha 0.2 (the paper; the library uses 0.05), block size, c = 4, k_max = 5, z_max = 10, gamma = 0.05
-are the defaults. ``python -m lmpo.search.capo_prompt --help`` runs it on a task with a local model.
+are the defaults. ``python -m lmpo.search.capo_prompt --help`` runs it offline on a task with the tiny model.
 """
 
 from __future__ import annotations
