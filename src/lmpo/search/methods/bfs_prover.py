@@ -2,7 +2,7 @@
 
 Xin, Zheng, Nie, Yuan, Xiao (2025), arXiv:2509.06493 (search from BFS-Prover, arXiv:2502.03438).
 
-Expert iteration (Sec. 3): the current policy with best-first tree search attacks the problems; the frontier is
+Expert iteration (the training-time scaling section): the current policy with best-first tree search attacks the problems; the frontier is
 ordered by the path's cumulative log-prob divided by length^alpha (BFS-Prover's length normalisation, which favours
 deeper paths); every (state, step) on a found proof path gets reward 1 and becomes a supervised example (off-policy
 multi-turn RL = SFT on successful steps); tactic-level filtering keeps the middle of the step-perplexity distribution,

@@ -2,7 +2,8 @@
 
 Xie, Goyal, Zheng, Kan, Lillicrap, Kawaguchi, Shieh (2024), arXiv:2405.00451; code: github.com/YuxiXie/MCTS-DPO.
 
-Each iteration: MCTS over reasoning steps with the current policy (Sec. 2.1: PUCT selection
+Each iteration (section numbers as we recall them from arXiv v2, not re-verified): MCTS over reasoning steps with
+the current policy (Sec. 2.1: PUCT selection
 a* = argmax Q(s,a) + c_puct p(a|s) sqrt(N(s)) / (1 + N(s,a)), p the policy prior; expansion of ``k_root`` steps at the
 root and ``k`` below; evaluation of a new node by its outcome, or by a rollout; Q = mean backed-up return); then
 step-level pairs at the visited nodes (Sec. 2.2): the child with the highest Q is preferred to the one with the lowest

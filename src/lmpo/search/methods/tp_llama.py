@@ -3,7 +3,8 @@
 Chen, Wang, et al. (NeurIPS 2024), arXiv:2406.07115.
 
 ToolLLaMA trains only on the successful path of a depth-first decision tree (DFSDT). TP-LLaMA also uses the failed
-branches: walking the successful path, every node that branched gives a step-wise preference pair (Sec. 3.2): the
+branches: walking the successful path, every node that branched gives a step-wise preference pair (its method
+section; the section number was not verified): the
 prefix up to the node (instruction, earlier thoughts/actions/observations) as the prompt, the child on the successful
 path as the chosen step and a sibling whose subtree failed as the rejected one; nodes off the successful path give
 none. The policy (the SFT model) is then trained with DPO (Rafailov et al., Eq. 7) on these pairs with the SFT model
