@@ -129,6 +129,7 @@ PLANNERS: Registry = Registry("planner")  # components that only provide collect
 REWARDS: Registry = Registry("reward")
 TASKS: Registry = Registry("task")
 PREFERENCE_LOSSES: Registry = Registry("preference")  # PreferenceLoss (DPO family); lmpo.methods.preference
+SEARCH_RECIPES: Registry = Registry("search")  # tree-search training recipes (lmpo.search.methods); not a config section
 ENVS: Registry = Registry("env")  # text environments (lmpo.envs); not yet a config section, so not in ALL_REGISTRIES
 
 ALL_REGISTRIES: dict[str, Registry] = {

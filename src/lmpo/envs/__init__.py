@@ -1,7 +1,7 @@
 """Text environments for multi-turn RL: the protocol, the registry ``ENVS`` and the built-in environments.
 
 ``build_env(name, **params)`` builds a registered environment (``frozenlake``, ``gymnasium``, ``toolmath``,
-``searchqa``, ``copy_turns``, ``tiny_search``) or a user's own class
+``searchqa``, ``copy_turns``, ``tiny_search``, ``countdown``, ``aries_sort``) or a user's own class
 given as ``"package.module:Class"`` (constructed with ``params``; it must have ``reset`` and ``step``, see
 :class:`lmpo.envs.base.Env`). :class:`ToolEnv` is the base of question-answering environments with tools.
 Importing this package registers the built-ins; Gymnasium is imported only when a Gymnasium-backed environment is
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lmpo.envs import copy_turns, frozenlake, gym_adapter, searchqa, tiny_search, toolmath  # noqa: F401 - imported to register
+from lmpo.envs import aries_sort, copy_turns, countdown, frozenlake, gym_adapter, searchqa, tiny_search, toolmath  # noqa: F401 - imported to register
 from lmpo.envs.base import (
     Env,
     EnvError,
@@ -25,6 +25,7 @@ from lmpo.envs.base import (
     run_episode,
 )
 from lmpo.envs.copy_turns import CopyTurnsEnv
+from lmpo.envs.countdown import CountdownEnv
 from lmpo.envs.frozenlake import FrozenLakeEnv
 from lmpo.envs.gym_adapter import GymnasiumEnv, GymTextEnv, TextCodec, WordCodec
 from lmpo.envs.searchqa import SearchQAEnv
@@ -73,6 +74,7 @@ def build_env(name: str, **params: Any) -> Env:
 __all__ = [
     "ENVS",
     "CopyTurnsEnv",
+    "CountdownEnv",
     "Env",
     "EnvError",
     "Episode",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from lmpo.registry import TASKS
-from lmpo.tasks import arithmetic, env, local, reasoning_gym, synthetic  # noqa: F401 - imported to register
+from lmpo.tasks import arithmetic, countdown, env, local, reasoning_gym, synthetic  # noqa: F401 - imported to register
 from lmpo.tasks import guided_copy  # noqa: F401 - imported to register (guidance results, docs/guidance.md)
 from lmpo.tasks.arithmetic import ArithmeticTask
 from lmpo.tasks.base import Task, columns_of
+from lmpo.tasks.countdown import CountdownTask
 from lmpo.tasks.env import EnvTask
 from lmpo.tasks.local import LocalTask
 from lmpo.tasks.reasoning_gym import ReasoningGymTask
@@ -23,6 +24,7 @@ def build_task(name: str, **params: Any) -> Task:
 __all__ = [
     "ArithmeticTask",
     "CopyTask",
+    "CountdownTask",
     "EnvTask",
     "LocalTask",
     "ReasoningGymTask",
