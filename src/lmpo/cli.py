@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def cmd_train(args) -> int:
     cfg = load_config(config, overrides)
     check_output_dir(cfg, run_name(cfg))
     result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    print_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports (docs/distributed.md)
+        print_summary(result)
     return 0
 
 
