@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, dist, extra: dic
     return final
 
 
-def _fresh_rng(seed: int, rank: int, step: int) -> dict[str, Any]:
+def fresh_rng(seed: int, rank: int, step: int) -> dict[str, Any]:
     """A new RNG stream for a rank the checkpoint has none for (it was written on fewer ranks)."""
     keep = rng_state()
     s = (int(seed) * 1_000_003 + 7_919 * int(rank) + 104_729 * int(step)) % (2**32)
@@ -108,7 +109,9 @@ def load(path: Path, model, optimizer, scheduler, dist, seed: int = 0) -> dict[s
         (get_state_dict(model, [], options=_options())[0], None)
     sd = {"model": msd} if osd is None else {"model": msd, "optim": osd}
     try:
-        dcp.load(sd, checkpoint_id=str(path / SHARDED))
+        with warnings.catch_warnings():  # read in one process (lmpo eval, a 1-process resume): expected, say nothing
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(sd, checkpoint_id=str(path / SHARDED))
     except Exception as exc:  # noqa: BLE001 - DCP raises several kinds on a missing or foreign shard
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CorruptCheckpoint(path, SHARDED, f"{type(exc).__name__}: {detail}") from None
@@ -122,5 +125,5 @@ def load(path: Path, model, optimizer, scheduler, dist, seed: int = 0) -> dict[s
     rank = dist.rank if dist is not None else 0
     rng_file = path / f"rng_rank{rank}.pt"
     state["rng"] = (_read(path, rng_file.name, weights_only=False) if rng_file.is_file()
-                    else _fresh_rng(seed, rank, state["step"]))
+                    else fresh_rng(seed, rank, state["step"]))
     return state

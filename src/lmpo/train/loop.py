@@ -193,11 +193,13 @@ class Run:
         return out
 
     def restore(self, ckpt: Path) -> None:
-        if self.dist is not None or dist_checkpoint.is_sharded(ckpt):  # torch.distributed.checkpoint's format
+        if dist_checkpoint.is_sharded(ckpt):  # written on several ranks (torch.distributed.checkpoint)
             state = dist_checkpoint.load(ckpt, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
                                          seed=self.cfg.train.seed)
-        else:
+        else:  # a single process's checkpoint: every rank reads it whole
             state = load_checkpoint(ckpt, self.model, self.opt.optimizer, self.opt.scheduler)
+            if self.dist is not None and self.dist.rank > 0:  # it holds rank 0's RNG states only
+                state["rng"] = dist_checkpoint.fresh_rng(self.cfg.train.seed, self.dist.rank, state["step"])
         self.start, self.eval_before = state["step"], state.get("eval_before", {})
         self.stream.load_state_dict(state["data"])
         self.rollouts.load_state_dict(state.get("async"))  # train.async's queued batches (None: synchronous)
