@@ -76,7 +76,8 @@ class DistRun:
     world: int
     strategy: str = "ddp"
     backend: str = "gloo"
-    ddp: nn.Module | None = field(default=None, repr=False)
+    ddp: nn.Module | None = field(default=None, repr=False)  # what train_call runs through: DDP, or FSDP's root
+    fsdp: list[nn.Module] = field(default_factory=list, repr=False)  # strategy fsdp2: the fully_shard'ed modules
 
     @property
     def main(self) -> bool:
@@ -90,11 +91,56 @@ class DistRun:
 
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("Nothing to train: the model has no trainable parameter.")
+        self.strategy = resolve_strategy(self.strategy, model)
+        if self.strategy == "fsdp2":
+            self._shard(model)
+            return
         # buffers (rotary tables) are built identically on every rank: no per-forward broadcast
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else {"broadcast_buffers": False})
         self.ddp = DDP(_Apply(model), find_unused_parameters=False, **sync)
         self.ddp.register_comm_hook(None, _sum_hook)
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2: each decoder layer and the rest (embeddings, final norm, LM head) as one ``fully_shard`` unit each;
+        gradients reduce-scattered as a sum (divide factor 1: the loss is already over the global normaliser)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        from lmpo.models.logprobs import split_body_and_head
+
+        body = split_body_and_head(model)[0]
+        layers = getattr(body, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            raise ConfigError(f"train.dist.strategy=fsdp2 shards a decoder's layers (body.layers), which "
+                              f"{type(body).__name__} does not have; use train.dist.strategy=ddp.")
+        # parameters stay gathered through forward and backward (one all-gather per layer per update: ranks may run
+        # different numbers of decoder calls per forward); resharded after backward, so AdamW updates the shards
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=False)
+        self.ddp = fully_shard(_Apply(model), reshard_after_forward=False)
+        self.fsdp = [m for m in self.ddp.modules() if isinstance(m, FSDPModule)]
+        for m in self.fsdp:
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: a plain SUM reduce-scatter
+
+    def gathered(self) -> None:
+        """FSDP2: every weight whole on every rank (one all-gather per unit, on all ranks together), for what runs
+        outside the update (sampling, no-grad log-prob passes, evaluation on rank 0): a collective-free model, as
+        verl's rollout engine holds whole weights beside its FSDP trainer. Nothing under DDP."""
+        if self.fsdp:  # FSDP picks its root at the first forward; the root here is the _Apply wrapper (a private
+            self.fsdp[0]._get_fsdp_state()._lazy_init()  # call: unshard() alone would make each layer a root)
+        for m in self.fsdp:
+            m.unshard()
+
+    @contextlib.contextmanager
+    def sharded(self):
+        """FSDP2: the parameters as their shards (DTensors) inside the block (checkpoints), gathered again after."""
+        for m in self.fsdp:
+            m.reshard()
+        try:
+            yield
+        finally:
+            self.gathered()
 
     def train_call(self, fn, *args, **kwargs):
         """``fn(model, *args)`` through DDP: the backward of its result sums the gradients over ranks."""
@@ -103,6 +149,10 @@ class DistRun:
     def accumulate(self, last: bool):
         """Around one micro-batch's forward and backward: gradients are summed over ranks only in the optimizer
         step's last backward (``no_sync`` before it), as DDP's gradient accumulation prescribes."""
+        if self.fsdp:  # unsharded gradients accumulate until the last backward reduce-scatters them
+            for m in self.fsdp:
+                m.set_requires_gradient_sync(last, recurse=False)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
 
     # ------------------------------------------------------------------ collectives
@@ -168,17 +218,17 @@ class DistRun:
         return out
 
 
-def resolve_strategy(name: str) -> str:
-    """``train.dist.strategy`` on this machine: auto = ddp (docs/distributed.md: why not fsdp2 by default)."""
-    if name in ("auto", "ddp"):
-        return "ddp"
-    if name == "fsdp2":
-        raise ConfigError(
-            "train.dist.strategy=fsdp2: torch's fully_shard runs on this CPU with gloo, but lmpo's sampler, its "
-            "no-grad log-prob passes and the packed forward call the decoder layers outside FSDP's forward hooks, "
-            "and the ranks stop decoding at different lengths (FSDP would all-gather a different number of times "
-            "on each rank and hang); use train.dist.strategy=ddp (docs/distributed.md, 'FSDP2').")
-    raise ConfigError(f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {name!r}.')
+def resolve_strategy(name: str, model: nn.Module | None = None) -> str:
+    """``train.dist.strategy`` for this model: auto = fsdp2 where the decoder has a ``layers`` list to shard (every
+    Hugging Face decoder lmpo trains), ddp otherwise."""
+    if name not in ("auto", "ddp", "fsdp2"):
+        raise ConfigError(f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {name!r}.')
+    if name != "auto":
+        return name
+    from lmpo.models.logprobs import split_body_and_head
+
+    body = split_body_and_head(model)[0] if model is not None else None
+    return "fsdp2" if isinstance(getattr(body, "layers", None), nn.ModuleList) else "ddp"
 
 
 def init(cfg) -> DistRun | None:
@@ -187,7 +237,9 @@ def init(cfg) -> DistRun | None:
     if world <= 1:
         return None
     d = cfg.train.dist
-    strategy = resolve_strategy(d.strategy)
+    strategy = d.strategy  # auto is resolved against the model (DistRun.wrap)
+    if strategy not in ("auto", "ddp", "fsdp2"):
+        raise ConfigError(f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {strategy!r}.')
     # lmpo's trainer runs on the CPU (its model loader never moves to CUDA): gloo; nccl once the weights are on CUDA
     backend = "gloo"
     if not dist.is_initialized():

@@ -216,8 +216,9 @@ class Run:
         if queued is not None:
             extra["async"] = queued
         if self.dist is not None:  # sharded: every rank writes its part (lmpo.train.dist_checkpoint)
-            dist_checkpoint.save(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
-                                 keep=self.cfg.output.keep_checkpoints, extra=extra)
+            with self.dist.sharded():  # FSDP2: the parameters as their shards while DCP reads them
+                dist_checkpoint.save(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
+                                     keep=self.cfg.output.keep_checkpoints, extra=extra)
             return
         save_checkpoint(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler,
                         keep=self.cfg.output.keep_checkpoints, extra=extra)
@@ -289,6 +290,8 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan, dist: dist_.DistRun | N
         seed_everything(dist_.rank_seed(t.seed, dist.rank))
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
+    if dist is not None:
+        dist.gathered()  # FSDP2: whole weights for sampling (every rank, together); nothing under DDP
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
     resume_step = run.start if plan.checkpoint is not None else None
     if dist is not None and not dist.main:  # rank 0 writes the metrics and evaluates
@@ -315,6 +318,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         metrics.update(prep)
         metrics.update(policy_update(run.runner, run.opt, batch, p.loss, p.aggregator, run.settings(), step,
                                      p.hook("lr_scale"), p.calls("after_optimizer_step")))
+        if run.dist is not None:  # FSDP2: the updated shards gathered into whole weights (the sampler's weight sync)
+            run.dist.gathered()
         for observe in p.calls("observe"):  # per-prompt trackers learn from the step
             observe(batch, lambda b: run.runner.logprobs_nograd(b, t.micro_batch_size))
         metrics.update({"perf/logprob_s": t2 - t1, "perf/update_s": time.perf_counter() - t2})
