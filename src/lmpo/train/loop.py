@@ -354,7 +354,12 @@ def due(every: int, step: int, last: int) -> bool:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """One run; under ``torchrun`` (``WORLD_SIZE`` > 1) this process's rank of it (lmpo.train.dist)."""
+    """One run; under ``torchrun`` (``WORLD_SIZE`` > 1) this process's rank of it (lmpo.train.dist); with
+    ``train.dist.placement: ray`` the controller of ranks started as Ray actors (lmpo.train.ray_placement)."""
+    if cfg.train.dist.placement == "ray" and dist_.world_size() <= 1:
+        from lmpo.train.ray_placement import train_on_ray
+
+        return train_on_ray(cfg, resume, overwrite)
     dist = dist_.init(cfg)
     try:
         path = Path(cfg.output.dir) / run_name(cfg)
