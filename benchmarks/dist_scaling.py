@@ -66,8 +66,9 @@ def main() -> None:
              "| ranks | strategy | step s (each step) | generate s | update s | peak RSS GB per rank | load before / after |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        peaks = ", ".join(f"{k.split('_')[-1]}: {v:.2f}" for k, v in sorted(r["peak_rss_gb"].items())
-                          if k != "perf/peak_rss_gb" or r["ranks"] == 1)
+        peaks = (f"{r['peak_rss_gb']['perf/peak_rss_gb']:.2f}" if r["ranks"] == 1 else
+                 ", ".join(f"{k.split('_')[-1]}: {v:.2f}" for k, v in sorted(r["peak_rss_gb"].items())
+                           if k != "perf/peak_rss_gb"))
         load = lambda u: u.split("load average:")[-1].strip()  # noqa: E731
         lines.append(f"| {r['ranks']} | {r['strategy']} | {', '.join(f'{x:.1f}' for x in r['step_s'])} | "
                      f"{', '.join(f'{x:.1f}' for x in r['generate_s'])} | "
