@@ -3,7 +3,7 @@
 tests/dist/update_worker.py runs under torchrun (gloo, 2 CPU processes, the tiny model); rank 0 also runs the
 single-process reference. Cases: every normaliser kind (row counts, token counts, a constant), whole mini-batches
 and micro-batches (DDP's no_sync / FSDP2's deferred reduce-scatter), the packed forward and the plain one, DDP and
-FSDP2 (parameters, gradients and AdamW states sharded; gradients compared gathered).
+FSDP2 (parameters, gradients and AdamW states sharded; gradients compared gathered), full fine-tuning and LoRA.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.dist
 # aggregator : micro_batch_size : forward (lmpo.engine.packed or the plain one) : strategy
 CASES = ["token_mean:none:packed:ddp", "token_mean:3:plain:ddp", "seq_mean_token_mean:2:packed:ddp",
          "seq_mean_token_sum_norm:none:plain:ddp", "token_sum:5:packed:ddp",
-         "token_mean:3:packed:fsdp2", "seq_mean_token_mean:none:plain:fsdp2", "token_sum:2:plain:fsdp2"]
+         "token_mean:3:packed:fsdp2", "seq_mean_token_mean:none:plain:fsdp2", "token_sum:2:plain:fsdp2",
+         "token_mean:2:packed:fsdp2:lora", "token_mean:none:plain:ddp:lora"]  # LoRA: adapters trained, base frozen
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lmpo.batch import RolloutBatch
 from lmpo.config import TrainConfig
 from lmpo.engine.optim import build_optimizer
-from lmpo.models.load import load_model
+from lmpo.models.load import apply_lora, load_model
 from lmpo.registry import AGGREGATORS, LOSSES
 from lmpo.train.dist import DistRun
 from lmpo.train.step import PolicyRunner, UpdateSettings, policy_update
@@ -72,8 +72,15 @@ def full(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
 
 
-def case(name: str, micro: int | None, packed: bool, rank: int, world: int, strategy: str) -> dict:
+def case(name: str, micro: int | None, packed: bool, rank: int, world: int, strategy: str, lora: bool) -> dict:
     model, _ = load_model("tiny", seed=0)
+    if lora:  # adapters trained, the base frozen (FSDP2 shards both; only the adapters have gradients)
+        torch.manual_seed(0)
+        model = apply_lora(model, r=4, alpha=8)
+        with torch.no_grad():  # PEFT starts B at zero; random B makes the first gradient reach A as well
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
     model.train()
     batch = make_batch(model.config.vocab_size)
     aggregator = AGGREGATORS.build(name)
@@ -89,14 +96,15 @@ def case(name: str, micro: int | None, packed: bool, rank: int, world: int, stra
 
 
 def main() -> None:
-    """argv: the output file, then cases ``aggregator:micro_batch_size|none:packed|plain:ddp|fsdp2``."""
+    """argv: the output file, then cases ``aggregator:micro_batch_size|none:packed|plain:ddp|fsdp2[:lora]``."""
     out, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for c in cases:
-        name, micro, packed, strategy = c.split(":")
-        results[c] = case(name, None if micro == "none" else int(micro), packed == "packed", rank, world, strategy)
+        name, micro, packed, strategy, *lora = c.split(":")
+        results[c] = case(name, None if micro == "none" else int(micro), packed == "packed", rank, world, strategy,
+                          lora == ["lora"])
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -98,7 +98,8 @@ class DistRun:
         # buffers (rotary tables) are built identically on every rank: no per-forward broadcast
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else {"broadcast_buffers": False})
-        self.ddp = DDP(_Apply(model), find_unused_parameters=False, **sync)
+        # gradients live in DDP's buckets (no second copy of every gradient)
+        self.ddp = DDP(_Apply(model), find_unused_parameters=False, gradient_as_bucket_view=True, **sync)
         self.ddp.register_comm_hook(None, _sum_hook)
 
     def _shard(self, model: nn.Module) -> None:
