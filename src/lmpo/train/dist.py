@@ -1,7 +1,7 @@
 """Data-parallel training over several processes (``torchrun``), on torch's own engines (docs/distributed.md).
 
 ``torchrun --nproc_per_node N -m lmpo train cfg.yaml`` starts N ranks with the standard ``torch.distributed``
-environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...; ``accelerate launch`` sets the same). Each rank:
+environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...; ``accelerate launch --multi_gpu`` sets the same). Each rank:
 
 * builds the same model, pipeline and prompt stream from the same seed (so every rank agrees on the config, the
   step and the data position without talking);
@@ -9,15 +9,18 @@ environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...; ``accelerate launch``
   every rank and rank r keeps rows ``[r*n/N, (r+1)*n/N)`` (:class:`ShardedStream`): a group never straddles ranks;
   it samples them from its own, rank-distinct but seeded, random stream;
 * prepares them (old/ref log-probs, group advantages: whole groups per rank, so group statistics are exact);
-* runs the update through torch DDP (``strategy: ddp``): gradients are summed over ranks in backward (a sum, not
-  DDP's mean: see :func:`_sum_hook`), and the loss normaliser is global (:meth:`DistRun.global_normaliser`), so N
-  ranks give the gradient of one process holding the whole batch, to float rounding;
+* runs the update through FSDP2 (``strategy: fsdp2``, the default for decoders: parameters, gradients and AdamW
+  states sharded, :meth:`DistRun._shard`) or DDP (``strategy: ddp``); either way the gradients are summed over
+  ranks (a SUM reduce-scatter / all-reduce, not the mean: :func:`_sum_hook`) and the loss normaliser is global
+  (:meth:`DistRun.global_normaliser`), so N ranks give the gradient of one process holding the whole batch, to
+  float rounding; under FSDP2 the updated shards are gathered into whole weights after each update, for sampling
+  (:meth:`DistRun.gathered`);
 * logs nothing itself: rank 0 owns the run folder, the metrics (reduced over ranks, :meth:`DistRun.reduce_metrics`),
   evaluation and the trackers. Checkpoints are sharded with ``torch.distributed.checkpoint``
   (:mod:`lmpo.train.dist_checkpoint`).
 
 What runs differently, and why, is listed in docs/distributed.md: the folded AdamW is off (it steps each weight
-inside backward, before DDP has summed its gradient); pipelines whose collection learns from training (prompt
+inside backward, before the ranks have summed its gradient); pipelines whose collection learns from training (prompt
 priorities, injected prompts, budgets), group-dropping selectors with refills, critics (batch-whitened GAE) and
 ``train.async`` are refused by :func:`unsupported` with the reason.
 """
