@@ -92,9 +92,16 @@ def test_resume_on_another_number_of_ranks_and_eval(runs):
     assert (one / "checkpoints/latest").read_text().strip() == "step_000006"
     assert (one / "checkpoints/step_000006/model.pt").is_file()  # a single process writes its own format
     assert sorted(rows(one)) == [1, 2, 3, 4, 5, 6]
-    # that single-process checkpoint -> 2 ranks again, under DDP this time (replicated states, written once)
-    train(2, out, "one", 8, "train.dist.strategy=ddp", "--resume")
+    # that single-process checkpoint -> 2 ranks again, with FSDP2 (each rank keeps its shards of the whole tensors)
+    # and with DDP: the same continuation (AdamW's states restored in both, not restarted)
+    shutil.copytree(one, out / "one-ddp")
+    train(2, out, "one", 8, "--resume")
+    train(2, out, "one-ddp", 8, "train.dist.strategy=ddp", "--resume")
     assert (one / "checkpoints/step_000008/sharded").is_dir() and sorted(rows(one))[-1] == 8
+    a, b = rows(one), rows(out / "one-ddp")
+    for step in (7, 8):
+        assert a[step].keys() == b[step].keys()
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-6), step
 
     from lmpo.config import load_config
     from lmpo.train.loop import evaluate_run

@@ -127,3 +127,33 @@ def load(path: Path, model, optimizer, scheduler, dist, seed: int = 0) -> dict[s
     state["rng"] = (_read(path, rng_file.name, weights_only=False) if rng_file.is_file()
                     else fresh_rng(seed, rank, state["step"]))
     return state
+
+
+def load_whole(path: Path, model, optimizer, scheduler, dist, seed: int = 0) -> dict[str, Any]:
+    """A single process's checkpoint (lmpo.train.checkpoint: whole tensors, the optimizer's states by parameter
+    index) into a model on several ranks, DDP or FSDP2: every rank reads the files and keeps its part
+    (``set_state_dict`` with whole state dicts); this rank's RNG states are fresh unless it is rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from lmpo.train.checkpoint import _check_weights
+
+    path = Path(path)
+    weights = _read(path, "model.pt", weights_only=True)
+    state = _read(path, "state.pt", weights_only=False)
+    osd = _read(path, "optimizer.pt", weights_only=False)
+    if not isinstance(state, dict) or not {"step", "scheduler", "rng"} <= set(state):
+        raise CorruptCheckpoint(path, "state.pt", "it lacks the step, scheduler and RNG states lmpo saves")
+    _check_weights(path, weights, dict(model.named_parameters()))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's parameter order
+    try:
+        by_name = {"state": {names[i]: v for i, v in osd["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptCheckpoint(path, "optimizer.pt", f"it does not fit this run: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    if dist is not None and dist.rank > 0:  # the file holds the single process's (rank 0's) RNG states
+        state["rng"] = fresh_rng(seed, dist.rank, state["step"])
+    return state

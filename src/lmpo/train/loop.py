@@ -196,10 +196,11 @@ class Run:
         if dist_checkpoint.is_sharded(ckpt):  # written on several ranks (torch.distributed.checkpoint)
             state = dist_checkpoint.load(ckpt, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
                                          seed=self.cfg.train.seed)
-        else:  # a single process's checkpoint: every rank reads it whole
+        elif self.dist is not None:  # a single process's checkpoint on several ranks: each keeps its part
+            state = dist_checkpoint.load_whole(ckpt, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
+                                               seed=self.cfg.train.seed)
+        else:
             state = load_checkpoint(ckpt, self.model, self.opt.optimizer, self.opt.scheduler)
-            if self.dist is not None and self.dist.rank > 0:  # it holds rank 0's RNG states only
-                state["rng"] = dist_checkpoint.fresh_rng(self.cfg.train.seed, self.dist.rank, state["step"])
         self.start, self.eval_before = state["step"], state.get("eval_before", {})
         self.stream.load_state_dict(state["data"])
         self.rollouts.load_state_dict(state.get("async"))  # train.async's queued batches (None: synchronous)
