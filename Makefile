@@ -84,8 +84,10 @@ bench-vllm: setup-vllm
 	$(VENV_VLLM)/bin/python benchmarks/vllm_decode.py $(BENCH_ARGS)
 
 ## Multi-process training (tests/dist, docs/distributed.md): torchrun with 2 gloo ranks on the CPU, the tiny model:
-## 2 ranks = 1 process, sharded checkpoints and exact resume, a killed rank; a few minutes on 2 cores.
+## 2 ranks = 1 process, sharded checkpoints and exact resume, a killed rank, the Ray placement (installs the optional
+## `ray` extra into .venv first); about 5 minutes on 2 busy cores.
 test-dist: setup
+	$(BIN)/pip install -q -e ".[ray]"
 	$(BIN)/python -m pytest -q -m dist tests/dist $(PYTEST_ARGS)
 
 test-slow: setup
