@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
+.PHONY: setup run test test-gpu test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
 	test-vllm bench-vllm test-dist
 
 $(BIN)/python:
@@ -90,6 +90,11 @@ test-dist: setup
 	$(BIN)/pip install -q -e ".[ray]"
 	$(BIN)/python -m pytest -q -m dist tests/dist $(PYTEST_ARGS)
 
+## The CUDA path on a GPU machine (tests marked gpu: tests/unit/test_cuda_run.py; skipped without CUDA). The longer
+## check with the default model and vLLM: bash benchmarks/gpu_smoke.sh (docs/vllm.md "CUDA").
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
@@ -115,3 +120,4 @@ peer-numbers:
 	$(PEER_VENV)/bin/pip install -q --no-deps "verl==$(VERL_VERSION)" "trl==$(TRL_VERSION)" accelerate datasets
 	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_verl_numbers.py
 	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_trl_numbers.py
+	cd /tmp && $(PEER_VENV)/bin/python $(CURDIR)/tests/peer/make_trl_pref_numbers.py

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     lines = ["# Decode throughput: lmpo's sampler vs the vLLM CPU engine", "",
-             f"`benchmarks/vllm_decode.py` ({'--quick' if a.quick else 'defaults'}); machine: {results['machine']}.",
+             f"`{' '.join(['benchmarks/vllm_decode.py', *sys.argv[1:]])}`; machine: {results['machine']}.",
              f"Workload: {results['workload']}.", "",
              "| batch (rows) | lmpo tokens/s | vLLM tokens/s | vLLM / lmpo |", "|---|---|---|---|"]
     for r in results["rows"]:

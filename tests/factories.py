@@ -30,7 +30,8 @@ from lmpo.rollout.base import GenerationOutput
 # --------------------------------------------------------------------------- components
 # The config key a component of each kind sits under in a run config (list kinds: the first entry).
 CONFIG_KEY = {"advantage": "advantage", "loss": "loss", "aggregator": "aggregator", "selector": "selectors[0]",
-              "shaper": "shapers[0]", "planner": "planners[0]", "reward": "rewards[0]", "task": "task"}
+              "shaper": "shapers[0]", "planner": "planners[0]", "reward": "rewards[0]", "task": "task",
+              "preference": "preference.loss"}
 
 
 def from_config(cls: type, *, where: str | None = None, **kwargs: Any) -> Any:
@@ -226,7 +227,11 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
     -> ``hidden`` (B, T, H), both leaves with gradient (the policy being optimised); ``candidate_logprobs`` (B, T, M)
     <= 0 with gradient, plus ``candidate_ids`` (column 0 = the sampled token, so hits occur) and a detached
     ``old_candidate_logprobs``; ``vocab_mean_logprobs`` (B, T) <= -log 16 with gradient, plus a detached ``old_`` copy;
-    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields (old_logprobs, ...) are already set.
+    ``layer_noise`` -> ``noise_seed`` (B,) int64; ``step_rewards`` -> the process_credit planner's layout (random step ends
+    on trained tokens, ``token_rewards`` / ``turn_ids`` set to match, extras ``step_rewards`` / ``step_ends`` / ``num_steps``);
+    ``real_rows`` -> ``real_answer`` (B,) 1.0 on each group's first row; ``opponent_rows`` -> ``opponent`` (B,) 1.0 on
+    each group's last row; ``score_sq_norm`` -> a detached ``old_score_sq_norm`` in [0, 2). Needs that are batch fields
+    (old_logprobs, ...) are already set.
     """
     g = torch.Generator().manual_seed(1000 + seed)
     B, T = batch.response_mask.shape
@@ -252,8 +257,37 @@ def with_extras(batch: RolloutBatch, needs, seed: int = 0, hidden: int = 4, cand
         ex.update(vocab_mean_logprobs=leaf(vm), old_vocab_mean_logprobs=(vm - 0.1 * torch.rand(B, T, generator=g)) * m)
     if "values" in needs:  # the pre-update critic's V(s_t), detached
         ex["values"] = torch.randn(B, T, generator=g) * m
+    if "step_rewards" in needs:  # process_credit's layout: random step ends on trained tokens, the last on the last
+        S = T
+        ends = torch.full((B, S), -1, dtype=torch.long)
+        scores, n = torch.zeros(B, S), torch.zeros(B, dtype=torch.long)
+        turn = torch.zeros(B, T, dtype=torch.long)
+        tok_r = torch.zeros(B, T)
+        for i in range(B):
+            live = m[i].nonzero().flatten()
+            if not len(live):
+                continue
+            last = int(live[-1])
+            cut = sorted(set((live[torch.rand(len(live), generator=g) < 0.4]).tolist()) | {last})
+            k = len(cut)
+            ends[i, :k], n[i] = torch.tensor(cut), k
+            scores[i, :k] = torch.rand(k, generator=g) * 2 - 1
+            tok_r[i, cut] = scores[i, :k]
+            start = 0
+            for j, e in enumerate(cut):
+                turn[i, start:e + 1] = j
+                start = e + 1
+            turn[i, start:] = k - 1
+        ex.update(step_rewards=scores, step_ends=ends, num_steps=n)
+        batch = batch.replace(token_rewards=tok_r, turn_ids=turn)
     if "layer_noise" in needs:
         ex["noise_seed"] = torch.randint(0, 2**31, (B,), generator=g)
+    if "real_rows" in needs:  # rollout.mode self_play: the first row of each group is the reference answer
+        gid = batch.group_ids
+        ex["real_answer"] = torch.tensor([float(i == 0 or gid[i] != gid[i - 1]) for i in range(B)])
+    if "opponent_rows" in needs:  # rollout.mode mixture: the last row of each group is an (untrained) opponent
+        gid = batch.group_ids
+        ex["opponent"] = torch.tensor([float(i == B - 1 or gid[i] != gid[i + 1]) for i in range(B)])
     return batch.replace(extras=ex)
 
 
@@ -269,7 +303,7 @@ def pad_columns(batch: RolloutBatch, extra: int) -> RolloutBatch:
     return RolloutBatch.concat([batch]).replace(extras=ex, **{
         f: torch.nn.functional.pad(getattr(batch, f), (0, extra))
         for f in ("response_ids", "response_mask", "response_attn", "sampler_logprobs", "old_logprobs",
-                  "ref_logprobs", "advantages") if getattr(batch, f) is not None})
+                  "ref_logprobs", "advantages", "token_rewards", "turn_ids") if getattr(batch, f) is not None})
 
 
 def permute(batch: RolloutBatch, seed: int = 1) -> tuple[RolloutBatch, Tensor]:
@@ -391,3 +425,68 @@ def tool_episode_batch(turns, rewards=None, group_ids=None, *, turn_rewards=None
         group_ids=torch.zeros(B, dtype=torch.long) if group_ids is None else _t(group_ids, torch.long),
         rewards=rewards, sampler_logprobs=torch.zeros(B, T, dtype=dtype), turn_ids=tid, extras=ex,
     )
+
+
+# --------------------------------------------------------------------------- preference pairs
+def pair_case(policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, requires_grad=True):
+    """A PreferenceBatch and PairLogps from per-token log-prob lists (one list per pair and side; ragged lists are
+    right-padded with 0 and masked), float64; the policy's tensors require grad. Returns (batch, policy, ref)."""
+    from lmpo.batch import PreferenceBatch
+    from lmpo.methods.base import PairLogps
+
+    def pad(rows):
+        T = max(len(r) for r in rows)
+        vals = torch.tensor([list(r) + [0.0] * (T - len(r)) for r in rows], dtype=torch.float64)
+        return vals, torch.tensor([[t < len(r) for t in range(T)] for r in rows])
+
+    pc, cm = pad(policy_chosen)
+    pr, rm = pad(policy_rejected)
+    n = len(policy_chosen)
+    batch = PreferenceBatch(prompt_ids=torch.ones(n, 1, dtype=torch.long), chosen_ids=torch.ones_like(cm, dtype=torch.long),
+                            chosen_mask=cm, rejected_ids=torch.ones_like(rm, dtype=torch.long), rejected_mask=rm)
+    policy = PairLogps(pc.requires_grad_(requires_grad), pr.requires_grad_(requires_grad))
+    ref = None
+    if ref_chosen is not None:
+        ref = PairLogps(pad(ref_chosen)[0], pad(ref_rejected)[0])
+    return batch, policy, ref
+
+
+def smollm2_tokenizer():
+    """The shipped SmolLM2 model's tokenizer from lmpo's model cache; skips the test when it is not there."""
+    import glob
+    import os
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    root = os.environ.get("LMPO_CACHE", os.path.expanduser("~/.cache/lmpo"))
+    found = glob.glob(os.path.join(root, "models", "SmolLM2*", "tokenizer.json"))
+    if not found:
+        pytest.skip("the SmolLM2 tokenizer is not in the lmpo cache (run lmpo with model.name=default once)")
+    return AutoTokenizer.from_pretrained(os.path.dirname(found[0]))
+
+
+def step_batch(rows, rewards=None, group_ids=None, T=None, token_rewards=None):
+    """A batch laid out as the process_credit planner lays it out: ``rows`` gives per row a list of (step score,
+    step length in tokens); the score sits on the step's last token (``token_rewards``), ``turn_ids`` number the
+    steps, extras ``step_rewards`` / ``step_ends`` / ``num_steps``."""
+    T = T or max(sum(n for _, n in r) for r in rows)
+    B, S = len(rows), max(len(r) for r in rows)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    turn = torch.zeros(B, T, dtype=torch.long)
+    tok = torch.zeros(B, T)
+    sr, se, ns = torch.zeros(B, S), torch.full((B, S), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = 0
+        for k, (score, n) in enumerate(r):
+            mask[i, t:t + n], turn[i, t:t + n] = True, k
+            t += n
+            tok[i, t - 1], sr[i, k], se[i, k] = score, score, t - 1
+        ns[i] = len(r)
+    if token_rewards is not None:
+        tok = tok + token_rewards
+    return RolloutBatch(prompt_ids=torch.ones(B, 1, dtype=torch.long), response_ids=torch.ones(B, T, dtype=torch.long),
+                        response_mask=mask, response_attn=mask.clone(),
+                        group_ids=torch.tensor(group_ids or [0] * B), rewards=torch.tensor(rewards or [0.0] * B),
+                        sampler_logprobs=torch.zeros(B, T), token_rewards=tok, turn_ids=turn,
+                        extras={"step_rewards": sr, "step_ends": se, "num_steps": ns})

@@ -188,6 +188,7 @@ class PreferenceBatch:
         prompt_ids: (N, P) long, left-padded.
         chosen_ids / rejected_ids: (N, T) long, right-padded responses.
         chosen_mask / rejected_mask: (N, T) bool.
+        prompt_mask: (N, P) bool, False on the prompts' left padding (``None``: no padding).
     """
 
     prompt_ids: Tensor
@@ -196,9 +197,13 @@ class PreferenceBatch:
     rejected_ids: Tensor
     rejected_mask: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
+    prompt_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
+        if self.prompt_mask is not None and self.prompt_mask.shape != self.prompt_ids.shape:
+            raise DataError(f"PreferenceBatch.prompt_mask must match prompt_ids {tuple(self.prompt_ids.shape)}, got "
+                            f"{tuple(self.prompt_mask.shape)}.")
         for name in ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"):
             t = getattr(self, name)
             if t.dim() != 2 or t.shape[0] != n:

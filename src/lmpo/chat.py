@@ -27,7 +27,10 @@ class ChatSession:
         from lmpo.rollout.hf import HFGenerator
 
         cfg = trained.cfg
-        setup_inference(cfg)  # threads (train.threads: auto probes) and the measured autocast precision
+        setup_inference(cfg)  # device, threads (train.threads: auto probes) and the measured autocast precision
+        from lmpo.engine.device import resolve_device
+
+        trained.model.to(resolve_device(cfg.device))
         self.tokenizer = trained.tokenizer
         self.system_prompt = system_prompt
         self.history = history

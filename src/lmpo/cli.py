@@ -71,10 +71,15 @@ def preset_rows() -> list[dict[str, str]]:
     """One row per preset: its components, and the papers / fidelity of every component it uses."""
     import lmpo.methods  # noqa: F401
     from lmpo.methods.presets import PRESETS
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, SELECTORS, SHAPERS
+    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, PREFERENCE_LOSSES, SELECTORS, SHAPERS
 
     rows = []
     for name, p in sorted(PRESETS.items()):
+        if "preference" in p:  # the offline preference stage: one preference loss (lmpo.train.preference)
+            e = PREFERENCE_LOSSES.entry(p["preference"]["loss"]["name"])
+            rows.append({"preset": name, "components": f"preference: {e.name}", "papers": f"arXiv:{e.arxiv}",
+                         "fidelity": e.fidelity})
+            continue
         comps = [(ADVANTAGES, p.get("advantage", {"name": "grpo"})["name"]),
                  (LOSSES, p.get("loss", {"name": "ppo_clip"})["name"]),
                  (AGGREGATORS, p.get("aggregator", {"name": "seq_mean_token_mean"})["name"])]
@@ -131,6 +136,8 @@ def cmd_list(args) -> int:
         print("\npresets (method=...):")
         for name, p in sorted(PRESETS.items()):
             parts = [f"{k}={p[k]['name']}" for k in ("advantage", "loss", "aggregator") if k in p]
+            if "preference" in p:
+                parts.append(f"preference={p['preference']['loss']['name']}")
             parts += [f"{k}={','.join(x['name'] for x in p[k])}" for k in ("selectors", "shapers", "planners") if k in p]
             if p.get("kl", {}).get("beta"):
                 parts.append(f"kl={p['kl']['beta']}({p['kl'].get('mode', 'loss')})")

@@ -210,6 +210,8 @@ def summarise(results: dict[str, list[dict]], target: float | None) -> dict[str,
             "heldout_reward": per(lambda r: r["eval_after"].get("eval/reward")),
             "heldout_accuracy": per(lambda r: r["eval_after"].get("eval/accuracy")),
             "heldout_accuracy_start": per(lambda r: r["eval_before"].get("eval/accuracy")),
+            # preference runs (lmpo.train.preference): the held-out pairs ranked right by the policy's log-probs
+            "heldout_pair_accuracy": per(lambda r: r["eval_after"].get("eval/logp_accuracy")),
             "steps_to_target": {**hits, "reached": sum(v is not None for v in hits["per_seed"].values()),
                                 "runs": len(runs)},
             "wall_s": per(lambda r: r.get("wall_s")),

@@ -61,6 +61,9 @@ class ModelConfig:
     # less memory still, for clearly more update time); figures in docs/results/performance.md
     gradient_checkpointing: bool | str = "attention"
     packed_forward: bool | str = "auto"  # log-prob passes via lmpo.engine.packed (Llama family): auto | true | false
+    # attention kernel of the Hugging Face forward: auto (sdpa on CUDA, transformers' default on CPU) | eager | sdpa |
+    # flash_attention_2 (needs flash-attn and bf16/fp16 parameters); lmpo.engine.device
+    attn_implementation: str | None = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -212,9 +215,23 @@ class OutputConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """``preference``: the offline preference stage (lmpo.train.preference, docs/preference.md). Set, it replaces
+    collection and the RL update: each step takes ``pairs_per_step`` pairs of ``data`` and minimises ``loss``."""
+
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})  # a PREFERENCE_LOSSES name + its params
+    data: dict[str, Any] | None = None  # the pair file and how to read it (lmpo.tasks.pairs.PairData)
+    pairs_per_step: int = hp(8, ge=1)  # pairs per optimizer step (micro-batched by train.micro_batch_size)
+    eval_pairs: int = hp(256, ge=0)  # held-out pairs scored at each evaluation (0: none)
+
+
+@dataclass
 class Config:
     method: str = "grpo"
     perf: str = "fast"  # fast | reference: sets every speed knob left at auto (lmpo.engine)
+    # auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N; CUDA turns off the CPU-only knobs
+    # and resolves model.autocast: auto to bf16 (lmpo.engine.device, docs/vllm.md "CUDA")
+    device: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[dict[str, Any]] | None = None  # None = the task's default rewards; else [{name, weight, ...}]
@@ -226,6 +243,7 @@ class Config:
     shapers: list[dict[str, Any]] = field(default_factory=list)
     planners: list[dict[str, Any]] = field(default_factory=list)  # collection planners (e.g. knapsack budgets)
     kl: KLConfig = field(default_factory=KLConfig)
+    preference: PreferenceConfig | None = None  # set: the offline preference stage instead of RL (method=dpo, ...)
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -248,7 +266,7 @@ def as_dict(obj: Any) -> Any:
 
 COMPONENT_SECTIONS = ("advantage", "loss", "aggregator")
 COMPONENT_LISTS = ("selectors", "shapers", "planners")
-NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task")  # a new name replaces the section whole
+NAMED_SECTIONS = (*COMPONENT_SECTIONS, "task", "preference.loss")  # a new name replaces the section whole
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -285,16 +303,19 @@ def _set_path(d: dict, path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
-def deep_merge(base: dict, over: dict, top: bool = True) -> dict:
-    """Merge ``over`` into a copy of ``base``. A top-level named section (a component, or ``task``) whose ``name``
-    changes is replaced whole: the new component or task does not inherit the old one's hyper-parameters."""
+def deep_merge(base: dict, over: dict, top: bool | str = True) -> dict:
+    """Merge ``over`` into a copy of ``base``. A named section (a component, ``task``, ``preference.loss``) whose
+    ``name`` changes is replaced whole: the new component or task does not inherit the old one's hyper-parameters.
+    ``top``: True at the top level, else the dotted path of ``base`` (False: a nested dict)."""
     out = copy.deepcopy(base)
+    prefix = "" if top is True else f"{top}." if top else None
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            if top and k in NAMED_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
+            path = None if prefix is None else f"{prefix}{k}"
+            if path in NAMED_SECTIONS and "name" in v and v["name"] != out[k].get("name"):
                 out[k] = copy.deepcopy(v)
             else:
-                out[k] = deep_merge(out[k], v, top=False)
+                out[k] = deep_merge(out[k], v, top=path or False)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -526,6 +547,13 @@ def validate(cfg: Config, origin: Origin | None = None) -> None:
                           f"train.optimizer_in_backward to auto or false, or critic.model=separate"
                           f"{origin('train.optimizer_in_backward')}.")
     check_group_of_one(cfg, pipeline.advantage, pipeline.loss, origin)
+    if cfg.preference is not None:
+        from lmpo.train.preference import check_preference
+
+        try:
+            check_preference(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{origin.of_message(str(exc))}") from None
     if cfg.train.async_ is not None:
         from lmpo.train.async_rollouts import unsupported
 
@@ -620,6 +648,13 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
     need(m.packed_forward in ("auto", True, False), "model.packed_forward",
          f"model.packed_forward must be auto, true or false, got {m.packed_forward!r}")
     from lmpo.engine import PERF_MODES
+    from lmpo.engine.device import ATTN_CHOICES, DEVICE_CHOICES, valid_device_spec
+
+    need(valid_device_spec(cfg.device), "device", f"device must be auto, cpu, cuda or cuda:<index>, got "
+         f"{cfg.device!r}{did_you_mean(str(cfg.device), DEVICE_CHOICES)}")
+    need(m.attn_implementation is None or m.attn_implementation in ATTN_CHOICES, "model.attn_implementation",
+         f"model.attn_implementation must be auto, eager, sdpa or flash_attention_2, got {m.attn_implementation!r}"
+         f"{did_you_mean(str(m.attn_implementation), ATTN_CHOICES)}")
 
     need(cfg.perf in PERF_MODES, "perf",
          f"perf must be fast or reference, got {cfg.perf!r}{did_you_mean(str(cfg.perf), PERF_MODES)}")

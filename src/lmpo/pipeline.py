@@ -31,7 +31,8 @@ from lmpo.models.token_stats import STAT_NEEDS
 BATCH_FIELD_NEEDS = ("old_logprobs", "ref_logprobs", "sampler_logprobs")  # needs that are RolloutBatch fields
 EXTRAS_NEEDS = {"entropy": "entropy", "vocab_mean_logprobs": "vocab_mean_logprobs",
                 "candidate_logprobs": "candidate_ids", "values": "values",
-                "score_sq_norm": "old_score_sq_norm"}  # need -> the extras key the component then reads
+                "score_sq_norm": "old_score_sq_norm", "step_rewards": "step_rewards", "real_rows": "real_answer",
+                "opponent_rows": "opponent"}  # need -> the extras key the component then reads
 PREPARED_STATS = frozenset({"score_sq_norm"})  # pi_old statistics computed before the advantages even on-policy
 
 
@@ -189,6 +190,24 @@ def build_pipeline(cfg, components: dict[str, Any] | None = None) -> Pipeline:
         raise ConfigError(f"{', '.join(who)} needs candidate_logprobs, which need candidate tokens from the rollout "
                           f"mode; rollout.mode={cfg.rollout.mode!r} provides none. Set rollout.mode to one of "
                           f"{', '.join(m for m in ('reference', 'soft_thinking'))}.")
+    guide = p.providers.get("guide")
+    clash = [pt for pt in ("plan_group", "prefix_budgets") if p.providers.get(pt)]
+    if guide and (clash or cfg.rollout.mode != "sample"):
+        what = f"the {', '.join(clash)} extension point" if clash else f"rollout.mode={cfg.rollout.mode!r}"
+        raise ConfigError(f"{type(guide[0]).__name__} mixes guided rows into the groups (the guide extension point), "
+                          f"which cannot be combined with {what}: those add per-row data that guided rows do not "
+                          "have. Use rollout.mode=sample and drop the other planner (docs/guidance.md).")
+    for need, key, mode, what in (("real_rows", "real_answer", "self_play", "the reference answer as a row of each group"),
+                                  ("opponent_rows", "opponent", "mixture", "opponents from the policy/reference mixture")):
+        if need in p.needs and key not in mode_extras(cfg.rollout.mode):
+            who = [r for r, c in p.roles.items() if need in needs_of(c)]
+            raise ConfigError(f"{', '.join(who)} needs {need} ({what}), which rollout.mode={cfg.rollout.mode!r} does "
+                              f"not provide. Set rollout.mode={mode}.")
+    if "step_rewards" in p.needs and not any(hasattr(c, "after_score") and "step_rewards" in
+                                             getattr(c, "provides", ()) for c in p.providers.get("after_score", [])):
+        who = [r for r, c in p.roles.items() if "step_rewards" in needs_of(c)]
+        raise ConfigError(f"{', '.join(who)} needs step_rewards (per-step process scores), which the process_credit "
+                          "planner writes; add planners: [{name: process_credit, scorer: ...}].")
     has_targets = bool(p.providers.get("value_targets"))
     if ("values" in p.needs) != has_targets:
         who = [r for r, c in p.roles.items() if "values" in needs_of(c)] or \

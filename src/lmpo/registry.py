@@ -132,5 +132,6 @@ PREFERENCE_LOSSES: Registry = Registry("preference")  # PreferenceLoss (DPO fami
 ENVS: Registry = Registry("env")  # text environments (lmpo.envs); not yet a config section, so not in ALL_REGISTRIES
 
 ALL_REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS)
+    r.kind: r for r in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS, REWARDS, TASKS,
+                        PREFERENCE_LOSSES)
 }

@@ -96,12 +96,12 @@ def test_a_hyper_parameter_named_like_a_point_provides_nothing():
 
 
 def test_extension_points_are_all_declared_with_a_scope():
-    assert {"prompt_weights", "allocate", "plan_group", "prefix_budgets", "inject_prompts", "after_collect",
-            "observe", "token_mask", "value_targets", "lr_scale", "after_optimizer_step", "state_dict",
+    assert {"prompt_weights", "allocate", "plan_group", "prefix_budgets", "inject_prompts", "guide", "after_collect",
+            "after_score", "observe", "token_mask", "value_targets", "lr_scale", "after_optimizer_step", "state_dict",
             } == set(EXTENSION_POINTS)
     singles = {n for n, e in EXTENSION_POINTS.items() if e.single}
-    assert singles == {"prompt_weights", "allocate", "plan_group", "prefix_budgets", "token_mask", "value_targets",
-                       "lr_scale"}
+    assert singles == {"prompt_weights", "allocate", "plan_group", "prefix_budgets", "guide", "token_mask",
+                       "value_targets", "lr_scale"}
 
 
 def test_stateful_components_are_found_and_keyed_by_role():

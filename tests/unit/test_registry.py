@@ -156,7 +156,8 @@ def test_real_entries_params():
     assert AGGREGATORS.entry("seq_mean_token_sum_norm").params == {"horizon": None}
     assert SHAPERS.entry("overlong_penalty").params == {"horizon": None, "cache_length": None, "factor": 1.0}
     assert SELECTORS.entry("dynamic_sampling").params == {"min_std": 0.0, "on": "task"}
-    assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "planner", "reward", "task"}
+    assert set(ALL_REGISTRIES) == {"advantage", "loss", "aggregator", "selector", "shaper", "planner", "reward", "task",
+                                   "preference"}
     for reg in (ADVANTAGES, LOSSES, AGGREGATORS, SELECTORS, SHAPERS, PLANNERS):
         for e in reg.entries():
             # A method without an arXiv preprint says so (arxiv="none") and gives another source in `paper`.

@@ -218,3 +218,16 @@ def test_engine_weights_merge_lora_out_of_place():
     assert torch.equal(layer.base_layer.weight, before[f"{name}.weight"])  # the peft model is left unmerged
     changed = engine_weights(model, only_trainable=True)
     assert set(changed) == {k for k in w if k.endswith("proj.weight")}  # a LoRA step changes adapted layers only
+
+
+def test_cpu_engine_runs_without_chunked_prefill(monkeypatch):
+    """Per-request seeds + chunked prefill make vLLM rewind a CPU generator ("CPU Generator does not use offset",
+    the 128-row failure): on the CPU the engine is asked for whole-prompt prefills; a GPU keeps vLLM's defaults."""
+    from lmpo.rollout.vllm import cpu_scheduler_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cpu_scheduler_args(VLLMOptions(max_model_len=512)) == {"enable_chunked_prefill": False,
+                                                                   "max_num_batched_tokens": 4096}
+    assert cpu_scheduler_args(VLLMOptions(max_model_len=8192))["max_num_batched_tokens"] == 8192  # >= max_model_len
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_scheduler_args(VLLMOptions()) == {}

@@ -76,6 +76,22 @@ def test_sampled_logprobs_agree_with_the_trainer(default, engine):
     assert (out.sampler_logprobs[out.response_attn] <= 0).all()
 
 
+def test_a_128_row_seeded_batch_samples(default, engine):
+    """Regression (the 128-row failure of ``make bench-vllm``): 128 rows, each with its own seed, whose prompts exceed
+    one step's token budget. With chunked prefill vLLM discarded the token of a partly computed prompt and rewound
+    that request's CPU generator with ``set_offset``: "RuntimeError: CPU Generator does not use offset". lmpo now
+    starts the CPU engine without chunked prefill (``cpu_scheduler_args``)."""
+    model, tok, prompts = default
+    rows = (prompts * 22)[:128]
+    budget = engine._engine.llm_engine.vllm_config.scheduler_config
+    assert not budget.enable_chunked_prefill
+    assert sum(len(p) for p in engine._encode(rows)) > budget.max_num_batched_tokens  # the case that failed
+    out = engine.generate(rows, SamplingParams(temperature=0.7, max_new_tokens=4))
+    assert out.response_ids.shape[0] == 128 and out.num_generated_tokens >= 128
+    same_prompt = out.response_ids[:: len(prompts)]  # rows of one prompt, each with its own seed
+    assert len({tuple(r.tolist()) for r in same_prompt}) > 1
+
+
 def test_weight_sync_changes_the_greedy_output(default, engine):
     model, tok, prompts = default
     params = SamplingParams(temperature=0, max_new_tokens=12)

@@ -10,6 +10,8 @@ What lives here (each fast path is tested equal to its reference path):
 - ``inbackward``, ``optim``: AdamW folded into backward behind the trainer's one optimizer interface
   (reference: ``loss.backward()``, ``clip_grad_norm_``, ``AdamW.step()``);
 - ``tuning``: what is measured on the machine at start (bf16 or fp32 autocast) and allocator settings;
+- ``device``: ``device: auto|cpu|cuda`` (CUDA turns the CPU-only knobs off and guards the native kernels, resolves
+  the GPU's precision and attention kernel, and moves micro-batches to the GPU through pinned memory);
 - ``threads``: the intra-op thread count (``train.threads: auto``: available cores, or one where a short probe finds
   one faster) and OpenMP's spin-wait, bounded at ``import lmpo`` so that a busy machine slows a run down gracefully
   (reference: torch's default thread count; the spin bound is process-wide and applies under both modes).
@@ -57,9 +59,11 @@ def setup_process(cfg):
     auto``). What ``auto`` resolved to is written back into ``cfg`` (``config.yaml`` keeps what the user asked for,
     so a resumed run measures again). Returns the run's :class:`~lmpo.engine.threads.ThreadTuner` (``auto``
     measures again before long steps; its ``summary()`` goes into ``summary.json``)."""
+    from lmpo.engine.device import apply_device
     from lmpo.engine.threads import ThreadTuner
     from lmpo.engine.tuning import resolve_autocast, set_mmap_threshold
 
+    apply_device(cfg)  # device: auto|cpu|cuda, and what it settles (CPU-only knobs, GPU precision, attention)
     tuner = ThreadTuner(cfg.train.threads)
     tuner.apply()
     cfg.train.threads = tuner.threads
@@ -72,9 +76,11 @@ def setup_inference(cfg) -> None:
     """What ``lmpo eval`` and ``lmpo chat`` share with a run's start: the intra-op thread count (``train.threads``,
     ``auto`` probed once: no re-probing, a session is short) and the measured autocast precision, written back into
     ``cfg``."""
+    from lmpo.engine.device import apply_device
     from lmpo.engine.threads import ThreadTuner
     from lmpo.engine.tuning import resolve_autocast
 
+    apply_device(cfg)
     tuner = ThreadTuner(cfg.train.threads)
     tuner.apply()
     cfg.train.threads = tuner.threads

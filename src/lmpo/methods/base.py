@@ -118,9 +118,16 @@ NEEDS: dict[str, str] = {
                      "the logit-gradient of log pi_old(y_t), from pi_old's pass before the advantages (OTB)",
     "candidate_logprobs": "extras['candidate_logprobs'] (B, T, K) log-probs of extras['candidate_ids'], which the "
                           "rollout mode provides (rollout.mode reference / soft_thinking)",
+    "real_rows": "extras['real_answer'] (B,): 1.0 on rows whose response is the task's reference answer, which the "
+                 "rollout mode self_play provides (SPIN)",
+    "opponent_rows": "extras['opponent'] (B,): 1.0 on untrained opponent rows sampled from the geometric mixture of "
+                     "the policy and the reference, which the rollout mode mixture provides (Nash-MD)",
     "values": "extras['values'] (B, T): the critic's estimates V(s_t) before the update, no gradient; the trainer then "
               "builds a critic (lmpo.train.critic, the config's critic section), which regresses on the targets of the "
               "pipeline's value_targets provider (one must exist)",
+    "step_rewards": "extras['step_rewards'], ['step_ends'] (B, S), ['num_steps'] (B,) and turn_ids: each reply's step "
+                    "scores and step-end tokens, written during collection by the process_credit planner (which must "
+                    "be in planners; lmpo.methods.plan.process_credit)",
     "hidden_states": "extras['hidden'] (B, T, H): LM-head inputs of the training forward, with gradient (losses only)",
     "current_entropy": "extras['current_entropy'] (B, T): entropy of the policy being optimised, with gradient "
                        "(losses only)",
@@ -190,6 +197,29 @@ class CollectObserver(Protocol):
 
 
 @runtime_checkable
+class GuidanceSource(Protocol):
+    """Off-policy guidance mixed into the step's groups (hints, teacher or data traces; docs/guidance.md). Called once
+    per scoring round, right after the policy's rollouts are scored and before shapers and selectors, with a
+    :class:`lmpo.train.guidance.Guide` (it builds guided rows, each with its own behaviour log-probs in
+    ``sampler_logprobs``: the policy under a hinted prompt, a teacher model, the policy's own log-probs of a data
+    trace, or a declared constant) and the round's raw batch. Returns the batch with guided rows swapped in or added
+    by :meth:`Guide.mix` (same group ids; groups stay contiguous); every row then carries ``extras['guided']``,
+    ``extras['off_policy']`` and ``extras['guide_tier']`` and guided rows ``meta[i]['guide']``. At most one provider."""
+
+    def guide(self, guide: Any, batch: RolloutBatch) -> RolloutBatch: ...
+
+
+@runtime_checkable
+class ScoreAugmenter(Protocol):
+    """Called on each scoring round's batch right after it is scored, before the shapers, with the rollout context
+    (tokenizer, generator, reward set): returns the batch with fields added (process credit's ``token_rewards`` /
+    ``turn_ids``, Monte-Carlo values from extra rollouts in ``extras``). Any number of providers, in pipeline order,
+    each receiving the previous one's batch."""
+
+    def after_score(self, ctx: Any, batch: RolloutBatch) -> RolloutBatch: ...
+
+
+@runtime_checkable
 class StepObserver(Protocol):
     """Called after each step's update with the training batch and ``logprobs_fn`` (batch -> log-probs under the
     updated policy, no gradient): per-prompt trackers learn here. Any number of providers, in pipeline order."""
@@ -253,6 +283,8 @@ EXTENSION_POINTS: dict[str, ExtensionPoint] = {p.name: p for p in (
     ExtensionPoint("plan_group", GroupPlanner, True, "collect: per-sample length limits, suffixes and tags"),
     ExtensionPoint("prefix_budgets", PrefixScorer, True, "collect: scoring truncated replies"),
     ExtensionPoint("inject_prompts", PromptSource, False, "collect: prompts made by components"),
+    ExtensionPoint("guide", GuidanceSource, True, "collect: guided rows mixed into each scoring round's groups"),
+    ExtensionPoint("after_score", ScoreAugmenter, False, "collect: each scoring round's batch, before the shapers"),
     ExtensionPoint("after_collect", CollectObserver, False, "collect: after the last scoring round"),
     ExtensionPoint("token_mask", TokenMask, True, "prepare: after the advantages"),
     ExtensionPoint("value_targets", ValueTargets, True, "prepare: the critic's targets, after the advantages"),

@@ -35,7 +35,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_model(
-    spec: str, *, dtype: str = "float32", gguf_file: str | None = None, seed: int = 0
+    spec: str, *, dtype: str = "float32", gguf_file: str | None = None, seed: int = 0,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a model spec, without network access.
 
@@ -45,6 +46,8 @@ def load_model(
         dtype: Parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         gguf_file: Name of the GGUF file inside the ``spec`` folder (or an absolute path).
         seed: Initialisation seed of the tiny model (``"tiny:<seed>"`` overrides it); ignored otherwise.
+        attn_implementation: The attention kernel (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``); None keeps
+            transformers' default. Set after loading, so every kind of spec takes it the same way.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on CPU; the tokenizer with a pad token and left padding.
@@ -71,6 +74,12 @@ def load_model(
     else:
         model, tok = _load_path_or_hub(spec, torch_dtype, gguf_file)
     _prepare_tokenizer(tok, spec)
+    if attn_implementation is not None:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise ModelError(f"model.attn_implementation={attn_implementation!r} cannot be used with model "
+                             f'"{spec}": {err} Use sdpa (or auto), or install what it needs.') from None
     return model.eval(), tok
 
 

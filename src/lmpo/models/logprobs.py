@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lmpo.errors import DataError, ModelError
+from lmpo.engine.device import host_to_device
 from lmpo.engine.head import DEFAULT_CHUNK_SIZE, head_stats
 from lmpo.models.load import checkpointed_layers
 from lmpo.engine.packed import packed_hidden, packed_unsupported
@@ -65,12 +66,14 @@ def split_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def joined_inputs(prompt_ids: Tensor, prompt_mask: Tensor | None, response_ids: Tensor, response_attn: Tensor,
                   device) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompt and response joined on ``device``: (input_ids, attention mask (bool), response mask (bool))."""
+    """Prompt and response joined on ``device``: (input_ids, attention mask (bool), response mask (bool)). Host
+    tensors bound for a GPU go through pinned memory with asynchronous copies (:func:`lmpo.engine.device.host_to_device`)."""
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    response_attn = response_attn.to(device=device, dtype=torch.bool)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
-    attn = torch.cat([prompt_mask.to(device=device, dtype=torch.bool), response_attn], dim=1)
+    device = torch.device(device)
+    response_attn = host_to_device(response_attn, device).bool()
+    input_ids = host_to_device(torch.cat([prompt_ids, response_ids], dim=1), device)
+    attn = torch.cat([host_to_device(prompt_mask, device).bool(), response_attn], dim=1)
     return input_ids, attn, response_attn
 
 

@@ -285,7 +285,8 @@ class EpisodeGenerator(HFGenerator):
         pad = int(self.tokenizer.pad_token_id)
         ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
         mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
-        amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
+        amp = (torch.autocast(device.type, dtype=getattr(torch, self.autocast)) if self.autocast
+               else contextlib.nullcontext())
         with torch.no_grad(), amp:
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits, -1)

@@ -108,7 +108,9 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            amp = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else contextlib.nullcontext()
+            device_type = next(self.model.parameters()).device.type  # CPU or CUDA autocast: where the weights are
+            amp = (torch.autocast(device_type, dtype=getattr(torch, self.autocast)) if self.autocast
+                   else contextlib.nullcontext())
             with torch.no_grad(), amp:
                 parts = [self._generate_batch(prompts[i : i + step], params, max_new_tokens[i : i + step])
                          for i in range(0, len(prompts), step)]

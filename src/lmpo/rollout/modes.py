@@ -6,6 +6,10 @@
 - ``soft_thinking``: Gumbel-softmax soft-thinking steps, then discrete answer tokens (:mod:`lmpo.rollout.soft`;
   SofT-GRPO).
 - ``episodes``: multi-turn episodes of a text environment (:mod:`lmpo.rollout.episodes`; ``lmpo.envs``).
+- ``mixture``: each group is policy samples plus opponents from the geometric mixture of the policy and the
+  reference (:mod:`lmpo.rollout.mixture`; Nash-MD).
+- ``self_play``: each group is the task's reference answer plus the policy's samples (:mod:`lmpo.rollout.self_play`;
+  SPIN).
 
 Held-out evaluation uses the plain sampler, except under ``episodes`` (``plays_episodes``: the task exists only
 through its environment), where it plays greedy episodes. A mode's generator may return extra per-row tensors
@@ -35,15 +39,24 @@ def _mode_classes(mode: str) -> tuple[type, type] | None:
         from lmpo.rollout.episodes import EpisodeGenerator, EpisodeOptions
 
         return EpisodeGenerator, EpisodeOptions
+    if mode == "mixture":
+        from lmpo.rollout.mixture import MixtureGenerator, MixtureOptions
+
+        return MixtureGenerator, MixtureOptions
+    if mode == "self_play":
+        from lmpo.rollout.self_play import SelfPlayGenerator, SelfPlayOptions
+
+        return SelfPlayGenerator, SelfPlayOptions
     return None
 
 
-ROLLOUT_MODES = ("sample", "reference", "soft_thinking", "episodes")
+ROLLOUT_MODES = ("sample", "reference", "soft_thinking", "episodes", "self_play", "mixture")
 _MODE_EXTRAS = {"sample": (), "reference": ("candidate_ids",),
                 "soft_thinking": ("soft_mask", "soft_ids", "soft_weights", "soft_valid", "soft_logits", "candidate_ids"),
                 "episodes": ("policy_mask", "env_return", "turn_rewards", "num_turns", "episode_done", "invalid_actions",
                              "tool_calls", "invalid_tool_calls", "turn_tool_calls", "turn_observation_keys",
-                             "tool_errors")}
+                             "tool_errors"),
+                "self_play": ("real_answer",), "mixture": ("opponent",)}
 
 
 def mode_extras(mode: str) -> tuple[str, ...]:

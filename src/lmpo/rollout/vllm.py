@@ -323,6 +323,22 @@ def engine_env(o: VLLMOptions) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in os.environ}
 
 
+def cpu_scheduler_args(o: VLLMOptions) -> dict[str, Any]:
+    """Scheduler settings of a CPU engine (``{}`` where CUDA is available), under ``rollout.vllm.extra_args``.
+
+    lmpo gives every request its own seed (reproducible rows). vLLM then keeps a ``torch.Generator`` per request, and
+    when a step computes only part of a prompt (chunked prefill: a batch whose prompts exceed
+    ``max_num_batched_tokens``, e.g. 128 rows of the default run's prompts) it discards that request's sampled token
+    and rewinds its generator with ``set_offset``, which only CUDA's Philox generators have: a CPU generator raises
+    "CPU Generator does not use offset" (``GPUModelRunner._bookkeeping_sync`` in vLLM 0.32; docs/vllm.md). Without
+    chunked prefill every prompt is computed whole in one step, nothing is discarded and nothing rewinds (the budget
+    must then hold the longest sequence: ``max_num_batched_tokens >= max_model_len``; 4096 is what
+    vLLM 0.32 picks for the CPU `LLM` itself)."""
+    if torch.cuda.is_available():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(int(o.max_model_len), 4096)}
+
+
 def _start_colocated(folder: Path, o: VLLMOptions, seed: int, dtype: str):
     require_vllm()
     os.environ.update(engine_env(o))
@@ -337,6 +353,7 @@ def _start_colocated(folder: Path, o: VLLMOptions, seed: int, dtype: str):
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = o.sleep_between_steps
+    kwargs.update(cpu_scheduler_args(o))  # per-request seeds on the CPU engine (the 128-row batch failure)
     kwargs.update(o.extra_args)
     set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide; lmpo's thread tuning needs it
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmpo.rollout.base import SamplingParams
-from lmpo.rollout.vllm import EngineError, VLLMOptions, _free_port, _port_taken, engine_env
+from lmpo.rollout.vllm import EngineError, VLLMOptions, _free_port, _port_taken, cpu_scheduler_args, engine_env
 from lmpo.rollout.weights import save_weights
 
 _LIVE_SERVERS: "weakref.WeakSet[Server]" = weakref.WeakSet()
@@ -72,6 +72,10 @@ class Server:
                        "--worker-extension-cls", "lmpo.rollout.vllm_worker.LmpoWorkerExtension"]
             if o.enforce_eager:
                 command.append("--enforce-eager")
+            for k, v in cpu_scheduler_args(o).items():  # per-request seeds on the CPU engine (its docstring)
+                if k not in o.extra_args:
+                    flag = "--" + k.replace("_", "-")
+                    command += [f"--no-{flag[2:]}"] if v is False else [flag] if v is True else [flag, str(v)]
             for k, v in o.extra_args.items():
                 flag = "--" + str(k).replace("_", "-")
                 command += [flag] if v is True else ([] if v is False else [flag, str(v)])

@@ -6,6 +6,7 @@ from typing import Any
 
 from lmpo.registry import TASKS
 from lmpo.tasks import arithmetic, env, local, reasoning_gym, synthetic  # noqa: F401 - imported to register
+from lmpo.tasks import guided_copy  # noqa: F401 - imported to register (guidance results, docs/guidance.md)
 from lmpo.tasks.arithmetic import ArithmeticTask
 from lmpo.tasks.base import Task, columns_of
 from lmpo.tasks.env import EnvTask

@@ -124,9 +124,10 @@ class SyncRollouts:
         pass
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The producer's token-draw generator for ``step`` (k >= 1): a function of the seed and the step only."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + 7_919 * int(step) + 104_729) % (2**63))
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The producer's token-draw generator for ``step`` (k >= 1): a function of the seed and the step only, on the
+    sampler's device (a CUDA sampler draws with a CUDA generator)."""
+    return torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + 7_919 * int(step) + 104_729) % (2**63))
 
 
 class AsyncRollouts:
@@ -260,7 +261,8 @@ class AsyncRollouts:
                 version = self.version_for(step)
                 if not self._wait_version(version):
                     return
-                self.pctx.generator.rng = step_generator(self.seed, step) if self.k else None
+                self.pctx.generator.rng = (step_generator(self.seed, step, next(self.snapshot.parameters()).device)
+                                           if self.k else None)
                 t0 = time.perf_counter()
                 batch, raw, stats = collect(self.pctx, self.stream, self.prompts_per_step, self.refill_rounds, step)
                 t_gen = time.perf_counter() - t0

@@ -39,7 +39,7 @@ class Critic:
         self.shared, self.vf_coef, self.cliprange_value, self.max_grad_norm = shared, vf_coef, cliprange_value, \
             max_grad_norm
         hidden = split_body_and_head(policy)[1].in_features
-        self.head = nn.Linear(hidden, 1)
+        self.head = nn.Linear(hidden, 1, device=next(policy.parameters()).device)  # beside the policy (cfg.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.model = None if shared else copy.deepcopy(policy)
@@ -59,7 +59,9 @@ class Critic:
     def values_nograd(self, batch: RolloutBatch, micro_batch_size: int | None) -> Tensor:
         """The pre-update critic's values of the whole batch, ``micro_batch_size`` rows at a time."""
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
-        return torch.cat([self.values(self.runner.forward(p, hidden=True)[2], p.response_mask) for p in parts], 0)
+        device = self.head.weight.device  # the masks go to the pass's device; the values come back to the batch's
+        return torch.cat([self.values(self.runner.forward(p, hidden=True)[2], p.response_mask.to(device))
+                          for p in parts], 0).to(batch.response_mask.device)
 
     # ------------------------------------------------------------------ loss and update
     def loss(self, values: Tensor, mb: RolloutBatch, n_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

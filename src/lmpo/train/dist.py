@@ -79,6 +79,7 @@ class DistRun:
     world: int
     strategy: str = "ddp"
     backend: str = "gloo"
+    device: str = "cpu"  # where collectives' tensors go: cpu for gloo, this rank's GPU for nccl
     ddp: nn.Module | None = field(default=None, repr=False)  # what train_call runs through: DDP, or FSDP's root
     fsdp: list[nn.Module] = field(default_factory=list, repr=False)  # strategy fsdp2: the fully_shard'ed modules
 
@@ -161,9 +162,9 @@ class DistRun:
 
     # ------------------------------------------------------------------ collectives
     def all_sum(self, t: Tensor) -> Tensor:
-        out = t.detach().clone().to(torch.float64)
+        out = t.detach().to(self.device, torch.float64, copy=True)
         dist.all_reduce(out)
-        return out.to(t.dtype)
+        return out.to(t.device, t.dtype)
 
     def global_normaliser(self, aggregator, mask: Tensor, horizon: int) -> Tensor:
         """The aggregator's normaliser of the union of every rank's mini-batch.
@@ -175,7 +176,7 @@ class DistRun:
         return self.all_sum(local) - (self.world - 1) * empty
 
     def any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
@@ -200,9 +201,10 @@ class DistRun:
                 vals[i, 2] = v
             else:
                 vals[i, 2] = float("-inf")
-        sums, maxes = vals[:, :2].clone(), vals[:, 2].clone()
+        sums, maxes = vals[:, :2].to(self.device, copy=True), vals[:, 2].to(self.device, copy=True)
         dist.all_reduce(sums)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        sums, maxes = sums.cpu(), maxes.cpu()
         out: dict[str, Any] = {}
         for i, k in enumerate(keys):
             if k in SUM_KEYS:
@@ -244,11 +246,20 @@ def init(cfg) -> DistRun | None:
     strategy = d.strategy  # auto is resolved against the model (DistRun.wrap)
     if strategy not in ("auto", "ddp", "fsdp2"):
         raise ConfigError(f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {strategy!r}.')
-    # lmpo's trainer runs on the CPU (its model loader never moves to CUDA): gloo; nccl once the weights are on CUDA
-    backend = "gloo"
+    # a CPU run: gloo; a CUDA run (``device``: auto on a GPU machine, or cuda): nccl, one GPU per rank
+    # (LOCAL_RANK), written back into cfg.device before the model is built (untested here: no GPU on this machine)
+    from lmpo.engine.device import resolve_device
+
+    device = "cpu"
+    if resolve_device(cfg.device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
+        cfg.device = device
+    backend = "nccl" if device != "cpu" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(d.timeout_s)))
-    return DistRun(rank=dist.get_rank(), world=dist.get_world_size(), strategy=strategy, backend=backend)
+    return DistRun(rank=dist.get_rank(), world=dist.get_world_size(), strategy=strategy, backend=backend,
+                   device=device)
 
 
 def shutdown(run: DistRun | None) -> None:

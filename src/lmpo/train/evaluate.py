@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import torch
 
+from lmpo.engine.device import rng_devices
+
 from lmpo.train.rollouts import RolloutContext, score
 
 
@@ -29,7 +31,7 @@ def evaluate(ctx: RolloutContext, rows: list[dict], max_new_tokens: int, correct
         return {}
     if getattr(ctx.train_generator, "plays_episodes", False):  # rollout.mode=episodes: the task is its environment
         ctx = replace(ctx, generator=ctx.train_generator, train_generator=None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices()):
         greedy = replace(ctx.params, greedy=True, max_new_tokens=max_new_tokens)
         batch = score(ctx, rows, 1, greedy)
         correct = batch.reward_components[:, 0] >= correct_threshold

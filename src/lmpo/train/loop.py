@@ -29,6 +29,7 @@ from lmpo.config import Config
 from lmpo.errors import LmpoError, TrainingDiverged
 from lmpo.models.load import apply_lora, enable_activation_checkpointing, load_model
 from lmpo.engine import setup_inference, setup_process
+from lmpo.engine.device import peak_gpu_gb, resolve_device
 from lmpo.engine.threads import ThreadTuner
 from lmpo.pipeline import Pipeline, build_pipeline
 from lmpo.rewards.reward_set import RewardSet, RewardSpec
@@ -84,10 +85,13 @@ def build_rewards(cfg: Config, task) -> RewardSet:
 
 
 def setup_model(cfg: Config, need_ref: bool):
-    """The policy, its tokenizer and, for full fine-tuning with a reference (``need_ref``), a frozen copy of it
-    (with LoRA the reference is the base model: the adapters disabled)."""
+    """The policy on ``cfg.device``, its tokenizer and, for full fine-tuning with a reference (``need_ref``), a
+    frozen copy of it (with LoRA the reference is the base model: the adapters disabled)."""
     m = cfg.model
-    model, tokenizer = load_model(m.name, dtype=m.dtype, gguf_file=m.gguf_file, seed=cfg.train.seed)
+    attn = None if m.attn_implementation == "auto" else m.attn_implementation  # auto: resolved by apply_device
+    model, tokenizer = load_model(m.name, dtype=m.dtype, gguf_file=m.gguf_file, seed=cfg.train.seed,
+                                  attn_implementation=attn)
+    model.to(resolve_device(cfg.device))  # cfg.device as resolved at the start (lmpo.engine.device); CPU: no-op
     ref = None
     if m.lora.enabled:
         model = apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
@@ -361,6 +365,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         from lmpo.train.ray_placement import train_on_ray
 
         return train_on_ray(cfg, resume, overwrite)
+    if cfg.preference is not None and dist_.world_size() > 1:
+        raise LmpoError("The offline preference stage (preference:) runs in one process; start it without torchrun "
+                        "(docs/distributed.md).")
     dist = dist_.init(cfg)
     try:
         path = Path(cfg.output.dir) / run_name(cfg)
@@ -375,6 +382,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
                     dist_.shared_plan(dist, folder, resume, overwrite, cfg.train.steps))
             if plan.finished:  # says so and changes nothing
                 return RunResult(folder.path, plan.step, **folder.finished_run(plan))
+            if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
+                from lmpo.train.preference import train_preference
+
+                return train_preference(cfg, folder, plan)
             return _run(cfg, folder, plan, dist)
     finally:
         dist_.shutdown(dist)
@@ -453,6 +464,8 @@ def finish(run: Run, eval_after: dict[str, float]) -> RunResult:
     run.folder.write_summary(  # atomically; "steps" is the latest checkpoint's step
         {"eval_before": run.eval_before, "eval_after": eval_after, "steps": cfg.train.steps,
          "peak_rss_gb": peak_rss_gb(),
+         # the device the run used (device: auto resolved, lmpo.engine.device) and, on CUDA, its peak memory
+         "device": cfg.device, "peak_gpu_gb": peak_gpu_gb(),
          # what model.autocast resolved to on this machine ("auto" measures at start), null = float32
          "autocast": cfg.model.autocast,
          # the intra-op thread count, how it was chosen (config, or train.threads: auto's probe with its timings),

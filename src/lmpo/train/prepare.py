@@ -74,8 +74,9 @@ def prepare(batch: RolloutBatch, p: Pipeline, runner: PolicyRunner, ref: Referen
     if plan.ref_logprobs:
         batch = batch.replace(ref_logprobs=ref.logprobs(batch, micro_batch_size))
     if p.kl is not None and p.kl.in_reward:
-        batch = batch.replace(token_rewards=p.kl.token_rewards(batch))
-        metrics["reward/kl_penalty"] = ops.masked_sum(batch.token_rewards, batch.response_mask, -1).mean()
+        kl = p.kl.token_rewards(batch)  # added to the token rewards already there (process rewards, a rollout mode's)
+        batch = batch.replace(token_rewards=kl if batch.token_rewards is None else batch.token_rewards + kl)
+        metrics["reward/kl_penalty"] = ops.masked_sum(kl, batch.response_mask, -1).mean()
     if plan.on_policy and not behaviour:  # the update reads pi_old from its own forward (DataPlan.old_from_forward)
         batch = batch.replace(old_logprobs=None)
     if plan.values:  # the pre-update critic's V(s_t), before the advantages that read them

@@ -4,8 +4,13 @@ Collection-shaping methods plug in through the pipeline's extension points (:mod
 once by :class:`lmpo.pipeline.Pipeline`): ``prompt_weights`` (prioritised sampling), ``allocate`` (rollouts per
 prompt: groups of different sizes), ``plan_group`` (per-sample length limits, prompt suffixes, tags into
 ``batch.extras``), ``prefix_budgets`` (also score truncated replies: ``batch.extras["prefix_rewards"]`` (B, S)),
-``inject_prompts`` (prompts made by components, served first) and ``after_collect`` (each scoring round's raw batch,
-with a context whose generator is the plain sampler). Per-prompt identity rides in ``meta[i]["prompt_key"]``.
+``inject_prompts`` (prompts made by components, served first), ``guide`` (guided rows mixed into each scoring round's
+groups before shapers and selectors: :mod:`lmpo.train.guidance`), ``after_score`` (each round's batch just scored,
+guided rows included, with the context: process credit, Monte-Carlo values) and ``after_collect`` (each scoring
+round's raw batch, with a context whose generator is the plain sampler). Per-prompt identity rides in
+``meta[i]["prompt_key"]``. The stats report every step's share of groups the policy failed entirely
+(``rollout/all_fail_frac``) and of groups with equal rewards (``rollout/flat_frac``, GRPO's zero-advantage groups),
+both before guidance.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmpo.batch import RolloutBatch
+from lmpo.engine.device import HOST, batch_to_device
 from lmpo.errors import DataError
 from lmpo.models.load import format_prompt
 from lmpo.pipeline import Pipeline
@@ -24,6 +30,7 @@ from lmpo.rollout.base import Generator, SamplingParams
 from lmpo.rollout.modes import bind_rows
 from lmpo.tasks.base import columns_of
 from lmpo.train.data import prompt_key
+from lmpo.train.guidance import Guide, failed_groups, flat_fraction, run_guide
 
 _PLAN_KEYS = {"max_new_tokens", "prompt_suffix", "tags"}
 
@@ -40,6 +47,7 @@ class RolloutContext:
     pipeline: Pipeline = field(default_factory=Pipeline)  # shapers, selectors and the collection extension points
     system_prompt: str | None = None
     train_generator: Generator | None = None  # rollout.mode's generator for training rollouts (lmpo.rollout.modes)
+    teachers: dict = field(default_factory=dict)  # guidance teacher models, loaded once (lmpo.train.guidance)
 
 
 def _expand_plans(counts: list[int], plan_group: Callable | None) -> list[dict[str, Any]]:
@@ -104,12 +112,13 @@ def score(ctx: RolloutContext, rows: list[dict[str, Any]], repeats: int | Sequen
     fields = _mode_fields(out)
     fields["response_mask"] = out.response_attn & fields["response_mask"] if "response_mask" in fields \
         else out.response_attn.clone()
-    return RolloutBatch(
+    batch = RolloutBatch(
         prompt_ids=out.prompt_ids, prompt_mask=out.prompt_mask, response_ids=out.response_ids,
         response_attn=out.response_attn, group_ids=group_ids,
         rewards=rewards, reward_components=components, sampler_logprobs=out.sampler_logprobs,
         truncated=out.truncated, extras=extras, meta=meta, **fields,
     )
+    return batch_to_device(batch, HOST)  # batches live on the host (a GPU sampler's tensors come back; CPU: as is)
 
 
 _EPISODE_STATS = ("env_return", "num_turns", "episode_done", "invalid_actions", "tool_calls", "invalid_tool_calls",
@@ -155,6 +164,9 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
     stream = InjectingStream.wrap(stream, p.calls("inject_prompts"))
     weights, allocate = p.hook("prompt_weights"), p.hook("allocate")
     plan_group, prefix = p.hook("plan_group"), p.hook("prefix_budgets")
+    guide = p.hook("guide")
+    guidance = Guide(plain_ctx, step) if guide is not None else None
+    fails = flats = 0.0
     budgets = list(prefix()) if prefix is not None else None
     kept: list[RolloutBatch] = []
     raws: list[RolloutBatch] = []
@@ -168,9 +180,17 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         counts = list(allocate([prompt_key(r) for r in rows], ctx.num_generations)) if allocate else ctx.num_generations
         raw = score(ctx, rows, counts, ctx.params, offset, plan_group, budgets)
         offset += need
+        generated += raw.batch_size
+        n_new = int(torch.unique(raw.group_ids).numel())
+        fails += len(failed_groups(raw)) / max(1, n_new)
+        flats += flat_fraction(raw)
+        if guidance is not None:  # guided rows join the groups before after_score, shapers and selectors see them
+            first = first or raw  # the policy's own rollouts (the step's reward metrics)
+            raw = run_guide(guide, guidance, raw)
+        for augment in p.calls("after_score"):  # process credit, Monte-Carlo values (they may generate)
+            raw = augment(ctx, raw)
         first = first or raw
         raws.append(raw)
-        generated += raw.batch_size
         batch = raw
         for shaper in p.shapers:
             batch = shaper(batch)
@@ -188,7 +208,12 @@ def collect(ctx: RolloutContext, stream, prompts_per_step: int, refill_rounds: i
         for raw in raws:
             hook(plain_ctx, raw)
     stats = {"rollout/refill_rounds": float(rounds), "rollout/generated": float(generated),
-             "rollout/kept_frac": float(sum(b.batch_size for b in kept)) / max(1, generated)}
+             "rollout/kept_frac": float(sum(b.batch_size for b in kept)) / max(1, generated),
+             "rollout/all_fail_frac": fails / (rounds + 1), "rollout/flat_frac": flats / (rounds + 1)}
+    if guidance is not None:
+        every = RolloutBatch.concat(raws) if len(raws) > 1 else raws[0]
+        stats.update({"guide/rows": 0.0, **guidance.stats, "guide/flat_frac_after": flat_fraction(every),
+                      "guide/guided_frac": float(every.extras["guided"].mean())})
     if "num_turns" in first.extras:  # multi-turn episodes (rollout.mode=episodes): per-episode means
         every = RolloutBatch.concat(raws) if len(raws) > 1 else first
         for key in _EPISODE_STATS:

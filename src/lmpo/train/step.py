@@ -18,6 +18,7 @@ from lmpo import ops
 from lmpo.batch import RolloutBatch
 from lmpo.errors import DataError, ModelError, TrainingDiverged
 from lmpo.models.logprobs import DEFAULT_CHUNK_SIZE, LayerNoise, response_logprobs, split_body_and_head
+from lmpo.engine.device import batch_to_device, host_to_device
 from lmpo.engine.packed import packed_unsupported
 from lmpo.models.token_stats import STAT_NEEDS, has_soft_inputs, response_stats
 from lmpo.pipeline import KLPenalty, needs_of, require
@@ -47,10 +48,15 @@ class PolicyRunner:
             return self.train_call(fn, *args, **kwargs)
         return fn(self.model, *args, **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the policy's weights are (``cfg.device``); batches stay on the host and move here per pass."""
+        return next(self.model.parameters()).device
+
     def autocast_ctx(self):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=getattr(torch, self.autocast))
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast))
 
     def forward(self, batch: RolloutBatch, with_entropy: bool = False, entropy_grad: bool = True,
                 hidden: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -96,7 +102,9 @@ class PolicyRunner:
         """Log-probs (and entropies) of the whole batch in one no-grad pass, ``micro_batch_size`` rows at a time."""
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
         outs = [self.logprobs(p, with_entropy=with_entropy) for p in parts]
-        return torch.cat([o[0] for o in outs], 0), torch.cat([o[1] for o in outs], 0) if with_entropy else None
+        home = batch.response_ids.device  # results come back where the batch lives (the host on a CUDA run)
+        return (torch.cat([o[0] for o in outs], 0).to(home),
+                torch.cat([o[1] for o in outs], 0).to(home) if with_entropy else None)
 
     def logprobs_stats(self, batch: RolloutBatch, with_entropy: bool = False, stats: frozenset[str] = frozenset(),
                        ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
@@ -113,7 +121,8 @@ class PolicyRunner:
         """``{"old_<stat>": (B, T[, M])}`` under the current (pre-update) weights."""
         parts = batch.split(max(1, -(-batch.batch_size // micro_batch_size))) if micro_batch_size else [batch]
         outs = [self.logprobs_stats(p, stats=stats)[2] for p in parts]
-        return {f"old_{k}": torch.cat([o[k] for o in outs], 0) for k in outs[0]}
+        home = batch.response_ids.device
+        return {f"old_{k}": torch.cat([o[k] for o in outs], 0).to(home) for k in outs[0]}
 
 
 @dataclass
@@ -244,8 +253,12 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
                 s.critic.zero_grad()
                 value_norm = mb.response_mask.sum().clamp_min(1).float()  # the value loss: a token mean per mini-batch
             total = torch.zeros(())
+            device = runner.device
+            normaliser = host_to_device(normaliser, device) if isinstance(normaliser, Tensor) else normaliser
+            value_norm = host_to_device(value_norm, device) if value_norm is not None else None
             micros = mb.split(n_micro)
             for i, micro in enumerate(micros):
+                micro = batch_to_device(micro, device)  # host -> device (pinned, asynchronous on CUDA; CPU: as is)
                 with s.dist.accumulate(last=i == len(micros) - 1) if s.dist is not None else contextlib.nullcontext():
                     loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser, value_norm)
                     if s.critic is not None and not s.critic.shared:

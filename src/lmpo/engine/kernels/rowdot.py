@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmpo.engine.device import cuda_run
 from lmpo.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("rowdot.c")
@@ -174,22 +175,25 @@ def attention_reference(q: Tensor, K: Tensor, V: Tensor, bias: Tensor, scale: fl
     return torch.matmul(torch.softmax(scores, dim=-1), V).reshape(B, H, 1, D)
 
 
+CUDA_RUN_REASON = "this run is on a CUDA device (lmpo.engine.device): the CPU-only native kernels are not loaded"
+
+
 def available() -> bool:
-    """Whether the kernel is built (or can be) and passed its self-test on this machine."""
-    return _load()[0] is not None
+    """Whether the kernel is built (or can be) and passed its self-test on this machine; always False in a process
+    running on a CUDA device (:func:`lmpo.engine.device.cuda_run`), which never compiles or loads the library."""
+    return not cuda_run() and _load()[0] is not None
 
 
 def _library() -> ctypes.CDLL:
     """The loaded library, or a RuntimeError saying why there is none."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(f"The rowdot kernel is unavailable: {why}")
-    return lib
+    if not available():
+        raise RuntimeError(f"The rowdot kernel is unavailable: {unavailable_reason()}")
+    return _load()[0]
 
 
 def unavailable_reason() -> str:
     """Why :func:`available` is False ("" when it is True)."""
-    return _load()[1]
+    return CUDA_RUN_REASON if cuda_run() else _load()[1]
 
 
 def rowdot(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

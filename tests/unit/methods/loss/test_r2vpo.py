@@ -160,6 +160,8 @@ def test_matches_loop_reference_and_gradcheck(nu):
 class _FakeRunner:
     """A one-parameter 'policy': logp = sampler_logprobs + theta * response_ids / 10 (enough to drive policy_update)."""
 
+    device = torch.device("cpu")  # the trainer moves micro-batches to the runner's device
+
     def __init__(self):
         self.model = torch.nn.Module()
         self.model.theta = torch.nn.Parameter(torch.zeros(()))
