@@ -3,9 +3,10 @@
     python benchmarks/dist_scaling.py [--steps 3] [--out docs/results/distributed]
 
 Both runs train the same global batch (rollout.prompts_per_step=4 x 8 generations; 2 ranks: 2 prompts each) from
-configs/default.yaml with LoRA off (every weight trained), no evaluation, and the only checkpoint after the last step (after its metrics are taken). The 1-process run gets
-2 threads and each rank of the 2-rank runs 1 (the same cores); the 2-rank run once with DDP, once with FSDP2. Writes <out>.json and <out>.md with the load average
-(uptime) before and after each run: on a shared machine the numbers move with it.
+configs/default.yaml with LoRA off (every weight trained), no evaluation, and the only checkpoint after the last
+step (after its metrics are taken). The 1-process run gets 2 threads and each rank of the 2-rank runs 1 (the same
+cores); the 2-rank run once with DDP, once with FSDP2. Writes <out>.json and <out>.md with the load average (uptime)
+before and after each run: on a shared machine the numbers move with it.
 """
 
 from __future__ import annotations
