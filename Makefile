@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-install
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-gpu test-slow test-trackers bench bench-contention bench-async lint clean peer-numbers setup-vllm \
-	test-vllm bench-vllm
+	test-vllm bench-vllm test-dist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -82,6 +82,13 @@ test-vllm: setup-vllm
 ## Decode tokens/s, lmpo's own sampler vs the vLLM CPU engine, batch sizes 8/32/128: docs/results/vllm.{md,json}.
 bench-vllm: setup-vllm
 	$(VENV_VLLM)/bin/python benchmarks/vllm_decode.py $(BENCH_ARGS)
+
+## Multi-process training (tests/dist, docs/distributed.md): torchrun with 2 gloo ranks on the CPU, the tiny model:
+## 2 ranks = 1 process, sharded checkpoints and exact resume, a killed rank, the Ray placement (installs the optional
+## `ray` extra into .venv first); about 5 minutes on 2 busy cores.
+test-dist: setup
+	$(BIN)/pip install -q -e ".[ray]"
+	$(BIN)/python -m pytest -q -m dist tests/dist $(PYTEST_ARGS)
 
 ## The CUDA path on a GPU machine (tests marked gpu: tests/unit/test_cuda_run.py; skipped without CUDA). The longer
 ## check with the default model and vLLM: bash benchmarks/gpu_smoke.sh (docs/vllm.md "CUDA").

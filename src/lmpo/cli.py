@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from lmpo.errors import LmpoError, did_you_mean
+from lmpo.errors import ConfigError, LmpoError, did_you_mean
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -35,12 +36,16 @@ def cmd_train(args) -> int:
     cfg = load_config(config, overrides)
     check_output_dir(cfg, run_name(cfg))
     if cfg.stage != "rl":  # a reward model or PRM (lmpo.train.scorer_stage)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"stage={cfg.stage} trains in one process; run it without torchrun (the distributed "
+                              "trainer covers policy training, docs/distributed.md).")
         from lmpo.train.scorer_stage import train_scorer
 
         result = train_scorer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     else:
         result = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    print_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports (docs/distributed.md)
+        print_summary(result)
     return 0
 
 

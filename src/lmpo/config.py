@@ -126,6 +126,23 @@ class AsyncConfig:
     max_staleness: int = hp(1, ge=0)
 
 
+@dataclass
+class DistConfig:
+    """``train.dist``: how the trainer runs when launched on several processes (``torchrun``; lmpo.train.dist,
+    docs/distributed.md). Ignored in a single process."""
+
+    # auto = ddp (every rank holds the whole model; the only strategy that runs lmpo's fast paths and its own
+    # sampler unchanged) | ddp | fsdp2 (torch.distributed.fsdp.fully_shard: parameters, gradients and AdamW states
+    # sharded; see docs/distributed.md for what it turns off)
+    strategy: str = "auto"
+    # seconds a collective waits for the other ranks before the run fails (a dead or stuck rank)
+    timeout_s: float = hp(600.0, gt=0)
+    # where the ranks run: local (torchrun / accelerate launch start them) | ray (one controller starts them as Ray
+    # actors on a local or existing Ray cluster: `lmpo train ... train.dist.placement=ray train.dist.world_size=N`)
+    placement: str = "local"
+    world_size: int = hp(2, ge=1)  # ranks the ray placement starts (torchrun's --nproc_per_node under local)
+
+
 # A config key that is a Python keyword names its field with a trailing underscore; the YAML key is in the metadata.
 KEY = "key"
 
@@ -164,6 +181,7 @@ class TrainConfig:
     # t+1..t+k overlaps the update of step t (lmpo.train.async_rollouts, docs/async.md). YAML and command-line key:
     # train.async (e.g. train.async.max_staleness=2)
     async_: AsyncConfig | None = field(default=None, metadata={KEY: "async"})
+    dist: DistConfig = field(default_factory=DistConfig)  # several processes (torchrun): docs/distributed.md
 
 
 @dataclass
@@ -575,6 +593,12 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
          f"model on step labels), got {cfg.stage!r}{did_you_mean(str(cfg.stage), ['rl', 'reward_model', 'prm'])}")
     need(cfg.stage == "rl" or cfg.preference is None, "stage",
          f"stage={cfg.stage} trains a scorer; the preference section trains a policy on pairs: set one of them")
+
+
+    need(t.dist.strategy in ("auto", "ddp", "fsdp2"), "train.dist.strategy",
+         f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {t.dist.strategy!r}')
+    need(t.dist.placement in ("local", "ray"), "train.dist.placement",
+         f'train.dist.placement must be "local" (torchrun starts the ranks) or "ray", got {t.dist.placement!r}')
     need(r.backend in ("hf", "vllm"), "rollout.backend",
          f'rollout.backend must be "hf" (the in-process HuggingFace sampler) or "vllm", got {r.backend!r}')
     try:

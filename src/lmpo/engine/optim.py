@@ -55,7 +55,8 @@ class TrainOptimizer:
 
     def clip(self) -> Tensor:
         max_norm = self.max_grad_norm if self.max_grad_norm else float("inf")
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2's sharded gradients: the total
 
     def _apply(self) -> None:
         self.optimizer.step()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ from lmpo.rollout.base import SamplingParams
 from lmpo.rollout.hf import HFGenerator
 from lmpo.rollout.modes import build_train_generator, policy_horizon
 from lmpo.tasks import build_task
+from lmpo.train import dist as dist_
 from lmpo.train.critic import Critic, build_critic
+from lmpo.train import dist_checkpoint
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
 from lmpo.train.evaluate import evaluate
@@ -146,7 +149,9 @@ def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | Non
     ckpt = Path(checkpoint) if checkpoint else (latest_checkpoint(run_dir) if run_dir else None)
     if run_dir is not None and ckpt is None:
         raise LmpoError(f"No checkpoint under {str(run_dir)!r}; nothing to evaluate (train it first).")
-    if ckpt is not None:
+    if ckpt is not None and dist_checkpoint.is_sharded(ckpt):  # written on several ranks
+        dist_checkpoint.load(ckpt, model, None, None, None)
+    elif ckpt is not None:
         load_checkpoint(ckpt, model)
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
     try:
@@ -178,6 +183,7 @@ class Run:
     threads: ThreadTuner | None = None  # train.threads over the run (lmpo.engine.threads)
     critic: Critic | None = None  # the value model, when a component needs values (lmpo.train.critic)
     rollouts: SyncRollouts | AsyncRollouts | None = None  # collection, in this thread or ahead of it (train.async)
+    dist: dist_.DistRun | None = None  # this process's rank under several ranks (lmpo.train.dist)
 
     @property
     def dir(self) -> Path:
@@ -193,7 +199,14 @@ class Run:
         return out
 
     def restore(self, ckpt: Path) -> None:
-        state = load_checkpoint(ckpt, self.model, self.opt.optimizer, self.opt.scheduler)
+        if dist_checkpoint.is_sharded(ckpt):  # written on several ranks (torch.distributed.checkpoint)
+            state = dist_checkpoint.load(ckpt, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
+                                         seed=self.cfg.train.seed)
+        elif self.dist is not None:  # a single process's checkpoint on several ranks: each keeps its part
+            state = dist_checkpoint.load_whole(ckpt, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
+                                               seed=self.cfg.train.seed)
+        else:
+            state = load_checkpoint(ckpt, self.model, self.opt.optimizer, self.opt.scheduler)
         self.start, self.eval_before = state["step"], state.get("eval_before", {})
         self.stream.load_state_dict(state["data"])
         self.rollouts.load_state_dict(state.get("async"))  # train.async's queued batches (None: synchronous)
@@ -201,7 +214,7 @@ class Run:
             if key == "optimizer_in_backward" and key not in state["components"]:  # saved before it existed
                 continue
             obj.load_state_dict(state["components"][key])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"])  # this rank's (lmpo.train.dist_checkpoint)
 
     def checkpoint(self, step: int) -> None:
         queued = self.rollouts.state_dict(step)  # first: train.async waits for its in-flight steps to be queued
@@ -209,6 +222,11 @@ class Run:
                  "components": {k: c.state_dict() for k, c in self.stateful().items()}}
         if queued is not None:
             extra["async"] = queued
+        if self.dist is not None:  # sharded: every rank writes its part (lmpo.train.dist_checkpoint)
+            with self.dist.sharded():  # FSDP2: the parameters as their shards while DCP reads them
+                dist_checkpoint.save(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler, self.dist,
+                                     keep=self.cfg.output.keep_checkpoints, extra=extra)
+            return
         save_checkpoint(self.dir, step, self.model, self.opt.optimizer, self.opt.scheduler,
                         keep=self.cfg.output.keep_checkpoints, extra=extra)
 
@@ -221,25 +239,42 @@ class Run:
         t, r = self.cfg.train, self.cfg.rollout
         return UpdateSettings(ppo_epochs=t.ppo_epochs, num_minibatches=t.num_minibatches,
                               micro_batch_size=t.micro_batch_size, kl=self.pipeline.kl, entropy_coef=t.entropy_coef,
-                              horizon=policy_horizon(r.mode, r.mode_params, r.max_new_tokens), critic=self.critic)
+                              horizon=policy_horizon(r.mode, r.mode_params, r.max_new_tokens), critic=self.critic,
+                              dist=self.dist)
 
 
-def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
+def open_run(cfg: Config, folder: RunFolder, plan: Plan, dist: dist_.DistRun | None = None) -> Run:
     """Build and validate everything a run needs (pipeline, task, rewards, model, optimizer, checkpoint), then
-    write its folder (:meth:`RunFolder.begin`): a run that cannot start leaves nothing behind and changes nothing."""
+    write its folder (:meth:`RunFolder.begin`): a run that cannot start leaves nothing behind and changes nothing.
+
+    ``dist``: this rank under several ranks (lmpo.train.dist): the same build on every rank, the model wrapped for
+    gradient synchronisation, this rank's share of the prompts, its own sampling seed, the folded AdamW off."""
     check_available(cfg.output.report_to)  # the trackers' packages (output.report_to)
     # the order below fixes which random numbers each part draws (runs are reproducible from the seed)
     seed_everything(cfg.train.seed)
     threads = setup_process(cfg)  # threads, allocator, measured precision (lmpo.engine)
     pipeline = build_pipeline(cfg)
+    if dist is not None:
+        why = dist_.unsupported(cfg, pipeline, dist.world)
+        if why:
+            raise LmpoError(f"This config cannot run on {dist.world} ranks: {why} (docs/distributed.md).")
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)
     model, tokenizer, ref_model = setup_model(cfg, need_ref=pipeline.plan.ref_logprobs)
     m, t = cfg.model, cfg.train
+    if dist is not None:
+        if t.optimizer_in_backward is True:
+            raise LmpoError("train.optimizer_in_backward=true steps each weight inside backward, before the ranks have "
+                            "summed its gradient; set it to auto or false under several ranks (docs/distributed.md).")
+        t = dataclasses.replace(t, optimizer_in_backward=False)  # auto: off under several ranks
+        dist.wrap(model)
     runner = PolicyRunner(model, cfg.rollout.temperature, m.chunk_size, m.autocast, packed=m.packed_forward,
                           recompute="attention" if m.gradient_checkpointing == "attention" else None)
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
     stream = PromptStream(task.train, t.seed)
+    if dist is not None:  # every rank draws the step's rows in the same order and keeps its own groups
+        stream = dist_.ShardedStream(stream, dist.rank, dist.world)
+        runner.train_call = dist.train_call
     params = [p for p in model.parameters() if p.requires_grad]
     critic = build_critic(cfg, model, runner) if pipeline.plan.values else None
     # a shared critic's head takes gradient from the policy's backward: AdamW is then not folded into it
@@ -252,15 +287,23 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan) -> Run:
                                             packed=runner.packed)) if ref_model is not None
                else ReferencePolicy(runner, model.disable_adapter))
     r = cfg.rollout
-    rollouts = (SyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds) if t.async_ is None else
+    per_rank = r.prompts_per_step // (dist.world if dist is not None else 1)
+    rollouts = (SyncRollouts(ctx, stream, per_rank, r.refill_rounds) if t.async_ is None else
                 AsyncRollouts(ctx, stream, r.prompts_per_step, r.refill_rounds, t.async_.max_staleness, t.steps, t.seed,
                               runner, t.micro_batch_size))
     run = Run(cfg, folder, pipeline, rewards, model, runner, ref, opt, ctx, stream, task.eval[: cfg.eval.num_prompts],
-              threads=threads, critic=critic, rollouts=rollouts)
+              threads=threads, critic=critic, rollouts=rollouts, dist=dist)
+    if dist is not None and dist.rank > 0:  # its own sampling stream (a checkpoint restores each rank's own)
+        seed_everything(dist_.rank_seed(t.seed, dist.rank))
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)
+    if dist is not None:
+        dist.gathered()  # FSDP2: whole weights for sampling (every rank, together); nothing under DDP
     folder.begin(plan)  # everything validated: the first write (lock, clean-up, config.yaml)
     resume_step = run.start if plan.checkpoint is not None else None
+    if dist is not None and not dist.main:  # rank 0 writes the metrics and evaluates
+        run.log, run.eval_rows = dist_.NullLog(), []
+        return run
     run.log = tracked_log(MetricsLog(folder.path / "metrics.jsonl", resume_step=resume_step), cfg, folder.path,
                           run_name(cfg), resume_step=resume_step)  # metrics.jsonl, and output.report_to's trackers
     return run
@@ -283,6 +326,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         metrics.update(prep)
         metrics.update(policy_update(run.runner, run.opt, batch, p.loss, p.aggregator, run.settings(), step,
                                      p.hook("lr_scale"), p.calls("after_optimizer_step")))
+        if run.dist is not None:  # FSDP2: the updated shards gathered into whole weights (the sampler's weight sync)
+            run.dist.gathered()
         for observe in p.calls("observe"):  # per-prompt trackers learn from the step
             observe(batch, lambda b: run.runner.logprobs_nograd(b, t.micro_batch_size))
         metrics.update({"perf/logprob_s": t2 - t1, "perf/update_s": time.perf_counter() - t2})
@@ -298,6 +343,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     metrics.update({"perf/step_s": step_s, "perf/generate_s": t_gen,
                     "perf/tokens_per_s": float(metrics.pop("_tokens")) / max(t_gen, 1e-9),
                     "perf/peak_rss_gb": peak_rss_gb()})
+    if run.dist is not None:  # one row for the run: means over every rank's rows, sums, the slowest rank's times
+        return run.dist.reduce_metrics(metrics, raw.batch_size)
     return metrics
 
 
@@ -315,22 +362,47 @@ def due(every: int, step: int, last: int) -> bool:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResult:
-    with RunFolder(Path(cfg.output.dir) / run_name(cfg), cfg) as folder:  # one writer; a failed start leaves nothing
-        plan = folder.plan(resume, overwrite, cfg.train.steps)  # read-only checks, before anything is built
-        if plan.finished:  # says so and changes nothing
-            return RunResult(folder.path, plan.step, **folder.finished_run(plan))
-        if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
-            from lmpo.train.preference import train_preference
+    """One run; under ``torchrun`` (``WORLD_SIZE`` > 1) this process's rank of it (lmpo.train.dist); with
+    ``train.dist.placement: ray`` the controller of ranks started as Ray actors (lmpo.train.ray_placement)."""
+    if cfg.train.dist.placement == "ray" and dist_.world_size() <= 1:
+        from lmpo.train.ray_placement import train_on_ray
 
-            return train_preference(cfg, folder, plan)
-        run = open_run(cfg, folder, plan)
+        return train_on_ray(cfg, resume, overwrite)
+    if cfg.preference is not None and dist_.world_size() > 1:
+        raise LmpoError("The offline preference stage (preference:) runs in one process; start it without torchrun "
+                        "(docs/distributed.md).")
+    dist = dist_.init(cfg)
+    try:
+        path = Path(cfg.output.dir) / run_name(cfg)
+        if dist is not None and not dist.main:  # rank 0 owns the folder; the others follow its plan
+            plan = dist_.shared_plan(dist, None, resume, overwrite, cfg.train.steps)
+            if plan.finished:
+                return RunResult(path, plan.step)
+            return _run(cfg, dist_.FollowerFolder(path), plan, dist)
+        with RunFolder(path, cfg) as folder:  # one writer; a failed start leaves nothing
+            # read-only checks, before anything is built
+            plan = (folder.plan(resume, overwrite, cfg.train.steps) if dist is None else
+                    dist_.shared_plan(dist, folder, resume, overwrite, cfg.train.steps))
+            if plan.finished:  # says so and changes nothing
+                return RunResult(folder.path, plan.step, **folder.finished_run(plan))
+            if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
+                from lmpo.train.preference import train_preference
+
+                return train_preference(cfg, folder, plan)
+            return _run(cfg, folder, plan, dist)
+    finally:
+        dist_.shutdown(dist)
+
+
+def _run(cfg: Config, folder, plan: Plan, dist: dist_.DistRun | None) -> RunResult:
+    run = open_run(cfg, folder, plan, dist)
+    try:
+        return run_steps(run)
+    finally:  # on success, error and Ctrl-C alike: no engine process outlives the run
         try:
-            return run_steps(run)
-        finally:  # on success, error and Ctrl-C alike: no engine process outlives the run
-            try:
-                close_generators(run.ctx)
-            finally:
-                close_log(run.log)
+            close_generators(run.ctx)
+        finally:
+            close_log(run.log)
 
 
 def run_steps(run: Run) -> RunResult:
@@ -340,7 +412,7 @@ def run_steps(run: Run) -> RunResult:
         run.eval_before = run.evaluate()
         run.log.write(0, run.eval_before)
     eval_after, last_good = dict(run.eval_before), run.start
-    with progress_bar(cfg, run.start) as progress:
+    with progress_bar(cfg, run.start, show=run.dist is None or run.dist.main) as progress:
         try:
             run.rollouts.start(run.model, run.start)  # train.async: the producer thread starts sampling ahead
             for step in range(run.start + 1, steps + 1):
@@ -364,9 +436,9 @@ def run_steps(run: Run) -> RunResult:
 
 
 @contextlib.contextmanager
-def progress_bar(cfg: Config, start: int):
+def progress_bar(cfg: Config, start: int, show: bool = True):
     """A callable that advances a progress bar by one step (showing a few of the row's metrics), or does nothing."""
-    if not cfg.output.progress:
+    if not cfg.output.progress or not show:
         yield lambda row: None
         return
     from tqdm.auto import tqdm
@@ -387,6 +459,8 @@ def progress_bar(cfg: Config, start: int):
 def finish(run: Run, eval_after: dict[str, float]) -> RunResult:
     """Curves and summary.json of a finished run."""
     cfg = run.cfg
+    if run.dist is not None and not run.dist.main:  # rank 0 writes them
+        return RunResult(run.dir, cfg.train.steps, run.eval_before, eval_after, [])
     history = read_metrics(run.dir / "metrics.jsonl")
     if cfg.output.plot and history:
         plot_run(history, run.dir / "curves.png", run_name(cfg))

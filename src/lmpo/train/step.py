@@ -39,6 +39,14 @@ class PolicyRunner:
     # has none): a LayerNoise and one seed per row.
     noise: LayerNoise | None = None
     noise_seeds: Tensor | None = None
+    # ``train_call(fn, *args)`` runs ``fn(model, *args)`` for the passes that take gradient (set under several
+    # ranks: through DDP, lmpo.train.dist); no-grad passes always call the model directly
+    train_call: Callable[..., Any] | None = None
+
+    def _run(self, fn, *args, **kwargs):
+        if self.train_call is not None and torch.is_grad_enabled():
+            return self.train_call(fn, *args, **kwargs)
+        return fn(self.model, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -59,8 +67,8 @@ class PolicyRunner:
                 raise ModelError("hidden_states were requested but the soft-input forward does not return them.")
             return (*self.logprobs_stats(batch, with_entropy)[:2], None)
         with self.autocast_ctx():
-            out = response_logprobs(
-                self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
+            out = self._run(
+                response_logprobs, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
                 temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy,
                 return_hidden=hidden, entropy_grad=entropy_grad, packed=self.packed, recompute=self.recompute,
                 noise=self.noise, noise_seeds=self.noise_seeds,
@@ -103,7 +111,7 @@ class PolicyRunner:
         """Log-probs plus opt-in full-distribution statistics (:mod:`lmpo.models.token_stats`), chunked."""
         attn = batch.response_attn if batch.response_attn is not None else batch.response_mask
         with self.autocast_ctx():
-            return response_stats(self.model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
+            return self._run(response_stats, batch.prompt_ids, batch.prompt_mask, batch.response_ids, attn,
                                   batch.extras, temperature=self.temperature, chunk_size=self.chunk_size,
                                   with_entropy=with_entropy, stats=frozenset(stats))
 
@@ -126,6 +134,7 @@ class UpdateSettings:
     entropy_coef: float = 0.0
     horizon: int = 64
     critic: Any = None  # lmpo.train.critic.Critic when a component needs values
+    dist: Any = None  # lmpo.train.dist.DistRun under several ranks: global normaliser, gradient sync
 
     @property
     def on_policy(self) -> bool:
@@ -235,7 +244,8 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
     for _ in range(s.ppo_epochs):
         for mb_idx in minibatch_indices(batch.group_ids, n_mb):
             mb = batch.select(mb_idx)
-            normaliser = aggregator.normaliser(mb.response_mask, s.horizon)
+            normaliser = (aggregator.normaliser(mb.response_mask, s.horizon) if s.dist is None else
+                          s.dist.global_normaliser(aggregator, mb.response_mask, s.horizon))  # every rank's rows
             n_micro = max(1, -(-mb.batch_size // s.micro_batch_size)) if s.micro_batch_size else 1
             opt.zero_grad()
             value_norm = None
@@ -246,18 +256,20 @@ def policy_update(runner: PolicyRunner, opt: TrainOptimizer, batch: RolloutBatch
             device = runner.device
             normaliser = host_to_device(normaliser, device) if isinstance(normaliser, Tensor) else normaliser
             value_norm = host_to_device(value_norm, device) if value_norm is not None else None
-            for micro in mb.split(n_micro):
+            micros = mb.split(n_micro)
+            for i, micro in enumerate(micros):
                 micro = batch_to_device(micro, device)  # host -> device (pinned, asynchronous on CUDA; CPU: as is)
-                loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser, value_norm)
-                if s.critic is not None and not s.critic.shared:
-                    metrics.update(s.critic.separate_backward(micro, value_norm))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"The loss became {loss.item()} at step {step}; no update was applied. The last good "
-                        "checkpoint is kept. Lower train.learning_rate, set train.max_grad_norm, or check the "
-                        "reward functions for extreme values, then resume with --resume."
-                    )
-                opt.backward(loss, whole=n_micro == 1)
+                with s.dist.accumulate(last=i == len(micros) - 1) if s.dist is not None else contextlib.nullcontext():
+                    loss, metrics = minibatch_loss(runner, micro, loss_fn, aggregator, s, normaliser, value_norm)
+                    if s.critic is not None and not s.critic.shared:
+                        metrics.update(s.critic.separate_backward(micro, value_norm))
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"The loss became {loss.item()} at step {step}; no update was applied. The last good "
+                            "checkpoint is kept. Lower train.learning_rate, set train.max_grad_norm, or check the "
+                            "reward functions for extreme values, then resume with --resume."
+                        )
+                    opt.backward(loss, whole=n_micro == 1)
                 total = total + loss.detach()
                 del loss  # frees the graph (kept for a possible second pass when the optimizer is folded in)
                 w = micro.batch_size / mb.batch_size
