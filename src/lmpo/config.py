@@ -593,8 +593,6 @@ def _check_choices(cfg: Config, origin: Origin) -> None:
          f"model on step labels), got {cfg.stage!r}{did_you_mean(str(cfg.stage), ['rl', 'reward_model', 'prm'])}")
     need(cfg.stage == "rl" or cfg.preference is None, "stage",
          f"stage={cfg.stage} trains a scorer; the preference section trains a policy on pairs: set one of them")
-
-
     need(t.dist.strategy in ("auto", "ddp", "fsdp2"), "train.dist.strategy",
          f'train.dist.strategy must be "auto", "ddp" or "fsdp2", got {t.dist.strategy!r}')
     need(t.dist.placement in ("local", "ray"), "train.dist.placement",
