@@ -19,7 +19,8 @@ The reference point ``z_0 = max(0, KL(pi || pi_ref))`` (``reference_point``):
   row's response -- clamped at 0 and detached (no gradient flows through z_0). The preference stage computes these
   log-probs (``needs`` holds ``"mismatched_logprobs"``): the reference's once with the other reference log-probs,
   the policy's by an extra no-grad forward each step, into ``PreferenceBatch.mismatched_logps`` /
-  ``mismatched_ref_logps`` (search updates, lmpo.search.train, do the same; online pairs refuse it). Given them, the loss equals TRL's (tests/unit/methods/preference/test_trl_parity.py).
+  ``mismatched_ref_logps`` (search updates, lmpo.search.train, do the same; online pairs refuse it). Given them,
+  the loss equals TRL's (tests/unit/methods/preference/test_trl_parity.py).
   Where the stage differs from TRL: TRL rotates the responses by one *within each batch* (and so needs sequential
   sampling); lmpo rotates them by one over the data file once, before training (so the reference log-probs can be
   cached and the pair stream stays shuffled and exactly resumable): a row's mismatched response comes from its
