@@ -189,6 +189,9 @@ class PreferenceBatch:
         chosen_ids / rejected_ids: (N, T) long, right-padded responses.
         chosen_mask / rejected_mask: (N, T) bool.
         prompt_mask: (N, P) bool, False on the prompts' left padding (``None``: no padding).
+        mismatched_logps / mismatched_ref_logps: (N,) summed log-probs of each row's *mismatched* pair (its prompt
+            with another row's response) under the policy (no gradient) and the reference; filled by the preference
+            stage only for a loss whose ``needs`` hold ``"mismatched_logprobs"`` (KTO's KL estimate), else ``None``.
     """
 
     prompt_ids: Tensor
@@ -198,9 +201,15 @@ class PreferenceBatch:
     rejected_mask: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
     prompt_mask: Tensor | None = None
+    mismatched_logps: Tensor | None = None
+    mismatched_ref_logps: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.prompt_ids.shape[0]
+        for name in ("mismatched_logps", "mismatched_ref_logps"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (n,):
+                raise DataError(f"PreferenceBatch.{name} must have shape (N={n},), got {tuple(t.shape)}.")
         if self.prompt_mask is not None and self.prompt_mask.shape != self.prompt_ids.shape:
             raise DataError(f"PreferenceBatch.prompt_mask must match prompt_ids {tuple(self.prompt_ids.shape)}, got "
                             f"{tuple(self.prompt_mask.shape)}.")

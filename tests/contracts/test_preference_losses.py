@@ -1,7 +1,8 @@
 """The PreferenceLoss contract over every registered preference loss (new losses join automatically): shapes,
 finite values and gradients (also at extreme log-probs), masked tokens ignored (junk there changes nothing and gets
 no gradient), extra padding changes nothing, pairs permute with their rows, no gradient into the reference,
-micro-batch invariance of the summed loss, unknown hyper-parameters named."""
+micro-batch invariance of the summed loss, unknown hyper-parameters named. Every batch carries the optional
+mismatched pairs' log-probs (KTO's KL estimate), which the losses that do not need them ignore."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def pair_inputs(seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     cm = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     rm = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    kl = -scale * torch.rand(2, N, generator=g, dtype=torch.float64) * 3 - 0.5
     batch = PreferenceBatch(prompt_ids=torch.ones(N, 2, dtype=torch.long), chosen_ids=torch.ones(N, TC, dtype=torch.long),
-                            chosen_mask=cm, rejected_ids=torch.ones(N, TR, dtype=torch.long), rejected_mask=rm)
+                            chosen_mask=cm, rejected_ids=torch.ones(N, TR, dtype=torch.long), rejected_mask=rm,
+                            mismatched_logps=kl[0], mismatched_ref_logps=kl[1])
 
     def lp(shape, mask):
         x = -scale * torch.rand(shape, generator=g, dtype=torch.float64) - 0.05
@@ -41,7 +44,8 @@ def call(name, batch, policy, ref):
 def select(batch, policy, ref, idx):
     b = PreferenceBatch(prompt_ids=batch.prompt_ids[idx], chosen_ids=batch.chosen_ids[idx],
                         chosen_mask=batch.chosen_mask[idx], rejected_ids=batch.rejected_ids[idx],
-                        rejected_mask=batch.rejected_mask[idx])
+                        rejected_mask=batch.rejected_mask[idx], mismatched_logps=batch.mismatched_logps[idx],
+                        mismatched_ref_logps=batch.mismatched_ref_logps[idx])
     return b, PairLogps(policy.chosen[idx], policy.rejected[idx]), PairLogps(ref.chosen[idx], ref.rejected[idx])
 
 
@@ -68,7 +72,8 @@ class TestPreferenceLoss:
         padded = PreferenceBatch(prompt_ids=batch.prompt_ids, chosen_ids=torch.ones(N, TC + 2, dtype=torch.long),
                                  chosen_mask=torch.nn.functional.pad(batch.chosen_mask, (0, 2)),
                                  rejected_ids=torch.ones(N, TR + 1, dtype=torch.long),
-                                 rejected_mask=torch.nn.functional.pad(batch.rejected_mask, (0, 1)))
+                                 rejected_mask=torch.nn.functional.pad(batch.rejected_mask, (0, 1)),
+                                 mismatched_logps=batch.mismatched_logps, mismatched_ref_logps=batch.mismatched_ref_logps)
 
         def pad(p, a, b):
             return PairLogps(torch.nn.functional.pad(p.chosen, (0, a)), torch.nn.functional.pad(p.rejected, (0, b)))

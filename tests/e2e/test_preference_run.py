@@ -68,6 +68,25 @@ def test_unpaired_examples_train_kto_and_are_refused_by_a_paired_loss(tmp_path):
     losses = [r["loss/total"] for r in result.history if "loss/total" in r]
     assert len(losses) == 3 and all(x == x for x in losses)
     assert result.eval_after["eval/pref_loss"] == result.eval_after["eval/pref_loss"]
+    assert all(r["loss/kl"] >= 0 for r in result.history if "loss/kl" in r)  # the mismatched pairs' KL, clamped
+
+
+def test_kto_resumes_exactly_and_needs_two_examples_for_its_kl_estimate(tmp_path):
+    kto = ["method=kto", "train.steps=4", "output.checkpoint_every=2", "eval.num_prompts=0"]
+    whole = train(cfg(tmp_path / "a", *kto))
+    train(cfg(tmp_path / "b", *kto[:1], "train.steps=2", *kto[2:]))
+    resumed = train(cfg(tmp_path / "b", *kto), resume=True)
+    for ra, rb in zip(rows(whole.run_dir)[1:], rows(resumed.run_dir)[1:]):
+        for key in ("loss/total", "loss/kl", "rewards/chosen"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "1=", "chosen": "1", "rejected": "2"}) + "\n")
+    over = [f"preference.data.path={one}", "train.steps=1", "eval.num_prompts=0", "method=kto"]
+    with pytest.raises(DataError, match="1 usable example.*reference_point=batch"):
+        train(cfg(tmp_path / "c", *over))
+    assert not (tmp_path / "c" / "kto-copy-seed0").exists()
+    result = train(cfg(tmp_path / "c", *over, "preference.loss.reference_point=batch"))
+    assert all(r["loss/total"] == r["loss/total"] for r in result.history if "loss/total" in r)
 
 
 @pytest.mark.slow  # two `lmpo train` subprocesses: about a minute on a loaded 2-core machine

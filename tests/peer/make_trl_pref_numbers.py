@@ -7,6 +7,10 @@ running a network, and the stand-in carries only the attributes the method reads
 label smoothing, precomputed reference log-probs, a one-process accelerator). ``CPOTrainer.cpo_loss`` and
 ``ORPOTrainer.odds_ratio_loss`` (trl.experimental) take sequence log-probs and are called the same way. Everything
 else is TRL's code. Each DPO loss type is computed one pair at a time, so the stored numbers are per pair.
+``KTOTrainer._compute_loss`` (TRL 1.16.0 has no separate ``kto_loss``) is called the same way on the four pairs
+unpaired into eight examples (the chosen ones desirable, the rejected ones undesirable, TRL's order), each with the
+summed log-probs of its mismatched KL pair under the policy (returned by the stand-in's model for the KL forward) and
+the reference (precomputed, as ``ref_KL_logps``); TRL's own ``_compute_kl_logps`` runs the KL forward.
 
 Run where ``trl`` imports (``make peer-numbers`` installs it with ``--no-deps``; the prefcore helper used a venv that
 adds trl 1.16.0 to the project's torch 2.13.0 / transformers):
@@ -27,6 +31,7 @@ import trl
 from trl.experimental.cpo.cpo_trainer import CPOTrainer
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.kto_trainer import KTOTrainer
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "peer"
 F64 = torch.float64
@@ -147,6 +152,65 @@ def trl_aot(loss_type, beta, eps, inp):
     return {"loss": loss.item(), "grad_chosen": per_token.grad[:n].tolist(), "grad_rejected": per_token.grad[n:].tolist()}
 
 
+def kl_logps(seed, shift):
+    """(8,) summed log-probs of the eight examples' mismatched pairs: policy and reference, the reference lower by
+    ``shift`` on average (shift < 0: a negative mean log-ratio, which TRL clamps to 0)."""
+    g = torch.Generator().manual_seed(seed)
+    policy = -6.0 * torch.rand(8, generator=g, dtype=F64) - 1.0
+    return policy, policy - shift - 0.5 * (torch.rand(8, generator=g, dtype=F64) - 0.5)
+
+
+KTO_CASES = [  # (name, beta, desirable_weight, undesirable_weight, KL seed, KL shift)
+    ("kto", 0.1, 1.0, 1.0, 7, 0.4),
+    ("kto_beta_0.5_weights", 0.5, 1.0, 1.5, 8, 0.8),
+    ("kto_kl_clamped", 0.2, 1.3, 1.0, 9, -0.6),
+]
+
+
+class KTOModel(FixedModel):
+    """The main forward returns the examples' per-token log-probs; the KL forward (input ids 2) the mismatched
+    pairs' summed log-probs on the first completion token."""
+
+    def __init__(self, per_token, kl):
+        super().__init__(per_token)
+        self.kl = kl
+
+    def __call__(self, **kw):
+        out = super().__call__(**kw)
+        if bool((kw["input_ids"] == 2).all()):
+            out.log_probs = torch.nn.functional.pad(self.kl.view(-1, 1), (0, T - 1))
+        return out
+
+
+def trl_kto(beta, dw, uw, kl_seed, kl_shift, inp):
+    """KTOTrainer._compute_loss on the four pairs as eight unpaired examples [chosen 0..3, rejected 0..3]."""
+    n = len(LEN_C)
+    per_token = torch.cat([inp["policy_chosen"], inp["policy_rejected"]]).clone().requires_grad_(True)
+    masks = torch.cat([inp["chosen_mask"], inp["rejected_mask"]])
+    completion = torch.zeros(2 * n, T + 1, dtype=torch.long)
+    completion[:, 1:] = masks.long()
+    kl_policy, kl_ref = kl_logps(kl_seed, kl_shift)
+    ones = torch.ones(2 * n, T + 1, dtype=torch.long)
+    inputs = {"input_ids": ones, "attention_mask": ones, "completion_mask": completion,
+              "KL_input_ids": 2 * ones, "KL_attention_mask": ones, "KL_completion_mask": completion,
+              "label": torch.tensor([True] * n + [False] * n),
+              "ref_logps": torch.cat([(inp["ref_chosen"] * inp["chosen_mask"]).sum(-1),
+                                      (inp["ref_rejected"] * inp["rejected_mask"]).sum(-1)]),
+              "ref_KL_logps": kl_ref}
+    model = KTOModel(per_token, kl_policy)
+    stand_in = SimpleNamespace(
+        model=model, accelerator=Accelerator(), aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=True,
+        loss_type="kto", beta=beta, desirable_weight=dw, undesirable_weight=uw,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    stand_in._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(stand_in, m, b)
+    loss = KTOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+    loss.backward()
+    m = stand_in._metrics["train"]
+    return {"kl_policy": kl_policy.tolist(), "kl_ref": kl_ref.tolist(), "loss": loss.item(),
+            "grad_chosen": per_token.grad[:n].tolist(), "grad_rejected": per_token.grad[n:].tolist(),
+            "kl": m["kl"][0], "rewards/chosen": m["rewards/chosen"][0], "rewards/rejected": m["rewards/rejected"][0]}
+
+
 def seq(inp, side, average):
     s = inp[f"policy_{side}"].sum(-1)
     return s / inp[f"{side}_mask"].sum(-1) if average else s
@@ -171,7 +235,7 @@ def trl_orpo(beta, inp):
 def main() -> None:
     data = {name: {k: v.tolist() for k, v in inp.items()} for name, inp in (("INPUTS", INPUTS), ("INPUTS_EQ", INPUTS_EQ))}
     out = {"peer": "trl", "version": trl.__version__, "torch": torch.__version__, "inputs": data, "dpo": [],
-           "cpo": [], "orpo": [], "aot": []}
+           "cpo": [], "orpo": [], "aot": [], "kto": []}
     for name, types, weights, beta, eps, which in DPO_CASES:
         inp = INPUTS if which == "INPUTS" else INPUTS_EQ
         per_pair = [trl_dpo(types, weights, beta, eps, inp, i) for i in range(len(LEN_C))]
@@ -186,6 +250,9 @@ def main() -> None:
                            "per_pair": trl_cpo(loss_type, beta, eps, gamma, INPUTS)})
     for beta in (0.1, 0.5):
         out["orpo"].append({"beta": beta, "inputs": "INPUTS_EQ", **trl_orpo(beta, INPUTS_EQ)})
+    for name, beta, dw, uw, seed, shift in KTO_CASES:
+        out["kto"].append({"name": name, "beta": beta, "desirable_weight": dw, "undesirable_weight": uw,
+                           "inputs": "INPUTS", **trl_kto(beta, dw, uw, seed, shift, INPUTS)})
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "trl_preference.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -64,3 +64,30 @@ def test_reference_cache_and_a_step():
     assert abs(metrics["loss/total"].item() - torch.log(torch.tensor(2.0)).item()) < 1e-5
     out = step.evaluate(pairs)
     assert abs(out["eval/pref_loss"] - 0.6931472) < 1e-5 and out["eval/reward_accuracy"] == 0.0
+
+
+def test_mismatched_pairs_logps_for_kto():
+    """KTO's KL estimate: each pair's prompt with its neighbour's response (rotated by one), its summed log-probs
+    under the reference (cached) and under the policy (PairStep.collate) equal a separate forward of that sequence."""
+    from lmpo.train.preference import attach_mismatched
+
+    tok, pairs, runner = setup()
+    attach_mismatched(pairs)
+    assert [p["mismatched_ids"] for p in pairs] == [pairs[2]["chosen_ids"], pairs[0]["rejected_ids"],
+                                                    pairs[1]["chosen_ids"]]
+    cache_logps(runner, pairs, tok.pad_token_id, size=2)
+    want = []
+    with torch.no_grad():
+        for p in pairs:  # one unpadded sequence at a time
+            ids = torch.tensor([p["mismatched_ids"]])
+            lp, _ = response_logprobs(runner.model, torch.tensor([p["prompt_ids"]]), None, ids,
+                                      torch.ones_like(ids, dtype=torch.bool), packed=False, share_prompt=False)
+            want.append(lp.sum().item())
+    want = torch.tensor(want)
+    torch.testing.assert_close(torch.tensor([p["ref_mismatched"] for p in pairs]), want, atol=1e-5, rtol=1e-5)
+    step = PairStep(PREFERENCE_LOSSES.build("kto"), runner, None, tok.pad_token_id)
+    batch = step.collate(pairs)
+    torch.testing.assert_close(batch.mismatched_logps, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch.mismatched_ref_logps, want, atol=1e-5, rtol=1e-5)
+    assert not batch.mismatched_logps.requires_grad
+    assert PairStep(PREFERENCE_LOSSES.build("dpo"), runner, None, tok.pad_token_id).collate(pairs).mismatched_logps is None

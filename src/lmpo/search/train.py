@@ -10,6 +10,7 @@ trained there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,6 +70,18 @@ def pair_logps(model, tokenizer, pairs: list[StepPair]) -> PairLogps:
     return PairLogps(chosen, rejected)
 
 
+def mismatched_logps(model, tokenizer, pairs: list[StepPair]) -> Tensor:
+    """(N,) summed log-probs of each pair's prompt followed by the previous pair's response (cyclically; its chosen
+    step on even rows, its rejected one on odd rows), as the offline stage mismatches them."""
+    if len(pairs) < 2:
+        from lmpo.errors import DataError
+        raise DataError("KTO's KL estimate (reference_point=mismatched) pairs each prompt with another pair's step, "
+                        f"but this update has {len(pairs)} pair; use a loss without it or more pairs per update.")
+    other = [(pairs[i - 1].chosen if i % 2 == 0 else pairs[i - 1].rejected) for i in range(len(pairs))]
+    lp, mask = completion_logps(model, tokenizer, [p.prompt for p in pairs], other)
+    return (lp * mask).sum(-1)
+
+
 def preference_update(model, ref, tokenizer, optimizer, pairs: list[StepPair], loss) -> dict[str, float]:
     """One optimizer step of the preference ``loss`` (a PREFERENCE_LOSSES component) on ``pairs``."""
     batch = preference_batch(tokenizer, pairs)
@@ -76,6 +89,9 @@ def preference_update(model, ref, tokenizer, optimizer, pairs: list[StepPair], l
     policy = pair_logps(model, tokenizer, pairs)
     with torch.no_grad():
         reference = pair_logps(ref, tokenizer, pairs) if "ref_logprobs" in loss.needs else None
+        if "mismatched_logprobs" in loss.needs:  # KTO's KL estimate (lmpo.train.preference.attach_mismatched)
+            batch = dataclasses.replace(batch, mismatched_logps=mismatched_logps(model, tokenizer, pairs),
+                                        mismatched_ref_logps=mismatched_logps(ref, tokenizer, pairs))
     out = loss(batch, policy, reference)
     optimizer.zero_grad()
     out.per_pair.mean().backward()

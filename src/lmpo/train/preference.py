@@ -7,11 +7,16 @@ It shares the RL loop's run folder, checkpoints (exact resume: weights, optimize
 position, RNG), metrics log, task evaluation and summary; only the step differs. The reference log-probs of every
 pair are computed once, before training, by the model as loaded (with LoRA: the base model, since fresh adapters
 are the identity), so no frozen copy of the model is kept and a resumed run gets the same numbers.
+
+A loss whose ``needs`` hold ``"mismatched_logprobs"`` (KTO's KL estimate) also gets, per row, the summed log-probs
+of a *mismatched* pair -- its prompt with its neighbour row's response (:func:`attach_mismatched`, once, before
+training) -- under the reference (cached with the others) and under the policy (an extra no-grad forward per
+micro-batch), in ``PreferenceBatch.mismatched_logps`` / ``mismatched_ref_logps``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 
 from lmpo.batch import PreferenceBatch
 from lmpo.config import Config, component_args
-from lmpo.errors import ConfigError, TrainingDiverged
+from lmpo.errors import ConfigError, DataError, TrainingDiverged
 from lmpo.methods.base import PairLogps
 from lmpo.models.logprobs import response_logprobs
 from lmpo.ops import masked_sum
@@ -78,6 +83,35 @@ def pair_logps(runner: PolicyRunner, batch: PreferenceBatch) -> PairLogps:
     return PairLogps(lp[:, 0, :Tc], lp[:, 1, :Tr])
 
 
+def attach_mismatched(pairs: list[dict]) -> None:
+    """Give each pair a mismatched response (``mismatched_ids``): the previous pair's (cyclically, as TRL rotates
+    completions by one), its chosen side on even rows and its rejected side on odd ones where it has both."""
+    if len(pairs) < 2:
+        raise DataError(f"The KL estimate of preference.loss kto (reference_point=mismatched) pairs each prompt with "
+                        f"another example's response, but the data set has {len(pairs)} usable example; add examples "
+                        "or set preference.loss.reference_point=batch.")
+    for i, p in enumerate(pairs):
+        q = pairs[i - 1]
+        side = "chosen" if q["chosen_ids"] and (i % 2 == 0 or not q["rejected_ids"]) else "rejected"
+        p["mismatched_ids"] = q[f"{side}_ids"]
+
+
+def mismatched_logps(runner: PolicyRunner, pairs: list[dict], batch: PreferenceBatch) -> torch.Tensor:
+    """(N,) summed log-probs (temperature 1, no gradient) of each pair's prompt followed by its ``mismatched_ids``."""
+    T = max(len(p["mismatched_ids"]) for p in pairs)
+    ids = torch.zeros(len(pairs), T, dtype=torch.long)
+    mask = torch.zeros(len(pairs), T, dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        ids[i, :len(p["mismatched_ids"])] = torch.tensor(p["mismatched_ids"], dtype=torch.long)
+        mask[i, :len(p["mismatched_ids"])] = True
+    ids, mask = ids.to(batch.prompt_ids.device), mask.to(batch.prompt_ids.device)
+    pmask = batch.prompt_mask if batch.prompt_mask is not None else torch.ones_like(batch.prompt_ids, dtype=torch.bool)
+    with torch.no_grad(), runner.autocast_ctx():
+        lp, _ = response_logprobs(runner.model, batch.prompt_ids, pmask, ids, mask, chunk_size=runner.chunk_size,
+                                  packed=runner.packed, recompute=runner.recompute)
+    return masked_sum(lp.float(), mask, -1)
+
+
 @torch.no_grad()
 def cache_logps(runner: PolicyRunner, pairs: list[dict], pad_id: int, size: int) -> None:
     """Store each pair's per-token log-probs under the current weights in the pair (``ref_chosen``/``ref_rejected``)."""
@@ -85,9 +119,13 @@ def cache_logps(runner: PolicyRunner, pairs: list[dict], pad_id: int, size: int)
         part = pairs[i:i + size]
         lp = pair_logps(runner, collate_pairs(part, pad_id))
         lp = PairLogps(lp.chosen.cpu(), lp.rejected.cpu())
+        kl = mismatched_logps(runner, part, on_device(collate_pairs(part, pad_id), runner.device)) \
+            if "mismatched_ids" in part[0] else None
         for j, p in enumerate(part):
             p["ref_chosen"] = lp.chosen[j, :len(p["chosen_ids"])].clone()
             p["ref_rejected"] = lp.rejected[j, :len(p["rejected_ids"])].clone()
+            if kl is not None:
+                p["ref_mismatched"] = float(kl[j])
 
 
 def cached_ref(pairs: list[dict], batch: PreferenceBatch) -> PairLogps:
@@ -114,7 +152,13 @@ class PairStep:
         return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
     def collate(self, pairs: list[dict]) -> PreferenceBatch:
-        return on_device(collate_pairs(pairs, self.pad_id), self.runner.device)
+        """The pairs as a batch on the model's device, with the mismatched pairs' log-probs where the loss needs
+        them (policy: a no-grad forward now; reference: cached)."""
+        batch = on_device(collate_pairs(pairs, self.pad_id), self.runner.device)
+        if "mismatched_logprobs" not in self.loss.needs:
+            return batch
+        ref = torch.tensor([p["ref_mismatched"] for p in pairs], dtype=torch.float32, device=batch.prompt_ids.device)
+        return replace(batch, mismatched_logps=mismatched_logps(self.runner, pairs, batch), mismatched_ref_logps=ref)
 
     def loss_of(self, pairs: list[dict], total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The summed per-pair loss of ``pairs`` divided by ``total`` (the step's pair count), and its metrics."""

@@ -19,7 +19,7 @@ from lmpo.tasks import build_task
 from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
 from lmpo.train.metrics import MetricsLog, peak_rss_gb
-from lmpo.train.preference import PairStep, cache_logps, check_preference, require_data
+from lmpo.train.preference import PairStep, attach_mismatched, cache_logps, check_preference, require_data
 from lmpo.train.rollouts import RolloutContext
 from lmpo.train.rundir import Plan, RunFolder
 from lmpo.train.step import PolicyRunner
@@ -46,6 +46,7 @@ class PreferenceRun:
     eval_before: dict[str, float] = field(default_factory=dict)
     log: MetricsLog | None = None
     threads: Any = None
+    dist: Any = None  # the RL loop's ``finish`` reads it; a preference run is single-process
 
     @property
     def dir(self) -> Path:
@@ -95,6 +96,8 @@ def open_preference_run(cfg: Config, folder: RunFolder, plan: Plan) -> Preferenc
                         f'preference.loss "{cfg.preference.loss["name"]}" needs a chosen and a rejected response per '
                         f"prompt; use a loss for unpaired feedback ({', '.join(ok)}) or a paired file.")
     eval_pairs = eval_pairs[: cfg.preference.eval_pairs]
+    if "mismatched_logprobs" in loss.needs:  # KTO's KL estimate: each prompt with a neighbour's response
+        attach_mismatched(train_pairs + eval_pairs)
     m, t = cfg.model, cfg.train
     runner = PolicyRunner(model, 1.0, m.chunk_size, m.autocast, packed=m.packed_forward,
                           recompute="attention" if m.gradient_checkpointing == "attention" else None)

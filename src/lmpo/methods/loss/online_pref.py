@@ -152,6 +152,10 @@ class OnlinePreference:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_pref", build_spec(PREFERENCE_LOSSES, self.preference, "loss.preference"))
         object.__setattr__(self, "_rl", build_spec(LOSSES, self.rl, "loss.rl"))
+        if "mismatched_logprobs" in getattr(self._pref, "needs", ()):
+            raise ConfigError(f'loss.preference "{self.preference["name"]}" needs mismatched (prompt, response) '
+                              "pairs' log-probs, which online pairs do not carry; set "
+                              "loss.preference.reference_point=batch.")
         if isinstance(self._rl, OnlinePreference):
             raise ConfigError("loss.rl must be an RL policy loss, not online_pref itself.")
         if self._rl is not None and "layer_noise" in getattr(self._rl, "needs", ()):

@@ -8,7 +8,8 @@ ipo -> ipo, robust -> robust_dpo, bco_pair -> bco_pair, apo_zero / apo_down -> a
 nca_pair, sppo_hard -> sppo_hard, exo_pair -> exo_pair, sigmoid_norm -> dpo length_normalize, [sigmoid, sft] (rpo_alpha)
 -> dpo_nll, [sigmoid, bco_pair, sft] with [0.8, 0.2, 1.0] -> mpo; CPOTrainer sigmoid -> cpo (alpha 0), simpo -> simpo;
 ORPOTrainer -> orpo; discopop -> discopop; aot / aot_unpaired -> aot / aot unpaired=true (whole-batch numbers: the
-sort couples the pairs).
+sort couples the pairs); KTOTrainer (loss_type kto, its KL term from mismatched pairs) -> kto (reference_point
+mismatched), the four pairs as eight unpaired rows (whole-batch numbers: the KL term couples the rows).
 """
 
 import json
@@ -113,3 +114,36 @@ def test_aot_batch_loss_and_gradient(case):
         grad = torch.tensor(case[f"grad_{side}"], dtype=F64)
         torch.testing.assert_close(getattr(policy, side).grad, torch.where(getattr(batch, f"{side}_mask"), grad, 0.0),
                                    atol=1e-6, rtol=0)
+
+
+def unpaired_rows(which, kl_policy, kl_ref):
+    """The four pairs as eight one-sided rows (TRL's unpaired order: chosen 0..3 desirable, rejected 0..3 not)."""
+    batch, policy, ref = inputs(which)
+    z = torch.zeros_like(policy.chosen)
+    zm = torch.zeros_like(batch.chosen_mask)
+    rows = PreferenceBatch(prompt_ids=torch.ones(8, 1, dtype=torch.long), chosen_ids=torch.ones(8, 4, dtype=torch.long),
+                           chosen_mask=torch.cat([batch.chosen_mask, zm]), rejected_ids=torch.ones(8, 4, dtype=torch.long),
+                           rejected_mask=torch.cat([zm, batch.rejected_mask]),
+                           mismatched_logps=torch.tensor(kl_policy, dtype=F64),
+                           mismatched_ref_logps=torch.tensor(kl_ref, dtype=F64))
+    pol = PairLogps(torch.cat([policy.chosen, z]).requires_grad_(), torch.cat([z, policy.rejected]).requires_grad_())
+    return rows, pol, PairLogps(torch.cat([ref.chosen, z]), torch.cat([z, ref.rejected]))
+
+
+@pytest.mark.parametrize("case", DATA["kto"], ids=lambda c: c["name"])
+def test_kto_trainer_loss_gradient_kl_and_rewards(case):
+    loss = PREFERENCE_LOSSES.build("kto", beta=case["beta"], desirable_weight=case["desirable_weight"],
+                                   undesirable_weight=case["undesirable_weight"])
+    assert loss.reference_point == "mismatched"  # the default is TRL's estimator
+    batch, policy, ref = unpaired_rows(case["inputs"], case["kl_policy"], case["kl_ref"])
+    out = loss(batch, policy, ref)
+    assert out.per_pair.mean().item() == pytest.approx(case["loss"], abs=1e-6)  # TRL: the mean over examples
+    assert out.metrics["loss/kl"].item() == pytest.approx(case["kl"], abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert out.metrics[key].item() == pytest.approx(case[key], abs=1e-6), key
+    out.per_pair.mean().backward()
+    grad_c, grad_r = (torch.tensor(case[k], dtype=F64) for k in ("grad_chosen", "grad_rejected"))
+    torch.testing.assert_close(policy.chosen.grad[:4], torch.where(batch.chosen_mask[:4], grad_c, 0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(policy.rejected.grad[4:], torch.where(batch.rejected_mask[4:], grad_r, 0.0), atol=1e-6,
+                               rtol=0)
+    assert (policy.chosen.grad[4:] == 0).all() and (policy.rejected.grad[:4] == 0).all()
