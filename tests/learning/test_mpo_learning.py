@@ -20,7 +20,8 @@ STUBS = "unit.scoring.mpo_stubs:"
 
 def run(tmp_path, meta: str, steps: int):
     reward = (f"rewards=[{{name: mpo_judge, rubric: ['ZERO: right or a leading 0'], interval: 10, num_samples: 20, "
-              f"judge: {{backend: '{STUBS}rule_judge'}}, meta_backend: '{STUBS}{meta}'}}, {{name: prefix_match, weight: 0}}]")
+              f"judge: {{backend: '{STUBS}rule_judge'}}, meta_backend: '{STUBS}{meta}'}}, "
+              "{name: prefix_match, weight: 0}]")
     cfg = load_config("configs/tiny.yaml", [f"output.dir={tmp_path / meta}", "method=mpo_judge", f"train.steps={steps}",
                                              "eval.every=0", "output.checkpoint_every=0", "output.progress=false",
                                              "output.plot=false", reward])

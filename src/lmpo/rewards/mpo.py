@@ -155,10 +155,12 @@ class MPOJudge(Stateful):
         from lmpo.rewards.judge import Judge
 
         items = [self.rubric] if isinstance(self.rubric, str) else self.rubric
-        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x.strip() for x in items):
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x.strip()
+                                                                         for x in items):
             raise ConfigError(f"mpo_judge: rubric must be a non-empty criterion or list of them, got {self.rubric!r}.")
         if len(items) > self.max_items:
-            raise ConfigError(f"mpo_judge: the initial rubric has {len(items)} items, above max_items={self.max_items}.")
+            raise ConfigError(f"mpo_judge: the initial rubric has {len(items)} items, above "
+                              f"max_items={self.max_items}.")
         self._items0 = [x.strip() for x in items]
         if not isinstance(self.judge, dict):
             raise ConfigError(f"mpo_judge: judge must be a mapping of the judge reward's options, got {self.judge!r}.")
@@ -255,7 +257,8 @@ class MPOJudge(Stateful):
         if not items:
             self._add("meta_unparsable", 1)
             return self._fail(f"the merged rubric held no <item>...</item> block: {merged!r:.200}")
-        self._add("truncated_items", max(0, len(items) - self.max_items) + sum(len(x) > self.max_item_chars for x in items))
+        cut = max(0, len(items) - self.max_items) + sum(len(x) > self.max_item_chars for x in items[: self.max_items])
+        self._add("truncated_items", cut)
         items = list(dict.fromkeys(x[: self.max_item_chars].strip() for x in items[: self.max_items]))
         if items != st["rubric"]:
             st["rubric"], st["version"] = items, st["version"] + 1

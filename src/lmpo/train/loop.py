@@ -152,7 +152,10 @@ def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | Non
     if ckpt is not None and dist_checkpoint.is_sharded(ckpt):  # written on several ranks
         dist_checkpoint.load(ckpt, model, None, None, None)
     elif ckpt is not None:
-        load_checkpoint(ckpt, model)
+        saved = load_checkpoint(ckpt, model).get("components", {})
+        for key, fn in rewards.stateful().items():  # a reward's state at that step (mpo_judge's evolved rubric)
+            if key in saved:
+                fn.load_state_dict(saved[key])
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
     try:
         out = evaluate(ctx, task.eval[: cfg.eval.num_prompts], cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,

@@ -38,7 +38,9 @@ def rule_judge(texts: list[str]) -> list[str]:
 
 
 def _stage(t: str) -> str:
-    return "merge" if "Merge them into one rubric" in t else "refine" if "Now write the improved rubric" in t else "analyze"
+    if "Merge them into one rubric" in t:
+        return "merge"
+    return "refine" if "Now write the improved rubric" in t else "analyze"
 
 
 def closes_zero_hack(texts: list[str]) -> list[str]:

@@ -38,7 +38,8 @@ def test_hand_case_analysis_refinement_merge(monkeypatch):
     j.after_step(PROMPTS[2:], REPLIES[2:], s1[2:])  # step 2: the meta step on the 4 buffered samples
     analyze, refine, merge = mpo_stubs.CALLS
     assert len(analyze) == len(refine) == 4 and len(merge) == 1
-    assert "Reply: 0 1\n" in analyze[3] and "Judge's score: 1\n" in analyze[3] and "ZERO: right or a leading 0" in analyze[3]
+    assert "Reply: 0 1\n" in analyze[3] and "Judge's score: 1\n" in analyze[3]
+    assert "ZERO: right or a leading 0" in analyze[3]
     assert refine[0].startswith(analyze[0]) and "\nanalysis\n" in refine[0]  # refinement in the analysis' context
     assert merge[0].count("Rubric #") == 4 and "<item>\nZERO b\n</item>" in merge[0]
     assert j.state["rubric"] == ["RIGHT a", "ZERO b and"] and j.state["version"] == 1
@@ -142,3 +143,25 @@ def test_rubric_travels_in_checkpoints_and_resume(tmp_path):
     row = [r for r in resumed.history if r.get("step") == 3 and "reward/mpo_judge/rubric_version" in r][-1]
     assert row["reward/mpo_judge/rubric_version"] == saved["version"]  # scored by the restored rubric
     assert row["reward/mpo_judge/meta_steps"] == 3.0
+
+
+def test_eval_restores_the_rubric_and_a_foreign_checkpoint_is_refused(tmp_path, monkeypatch):
+    from lmpo.config import load_config
+    from lmpo.errors import LmpoError
+    from lmpo.rewards.mpo import MPOJudge
+    from lmpo.train.loop import evaluate_run, train
+
+    reward = ("rewards=[{name: mpo_judge, rubric: ['ZERO: right or a leading 0'], interval: 1, "
+              f"judge: {{backend: '{STUBS}rule_judge'}}, meta_backend: '{STUBS}closes_zero_hack'}}]")
+    over = [f"output.dir={tmp_path}", "eval.every=0", "output.checkpoint_every=2", "output.progress=false",
+            "output.plot=false", "rollout.prompts_per_step=4", "rollout.num_generations=4", "train.steps=2"]
+    cfg = load_config("configs/tiny.yaml", over + [reward])
+    res = train(cfg)
+    loaded = []
+    monkeypatch.setattr(MPOJudge, "load_state_dict", lambda self, st: loaded.append(st["version"]))
+    evaluate_run(cfg, res.run_dir)
+    assert loaded == [1]  # `lmpo eval` scores with the rubric the run had reached
+    plain = train(load_config("configs/tiny.yaml", [*over, "output.run_name=plain"]))
+    with pytest.raises(LmpoError, match="no state for 'reward:mpo_judge'"):
+        train(load_config("configs/tiny.yaml", [*over, "output.run_name=plain", "train.steps=3", reward]), resume=True)
+    assert plain.run_dir.exists()
