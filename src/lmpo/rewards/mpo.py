@@ -89,8 +89,8 @@ def join_under_word_limit(parts: list[str], limit: int, sep: str = "\n===\n") ->
 
 
 PRESETS = {
-    # MPO (arXiv:2504.20157; the released launch scripts): PPO (TRL's PPOTrainer: GAE gamma 1, lambda 0.95, clip 0.2,
-    # value coefficient 0.1, KL coefficient 0.02 in the reward) against the evolving judge; the MRM rewrites the
+    # MPO (arXiv:2504.20157; the released MPOConfig and launch scripts): PPO (GAE gamma 1, lambda 0.95, clip 0.2,
+    # value coefficient 0.1, 4 PPO epochs, KL coefficient 0.02 in the reward) against the evolving judge; the MRM rewrites the
     # rubric every 10 steps from 20 samples. Set the rubric, the task description and the judge / MRM models.
     "mpo_judge": {
         "advantage": {"name": "gae", "gamma": 1.0, "lam": 0.95, "whiten": True},
@@ -98,6 +98,7 @@ PRESETS = {
         "aggregator": {"name": "token_mean"},
         "kl": {"beta": 0.02, "estimator": "k1", "mode": "reward"},
         "critic": {"model": "shared", "vf_coef": 0.1, "cliprange_value": 0.2},
+        "train": {"ppo_epochs": 4},
         "rewards": [{"name": "mpo_judge", "interval": 10, "num_samples": 20}],
     },
 }
