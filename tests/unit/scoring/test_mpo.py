@@ -165,3 +165,10 @@ def test_eval_restores_the_rubric_and_a_foreign_checkpoint_is_refused(tmp_path, 
     with pytest.raises(LmpoError, match="no state for 'reward:mpo_judge'"):
         train(load_config("configs/tiny.yaml", [*over, "output.run_name=plain", "train.steps=3", reward]), resume=True)
     assert plain.run_dir.exists()
+
+
+def test_preset_row_names_the_paper():
+    from lmpo.cli import preset_rows
+
+    row = next(r for r in preset_rows() if r["preset"] == "mpo_judge")
+    assert "arXiv:2504.20157" in row["papers"] and row["fidelity"] == "reconstructed" and "mpo_judge" in row["components"]
