@@ -1,6 +1,8 @@
 """MPO: Kim, Park, Raheja, Kang, "Toward Evaluative Thinking: Meta Policy Optimization with Evolving Reward Models"
-(2025), arXiv:2504.20157 (Sec. 3: the meta reward model and the time-indexed rubric); structure checked against the
-authors' released code (github.com/minnesotanlp/mpo, ``trl/extras/mpo`` and ``trl/trainer/mpo_trainer.py``).
+(2025), arXiv:2504.20157: the meta reward model and the time-indexed rubric (the paper's section and equation
+numbers were not verified here: its full text was not available; the objective below is the method card's and the
+procedure is read from the authors' released code, github.com/minnesotanlp/mpo, ``trl/extras/mpo/__init__.py``
+``MetaRewardModel.meta_evaluate_and_update``, ``rm_essay_writing.py`` and ``trl/trainer/mpo_trainer.py``).
 
 The policy is trained against an LLM judge whose evaluation rubric p_k changes during training: phase k maximises
 E[R_{p_k}(x, y)] - beta KL, and every ``interval`` policy steps a meta reward model (MRM) rewrites the rubric,

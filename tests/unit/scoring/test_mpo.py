@@ -172,3 +172,23 @@ def test_preset_row_names_the_paper():
 
     row = next(r for r in preset_rows() if r["preset"] == "mpo_judge")
     assert "arXiv:2504.20157" in row["papers"] and row["fidelity"] == "reconstructed" and "mpo_judge" in row["components"]
+
+
+def test_language_models_as_judge_and_meta_model():
+    """The LM path end to end with the tiny random model: its verdicts and meta outputs are noise, so the judge's
+    unparsable verdicts are masked and counted, and the meta step fails (no <item> block), counted; nothing crashes."""
+    j = REWARDS.build("mpo_judge", where="rewards[0]", rubric=["a", "b"], meta_model="tiny", interval=1, num_samples=2,
+                      meta_max_new_tokens=6, judge={"model": "tiny", "max_new_tokens": 3, "max_score": 1000})
+    s = j(PROMPTS, REPLIES)
+    assert len(s) == 4 and all(v == v for v in s)
+    j.after_step(PROMPTS, REPLIES, s)
+    m = j.pop_metrics()
+    assert m["meta_steps"] == 1.0 and m["meta_failures"] == 1.0 and j.state["rubric"] == ["a", "b"]
+    assert len(j.last_meta["analyze"]) == 2 and all(isinstance(x, str) for x in j.last_meta["analyses"])
+
+
+def test_meta_model_timeout_is_a_counted_failure():
+    j = mpo(interval=1, meta_timeout_s=0.05, meta_backend="unit.scoring.stubs:sleeps")
+    j.after_step(PROMPTS, REPLIES, [1.0] * 4)
+    m = j.pop_metrics()
+    assert m["meta_failures"] == 1.0 and m["meta_timeouts"] >= 1.0 and j.state["version"] == 0
