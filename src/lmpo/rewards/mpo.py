@@ -173,6 +173,14 @@ class MPOJudge(Stateful):
         if not self.per_item and "rubric" not in fields:
             raise ConfigError("mpo_judge: judge.template must contain {rubric_item} (each criterion scored and "
                               f"summed) or {{rubric}} (the whole rubric at once); got {kw['template']!r}.")
+        sample = {"task_description": "", "prompt": "", "completion": "", "rubric": "", "score": "", "max_words": 1,
+                  "max_items": 1, "n": 1, "rubrics": ""}
+        for key in ("analyze_template", "refine_template", "merge_template"):
+            try:
+                getattr(self, key).format(**sample)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"mpo_judge: {key} cannot be filled ({type(exc).__name__}: {exc}); its fields are "
+                                  f"{', '.join('{' + k + '}' for k in sample)} (write {{{{ and }}}} for braces).") from None
         self.scorer = REWARDS.build("judge", where="mpo_judge.judge", **kw)
         self.meta = Judge(template="{completion}", model=self.meta_model, backend=self.meta_backend, cache_size=0,
                           max_new_tokens=self.meta_max_new_tokens, batch_size=self.meta_batch_size,

@@ -113,6 +113,8 @@ def test_config_errors_name_the_key():
         mpo(judge={"backend": STUBS + "rule_judge", "max_scor": 2})
     with pytest.raises(ConfigError, match="interval"):
         mpo(interval=0)
+    with pytest.raises(ConfigError, match=r"merge_template cannot be filled \(KeyError: 'rubric_list'\)"):
+        mpo(merge_template="{rubric_list}")
 
 
 def test_state_round_trip():
