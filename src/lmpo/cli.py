@@ -82,7 +82,8 @@ def preset_rows() -> list[dict[str, str]]:
     """One row per preset: its components, and the papers / fidelity of every component it uses."""
     import lmpo.methods  # noqa: F401
     from lmpo.methods.presets import PRESETS
-    from lmpo.registry import ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, PREFERENCE_LOSSES, SELECTORS, SHAPERS
+    from lmpo.registry import (ADVANTAGES, AGGREGATORS, LOSSES, PLANNERS, PREFERENCE_LOSSES, REWARDS, SELECTORS,
+                               SHAPERS)
 
     rows = []
     for name, p in sorted(PRESETS.items()):
@@ -97,6 +98,7 @@ def preset_rows() -> list[dict[str, str]]:
         comps += [(SELECTORS, x["name"]) for x in p.get("selectors", [])]
         comps += [(SHAPERS, x["name"]) for x in p.get("shapers", [])]
         comps += [(PLANNERS, x["name"]) for x in p.get("planners", [])]
+        comps += [(REWARDS, x["name"]) for x in p.get("rewards", []) if ":" not in x["name"]]  # mpo_judge's judge
         entries = [reg.entry(n) for reg, n in comps]
         papers = list(dict.fromkeys(f"arXiv:{e.arxiv}" if e.arxiv not in ("", "none") else e.paper for e in entries))
         rows.append({"preset": name, "components": " + ".join(e.name for e in entries),

@@ -22,6 +22,8 @@ SCORERS = {
     "cappy": {"path": "tiny", "batch_size": 2},
     "cgpo_reward": {"rm": {"name": "reward_model", "path": "tiny"}, "judges": [{"name": "prefix_match"}]},
     "caprl": {"backend": "unit.scoring.stubs:reads_first_digit", "batch_size": 2},
+    "mpo_judge": {"rubric": ["ZERO: right or a leading 0", "RIGHT"], "judge": {"backend": "unit.scoring.mpo_stubs:rule_judge"},
+                  "meta_backend": "unit.scoring.mpo_stubs:closes_zero_hack"},
     "rm_ensemble": {"members": [{"name": "reward_model", "path": "tiny:1"}, {"name": "reward_model", "path": "tiny:2"},
                                 {"name": "prefix_match"}], "combine": "uwo"},
 }

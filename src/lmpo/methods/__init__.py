@@ -33,6 +33,14 @@ def _discover() -> tuple:
                 if name in PRESETS and PRESETS[name] is not preset:
                     raise RuntimeError(f"preset {name!r} of {mod.__name__} is already defined elsewhere")
                 PRESETS[name] = preset
+    import lmpo.rewards as rewards  # reward modules may define presets too (mpo_judge); they are not MODULES
+
+    for info in sorted(pkgutil.iter_modules(rewards.__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"lmpo.rewards.{info.name}")
+        for name, preset in getattr(mod, "PRESETS", {}).items():
+            if name in PRESETS and PRESETS[name] is not preset:
+                raise RuntimeError(f"preset {name!r} of {mod.__name__} is already defined elsewhere")
+            PRESETS[name] = preset
     return tuple(modules)
 
 

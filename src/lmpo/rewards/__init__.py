@@ -15,7 +15,7 @@ from lmpo.rewards.builtin import (
     last_number,
 )
 from lmpo.rewards.reward_set import RewardSet, RewardSpec, resolve_reward
-from lmpo.rewards import cappy, caprl, ensemble, gspr, judge, polar, prm, reward_model  # noqa: F401,E402  (register the learned scorers)
+from lmpo.rewards import cappy, caprl, ensemble, gspr, judge, mpo, polar, prm, reward_model  # noqa: F401,E402  (register the learned scorers)
 
 __all__ = [
     "NEEDS_ANSWER",

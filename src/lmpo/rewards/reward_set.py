@@ -176,6 +176,21 @@ class RewardSet:
                 out.update({f"reward/{name}/{k}": float(v) for k, v in pop().items()})
         return out
 
+    def stateful(self) -> dict[str, Any]:
+        """Checkpoint entry ``reward:<name>`` -> each reward function with state (``state_dict`` and
+        ``load_state_dict``, e.g. ``mpo_judge``'s rubric): saved with the run and restored on ``--resume``."""
+        return {f"reward:{n}": fn for n, fn in zip(self.names, self.fns)
+                if callable(getattr(fn, "state_dict", None)) and callable(getattr(fn, "load_state_dict", None))}
+
+    def after_step(self, prompts: list, completions: list[str], components: torch.Tensor | None) -> None:
+        """Once per training step, after collection: each reward function with an ``after_step(prompts,
+        completions, scores)`` method sees the step's samples and its own scores of them (e.g. ``mpo_judge``
+        rewrites its rubric every k steps)."""
+        for k, fn in enumerate(self.fns):
+            hook = getattr(fn, "after_step", None)
+            if callable(hook) and components is not None:
+                hook(list(prompts), list(completions), components[:, k].tolist())
+
     def _score(self, name: str, fn: RewardFn, prompts: list, completions: list[str], columns: dict) -> list[float]:
         b = len(completions)
         try:

@@ -152,7 +152,10 @@ def evaluate_run(cfg: Config, run_dir: Path | None = None, checkpoint: str | Non
     if ckpt is not None and dist_checkpoint.is_sharded(ckpt):  # written on several ranks
         dist_checkpoint.load(ckpt, model, None, None, None)
     elif ckpt is not None:
-        load_checkpoint(ckpt, model)
+        saved = load_checkpoint(ckpt, model).get("components", {})
+        for key, fn in rewards.stateful().items():  # a reward's state at that step (mpo_judge's evolved rubric)
+            if key in saved:
+                fn.load_state_dict(saved[key])
     ctx = rollout_context(cfg, model, tokenizer, task, rewards, pipeline)
     try:
         out = evaluate(ctx, task.eval[: cfg.eval.num_prompts], cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -192,6 +195,7 @@ class Run:
     def stateful(self) -> dict[str, Any]:
         """Checkpoint entry -> object with state: the pipeline's stateful components and the folded optimizer."""
         out = self.pipeline.stateful()
+        out.update(self.rewards.stateful())  # rewards with state (mpo_judge's rubric), as ``reward:<name>``
         if self.opt.folded is not None:  # its clip-factor guess, so a resumed run folds as the uninterrupted one
             out["optimizer_in_backward"] = self.opt
         if self.critic is not None:  # its head (and separate model), and its optimizer
@@ -213,6 +217,10 @@ class Run:
         for key, obj in self.stateful().items():
             if key == "optimizer_in_backward" and key not in state["components"]:  # saved before it existed
                 continue
+            if key not in state["components"]:
+                raise LmpoError(f"Checkpoint {ckpt} holds no state for {key!r} (saved: {sorted(state['components'])}); "
+                                "it was written by a run with other components or rewards. Resume with the config "
+                                "that wrote it, or start a new run.")
             obj.load_state_dict(state["components"][key])
         set_rng_state(state["rng"])  # this rank's (lmpo.train.dist_checkpoint)
 
@@ -260,6 +268,9 @@ def open_run(cfg: Config, folder: RunFolder, plan: Plan, dist: dist_.DistRun | N
             raise LmpoError(f"This config cannot run on {dist.world} ranks: {why} (docs/distributed.md).")
     task = build_task(cfg.task.name, **cfg.task.params)
     rewards = build_rewards(cfg, task)
+    if dist is not None and rewards.stateful():
+        raise LmpoError(f"This config cannot run on {dist.world} ranks: reward {next(iter(rewards.stateful()))[7:]!r} "
+                        "keeps state across steps and each rank would see only its share (docs/distributed.md).")
     model, tokenizer, ref_model = setup_model(cfg, need_ref=pipeline.plan.ref_logprobs)
     m, t = cfg.model, cfg.train
     if dist is not None:
@@ -316,6 +327,9 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     threads = run.threads.before_step() if run.threads is not None else None  # auto: measured again (long steps)
     got = run.rollouts.next(step)  # collected here, or taken from train.async's queue (waiting for it)
     batch, raw, t_gen = got.batch, got.raw, got.generate_s
+    # rewards that learn across steps (mpo_judge's rubric) see the step's samples, after they were scored
+    run.rewards.after_step([m.get("prompt", "") for m in raw.meta], [m.get("completion", "") for m in raw.meta],
+                           raw.reward_components)
     metrics: dict[str, Any] = {**got.stats, **rollout_metrics(raw, run.rewards.names), **got.metrics,
                                **run.rewards.pop_metrics()}  # scorers' failure counts (lmpo.rewards.scorer_base)
     if batch is not None:  # None: every group was filtered out (nothing to learn from this step)
