@@ -26,7 +26,7 @@ QUIET = ["eval.num_prompts=0", "output.progress=false", "output.plot=false", "tr
 def train(nproc: int, out: Path, name: str, steps: int, *extra: str, timeout: float = 240):
     proc = lmpo(nproc, "train", CFG, f"output.dir={out}", f"output.run_name={name}", f"train.steps={steps}", *QUIET,
                 *extra, cwd=out, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return out / name
 
 
@@ -160,7 +160,7 @@ def test_ray_placement_runs_the_tiny_task_as_torchrun_does(runs):
     out, whole, _ = runs
     proc = lmpo(1, "train", CFG, f"output.dir={out}", "output.run_name=ray", "train.steps=4", *QUIET,
                 "train.dist.placement=ray", "train.dist.world_size=2", cwd=out, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     run = out / "ray"
     assert {p.name for p in (run / "checkpoints/step_000004").iterdir()} == {"sharded", "state.pt", "rng_rank0.pt",
                                                                              "rng_rank1.pt"}

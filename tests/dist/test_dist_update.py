@@ -28,7 +28,7 @@ CASES = ["token_mean:none:packed:ddp", "token_mean:3:plain:ddp", "seq_mean_token
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("update") / "out.json"
     proc = run(2, str(ROOT / "tests/dist/update_worker.py"), str(out), *CASES, cwd=out.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return json.loads(out.read_text())
 
 

@@ -262,9 +262,15 @@ def init(cfg) -> DistRun | None:
                    device=device)
 
 
-def shutdown(run: DistRun | None) -> None:
-    if run is not None and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(run: DistRun | None, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets the others at a barrier, so no rank tears
+    its connections down while another still has a collective in flight with it (a follower that finished first
+    could otherwise abort in gloo's threads); after an error, leave at once (the launcher stops the others)."""
+    if run is None or not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def unsupported(cfg, pipeline, world: int) -> str:

@@ -386,26 +386,34 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunResu
         raise LmpoError("The offline preference stage (preference:) runs in one process; start it without torchrun "
                         "(docs/distributed.md).")
     dist = dist_.init(cfg)
+    clean = False
     try:
-        path = Path(cfg.output.dir) / run_name(cfg)
-        if dist is not None and not dist.main:  # rank 0 owns the folder; the others follow its plan
-            plan = dist_.shared_plan(dist, None, resume, overwrite, cfg.train.steps)
-            if plan.finished:
-                return RunResult(path, plan.step)
-            return _run(cfg, dist_.FollowerFolder(path), plan, dist)
-        with RunFolder(path, cfg) as folder:  # one writer; a failed start leaves nothing
-            # read-only checks, before anything is built
-            plan = (folder.plan(resume, overwrite, cfg.train.steps) if dist is None else
-                    dist_.shared_plan(dist, folder, resume, overwrite, cfg.train.steps))
-            if plan.finished:  # says so and changes nothing
-                return RunResult(folder.path, plan.step, **folder.finished_run(plan))
-            if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
-                from lmpo.train.preference import train_preference
-
-                return train_preference(cfg, folder, plan)
-            return _run(cfg, folder, plan, dist)
+        result = _open_and_run(cfg, resume, overwrite, dist)
+        clean = True
+        return result
     finally:
-        dist_.shutdown(dist)
+        dist_.shutdown(dist, clean)
+
+
+def _open_and_run(cfg: Config, resume: bool, overwrite: bool, dist: dist_.DistRun | None) -> RunResult:
+    """The run folder's plan (rank 0 owns the folder; the other ranks follow its plan), then the stage."""
+    path = Path(cfg.output.dir) / run_name(cfg)
+    if dist is not None and not dist.main:  # rank 0 owns the folder; the others follow its plan
+        plan = dist_.shared_plan(dist, None, resume, overwrite, cfg.train.steps)
+        if plan.finished:
+            return RunResult(path, plan.step)
+        return _run(cfg, dist_.FollowerFolder(path), plan, dist)
+    with RunFolder(path, cfg) as folder:  # one writer; a failed start leaves nothing
+        # read-only checks, before anything is built
+        plan = (folder.plan(resume, overwrite, cfg.train.steps) if dist is None else
+                dist_.shared_plan(dist, folder, resume, overwrite, cfg.train.steps))
+        if plan.finished:  # says so and changes nothing
+            return RunResult(folder.path, plan.step, **folder.finished_run(plan))
+        if cfg.preference is not None:  # the offline preference stage: pairs instead of rollouts
+            from lmpo.train.preference import train_preference
+
+            return train_preference(cfg, folder, plan)
+        return _run(cfg, folder, plan, dist)
 
 
 def _run(cfg: Config, folder, plan: Plan, dist: dist_.DistRun | None) -> RunResult:
