@@ -1,5 +1,5 @@
-"""CGPO's CRPG: Xu et al., "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv:2409.20370
-(Sec. 4: calibrated rewards, the mixture of judges, the constrained regularized policy gradient CRPG).
+"""CGPO's constrained optimizers (CRPG, CRRAFT, CODPO): Xu et al., "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv:2409.20370
+(Sec. 4: calibrated rewards, the mixture of judges, the constrained optimizers).
 
 For prompt s with k responses a_i, a baseline response a-bar (the data set's answer), a reward model r and judges
 h_j(s, a) in {0, 1} (rule checkers or LLM judges flagging constraint violations), ``cgpo_reward`` gives
@@ -22,8 +22,8 @@ CRRAFT (``crraft`` advantage, Sec. 4.2's calibrated-regularized reward-ranked fi
 so REINFORCE + ``token_mean`` is the reward-weighted NLL of each prompt's best feasible response (a reward-ranked SFT
 step); a prompt with no positive weight trains nothing. Ties for the best are averaged (weight / n_best), which keeps
 the advantage row-permutation equivariant. With ``cgpo_reward`` a violating row has reward 0, so it is never picked.
-CODPO (Sec. 4's constrained online DPO) is ``online_pref`` with ``pairs: constrained`` and the ``dpo_nll``
-preference loss (preset ``cgpo_codpo``): chosen = the best feasible row, rejected = the worst violating row (the
+CODPO (Sec. 4's constrained online DPO) is the ``codpo`` loss (``lmpo/methods/loss/cgpo_codpo.py``: ``online_pref``
+with ``pairs: constrained`` and the ``dpo_nll`` preference loss; preset ``cgpo_codpo``): chosen = the best feasible row, rejected = the worst violating row (the
 worst row when none violates), DPO + lambda x the chosen response's token-mean NLL.
 
 Reconstructed (``fidelity="reconstructed"``; the paper's text could not be read here, the equations follow the TRL
@@ -52,6 +52,11 @@ from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES, REWARDS
 
 
+def sequence_kl(batch: RolloutBatch) -> Tensor:
+    """(B,) KL_i = sum_t (log pi_old - log pi_ref) over the reply."""
+    return ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
+
+
 def crpg_coefficients(reward: Tensor, kl: Tensor | None, kl_max: float | None) -> Tensor:
     """(B,) weights w_i = reward_i * max(0, 1 - KL_i / KL_max), centred on the batch mean."""
     w = reward.double()
@@ -73,9 +78,7 @@ class CRPGAdvantage:
         return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        kl = None
-        if self.kl_max is not None:
-            kl = ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
+        kl = sequence_kl(batch) if self.kl_max is not None else None
         return broadcast(crpg_coefficients(outcome_returns(batch), kl, self.kl_max).float(), batch.response_mask)
 
 
@@ -158,9 +161,7 @@ class CRRAFTAdvantage:
         return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        kl = None
-        if self.kl_max is not None:
-            kl = ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
+        kl = sequence_kl(batch) if self.kl_max is not None else None
         w = crraft_coefficients(outcome_returns(batch), batch.group_ids, kl, self.kl_max)
         return broadcast(w.float(), batch.response_mask)
 
@@ -190,7 +191,7 @@ PRESETS = {
     # a judge violation).
     "cgpo_codpo": {
         "advantage": {"name": "grpo"},  # unused by the loss (the rewards rank the pairs)
-        "loss": {"name": "online_pref", "preference": {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0},
+        "loss": {"name": "codpo", "preference": {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0},
                  "pairs": "constrained", "feasible_above": 0.0},
         "aggregator": {"name": "seq_mean_token_mean"},
         "rollout": {"num_generations": 4, "temperature": 0.9},

@@ -89,11 +89,8 @@ def build_pairs(scores: Tensor, group_ids: Tensor, member: Tensor, mode: str = "
     elif mode == "best_worst":
         inv, n = ops.group_index(group_ids)
         s = scores.double()
-        hi = torch.full((n,), -torch.inf, dtype=s.dtype).scatter_reduce(0, inv[member], s[member], "amax")
-        lo = torch.full((n,), torch.inf, dtype=s.dtype).scatter_reduce(0, inv[member], s[member], "amin")
-        top, bottom = member & (s == hi[inv]), member & (s == lo[inv])
-        n_top = torch.zeros(n, dtype=s.dtype).index_add(0, inv, top.to(s.dtype))
-        n_bot = torch.zeros(n, dtype=s.dtype).index_add(0, inv, bottom.to(s.dtype))
+        top, n_top, hi = _extreme(s, inv, n, member, "amax")
+        bottom, n_bot, lo = _extreme(s, inv, n, member, "amin")
         valid = same & top[:, None] & bottom[None, :] & (gap > min_gap)
         weight = 1.0 / (n_top[inv][:, None] * n_bot[inv][None, :]).clamp_min(1.0)
         size = torch.zeros(n, dtype=s.dtype).index_add(0, inv, member.to(s.dtype))

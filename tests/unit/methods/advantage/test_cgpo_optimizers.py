@@ -13,6 +13,7 @@ from factories import from_config, make_batch
 from lmpo.errors import ConfigError
 from lmpo.methods.advantage.cgpo import CRRAFTAdvantage, crraft_coefficients
 from lmpo.methods.aggregate import SeqMeanTokenMean
+from lmpo.methods.loss.cgpo_codpo import CODPO
 from lmpo.methods.loss.online_pref import OnlinePreference, build_pairs
 from lmpo.methods.presets import PRESETS
 
@@ -128,7 +129,18 @@ def test_codpo_with_lambda_zero_is_online_dpo_on_constrained_pairs():
     assert out.metrics["loss/pairs"] == 1 and out.metrics["rewards/rejected"].item() == pytest.approx(-0.5)
 
 
+def test_codpo_loss_is_online_pref_with_the_cards_defaults():
+    b, lp = one_group()
+    fn = from_config(CODPO, preference={"name": "dpo_nll", "beta": 0.5, "alpha": 5.0})
+    assert fn.pairs == "constrained" and fn.feasible_above == 0.0
+    assert agg(fn, lp, b).item() == pytest.approx(agg(codpo(5.0), lp, b).item())
+    assert from_config(CODPO).preference == {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0}
+    with pytest.raises(ConfigError, match="dpo_nl"):
+        from_config(CODPO, preference={"name": "dpo_nl"})
+
+
 def test_presets_are_the_cards_defaults():
+    assert PRESETS["cgpo_codpo"]["loss"]["name"] == "codpo"
     assert PRESETS["cgpo_codpo"]["loss"]["preference"] == {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0}
     assert PRESETS["cgpo_codpo"]["rollout"]["num_generations"] == 4
     assert PRESETS["cgpo_crraft"]["advantage"] == {"name": "crraft"}
