@@ -144,3 +144,29 @@ def test_presets_are_the_cards_defaults():
     assert PRESETS["cgpo_codpo"]["loss"]["preference"] == {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0}
     assert PRESETS["cgpo_codpo"]["rollout"]["num_generations"] == 4
     assert PRESETS["cgpo_crraft"]["advantage"] == {"name": "crraft"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constrained_pairs_against_a_loop_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (12,), generator=g).double() / 4  # coarse: ties happen
+    groups = torch.randint(0, 4, (12,), generator=g)
+    feas = torch.rand(12, generator=g) < 0.6
+    got, _ = pairs_of(scores.tolist(), groups.tolist(), feas.tolist(), min_gap=0.1)
+    want = []
+    for k in groups.unique().tolist():
+        rows = [i for i in range(12) if groups[i] == k]
+        ok = [i for i in rows if feas[i]]
+        bad = [i for i in rows if not feas[i]]
+        if not ok:
+            continue
+        best = [i for i in ok if scores[i] == max(scores[j] for j in ok)]
+        pool = bad or rows
+        worst = [i for i in pool if scores[i] == min(scores[j] for j in pool)]
+        for c in best:
+            for r in worst:
+                if bad or scores[c] - scores[r] > 0.1:
+                    want.append((c, r, 1.0 / (len(best) * len(worst))))
+    want = sorted(want)
+    assert [x[:2] for x in got] == [x[:2] for x in want] and want  # some pairs exist
+    assert [x[2] for x in got] == pytest.approx([x[2] for x in want])
