@@ -112,6 +112,20 @@ def test_cgpo_crpg_learns_with_a_judge_gating_a_hackable_rm(tmp_path):
     assert any(r.get("reward/cgpo_reward/violations", 0) > 0 for r in res.history)
 
 
+@pytest.mark.parametrize("method", ["cgpo_crraft", "cgpo_codpo"])
+def test_cgpo_crraft_and_codpo_learn_with_a_judge_gating_a_hackable_rm(tmp_path, method):
+    """CGPO's other two optimizers (arXiv:2409.20370) on the same judged, hackable RM as CRPG: CRRAFT imitates each
+    prompt's best feasible rollout, CODPO prefers it over a violating one; both learn the copy task."""
+    cfg = load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path}", f"method={method}", "train.steps=40", "eval.every=0", "output.checkpoint_every=0",
+        "output.progress=false", "output.plot=false",
+        "rewards=[{name: cgpo_reward, rm: 'learning.proxies:long_or_right', judges: [prefix_match]}, "
+        "{name: prefix_match, weight: 0}]"])
+    res = train(cfg)
+    gold = [r["reward/prefix_match"] for r in res.history if "reward/prefix_match" in r]
+    assert sum(gold[-5:]) / 5 >= sum(gold[:3]) / 3 + 0.25, gold
+
+
 def test_caprl_qa_reward_teaches_the_copy_task(tmp_path):
     """CapRL (arXiv:2509.22647): the reply is rewarded by how many questions a second reader answers from it alone;
     here one question per row ("which digit comes first?") and a rule reader, so answering well means copying."""

@@ -1,5 +1,5 @@
-"""CGPO's CRPG: Xu et al., "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv:2409.20370
-(Sec. 4: calibrated rewards, the mixture of judges, the constrained regularized policy gradient CRPG).
+"""CGPO's constrained optimizers (CRPG, CRRAFT, CODPO): Xu et al., "The Perfect Blend: Redefining RLHF with Mixture of Judges", arXiv:2409.20370
+(Sec. 4: calibrated rewards, the mixture of judges, the constrained optimizers).
 
 For prompt s with k responses a_i, a baseline response a-bar (the data set's answer), a reward model r and judges
 h_j(s, a) in {0, 1} (rule checkers or LLM judges flagging constraint violations), ``cgpo_reward`` gives
@@ -15,7 +15,21 @@ REINFORCE on A with token-sum / total-token normalisation (the preset's ``reinfo
 from GRPO: the judge-gated calibrated reward, a batch-mean baseline without std scaling, and the KL budget as a
 weight instead of a penalty.
 
-Not implemented (``fidelity="reconstructed"``): CGPO's other two optimizers (CODPO, CRRAFT), the multi-task
+CRRAFT (``crraft`` advantage, Sec. 4.2's calibrated-regularized reward-ranked fine-tuning): with the same KL proxy,
+
+    w_i = 1[KL_i <= KL_max] * reward_i,    A_i = w_i / n_best  on the group's best-weighted rows (w_i > 0), else 0
+
+so REINFORCE + ``token_mean`` is the reward-weighted NLL of each prompt's best feasible response (a reward-ranked SFT
+step); a prompt with no positive weight trains nothing. Ties for the best are averaged (weight / n_best), which keeps
+the advantage row-permutation equivariant. With ``cgpo_reward`` a violating row has reward 0, so it is never picked.
+CODPO (Sec. 4's constrained online DPO) is the ``codpo`` loss (``lmpo/methods/loss/cgpo_codpo.py``: ``online_pref``
+with ``pairs: constrained`` and the ``dpo_nll`` preference loss; preset ``cgpo_codpo``): chosen = the best feasible row, rejected = the worst violating row (the
+worst row when none violates), DPO + lambda x the chosen response's token-mean NLL.
+
+Reconstructed (``fidelity="reconstructed"``; the paper's text could not be read here, the equations follow the TRL
+port as summarised on the method card, so no equation numbers are given): CRRAFT's fallback to the baseline response
+a-bar when no sample is positive (not a rollout row here: such prompts are skipped), CRRAFT's normaliser (all
+response tokens of the batch, as CRPG), the multi-task
 stratified updates (one RM, judge set and optimizer per task) and the paper's judge models; the batch mean as the
 baseline follows the TRL port's description (the paper gives no code). A judge is any reward spec; it passes when
 its score is >= ``judge_threshold``.
@@ -36,6 +50,11 @@ from lmpo.errors import ConfigError, RewardError
 from lmpo.methods.advantage.grpo import broadcast, outcome_returns
 from lmpo.methods.params import hp
 from lmpo.registry import ADVANTAGES, REWARDS
+
+
+def sequence_kl(batch: RolloutBatch) -> Tensor:
+    """(B,) KL_i = sum_t (log pi_old - log pi_ref) over the reply."""
+    return ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
 
 
 def crpg_coefficients(reward: Tensor, kl: Tensor | None, kl_max: float | None) -> Tensor:
@@ -59,9 +78,7 @@ class CRPGAdvantage:
         return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
 
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        kl = None
-        if self.kl_max is not None:
-            kl = ops.masked_sum(batch.old_logprobs - batch.ref_logprobs, batch.response_mask, -1)
+        kl = sequence_kl(batch) if self.kl_max is not None else None
         return broadcast(crpg_coefficients(outcome_returns(batch), kl, self.kl_max).float(), batch.response_mask)
 
 
@@ -119,6 +136,36 @@ class CGPOReward:
         return out
 
 
+def crraft_coefficients(reward: Tensor, group_ids: Tensor, kl: Tensor | None, kl_max: float | None) -> Tensor:
+    """(B,) CRRAFT weights: the KL-gated reward on each group's best row(s) (ties share it), 0 elsewhere."""
+    w = reward.double()
+    if kl_max is not None and kl is not None:
+        w = w * (kl.double() <= kl_max)
+    inv, n = ops.group_index(group_ids)
+    best = torch.full((n,), -torch.inf, dtype=w.dtype).scatter_reduce(0, inv, w, "amax")
+    top = (w == best[inv]) & (w > 0)
+    n_top = torch.zeros(n, dtype=w.dtype).index_add(0, inv, top.to(w.dtype))
+    return torch.where(top, w / n_top[inv].clamp_min(1.0), torch.zeros_like(w))
+
+
+@ADVANTAGES.register("crraft", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (CGPO, CRRAFT)",
+                     arxiv="2409.20370", fidelity="reconstructed")
+@dataclass(frozen=True)
+class CRRAFTAdvantage:
+    """CRRAFT's reward-ranked weights (module docstring); ``kl_max``: the sequence-KL budget (None: no gate)."""
+
+    kl_max: float | None = hp(None, gt=0)
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
+
+    def __call__(self, batch: RolloutBatch) -> Tensor:
+        kl = sequence_kl(batch) if self.kl_max is not None else None
+        w = crraft_coefficients(outcome_returns(batch), batch.group_ids, kl, self.kl_max)
+        return broadcast(w.float(), batch.response_mask)
+
+
 PRESETS = {
     # CGPO CRPG (arXiv:2409.20370; defaults of the TRL port): k = 4 generations, temperature 0.9, no KL penalty (the
     # KL budget gates the weight instead: set advantage.kl_max), token-sum / total-token REINFORCE. The reward is
@@ -127,6 +174,26 @@ PRESETS = {
         "advantage": {"name": "crpg"},
         "loss": {"name": "reinforce"},
         "aggregator": {"name": "token_mean"},
+        "rollout": {"num_generations": 4, "temperature": 0.9},
+        "kl": {"beta": 0.0},
+    },
+    # CGPO CRRAFT (TRL port's default optimizer): the KL-gated judged reward on each prompt's best rollout, trained
+    # as a weighted NLL (REINFORCE on the crraft weights, token-sum / total tokens); k = 4, temperature 0.9.
+    "cgpo_crraft": {
+        "advantage": {"name": "crraft"},
+        "loss": {"name": "reinforce"},
+        "aggregator": {"name": "token_mean"},
+        "rollout": {"num_generations": 4, "temperature": 0.9},
+        "kl": {"beta": 0.0},
+    },
+    # CGPO CODPO (TRL port: beta 0.1, lambda 5.0): online DPO on (best feasible, worst violating) rollout pairs plus
+    # lambda x the chosen reply's token-mean NLL; a row is feasible when its reward is above 0 (cgpo_reward's 0 marks
+    # a judge violation).
+    "cgpo_codpo": {
+        "advantage": {"name": "grpo"},  # unused by the loss (the rewards rank the pairs)
+        "loss": {"name": "codpo", "preference": {"name": "dpo_nll", "beta": 0.1, "alpha": 5.0},
+                 "pairs": "constrained", "feasible_above": 0.0},
+        "aggregator": {"name": "seq_mean_token_mean"},
         "rollout": {"num_generations": 4, "temperature": 0.9},
         "kl": {"beta": 0.0},
     },

@@ -9,7 +9,11 @@ Pairs (per prompt group, among rows with at least one trained token; ``g = rewar
 - ``best_worst``: every row with the group's highest reward against every row with its lowest, when the gap exceeds
   ``min_gap``; each pair weighs ``1 / (n_top * n_bottom)``, so a group counts once and tied maxima/minima are
   averaged over (the expected loss under a uniform tie-break, which keeps the loss row-permutation equivariant);
-- ``all``: every ordered pair (i, j) of the group with ``g_i - g_j > min_gap``, weight 1.
+- ``all``: every ordered pair (i, j) of the group with ``g_i - g_j > min_gap``, weight 1;
+- ``constrained`` (CGPO's CODPO, arXiv:2409.20370; rows are feasible when their outcome reward is above
+  ``feasible_above``): the group's best feasible row(s) against its worst infeasible row(s), or against its worst
+  row(s) when every row is feasible (then the gap must exceed ``min_gap``); weights as ``best_worst``; a group with
+  no feasible row yields nothing.
 Pairs whose gap is at most ``min_gap`` are ties: skipped and counted (``loss/pair_ties``); a group with one member
 (or none) yields nothing. With two rollouts per prompt both modes give OAIF's single pair.
 
@@ -42,7 +46,7 @@ from lmpo.methods.base import LossOut, PairLogps
 from lmpo.methods.params import hp
 from lmpo.registry import LOSSES, PREFERENCE_LOSSES
 
-PAIR_MODES = ("best_worst", "all")
+PAIR_MODES = ("best_worst", "all", "constrained")
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,18 @@ def sequence_scores(batch: RolloutBatch) -> Tensor:
     return g
 
 
+def _extreme(s: Tensor, inv: Tensor, n: int, rows: Tensor, how: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of ``rows`` holding their group's max/min score (B,) bool, each group's count of them and value (G,)."""
+    fill = -torch.inf if how == "amax" else torch.inf
+    ext = torch.full((n,), fill, dtype=s.dtype).scatter_reduce(0, inv[rows], s[rows], how)
+    at = rows & (s == ext[inv])
+    return at, torch.zeros(n, dtype=s.dtype).index_add(0, inv, at.to(s.dtype)), ext
+
+
 def build_pairs(scores: Tensor, group_ids: Tensor, member: Tensor, mode: str = "best_worst",
-                min_gap: float = 0.0) -> Pairs:
-    """Ranked pairs within each group (see the module docstring); ``member``: rows that may be paired (B,) bool."""
+                min_gap: float = 0.0, feasible: Tensor | None = None) -> Pairs:
+    """Ranked pairs within each group (see the module docstring); ``member``: rows that may be paired (B,) bool;
+    ``feasible``: rows satisfying every constraint (B,) bool, for ``constrained``."""
     same = (group_ids[:, None] == group_ids[None, :]) & member[:, None] & member[None, :]
     gap = scores[:, None] - scores[None, :]
     upper = torch.ones_like(same).triu(1)
@@ -76,15 +89,29 @@ def build_pairs(scores: Tensor, group_ids: Tensor, member: Tensor, mode: str = "
     elif mode == "best_worst":
         inv, n = ops.group_index(group_ids)
         s = scores.double()
-        hi = torch.full((n,), -torch.inf, dtype=s.dtype).scatter_reduce(0, inv[member], s[member], "amax")
-        lo = torch.full((n,), torch.inf, dtype=s.dtype).scatter_reduce(0, inv[member], s[member], "amin")
-        top, bottom = member & (s == hi[inv]), member & (s == lo[inv])
-        n_top = torch.zeros(n, dtype=s.dtype).index_add(0, inv, top.to(s.dtype))
-        n_bot = torch.zeros(n, dtype=s.dtype).index_add(0, inv, bottom.to(s.dtype))
+        top, n_top, hi = _extreme(s, inv, n, member, "amax")
+        bottom, n_bot, lo = _extreme(s, inv, n, member, "amin")
         valid = same & top[:, None] & bottom[None, :] & (gap > min_gap)
         weight = 1.0 / (n_top[inv][:, None] * n_bot[inv][None, :]).clamp_min(1.0)
         size = torch.zeros(n, dtype=s.dtype).index_add(0, inv, member.to(s.dtype))
         ties = int(((size >= 2) & ((hi - lo) <= min_gap)).sum())
+    elif mode == "constrained":
+        if feasible is None:
+            raise ConfigError("pairs=constrained needs each row's feasibility (loss.feasible_above).")
+        inv, n = ops.group_index(group_ids)
+        s = scores.double()
+        ok, bad = member & feasible, member & ~feasible
+        n_bad_rows = torch.zeros(n, dtype=s.dtype).index_add(0, inv, bad.to(s.dtype))
+        top, n_top, hi = _extreme(s, inv, n, ok, "amax")
+        worst_bad, n_wb, _ = _extreme(s, inv, n, bad, "amin")
+        worst_all, n_wa, lo = _extreme(s, inv, n, member, "amin")
+        any_bad = n_bad_rows > 0
+        bottom = torch.where(any_bad[inv], worst_bad, worst_all)
+        n_bot = torch.where(any_bad, n_wb, n_wa)
+        valid = same & top[:, None] & bottom[None, :] & ((gap > min_gap) | ~feasible[None, :])
+        weight = 1.0 / (n_top[inv][:, None] * n_bot[inv][None, :]).clamp_min(1.0)
+        size = torch.zeros(n, dtype=s.dtype).index_add(0, inv, member.to(s.dtype))
+        ties = int(((size >= 2) & (n_top > 0) & ~any_bad & ((hi - lo) <= min_gap)).sum())
     else:
         raise ConfigError(f"pairs must be one of {', '.join(PAIR_MODES)}, got {mode!r}.")
     c, r = valid.nonzero(as_tuple=True)
@@ -138,6 +165,7 @@ class OnlinePreference:
         preference: the preference loss, ``{name: dpo, beta: 0.1}`` (any name of ``PREFERENCE_LOSSES``).
         pairs: ``best_worst`` or ``all`` (module docstring).
         min_gap: a pair needs a reward gap above this; smaller gaps are ties (skipped, counted).
+        feasible_above: for ``pairs: constrained``, a row with outcome reward above this satisfies every constraint.
         rl: an optional RL policy loss (``{name: ppo_clip}``) trained on the same rollouts.
         rl_weight / pref_weight: weights of the two per-token losses.
     """
@@ -145,6 +173,7 @@ class OnlinePreference:
     preference: dict[str, Any] = field(default_factory=lambda: {"name": "dpo", "beta": 0.1})
     pairs: str = hp("best_worst", choices=PAIR_MODES)
     min_gap: float = hp(0.0, ge=0)
+    feasible_above: float = 0.0
     rl: dict[str, Any] | None = None
     rl_weight: float = hp(1.0, ge=0)
     pref_weight: float = hp(1.0, ge=0)
@@ -172,7 +201,8 @@ class OnlinePreference:
     def __call__(self, logprobs: Tensor, batch: RolloutBatch) -> LossOut:
         mask = batch.response_mask
         member = mask.any(-1)
-        pairs = build_pairs(sequence_scores(batch), batch.group_ids, member, self.pairs, self.min_gap)
+        feasible = batch.rewards.double() > self.feasible_above if self.pairs == "constrained" else None
+        pairs = build_pairs(sequence_scores(batch), batch.group_ids, member, self.pairs, self.min_gap, feasible)
         metrics = {"loss/pairs": torch.tensor(float(pairs.chosen.numel())),
                    "loss/pair_ties": torch.tensor(float(pairs.ties)),
                    "loss/unpaired_empty": (~member).sum().float()}  # rows without a trained token: never paired
