@@ -4,9 +4,11 @@
     for each step: collect -> prepare -> update -> observe -> evaluate -> checkpoint
     finish (curves, summary.json)
 
-collect: :mod:`lmpo.train.rollouts`; prepare (old/ref log-probs, KL, advantages, token mask):
-:mod:`lmpo.train.prepare`; update: :func:`lmpo.train.step.policy_update`; the components and extension points:
-:class:`lmpo.pipeline.Pipeline`.
+The outer step loop (evaluate, metrics row, checkpoint, progress, a diverged run's message) is :func:`drive`,
+shared with the preference run (:mod:`lmpo.train.preference_run`) and the scorer stages
+(:mod:`lmpo.train.scorer_stage`). collect: :mod:`lmpo.train.rollouts`; prepare (old/ref log-probs, KL,
+advantages, token mask): :mod:`lmpo.train.prepare`; update: :func:`lmpo.train.step.policy_update`; the components
+and extension points: :class:`lmpo.pipeline.Pipeline`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -429,17 +431,54 @@ def _run(cfg: Config, folder, plan: Plan, dist: dist_.DistRun | None) -> RunResu
 
 def run_steps(run: Run) -> RunResult:
     """The training steps of an opened run: collect -> prepare -> update -> observe -> evaluate -> checkpoint."""
+    eval_after = drive(run, lambda step: train_step(run, step),  # collect -> prepare -> update -> observe
+                       evaluates=bool(run.eval_rows), show=run.dist is None or run.dist.main,
+                       before=lambda: run.rollouts.start(run.model, run.start),  # train.async: sampling ahead
+                       after_step=lambda step: run.rollouts.publish(run.model, step),  # weights: version `step`
+                       close=run.rollouts.close)
+    return finish(run, eval_after)
+
+
+class Driven(Protocol):
+    """What :func:`drive` needs of a run (the RL run, the preference run, the scorer stage's run)."""
+
+    cfg: Config
+    start: int  # the last step done (0: a new run)
+    eval_before: dict[str, float]
+    log: Any  # MetricsLog-like: write(step, metrics) -> row
+    dir: Path
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def checkpoint(self, step: int) -> None: ...
+
+
+def drive(run: Driven, step_fn: Callable[[int], dict[str, Any]], *, evaluates: bool = True, show: bool = True,
+          stats: dict[str, Any] | None = None, stats_alone: bool = False,
+          before: Callable[[], None] | None = None, after_step: Callable[[int], None] | None = None,
+          close: Callable[[], None] | None = None) -> dict[str, float]:
+    """The outer step loop every training stage shares; returns the last held-out metrics.
+
+    evaluate at start (a new run; row 0 = ``stats`` and the metrics, or ``stats`` alone with ``stats_alone``) ->
+    for each step: ``step_fn(step)`` -> evaluate every ``eval.every`` -> metrics row -> checkpoint every
+    ``output.checkpoint_every`` -> progress bar (``show``) -> ``after_step(step)``. ``evaluates``: whether the run
+    has anything to evaluate on; ``before``/``close``: around the steps (``close`` always). A
+    :class:`TrainingDiverged` comes back naming the last completed step and the last good checkpoint."""
     cfg, steps = run.cfg, run.cfg.train.steps
-    if run.start == 0 and cfg.eval.at_start and run.eval_rows:
-        run.eval_before = run.evaluate()
-        run.log.write(0, run.eval_before)
+    if run.start == 0:
+        if cfg.eval.at_start and evaluates:
+            run.eval_before = run.evaluate()
+            run.log.write(0, {**(stats or {}), **run.eval_before})
+        elif stats_alone:
+            run.log.write(0, dict(stats or {}))
     eval_after, last_good = dict(run.eval_before), run.start
-    with progress_bar(cfg, run.start, show=run.dist is None or run.dist.main) as progress:
+    with progress_bar(cfg, run.start, show=show) as progress:
         try:
-            run.rollouts.start(run.model, run.start)  # train.async: the producer thread starts sampling ahead
+            if before is not None:
+                before()
             for step in range(run.start + 1, steps + 1):
-                metrics = train_step(run, step)  # collect -> prepare -> update -> observe
-                if due(cfg.eval.every, step, steps) and run.eval_rows:
+                metrics = step_fn(step)
+                if due(cfg.eval.every, step, steps) and evaluates:
                     eval_after = run.evaluate()
                     metrics.update(eval_after)
                 row = run.log.write(step, metrics)
@@ -447,14 +486,16 @@ def run_steps(run: Run) -> RunResult:
                 if due(cfg.output.checkpoint_every, step, steps):
                     run.checkpoint(step)
                 progress(row)
-                run.rollouts.publish(run.model, step)  # the generator's weights: version `step` (train.async)
+                if after_step is not None:
+                    after_step(step)
         except TrainingDiverged as exc:
             saved = latest_checkpoint(run.dir)
             where = f"the last good checkpoint is {str(saved)!r}" if saved else "no checkpoint had been written yet"
             raise TrainingDiverged(f"{exc} (Last completed step: {last_good}; {where}.)") from None
         finally:
-            run.rollouts.close()
-    return finish(run, eval_after)
+            if close is not None:
+                close()
+    return eval_after
 
 
 @contextlib.contextmanager

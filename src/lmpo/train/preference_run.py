@@ -13,10 +13,10 @@ import torch
 from lmpo.config import Config
 from lmpo.engine import setup_process
 from lmpo.engine.optim import TrainOptimizer, build_optimizer
-from lmpo.errors import DataError, TrainingDiverged
+from lmpo.errors import DataError
 from lmpo.registry import PREFERENCE_LOSSES
 from lmpo.tasks import build_task
-from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from lmpo.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from lmpo.train.data import PromptStream
 from lmpo.train.metrics import MetricsLog, peak_rss_gb
 from lmpo.train.preference import PairStep, attach_mismatched, cache_logps, check_preference, require_data
@@ -132,31 +132,14 @@ def open_preference_run(cfg: Config, folder: RunFolder, plan: Plan) -> Preferenc
 
 
 def run_preference_steps(run: PreferenceRun):
-    """take pairs -> loss -> optimizer step -> evaluate -> checkpoint, then the RL loop's ``finish``."""
-    from lmpo.train.loop import due, finish, progress_bar
+    """take pairs -> loss -> optimizer step -> evaluate -> checkpoint (the RL loop's ``drive``), then its ``finish``."""
+    from lmpo.train.loop import drive, finish
 
-    cfg, steps = run.cfg, run.cfg.train.steps
-    if run.start == 0:
-        if cfg.eval.at_start:
-            run.eval_before = run.evaluate()
-        run.log.write(0, {**run.data_stats, **run.eval_before})
-    eval_after, last_good = dict(run.eval_before), run.start
-    with progress_bar(cfg, run.start) as progress:
-        try:
-            for step in range(run.start + 1, steps + 1):
-                t0 = time.perf_counter()
-                metrics = run.step_fn(run.stream.take(cfg.preference.pairs_per_step), step)
-                metrics.update({"perf/step_s": time.perf_counter() - t0, "perf/peak_rss_gb": peak_rss_gb()})
-                if due(cfg.eval.every, step, steps):
-                    eval_after = run.evaluate()
-                    metrics.update(eval_after)
-                row = run.log.write(step, metrics)
-                last_good = step
-                if due(cfg.output.checkpoint_every, step, steps):
-                    run.checkpoint(step)
-                progress(row)
-        except TrainingDiverged as exc:
-            saved = latest_checkpoint(run.dir)
-            where = f"the last good checkpoint is {str(saved)!r}" if saved else "no checkpoint had been written yet"
-            raise TrainingDiverged(f"{exc} (Last completed step: {last_good}; {where}.)") from None
-    return finish(run, eval_after)
+    def step(step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        metrics = run.step_fn(run.stream.take(run.cfg.preference.pairs_per_step), step)
+        metrics.update({"perf/step_s": time.perf_counter() - t0, "perf/peak_rss_gb": peak_rss_gb()})
+        return metrics
+
+    # row 0 holds the data's counts even without an evaluation at start
+    return finish(run, drive(run, step, stats=run.data_stats, stats_alone=True))

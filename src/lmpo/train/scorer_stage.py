@@ -27,7 +27,7 @@ pairs p = sigmoid(r_c - r_r) in both orders (labels 1 and 0), for steps p = sigm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +197,68 @@ def evaluate_scorer_run(cfg, run_dir: Path | None = None, checkpoint: str | None
     return evaluate_scorer(cfg.stage, model, tok, eval_rows, sc)
 
 
+def objective_step(stage: str, sc: ScorerStageConfig, tok):
+    """The training loss of the stage's objective: ``fn(model, batch, step) -> (loss, accuracy, extra metrics)``,
+    chosen once before the steps."""
+
+    def pointwise(model, batch, step):
+        lg, y = point_logits(model, tok, batch, sc.max_length, grad=True)
+        return F.binary_cross_entropy_with_logits(lg, y), ((lg > 0) == (y > 0.5)).float().mean(), {}
+
+    def crm(model, batch, step):
+        loss, extra = crm_step(model, lambda m, rows: pair_rewards(m, tok, rows, sc.max_length, True),
+                               batch, step, sc.crm_drop_rate, sc.crm_ramp_steps)
+        return loss, torch.tensor(extra.pop("acc")), extra
+
+    def bradley_terry(model, batch, step):
+        rc, rr = pair_rewards(model, tok, batch, sc.max_length, grad=True)
+        loss = rm_loss(rc, rr, torch.tensor([r["margin"] for r in batch]), sc.center_rewards_coefficient)
+        return loss, (rc > rr).float().mean(), {}
+
+    def prm(model, batch, step):
+        lg, y = prm_logits(model, tok, batch, sc, grad=True)
+        return F.binary_cross_entropy_with_logits(lg, y), ((lg > 0).float() == y).float().mean(), {}
+
+    if stage != "reward_model":
+        return prm
+    return {"pointwise": pointwise, "crm": crm, "bradley_terry": bradley_terry}[sc.objective]
+
+
+@dataclass
+class ScorerRun:
+    """An opened scorer stage: what the RL loop's ``drive`` needs (start, evaluate, checkpoint, log)."""
+
+    cfg: Any
+    sc: ScorerStageConfig
+    folder: Any  # RunFolder
+    model: torch.nn.Module
+    tok: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    eval_rows: list[dict]
+    start: int = 0
+    eval_before: dict[str, float] = field(default_factory=dict)
+    log: Any = None
+
+    @property
+    def dir(self) -> Path:
+        return self.folder.path
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_scorer(self.cfg.stage, self.model, self.tok, self.eval_rows, self.sc)
+
+    def checkpoint(self, step: int) -> None:
+        from lmpo.train.checkpoint import save_checkpoint
+
+        save_checkpoint(self.dir, step, self.model, self.opt, self.sched, {"eval_before": self.eval_before},
+                        keep=self.cfg.output.keep_checkpoints)
+
+
 def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
     """Train a reward model or PRM (module docstring); returns the RL trainer's ``RunResult``."""
-    from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-    from lmpo.train.loop import RunResult, due, run_name, seed_everything
+    from lmpo.errors import TrainingDiverged
+    from lmpo.train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+    from lmpo.train.loop import RunResult, drive, run_name, seed_everything
     from lmpo.train.metrics import MetricsLog, plot_run, read_metrics
     from lmpo.train.rundir import METRICS, RunFolder
 
@@ -222,39 +280,19 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
         opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
         warm = max(t.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        eval_before: dict[str, float] = {}
+        run = ScorerRun(cfg, sc, folder, model, tok, opt, sched, eval_rows)
         if plan.checkpoint is not None:
             state = load_checkpoint(plan.checkpoint, model, opt, sched)
             set_rng_state(state["rng"])
-            eval_before = state.get("eval_before", {})
+            run.start, run.eval_before = plan.step, state.get("eval_before", {})
         folder.begin(plan)
-        log = MetricsLog(folder.path / METRICS, resume_step=plan.step if plan.checkpoint is not None else None)
-        if plan.checkpoint is None and eval_rows and cfg.eval.at_start:
-            eval_before = evaluate_scorer(cfg.stage, model, tok, eval_rows, sc)
-            log.write(0, {**eval_before, "data/train_rows": len(train_rows), "data/eval_rows": len(eval_rows),
-                          **{f"data/skipped_{k}": v for k, v in skipped.items()}})
-        last_eval = eval_before
-        for step in range(plan.step + 1, t.steps + 1):
-            batch = [train_rows[i] for i in batch_indices(len(train_rows), sc.batch_size, t.seed, step)]
-            if cfg.stage == "reward_model" and sc.objective == "pointwise":
-                lg, y = point_logits(model, tok, batch, sc.max_length, grad=True)
-                loss = F.binary_cross_entropy_with_logits(lg, y)
-                acc = ((lg > 0) == (y > 0.5)).float().mean()
-            elif cfg.stage == "reward_model" and sc.objective == "crm":
-                loss, crm_metrics = crm_step(model, lambda m, rows: pair_rewards(m, tok, rows, sc.max_length, True),
-                                             batch, step, sc.crm_drop_rate, sc.crm_ramp_steps)
-                acc = torch.tensor(crm_metrics.pop("acc"))
-            elif cfg.stage == "reward_model":
-                rc, rr = pair_rewards(model, tok, batch, sc.max_length, grad=True)
-                loss = rm_loss(rc, rr, torch.tensor([r["margin"] for r in batch]), sc.center_rewards_coefficient)
-                acc = (rc > rr).float().mean()
-            else:
-                lg, y = prm_logits(model, tok, batch, sc, grad=True)
-                loss = F.binary_cross_entropy_with_logits(lg, y)
-                acc = ((lg > 0).float() == y).float().mean()
-            if not torch.isfinite(loss):
-                from lmpo.errors import TrainingDiverged
+        run.log = MetricsLog(folder.path / METRICS, resume_step=plan.step if plan.checkpoint is not None else None)
+        objective = objective_step(cfg.stage, sc, tok)  # the loss, chosen once
 
+        def step(step: int) -> dict[str, Any]:
+            batch = [train_rows[i] for i in batch_indices(len(train_rows), sc.batch_size, t.seed, step)]
+            loss, acc, extra = objective(model, batch, step)
+            if not torch.isfinite(loss):
                 raise TrainingDiverged(f"stage {cfg.stage}: the loss is {float(loss)} at step {step}; lower "
                                        f"train.learning_rate (now {t.learning_rate}). Checkpoints so far are intact.")
             opt.zero_grad(set_to_none=True)
@@ -262,21 +300,16 @@ def train_scorer(cfg, resume: bool = False, overwrite: bool = False):
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
             opt.step()
             sched.step()
-            metrics = {"loss": float(loss.detach()), "scorer/accuracy": float(acc), "scorer/grad_norm": float(gnorm),
-                       "lr": sched.get_last_lr()[0]}
-            if cfg.stage == "reward_model" and sc.objective == "crm":
-                metrics.update(crm_metrics)
-            if eval_rows and due(cfg.eval.every, step, t.steps):
-                last_eval = evaluate_scorer(cfg.stage, model, tok, eval_rows, sc)
-                metrics.update(last_eval)
-            log.write(step, metrics)
-            if due(cfg.output.checkpoint_every, step, t.steps):
-                save_checkpoint(folder.path, step, model, opt, sched, {"eval_before": eval_before},
-                                keep=cfg.output.keep_checkpoints)
+            return {"loss": float(loss.detach()), "scorer/accuracy": float(acc), "scorer/grad_norm": float(gnorm),
+                    "lr": sched.get_last_lr()[0], **extra}
+
+        stats = {"data/train_rows": len(train_rows), "data/eval_rows": len(eval_rows),
+                 **{f"data/skipped_{k}": v for k, v in skipped.items()}}  # row 0, with the evaluation at start
+        last_eval = drive(run, step, evaluates=bool(eval_rows), show=False, stats=stats)
         history = read_metrics(folder.path / METRICS)
         if cfg.output.plot:
             plot_run(history, folder.path / "curves.png", run_name(cfg))
         ckpt = latest_checkpoint(folder.path)
-        folder.write_summary({"eval_before": eval_before, "eval_after": last_eval, "stage": cfg.stage,
+        folder.write_summary({"eval_before": run.eval_before, "eval_after": last_eval, "stage": cfg.stage,
                               "steps": int(ckpt.name.split("_")[1]) if ckpt else 0})
-        return RunResult(folder.path, t.steps, eval_before, last_eval, history)
+        return RunResult(folder.path, t.steps, run.eval_before, last_eval, history)
