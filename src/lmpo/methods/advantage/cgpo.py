@@ -65,11 +65,9 @@ def crpg_coefficients(reward: Tensor, kl: Tensor | None, kl_max: float | None) -
     return w - w.mean()
 
 
-@ADVANTAGES.register("crpg", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (CGPO, CRPG)",
-                     arxiv="2409.20370", fidelity="reconstructed")
 @dataclass(frozen=True)
-class CRPGAdvantage:
-    """CRPG's coefficient (module docstring); ``kl_max``: the sequence-KL budget (None: no gate)."""
+class _KLGated:
+    """CGPO's two advantages share the sequence-KL budget ``kl_max`` (None: no gate) and what it needs."""
 
     kl_max: float | None = hp(None, gt=0)
 
@@ -77,9 +75,19 @@ class CRPGAdvantage:
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
 
+    def kl(self, batch: RolloutBatch) -> Tensor | None:
+        return sequence_kl(batch) if self.kl_max is not None else None
+
+
+@ADVANTAGES.register("crpg", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (CGPO, CRPG)",
+                     arxiv="2409.20370", fidelity="reconstructed")
+@dataclass(frozen=True)
+class CRPGAdvantage(_KLGated):
+    """CRPG's coefficient (module docstring); ``kl_max``: the sequence-KL budget (None: no gate)."""
+
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        kl = sequence_kl(batch) if self.kl_max is not None else None
-        return broadcast(crpg_coefficients(outcome_returns(batch), kl, self.kl_max).float(), batch.response_mask)
+        w = crpg_coefficients(outcome_returns(batch), self.kl(batch), self.kl_max)
+        return broadcast(w.float(), batch.response_mask)
 
 
 @REWARDS.register("cgpo_reward", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (calibrated "
@@ -151,18 +159,11 @@ def crraft_coefficients(reward: Tensor, group_ids: Tensor, kl: Tensor | None, kl
 @ADVANTAGES.register("crraft", paper="The Perfect Blend: Redefining RLHF with Mixture of Judges (CGPO, CRRAFT)",
                      arxiv="2409.20370", fidelity="reconstructed")
 @dataclass(frozen=True)
-class CRRAFTAdvantage:
+class CRRAFTAdvantage(_KLGated):
     """CRRAFT's reward-ranked weights (module docstring); ``kl_max``: the sequence-KL budget (None: no gate)."""
 
-    kl_max: float | None = hp(None, gt=0)
-
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"old_logprobs", "ref_logprobs"}) if self.kl_max is not None else frozenset()
-
     def __call__(self, batch: RolloutBatch) -> Tensor:
-        kl = sequence_kl(batch) if self.kl_max is not None else None
-        w = crraft_coefficients(outcome_returns(batch), batch.group_ids, kl, self.kl_max)
+        w = crraft_coefficients(outcome_returns(batch), batch.group_ids, self.kl(batch), self.kl_max)
         return broadcast(w.float(), batch.response_mask)
 
 
