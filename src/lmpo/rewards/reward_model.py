@@ -25,19 +25,25 @@ from lmpo.rewards.scorer_base import ON_FAILURE, FailureLog, build_scorer, encod
 NORMALIZE = ("none", "batch", "sigmoid")
 
 
+def last_token_scores(model, tok, prompts: list[str], completions: list[str], *, max_length: int = 1024,
+                      device: str | torch.device = "cpu", grad: bool = False) -> torch.Tensor:
+    """(N,) the scorer's scalar at each (prompt + completion)'s last token, in one forward pass (with gradient when
+    ``grad``); inputs longer than ``max_length`` keep their end."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = [encode_pair(tok, p, c)[-max_length:] or [pad] for p, c in zip(prompts, completions)]
+    ids, mask = pad_right(rows, pad, device)
+    with torch.set_grad_enabled(grad):
+        per_token = model(ids, mask)
+    return per_token[torch.arange(len(rows), device=per_token.device), mask.long().sum(1) - 1]
+
+
 def score_sequences(model, tok, prompts: list[str], completions: list[str], *, batch_size: int = 16,
                     max_length: int = 1024, device: str = "cpu") -> list[float]:
-    """The scalar at each (prompt + completion)'s last token; inputs longer than ``max_length`` keep their end."""
+    """:func:`last_token_scores` in batches of ``batch_size``, no gradient, as floats."""
     out: list[float] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for s in range(0, len(completions), batch_size):
-        rows = [encode_pair(tok, p, c)[-max_length:] or [pad]
-                for p, c in zip(prompts[s: s + batch_size], completions[s: s + batch_size])]
-        ids, mask = pad_right(rows, pad, device)
-        with torch.no_grad():
-            per_token = model(ids, mask)
-        last = mask.long().sum(1) - 1
-        out.extend(per_token[torch.arange(len(rows), device=per_token.device), last].cpu().tolist())
+        out.extend(last_token_scores(model, tok, prompts[s: s + batch_size], completions[s: s + batch_size],
+                                     max_length=max_length, device=device).cpu().tolist())
     return out
 
 

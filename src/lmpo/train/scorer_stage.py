@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from lmpo.errors import ConfigError, check_known_keys
 from lmpo.rewards.prm import step_logits
-from lmpo.rewards.reward_model import score_sequences
-from lmpo.rewards.scorer_base import build_scorer, encode_pair, pad_right
+from lmpo.rewards.reward_model import last_token_scores
+from lmpo.rewards.scorer_base import build_scorer
 from lmpo.train.crm import PeerPair, crm_step
 from lmpo.tasks.scorer_data import load_pairs, load_pointwise, load_steps
 
@@ -99,26 +99,16 @@ def calibration(p: torch.Tensor, y: torch.Tensor, bins: int = 10) -> tuple[float
 
 def pair_rewards(model, tok, rows: list[dict], max_length: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) of ``rows``, one forward pass over both sides."""
-    if not grad:
-        texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-        s = torch.tensor(score_sequences(model, tok, [r["prompt"] for r in rows] * 2, texts, batch_size=len(texts),
-                                         max_length=max_length))
-        return s[: len(rows)], s[len(rows):]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    seqs = [encode_pair(tok, r["prompt"], r[side])[-max_length:] for side in ("chosen", "rejected") for r in rows]
-    ids, mask = pad_right(seqs, pad)
-    per_token = model(ids, mask)
-    s = per_token[torch.arange(len(seqs)), mask.long().sum(1) - 1]
+    texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    s = last_token_scores(model, tok, [r["prompt"] for r in rows] * 2, texts, max_length=max_length, grad=grad)
     return s[: len(rows)], s[len(rows):]
 
 
 def point_logits(model, tok, rows: list[dict], max_length: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of pointwise rows ``{prompt, completion, label}``: the scalar at the reply's last token."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = pad_right([encode_pair(tok, r["prompt"], r["completion"])[-max_length:] or [pad] for r in rows], pad)
-    with torch.set_grad_enabled(grad):
-        per_token = model(ids, mask)
-    return per_token[torch.arange(len(rows)), mask.long().sum(1) - 1], torch.tensor([r["label"] for r in rows])
+    lg = last_token_scores(model, tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                           max_length=max_length, grad=grad)
+    return lg, torch.tensor([r["label"] for r in rows])
 
 
 def rm_loss(rc, rr, margin, center: float | None) -> torch.Tensor:
