@@ -25,6 +25,15 @@ def zero_outside(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def fit_width(x: Tensor, like: Tensor, fill: float = 0.0) -> Tensor:
+    """``x`` (B, T') laid onto ``like``'s (B, T) shape and dtype: the first min(T, T') columns copied, the rest
+    ``fill`` (per-token extras written at another response width, e.g. before refills padded the batch)."""
+    out = torch.full_like(like, fill)
+    w = min(like.shape[1], x.shape[1])
+    out[:, :w] = x[:, :w].to(like.dtype)
+    return out
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``x`` where ``mask`` is true. Masked entries contribute exactly zero (even if ``x`` is inf/NaN)."""
     x = zero_outside(x, mask)

@@ -452,3 +452,14 @@ def test_rank_in_group_by_key_then_tie():
     tie = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0])
     gid = torch.tensor([7, 3, 7, 3, 7])
     assert ops.rank_in_group(key, tie, gid).tolist() == [2, 1, 0, 0, 1]
+
+
+def test_fit_width_copies_the_common_columns_and_fills_the_rest():
+    from lmpo.ops import fit_width
+
+    like = torch.zeros(2, 3, dtype=torch.float64)
+    wide = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    assert torch.equal(fit_width(wide, like), torch.tensor([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]], dtype=torch.float64))
+    narrow = torch.tensor([[1.0], [2.0]])
+    got = fit_width(narrow, like, fill=9.0)
+    assert got.dtype == torch.float64 and torch.equal(got, torch.tensor([[1.0, 9.0, 9.0], [2.0, 9.0, 9.0]], dtype=torch.float64))

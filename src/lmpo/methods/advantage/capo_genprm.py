@@ -143,12 +143,10 @@ class CAPOAdvantage:
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """R_{i,t} = W_whole r_i - W_process e_{k(t)} (B, T) float64, 0 off the mask."""
         mask = batch.response_mask
-        T = mask.shape[1]
         e = torch.zeros(mask.shape, dtype=torch.float64)
         ew = batch.extras.get("error_weight")
         if ew is not None:
-            w = min(T, ew.shape[1])
-            e[:, :w] = ew[:, :w].double()
+            e = ops.fit_width(ew, e)
         return ops.zero_outside(self.w_whole * batch.rewards.double()[:, None] - self.w_process * e, mask)
 
     def __call__(self, batch: RolloutBatch) -> Tensor:

@@ -110,10 +110,7 @@ class HICRAAdvantage:
         plan = batch.extras.get("planning_tokens")
         if plan is None or self.alpha == 0:
             return adv
-        T = adv.shape[1]
-        s = torch.zeros_like(adv)
-        w = min(T, plan.shape[1])
-        s[:, :w] = plan[:, :w].to(adv.dtype)
+        s = ops.fit_width(plan, adv)
         return ops.zero_outside(adv + self.alpha * adv.abs() * s, batch.response_mask)
 
 

@@ -162,10 +162,7 @@ class PreplanAnchorAdvantage:
         sc = batch.extras.get("credit_scale")
         if sc is None or self.g == 1:
             return adv
-        T = adv.shape[1]
-        gamma = torch.ones_like(adv)
-        w = min(T, sc.shape[1])
-        gamma[:, :w] = sc[:, :w].to(adv.dtype).detach()
+        gamma = ops.fit_width(sc.detach(), adv, fill=1.0)
         return ops.zero_outside(torch.where(adv >= 0, gamma * adv, adv), batch.response_mask)
 
 
